@@ -1,0 +1,88 @@
+/**
+ * The one error tree of qmpd. Every error that crosses a layer is a QmpdError with a stable
+ * `code`; src/http/error-handler.ts alone maps codes to HTTP statuses.
+ */
+
+/** Stable error codes. Clients may switch on them; never rename one. */
+export type ErrorCode =
+  | 'INVALID_INPUT'
+  | 'INVALID_PATH'
+  | 'UNAUTHORIZED'
+  | 'VM_NOT_FOUND'
+  | 'VM_EXISTS'
+  | 'JOB_NOT_FOUND'
+  | 'SNAPSHOT_NOT_FOUND'
+  | 'SNAPSHOT_EXISTS'
+  | 'DISK_NOT_FOUND'
+  | 'FILE_EXISTS'
+  | 'INVALID_STATE'
+  | 'BUSY'
+  | 'NOT_SUPPORTED'
+  | 'QMP_COMMAND_FAILED'
+  | 'QMP_DISCONNECTED'
+  | 'QMP_PROTOCOL_ERROR'
+  | 'QMP_CONNECT_FAILED'
+  | 'QEMU_NOT_FOUND'
+  | 'QEMU_START_FAILED'
+  | 'QEMU_IMG_FAILED'
+  | 'VM_CRASHED'
+  | 'JOB_CANCELLED'
+  | 'TIMEOUT'
+  | 'INTERNAL'
+
+/** Extra, machine-readable facts about an error (QEMU's error class, the command, the zod issues…). */
+export type ErrorData = Record<string, unknown>
+
+/** Base class of every error qmpd raises on purpose. */
+export class QmpdError extends Error {
+  readonly code: ErrorCode
+  readonly data: ErrorData
+
+  constructor(code: ErrorCode, message: string, data: ErrorData = {}, options?: { cause?: unknown }) {
+    super(message, options)
+    this.name = 'QmpdError'
+    this.code = code
+    this.data = data
+  }
+}
+
+/** QEMU answered a command with {"error": {class, desc}}. */
+export class QmpCommandError extends QmpdError {
+  readonly qmpClass: string
+  readonly desc: string
+  readonly command: string
+
+  constructor(command: string, qmpClass: string, desc: string) {
+    super('QMP_COMMAND_FAILED', `${command}: ${desc}`, { qmpClass, command, desc })
+    this.name = 'QmpCommandError'
+    this.qmpClass = qmpClass
+    this.desc = desc
+    this.command = command
+  }
+}
+
+/** The QMP connection ended (EOF, socket error, protocol violation, explicit close) while a command was pending. */
+export class QmpDisconnectedError extends QmpdError {
+  constructor(message: string, data: ErrorData = {}, options?: { cause?: unknown }) {
+    super('QMP_DISCONNECTED', message, data, options)
+    this.name = 'QmpDisconnectedError'
+  }
+}
+
+/** An operation did not finish within its time limit. */
+export class TimeoutError extends QmpdError {
+  constructor(message: string, data: ErrorData = {}) {
+    super('TIMEOUT', message, data)
+    this.name = 'TimeoutError'
+  }
+}
+
+/** Wraps anything thrown into a QmpdError, keeping the original as cause. */
+export function toQmpdError(err: unknown): QmpdError {
+  if (err instanceof QmpdError) return err
+  if (err instanceof Error && err.name === 'AbortError') {
+    return new QmpdError('JOB_CANCELLED', err.message || 'operation aborted', {}, { cause: err })
+  }
+  const message = err instanceof Error ? err.message : String(err)
+  return new QmpdError('INTERNAL', message, {}, { cause: err })
+}
