@@ -27,6 +27,7 @@ export type ErrorCode =
   | 'QEMU_IMG_FAILED'
   | 'VM_CRASHED'
   | 'JOB_CANCELLED'
+  | 'INTERRUPTED'
   | 'TIMEOUT'
   | 'INTERNAL'
 

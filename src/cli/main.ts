@@ -1,0 +1,88 @@
+import { parseArgs } from 'node:util'
+import { makeConfig } from '../config.ts'
+import { startDaemon, VERSION } from '../daemon.ts'
+import { listen } from '../http/server.ts'
+
+const HELP = `qmpd ${VERSION}: snapshots, checkpoints and saved state of QEMU VMs over QMP
+
+Usage:
+  qmpd serve [--listen ADDR] [--state-dir DIR] [--qemu-binary PATH] [--qemu-img PATH]
+             [--accel auto|kvm|tcg] [--allow-dir DIR]... [--log-level LEVEL]
+  qmpd --help | --version
+
+Options:
+  --listen ADDR       host:port (default 127.0.0.1:7777; needs the bearer token) or unix:/path
+                      (mode 0660, no token)
+  --state-dir DIR     everything qmpd keeps (default $QMPD_STATE_DIR, $XDG_STATE_HOME/qmpd,
+                      or ~/.local/state/qmpd)
+  --qemu-binary PATH  qemu-system-x86_64 to run (default $QMPD_QEMU or from PATH)
+  --qemu-img PATH     qemu-img to run (default $QMPD_QEMU_IMG or from PATH)
+  --accel A           auto (kvm when /dev/kvm is usable, else tcg), kvm or tcg
+  --allow-dir DIR     a directory outside the state dir where disks and snapshot files may live
+  --log-level LEVEL   trace, debug, info (default), warn, error
+
+Environment: QMPD_TOKEN fixes the API token; otherwise it is generated into <state-dir>/token.
+`
+
+/** Entry point of the qmpd command. */
+export async function main(argv: string[]): Promise<number> {
+  const { values, positionals } = parseArgs({
+    args: argv,
+    allowPositionals: true,
+    options: {
+      listen: { type: 'string' },
+      'state-dir': { type: 'string' },
+      'qemu-binary': { type: 'string' },
+      'qemu-img': { type: 'string' },
+      accel: { type: 'string' },
+      'allow-dir': { type: 'string', multiple: true },
+      'log-level': { type: 'string' },
+      help: { type: 'boolean', short: 'h' },
+      version: { type: 'boolean' },
+    },
+  })
+  if (values.version) {
+    process.stdout.write(`${VERSION}\n`)
+    return 0
+  }
+  if (values.help || positionals[0] !== 'serve') {
+    process.stdout.write(HELP)
+    return values.help ? 0 : 2
+  }
+  const accel = values.accel
+  if (accel !== undefined && accel !== 'auto' && accel !== 'kvm' && accel !== 'tcg') {
+    process.stderr.write(`--accel must be auto, kvm or tcg\n`)
+    return 2
+  }
+  const config = makeConfig({
+    ...(values.listen ? { listen: values.listen } : {}),
+    ...(values['state-dir'] ? { stateDir: values['state-dir'] } : {}),
+    ...(values['qemu-binary'] ? { qemuBinary: values['qemu-binary'] } : {}),
+    ...(values['qemu-img'] ? { qemuImgBinary: values['qemu-img'] } : {}),
+    ...(accel ? { accel } : {}),
+    ...(values['allow-dir'] ? { allowedDirs: values['allow-dir'] } : {}),
+    ...(values['log-level'] ? { logLevel: values['log-level'] } : {}),
+  })
+  const daemon = await startDaemon(config)
+  const { app } = await listen(daemon, config.listen)
+  daemon.log.info({ stateDir: config.stateDir, version: VERSION }, 'qmpd serving')
+  await new Promise<void>((resolve) => {
+    const stop = (sig: string): void => {
+      daemon.log.info({ signal: sig }, 'shutting down; VMs keep running')
+      resolve()
+    }
+    process.once('SIGINT', stop)
+    process.once('SIGTERM', stop)
+  })
+  await app.close()
+  await daemon.close()
+  return 0
+}
+
+main(process.argv.slice(2)).then(
+  (code) => process.exit(code),
+  (err) => {
+    process.stderr.write(`qmpd: ${err instanceof Error ? err.message : String(err)}\n`)
+    process.exit(1)
+  },
+)

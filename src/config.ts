@@ -1,0 +1,45 @@
+import { homedir } from 'node:os'
+import { join, resolve } from 'node:path'
+
+/** Daemon-wide settings, resolved once at start from flags and environment. */
+export interface Config {
+  /** Root of everything qmpd writes: the store, the token, every VM's directory. */
+  stateDir: string
+  /** "host:port" or "unix:/path". */
+  listen: string
+  qemuBinary: string
+  qemuImgBinary: string
+  /** 'auto' picks kvm when /dev/kvm is usable, else tcg. */
+  accel: 'auto' | 'kvm' | 'tcg'
+  /** Directories outside stateDir where user-named files (disks, overlays, saves) may live. */
+  allowedDirs: string[]
+  logLevel: string
+  /** Fixed API token (QMPD_TOKEN); when absent one is generated into <stateDir>/token. */
+  token?: string
+}
+
+/** The default state directory: $XDG_STATE_HOME/qmpd, else ~/.local/state/qmpd. */
+export function defaultStateDir(env: NodeJS.ProcessEnv = process.env): string {
+  const xdg = env['XDG_STATE_HOME']
+  return join(xdg && xdg.startsWith('/') ? xdg : join(homedir(), '.local', 'state'), 'qmpd')
+}
+
+/** Builds a Config from partial overrides and the environment (QMPD_STATE_DIR, QMPD_TOKEN, QMPD_QEMU…). */
+export function makeConfig(over: Partial<Config> = {}, env: NodeJS.ProcessEnv = process.env): Config {
+  const stateDir = resolve(over.stateDir ?? env['QMPD_STATE_DIR'] ?? defaultStateDir(env))
+  const token = over.token ?? (env['QMPD_TOKEN'] || undefined)
+  return {
+    stateDir,
+    listen: over.listen ?? env['QMPD_LISTEN'] ?? '127.0.0.1:7777',
+    qemuBinary: over.qemuBinary ?? env['QMPD_QEMU'] ?? 'qemu-system-x86_64',
+    qemuImgBinary: over.qemuImgBinary ?? env['QMPD_QEMU_IMG'] ?? 'qemu-img',
+    accel: over.accel ?? parseAccel(env['QMPD_ACCEL']),
+    allowedDirs: (over.allowedDirs ?? (env['QMPD_ALLOW_DIRS'] ?? '').split(':').filter(Boolean)).map((d) => resolve(d)),
+    logLevel: over.logLevel ?? env['QMPD_LOG_LEVEL'] ?? 'info',
+    ...(token ? { token } : {}),
+  }
+}
+
+function parseAccel(v: string | undefined): Config['accel'] {
+  return v === 'kvm' || v === 'tcg' ? v : 'auto'
+}

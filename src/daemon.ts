@@ -1,0 +1,89 @@
+import { randomBytes } from 'node:crypto'
+import { chmodSync, existsSync, mkdirSync, readFileSync, renameSync, writeFileSync, openSync, fsyncSync, closeSync } from 'node:fs'
+import { join } from 'node:path'
+import { pino, type Logger } from 'pino'
+import type { FastifyInstance } from 'fastify'
+import type { Config } from './config.ts'
+import { EventBus } from './events/bus.ts'
+import { buildApp } from './http/app.ts'
+import { PathPolicy } from './images/paths.ts'
+import { QemuImg } from './images/qemu-img.ts'
+import { JobManager } from './jobs/manager.ts'
+import { openDb, type Db } from './store/db.ts'
+import { JobRepo } from './store/jobs.ts'
+import { VmRepo } from './store/vms.ts'
+import { VmManager } from './vm/manager.ts'
+
+/** qmpd's version, reported by /healthz and the OpenAPI document. */
+export const VERSION = '0.1.0'
+
+/** A running daemon: its services and its (not yet listening) HTTP app. */
+export interface Daemon {
+  config: Config
+  log: Logger
+  db: Db
+  bus: EventBus
+  jobs: JobManager
+  vms: VmManager
+  /** Builds an HTTP app over this daemon's services; token undefined = no auth (unix socket). */
+  app(opts?: { token?: string }): Promise<FastifyInstance>
+  /** Stops accepting work, waits for running jobs, detaches from QEMU (VMs keep running), closes the store. */
+  close(): Promise<void>
+}
+
+/** Creates the state directory, opens the store, recovers interrupted jobs and re-attaches to QEMUs. */
+export async function startDaemon(config: Config, log: Logger = pino({ level: config.logLevel })): Promise<Daemon> {
+  mkdirSync(config.stateDir, { recursive: true, mode: 0o750 })
+  mkdirSync(join(config.stateDir, 'vms'), { recursive: true, mode: 0o750 })
+  const db = openDb(join(config.stateDir, 'qmpd.db'))
+  const bus = new EventBus()
+  const jobs = new JobManager(new JobRepo(db), bus, log.child({ component: 'jobs' }))
+  const interrupted = jobs.recoverInterrupted()
+  if (interrupted.length) log.warn({ jobs: interrupted.map((j) => j.id) }, 'jobs interrupted by the previous daemon marked failed')
+  const vms = new VmManager({
+    config,
+    repo: new VmRepo(db),
+    jobs,
+    bus,
+    paths: new PathPolicy(config.stateDir, config.allowedDirs),
+    qemuImg: new QemuImg(config.qemuImgBinary),
+    log,
+  })
+  await vms.init()
+  let closed = false
+  return {
+    config,
+    log,
+    db,
+    bus,
+    jobs,
+    vms,
+    app: (opts = {}) => buildApp({ services: { vms, jobs, bus }, logger: log, version: VERSION, ...opts }),
+    async close() {
+      if (closed) return
+      closed = true
+      await jobs.drain()
+      await vms.close()
+      db.close()
+    },
+  }
+}
+
+/**
+ * The API token: QMPD_TOKEN when set, else <stateDir>/token, generated (mode 0600) on first start.
+ * Written durably: temp file, fsync, rename.
+ */
+export function loadOrCreateToken(config: Config): { token: string; path?: string } {
+  if (config.token) return { token: config.token }
+  const path = join(config.stateDir, 'token')
+  if (existsSync(path)) return { token: readFileSync(path, 'utf8').trim(), path }
+  const token = randomBytes(32).toString('base64url')
+  const tmp = `${path}.tmp-${process.pid}`
+  writeFileSync(tmp, token + '\n', { mode: 0o600 })
+  const fd = openSync(tmp, 'r')
+  fsyncSync(fd)
+  closeSync(fd)
+  renameSync(tmp, path)
+  chmodSync(path, 0o600)
+  return { token, path }
+}

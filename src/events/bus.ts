@@ -1,0 +1,32 @@
+import { EventEmitter } from 'node:events'
+import type { Job } from '../jobs/model.ts'
+import type { VmState } from '../vm/definition.ts'
+
+/** Everything the daemon announces: job changes, VM state changes, QEMU's own events. */
+export type BusEvent =
+  | { type: 'job'; vm: string; job: Job }
+  | { type: 'vm'; vm: string; state: VmState; reason?: string }
+  | { type: 'qmp'; vm: string; event: string; data: unknown; timestamp?: { seconds: number; microseconds: number } }
+
+/**
+ * The in-process event bus. Emitting never blocks: listeners must hand work off rather than wait.
+ * Feeds logs today and the SSE stream (/v1/events) and metrics.
+ */
+export class EventBus {
+  private readonly emitter = new EventEmitter()
+
+  constructor() {
+    // Each SSE client and each waiting request is a listener; there is no meaningful small cap.
+    this.emitter.setMaxListeners(0)
+  }
+
+  emit(ev: BusEvent): void {
+    this.emitter.emit('event', ev)
+  }
+
+  /** Subscribes; returns the function that unsubscribes. */
+  subscribe(listener: (ev: BusEvent) => void): () => void {
+    this.emitter.on('event', listener)
+    return () => this.emitter.off('event', listener)
+  }
+}

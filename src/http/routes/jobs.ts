@@ -1,0 +1,37 @@
+import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod'
+import { z } from 'zod'
+import { QmpdError } from '../../errors.ts'
+import { Job } from '../../jobs/model.ts'
+import { Name } from '../../vm/definition.ts'
+import type { Services } from '../app.ts'
+import { JobParams } from '../schemas.ts'
+
+/** /v1/jobs: history, one job, cancel. */
+export const jobRoutes: FastifyPluginAsyncZod<{ services: Services }> = async (app, { services }) => {
+  const { jobs } = services
+
+  app.get(
+    '/v1/jobs',
+    {
+      schema: {
+        summary: 'Jobs, newest first',
+        tags: ['jobs'],
+        querystring: z.strictObject({ vm: Name.optional(), limit: z.coerce.number().int().min(1).max(1000).default(100) }),
+        response: { 200: z.object({ jobs: z.array(Job) }) },
+      },
+    },
+    async (req) => ({ jobs: jobs.list({ ...(req.query.vm ? { vm: req.query.vm } : {}), limit: req.query.limit }) }),
+  )
+
+  app.get('/v1/jobs/:id', { schema: { summary: 'One job, with live progress', tags: ['jobs'], params: JobParams, response: { 200: Job } } }, async (req) => {
+    const job = jobs.get(req.params.id)
+    if (!job) throw new QmpdError('JOB_NOT_FOUND', `no job ${req.params.id}`, { job: req.params.id })
+    return job
+  })
+
+  app.post(
+    '/v1/jobs/:id/cancel',
+    { schema: { summary: 'Cancel a queued job (or a running one whose operation allows it)', tags: ['jobs'], params: JobParams, response: { 200: Job } } },
+    async (req) => jobs.cancel(req.params.id),
+  )
+}

@@ -1,0 +1,92 @@
+import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod'
+import { z } from 'zod'
+import { AdoptDefinition, VmDefinition } from '../../vm/definition.ts'
+import type { Services } from '../app.ts'
+import { replyWithJob } from '../job-reply.ts'
+import { VmParams, WaitQuery } from '../schemas.ts'
+
+const StartBody = z.strictObject({ paused: z.boolean().optional().describe('leave the guest paused after start') }).default({})
+const StopBody = z
+  .strictObject({
+    force: z.boolean().optional().describe('skip the ACPI powerdown: quit QEMU at once'),
+    timeoutSec: z.number().int().min(0).max(3600).optional().describe('how long the guest gets to power off (default 60)'),
+  })
+  .default({})
+const EmptyBody = z.strictObject({}).default({})
+const QmpBody = z.strictObject({
+  execute: z.string().regex(/^[A-Za-z][A-Za-z0-9_-]{0,63}$/, 'must be a QMP command name'),
+  arguments: z.record(z.string(), z.unknown()).optional(),
+})
+
+/** /v1/vms: define, adopt, list, inspect, delete, start/stop/pause/resume, and the QMP escape hatch. */
+export const vmRoutes: FastifyPluginAsyncZod<{ services: Services }> = async (app, { services }) => {
+  const { vms, jobs } = services
+
+  app.post(
+    '/v1/vms',
+    {
+      schema: {
+        summary: 'Define a VM, or adopt a running QEMU by its QMP socket',
+        tags: ['vms'],
+        body: z.union([VmDefinition, AdoptDefinition]),
+      },
+    },
+    async (req, reply) => reply.code(201).header('Location', `/v1/vms/${req.body.name}`).send(await vms.define(req.body)),
+  )
+
+  app.get('/v1/vms', { schema: { summary: 'List VMs', tags: ['vms'] } }, async () => ({ vms: await vms.list() }))
+
+  app.get('/v1/vms/:vm', { schema: { summary: 'One VM, with its disks\' backing chains as QEMU reports them', tags: ['vms'], params: VmParams } }, async (req) =>
+    vms.view(req.params.vm),
+  )
+
+  app.delete(
+    '/v1/vms/:vm',
+    {
+      schema: {
+        summary: 'Delete a VM that is not running',
+        tags: ['vms'],
+        params: VmParams,
+        querystring: z.strictObject({ deleteStorage: z.stringbool().default(false).describe('also remove the files qmpd created') }),
+      },
+    },
+    async (req, reply) => {
+      vms.delete(req.params.vm, { deleteStorage: req.query.deleteStorage })
+      return reply.code(204).send()
+    },
+  )
+
+  app.post(
+    '/v1/vms/:vm/start',
+    { schema: { summary: 'Start the VM (a job)', tags: ['vms'], params: VmParams, querystring: WaitQuery, body: StartBody } },
+    async (req, reply) => replyWithJob(reply, jobs, vms.start(req.params.vm, req.body), req.query),
+  )
+  app.post(
+    '/v1/vms/:vm/stop',
+    { schema: { summary: 'Stop the VM: ACPI powerdown, then quit after timeoutSec; force quits at once (a job)', tags: ['vms'], params: VmParams, querystring: WaitQuery, body: StopBody } },
+    async (req, reply) => replyWithJob(reply, jobs, vms.stop(req.params.vm, req.body), req.query),
+  )
+  app.post(
+    '/v1/vms/:vm/pause',
+    { schema: { summary: 'Pause the guest (a job)', tags: ['vms'], params: VmParams, querystring: WaitQuery, body: EmptyBody } },
+    async (req, reply) => replyWithJob(reply, jobs, vms.pause(req.params.vm), req.query),
+  )
+  app.post(
+    '/v1/vms/:vm/resume',
+    { schema: { summary: 'Resume a paused guest (a job)', tags: ['vms'], params: VmParams, querystring: WaitQuery, body: EmptyBody } },
+    async (req, reply) => replyWithJob(reply, jobs, vms.resume(req.params.vm), req.query),
+  )
+
+  app.post(
+    '/v1/vms/:vm/qmp',
+    {
+      schema: {
+        summary: 'Send any QMP command to the VM\'s QEMU (escape hatch, outside the job queue; logged)',
+        tags: ['vms'],
+        params: VmParams,
+        body: QmpBody,
+      },
+    },
+    async (req) => ({ return: await vms.qmpPassthrough(req.params.vm, req.body.execute, req.body.arguments) }),
+  )
+}

@@ -1,0 +1,69 @@
+import { realpathSync } from 'node:fs'
+import { basename, dirname, isAbsolute, join, normalize, relative, resolve, sep } from 'node:path'
+import { QmpdError } from '../errors.ts'
+
+/**
+ * The path policy: every file qmpd reads or writes on a user's behalf is resolved here and must
+ * lie under the state directory or one of the configured allowed directories.
+ */
+export class PathPolicy {
+  readonly roots: string[]
+
+  constructor(readonly stateDir: string, allowedDirs: string[] = []) {
+    this.roots = [resolve(stateDir), ...allowedDirs.map((d) => resolve(d))].flatMap((r) => {
+      const real = realLocation(r)
+      return real === r ? [r] : [r, real]
+    })
+  }
+
+  /** The directory that holds one VM's files (QMP socket, logs, disks it created, overlays). */
+  vmDir(vm: string): string {
+    return join(this.stateDir, 'vms', vm)
+  }
+
+  /**
+   * Resolves a user-supplied path: relative paths are taken relative to `baseDir` (a VM's directory).
+   * Rejects NUL bytes, `..` segments and anything outside the allowed roots, before any file is touched.
+   */
+  resolve(input: string, baseDir: string, field = 'path'): string {
+    if (input.length === 0) throw new QmpdError('INVALID_PATH', `${field} is empty`, { field })
+    if (input.includes('\0')) throw new QmpdError('INVALID_PATH', `${field} contains a NUL byte`, { field })
+    // Checked on the raw input: normalize() would silently fold "a/../b" into "b".
+    if (input.split(/[\\/]+/).includes('..')) {
+      throw new QmpdError('INVALID_PATH', `${field} must not contain '..' segments`, { field, path: input })
+    }
+    const abs = isAbsolute(input) ? normalize(input) : resolve(baseDir, input)
+    // A symlink inside an allowed directory must not lead out of it: check the real location too.
+    if (!this.isAllowed(abs) || !this.isAllowed(realLocation(abs))) {
+      throw new QmpdError('INVALID_PATH', `${field} ${abs} is outside the allowed directories (${this.roots.join(', ')})`, {
+        field,
+        path: abs,
+      })
+    }
+    return abs
+  }
+
+  /** True when `abs` lies inside one of the roots. */
+  isAllowed(abs: string): boolean {
+    return this.roots.some((root) => {
+      const rel = relative(root, abs)
+      return rel !== '' && !rel.startsWith('..' + sep) && rel !== '..' && !isAbsolute(rel)
+    })
+  }
+}
+
+/** The path with its deepest existing ancestor replaced by that ancestor's real path. */
+function realLocation(abs: string): string {
+  let head = abs
+  const tail: string[] = []
+  for (;;) {
+    try {
+      return join(realpathSync(head), ...tail)
+    } catch {
+      const parent = dirname(head)
+      if (parent === head) return abs
+      tail.unshift(basename(head))
+      head = parent
+    }
+  }
+}

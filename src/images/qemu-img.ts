@@ -1,0 +1,63 @@
+import { execFile } from 'node:child_process'
+import { z } from 'zod'
+import { QmpdError } from '../errors.ts'
+
+/** One layer of an image's backing chain, as qemu-img reports it. */
+export const ImageInfo = z.looseObject({
+  filename: z.string(),
+  format: z.string(),
+  'virtual-size': z.number(),
+  'actual-size': z.number().optional(),
+  'backing-filename': z.string().optional(),
+  'full-backing-filename': z.string().optional(),
+  'backing-filename-format': z.string().optional(),
+  snapshots: z
+    .array(z.looseObject({ id: z.string(), name: z.string(), 'vm-state-size': z.number(), 'date-sec': z.number() }))
+    .optional(),
+})
+export type ImageInfo = z.output<typeof ImageInfo>
+
+/**
+ * Runs qemu-img with an argument vector (never a shell). Never use it on an image a running QEMU
+ * has open for writing: image locking refuses, and forcing it corrupts.
+ */
+export class QemuImg {
+  constructor(private readonly binary = 'qemu-img') {}
+
+  /** Runs qemu-img; rejects with QEMU_IMG_FAILED carrying its stderr, or QEMU_NOT_FOUND. */
+  run(args: string[], opts: { timeoutMs?: number; signal?: AbortSignal } = {}): Promise<string> {
+    return new Promise((resolve, reject) => {
+      execFile(
+        this.binary,
+        args,
+        { timeout: opts.timeoutMs ?? 600_000, maxBuffer: 64 * 1024 * 1024, ...(opts.signal ? { signal: opts.signal } : {}) },
+        (err, stdout, stderr) => {
+          if (!err) return resolve(stdout)
+          if ((err as NodeJS.ErrnoException).code === 'ENOENT') {
+            return reject(new QmpdError('QEMU_NOT_FOUND', `${this.binary} not found; install qemu-utils`, { binary: this.binary }))
+          }
+          const msg = stderr.trim().split('\n').pop() || err.message
+          reject(new QmpdError('QEMU_IMG_FAILED', `qemu-img ${args[0]}: ${msg}`, { args, stderr: stderr.trim() }))
+        },
+      )
+    })
+  }
+
+  /** Creates an image; with a backing file the size defaults to the backing file's. */
+  async create(file: string, format: 'qcow2' | 'raw', opts: { sizeBytes?: number; backing?: { file: string; format: string } }): Promise<void> {
+    const args = ['create', '-q', '-f', format]
+    if (opts.backing) args.push('-b', opts.backing.file, '-F', opts.backing.format)
+    args.push(file)
+    if (opts.sizeBytes !== undefined) args.push(String(opts.sizeBytes))
+    await this.run(args)
+  }
+
+  /** The whole backing chain, top first. `forceShare` reads an image a QEMU has open (-U). */
+  async chain(file: string, opts: { forceShare?: boolean } = {}): Promise<ImageInfo[]> {
+    const args = ['info', '--output=json', '--backing-chain']
+    if (opts.forceShare) args.push('-U')
+    args.push(file)
+    const out = await this.run(args, { timeoutMs: 30_000 })
+    return z.array(ImageInfo).parse(JSON.parse(out))
+  }
+}

@@ -1,0 +1,65 @@
+import Database from 'better-sqlite3'
+import { mkdirSync } from 'node:fs'
+import { dirname } from 'node:path'
+
+/** The open SQLite handle. Only src/store touches SQL. */
+export type Db = Database.Database
+
+/**
+ * Numbered schema migrations. Never edit a shipped one: append a new entry. The index + 1 is the
+ * schema version kept in PRAGMA user_version.
+ */
+const MIGRATIONS: string[] = [
+  // 1: VMs and jobs
+  `CREATE TABLE vms (
+     name TEXT PRIMARY KEY,
+     definition TEXT NOT NULL,
+     runtime TEXT NOT NULL,
+     created_at TEXT NOT NULL,
+     updated_at TEXT NOT NULL
+   );
+   CREATE TABLE jobs (
+     id TEXT PRIMARY KEY,
+     vm TEXT NOT NULL,
+     op TEXT NOT NULL,
+     state TEXT NOT NULL,
+     params TEXT NOT NULL,
+     progress TEXT,
+     result TEXT,
+     error TEXT,
+     created_at TEXT NOT NULL,
+     started_at TEXT,
+     finished_at TEXT,
+     seq INTEGER NOT NULL
+   );
+   CREATE INDEX jobs_vm ON jobs(vm, seq);
+   CREATE INDEX jobs_state ON jobs(state);`,
+]
+
+/** Opens (creating when missing) the store at `file` in WAL mode and brings its schema up to date. */
+export function openDb(file: string): Db {
+  if (file !== ':memory:') mkdirSync(dirname(file), { recursive: true })
+  const db = new Database(file)
+  db.pragma('journal_mode = WAL')
+  // NORMAL is durable across a process crash in WAL mode; only a power loss can drop the last commits.
+  db.pragma('synchronous = NORMAL')
+  db.pragma('foreign_keys = ON')
+  db.pragma('busy_timeout = 5000')
+  migrate(db)
+  return db
+}
+
+/** Applies every migration newer than the database's user_version, each in its own transaction. */
+export function migrate(db: Db): number {
+  const current = db.pragma('user_version', { simple: true }) as number
+  if (current > MIGRATIONS.length) {
+    throw new Error(`store schema version ${current} is newer than this qmpd knows (${MIGRATIONS.length})`)
+  }
+  for (let v = current; v < MIGRATIONS.length; v++) {
+    db.transaction(() => {
+      db.exec(MIGRATIONS[v]!)
+      db.pragma(`user_version = ${v + 1}`)
+    })()
+  }
+  return MIGRATIONS.length
+}

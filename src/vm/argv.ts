@@ -1,0 +1,95 @@
+import type { VmDefinition } from './definition.ts'
+
+/** Fixed names of the files QEMU creates in its VM directory (it runs with that directory as cwd). */
+export const VM_FILES = {
+  qmpSocket: 'qmp.sock',
+  qgaSocket: 'qga.sock',
+  pidfile: 'qemu.pid',
+  serialLog: 'serial.log',
+  qemuLog: 'qemu.log',
+} as const
+
+/** The image a disk currently runs on (its active layer), which external snapshots move. */
+export interface ActiveDisk {
+  id: string
+  file: string
+  format: 'qcow2' | 'raw'
+  /** Generation of the disk's node names; bumped whenever a new top node is added. */
+  gen: number
+}
+
+/** Stable node names: `<disk>-f<gen>` for the format node, `<disk>-p<gen>` for its protocol node. */
+export function nodeNames(disk: string, gen: number): { format: string; protocol: string } {
+  return { format: `${disk}-f${gen}`, protocol: `${disk}-p${gen}` }
+}
+
+/** Options of one launch that are not part of the definition. */
+export interface LaunchOptions {
+  accel: 'kvm' | 'tcg'
+  disks: ActiveDisk[]
+  /** Start with -incoming defer (restore of saved RAM state follows over QMP). */
+  incoming?: boolean
+}
+
+/**
+ * The argument vector for qemu-system-x86_64. Paths QEMU creates are relative because QEMU runs
+ * with the VM directory as cwd: unix socket paths are limited to 108 bytes and state dirs can be long.
+ * -blockdev and -device take JSON (QEMU >= 6.2), so file names need no comma escaping.
+ */
+export function buildArgv(def: VmDefinition, opts: LaunchOptions): string[] {
+  const argv = [
+    '-name', `guest=${def.name},debug-threads=on`,
+    '-machine', def.machine,
+    '-accel', opts.accel,
+    '-smp', String(def.cpus),
+    '-m', `${def.memoryMiB}M`,
+    '-nodefaults',
+    '-no-user-config',
+    '-display', 'none',
+    '-msg', 'timestamp=on',
+    '-qmp', `unix:${VM_FILES.qmpSocket},server=on,wait=off`,
+    '-pidfile', VM_FILES.pidfile,
+    // -S: no guest code runs before qmpd is connected and has subscribed to events.
+    '-S',
+  ]
+  argv.push('-serial', def.serialLog ? `file:${VM_FILES.serialLog}` : 'null')
+  if (def.kernel) argv.push('-kernel', def.kernel)
+  if (def.initrd) argv.push('-initrd', def.initrd)
+  if (def.append) argv.push('-append', def.append)
+  let ide = 0
+  opts.disks.forEach((disk, i) => {
+    const spec = def.disks.find((d) => d.id === disk.id)
+    const names = nodeNames(disk.id, disk.gen)
+    argv.push(
+      '-blockdev',
+      JSON.stringify({
+        driver: disk.format,
+        'node-name': names.format,
+        'read-only': spec?.readOnly ?? false,
+        discard: 'unmap',
+        file: { driver: 'file', filename: disk.file, 'node-name': names.protocol },
+      }),
+    )
+    const device: Record<string, unknown> = { id: disk.id, drive: names.format }
+    if (spec?.bus === 'ide') {
+      device['driver'] = 'ide-hd'
+      // q35's AHCI has one device per port (ide.0..ide.5); pc's PIIX has two buses with two units each.
+      if (def.machine === 'q35') device['bus'] = `ide.${ide}`
+      else Object.assign(device, { bus: `ide.${ide >> 1}`, unit: ide & 1 })
+      ide++
+    } else {
+      device['driver'] = 'virtio-blk-pci'
+    }
+    if (i === 0 && !def.kernel) device['bootindex'] = 0
+    argv.push('-device', JSON.stringify(device))
+  })
+  if (def.guestAgent) {
+    argv.push(
+      '-chardev', `socket,id=qga0,path=${VM_FILES.qgaSocket},server=on,wait=off`,
+      '-device', 'virtio-serial-pci,id=qgaserial0',
+      '-device', 'virtserialport,chardev=qga0,name=org.qemu.guest_agent.0',
+    )
+  }
+  if (opts.incoming) argv.push('-incoming', 'defer')
+  return argv
+}

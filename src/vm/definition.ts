@@ -1,0 +1,110 @@
+import { z } from 'zod'
+
+/** Names of VMs and snapshots: what libvirt accepts in a file name, minus surprises. */
+export const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/
+
+/** A VM or snapshot name. */
+export const Name = z
+  .string()
+  .regex(NAME_PATTERN, 'must match [A-Za-z0-9][A-Za-z0-9._-]{0,63}')
+  .describe('1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit')
+
+/** A file path as given by a user; confinement is checked later by PathPolicy. */
+export const PathString = z
+  .string()
+  .min(1)
+  .max(4096)
+  .refine((s) => !s.includes('\0'), 'must not contain a NUL byte')
+  .refine((s) => !s.split(/[\\/]+/).includes('..'), "must not contain '..' segments")
+
+/** One disk of a VM. `id` is the guest-visible device id and the stem of its node names. */
+export const DiskDefinition = z.strictObject({
+  id: z.string().regex(/^[a-z][a-z0-9]{0,15}$/, 'must match [a-z][a-z0-9]{0,15}, e.g. vda'),
+  file: PathString.describe('image file; relative paths are under the VM directory'),
+  format: z.enum(['qcow2', 'raw']).default('qcow2'),
+  bus: z.enum(['virtio', 'ide']).default('virtio'),
+  sizeMiB: z
+    .number()
+    .int()
+    .min(1)
+    .max(16 * 1024 * 1024)
+    .optional()
+    .describe('create the image with qemu-img when the file does not exist'),
+  readOnly: z.boolean().default(false),
+})
+export type DiskDefinition = z.output<typeof DiskDefinition>
+
+/** What a user gives to define a VM that qmpd launches. */
+export const VmDefinition = z
+  .strictObject({
+    name: Name,
+    machine: z.enum(['q35', 'pc']).default('q35'),
+    cpus: z.number().int().min(1).max(64).default(1),
+    memoryMiB: z.number().int().min(16).max(1024 * 1024).default(128),
+    disks: z.array(DiskDefinition).max(16).default([]),
+    kernel: PathString.optional(),
+    initrd: PathString.optional(),
+    append: z.string().max(4096).optional(),
+    serialLog: z.boolean().default(true).describe('write the first serial port to serial.log in the VM directory'),
+    guestAgent: z.boolean().default(false).describe('add a virtio-serial qemu-guest-agent channel on a socket qmpd owns'),
+  })
+  .superRefine((def, ctx) => {
+    const seen = new Set<string>()
+    def.disks.forEach((d, i) => {
+      if (seen.has(d.id)) ctx.addIssue({ code: 'custom', path: ['disks', i, 'id'], message: `duplicate disk id ${d.id}` })
+      seen.add(d.id)
+    })
+    if ((def.initrd || def.append) && !def.kernel) {
+      ctx.addIssue({ code: 'custom', path: ['kernel'], message: 'initrd and append need a kernel' })
+    }
+  })
+export type VmDefinition = z.output<typeof VmDefinition>
+
+/** Registering a QEMU that something else started, by its QMP socket. */
+export const AdoptDefinition = z.strictObject({
+  name: Name,
+  adopt: z.strictObject({
+    qmpSocket: PathString.describe('path of the running QEMU\'s QMP unix socket (server mode)'),
+  }),
+})
+export type AdoptDefinition = z.output<typeof AdoptDefinition>
+
+/** Either kind of definition, as stored. */
+export const StoredDefinition = z.union([AdoptDefinition, VmDefinition])
+export type StoredDefinition = VmDefinition | AdoptDefinition
+
+/** True for VMs that qmpd adopted rather than launched. */
+export function isAdopted(def: StoredDefinition): def is AdoptDefinition {
+  return 'adopt' in def
+}
+
+/** Run states as qmpd reports them. `reason` refines paused/shutoff/crashed. */
+export const VmState = z.enum(['shutoff', 'starting', 'running', 'paused', 'stopping', 'crashed', 'saved', 'unknown'])
+export type VmState = z.output<typeof VmState>
+
+/** What the store remembers about a VM between daemon runs. */
+export const VmRuntime = z.strictObject({
+  state: VmState,
+  reason: z.string().optional(),
+  pid: z.number().int().positive().optional(),
+  /** /proc/PID/stat start time, so that a recycled PID is never mistaken for our QEMU. */
+  pidStartTime: z.string().optional(),
+  qmpSocket: z.string(),
+  exit: z
+    .strictObject({ code: z.number().int().nullable(), signal: z.string().nullable(), at: z.string() })
+    .optional(),
+  /** The active layer of each disk; external snapshots and block jobs move it. */
+  disks: z
+    .array(
+      z.strictObject({
+        id: z.string(),
+        file: z.string(),
+        format: z.enum(['qcow2', 'raw']),
+        gen: z.number().int().min(0),
+      }),
+    )
+    .default([]),
+  /** Files qmpd created for this VM (removed by DELETE ?deleteStorage=true). */
+  createdFiles: z.array(z.string()).default([]),
+})
+export type VmRuntime = z.output<typeof VmRuntime>

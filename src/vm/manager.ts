@@ -1,0 +1,766 @@
+import { spawn, type ChildProcess } from 'node:child_process'
+import { accessSync, constants as fsc, existsSync, mkdirSync, openSync, closeSync, readFileSync, rmSync, rmdirSync, statSync } from 'node:fs'
+import { join } from 'node:path'
+import type { Logger } from 'pino'
+import { z } from 'zod'
+import type { Config } from '../config.ts'
+import { QmpDisconnectedError, QmpdError, TimeoutError, toQmpdError } from '../errors.ts'
+import type { EventBus } from '../events/bus.ts'
+import type { PathPolicy } from '../images/paths.ts'
+import type { QemuImg } from '../images/qemu-img.ts'
+import type { JobContext, JobManager } from '../jobs/manager.ts'
+import type { Job } from '../jobs/model.ts'
+import { QmpClient } from '../qmp/index.ts'
+import type { VmRecord, VmRepo } from '../store/vms.ts'
+import { buildArgv, VM_FILES, type ActiveDisk } from './argv.ts'
+import {
+  AdoptDefinition,
+  isAdopted,
+  VmDefinition,
+  type StoredDefinition,
+  type VmRuntime,
+  type VmState,
+} from './definition.ts'
+import { findQemuByArg, isAlive, procInfo, waitForExit } from './proc.ts'
+import { shortSocketPath } from './sockpath.ts'
+import { settlesWithin, sleep } from '../util.ts'
+
+/** One layer of a disk's backing chain, top first. */
+export interface ChainLayer {
+  file: string
+  format: string
+  node?: string
+  virtualSize?: number
+  actualSize?: number
+  backingFile?: string
+}
+
+/** A disk as GET /v1/vms/{vm} shows it: the chain is what QEMU (or qemu-img, when off) reports. */
+export interface DiskView {
+  id: string
+  node?: string
+  file: string
+  format: string
+  chain: ChainLayer[]
+  chainError?: string
+}
+
+/** The public view of a VM. */
+export interface VmView {
+  name: string
+  state: VmState
+  reason?: string
+  pid?: number
+  adopted: boolean
+  definition: StoredDefinition
+  disks: DiskView[]
+  exit?: VmRuntime['exit']
+  createdAt: string
+  updatedAt: string
+}
+
+/** Options of the start operation. */
+export interface StartOptions {
+  /** Leave the guest paused after start (QEMU's -S state) instead of running it. */
+  paused?: boolean
+}
+
+/** Options of the stop operation. */
+export interface StopOptions {
+  force?: boolean
+  timeoutSec?: number
+}
+
+/** In-memory side of one VM: its QMP connection, its child process and exit bookkeeping. */
+interface Handle {
+  name: string
+  rec: VmRecord
+  qmp?: QmpClient
+  child?: ChildProcess
+  /** Set when qmpd itself asked QEMU to go (quit, kill): its exit is a shutoff, not a crash. */
+  expectingExit: boolean
+  /** QEMU's SHUTDOWN event of the current run, if any. */
+  shutdown?: { guest: boolean; reason: string }
+  /** Resolves when the current QEMU process has been seen to exit. */
+  exited?: Promise<void>
+  markExited?: () => void
+  log: Logger
+}
+
+const QueryStatus = z.looseObject({ status: z.string(), running: z.boolean() })
+
+/** How long QEMU gets to create its QMP socket after spawn. */
+const START_CONNECT_TIMEOUT_MS = 30_000
+/** How long QEMU gets to exit after `quit` before SIGKILL. */
+const QUIT_TIMEOUT_MS = 10_000
+/** How long the process may linger after its QMP socket closed before we call it hung. */
+const EXIT_AFTER_EOF_TIMEOUT_MS = 5_000
+
+/**
+ * Owns every VM: definitions, QEMU processes, QMP connections and run states. Every change goes
+ * through the VM's job queue; reads answer at once.
+ */
+export class VmManager {
+  private readonly handles = new Map<string, Handle>()
+
+  constructor(
+    private readonly deps: {
+      config: Config
+      repo: VmRepo
+      jobs: JobManager
+      bus: EventBus
+      paths: PathPolicy
+      qemuImg: QemuImg
+      log: Logger
+    },
+  ) {}
+
+  /** Loads every VM from the store and re-attaches to the QEMU processes that still run. */
+  async init(): Promise<void> {
+    for (const rec of this.deps.repo.list()) {
+      const h = this.handleFor(rec)
+      try {
+        await this.reattach(h)
+      } catch (err) {
+        h.log.warn({ err }, 'could not re-attach')
+      }
+    }
+  }
+
+  /** Disconnects from every QEMU; the VMs keep running and the next daemon re-attaches. */
+  async close(): Promise<void> {
+    await Promise.all(
+      [...this.handles.values()].map(async (h) => {
+        const qmp = h.qmp
+        h.qmp = undefined
+        if (qmp) await qmp.disconnect().catch(() => {})
+        h.child?.removeAllListeners('exit')
+      }),
+    )
+  }
+
+  /** Validates and stores a definition (POST /v1/vms). Nothing is created on disk until start. */
+  async define(input: unknown): Promise<VmView> {
+    if (typeof input === 'object' && input !== null && 'adopt' in input) return this.adopt(parseInput(AdoptDefinition, input))
+    const def = parseInput(VmDefinition, input)
+    const dir = this.deps.paths.vmDir(def.name)
+    const resolved: VmDefinition = {
+      ...def,
+      disks: def.disks.map((d, i) => ({ ...d, file: this.deps.paths.resolve(d.file, dir, `disks[${i}].file`) })),
+      ...(def.kernel ? { kernel: this.deps.paths.resolve(def.kernel, dir, 'kernel') } : {}),
+      ...(def.initrd ? { initrd: this.deps.paths.resolve(def.initrd, dir, 'initrd') } : {}),
+    }
+    const runtime: VmRuntime = {
+      state: 'shutoff',
+      qmpSocket: join(dir, VM_FILES.qmpSocket),
+      disks: resolved.disks.map((d) => ({ id: d.id, file: d.file, format: d.format, gen: 0 })),
+      createdFiles: [],
+    }
+    if (!this.deps.repo.insert({ name: def.name, definition: resolved, runtime })) {
+      throw new QmpdError('VM_EXISTS', `a VM named ${def.name} already exists`, { vm: def.name })
+    }
+    const rec = this.deps.repo.get(def.name)!
+    this.handleFor(rec)
+    this.deps.log.info({ vm: def.name }, 'vm defined')
+    return this.view(def.name)
+  }
+
+  /** Registers a QEMU that something else started, by its QMP socket; fails if it cannot connect. */
+  private async adopt(def: AdoptDefinition): Promise<VmView> {
+    if (this.deps.repo.get(def.name)) throw new QmpdError('VM_EXISTS', `a VM named ${def.name} already exists`, { vm: def.name })
+    const socket = this.deps.paths.resolve(def.adopt.qmpSocket, this.deps.paths.vmDir(def.name), 'adopt.qmpSocket')
+    const stored: AdoptDefinition = { name: def.name, adopt: { qmpSocket: socket } }
+    const log = this.deps.log.child({ vm: def.name })
+    const qmp = await this.connect(socket, log)
+    try {
+      const status = QueryStatus.parse(await qmp.execute('query-status'))
+      const pid = findQemuByArg(socket) ?? findQemuByArg(socket.split('/').pop()!)
+      const info = pid ? procInfo(pid) : undefined
+      const runtime: VmRuntime = {
+        ...stateFromStatus(status),
+        qmpSocket: socket,
+        disks: [],
+        createdFiles: [],
+        ...(pid && info ? { pid, pidStartTime: info.startTime } : {}),
+      }
+      if (!this.deps.repo.insert({ name: def.name, definition: stored, runtime })) {
+        throw new QmpdError('VM_EXISTS', `a VM named ${def.name} already exists`, { vm: def.name })
+      }
+    } catch (err) {
+      await qmp.disconnect().catch(() => {})
+      throw err
+    }
+    const h = this.handleFor(this.deps.repo.get(def.name)!)
+    this.armExit(h)
+    this.attach(h, qmp)
+    h.log.info({ socket, pid: h.rec.runtime.pid }, 'vm adopted')
+    return this.view(def.name)
+  }
+
+  /** All VMs. */
+  async list(): Promise<VmView[]> {
+    return Promise.all(this.deps.repo.list().map((r) => this.view(r.name)))
+  }
+
+  /** One VM, with its disks' chains as QEMU (or qemu-img, when it is off) reports them. */
+  async view(name: string): Promise<VmView> {
+    const h = this.must(name)
+    const rt = h.rec.runtime
+    return {
+      name,
+      state: rt.state,
+      ...(rt.reason ? { reason: rt.reason } : {}),
+      ...(rt.pid && isRunningState(rt.state) ? { pid: rt.pid } : {}),
+      adopted: isAdopted(h.rec.definition),
+      definition: h.rec.definition,
+      disks: await this.diskViews(h),
+      ...(rt.exit ? { exit: rt.exit } : {}),
+      createdAt: h.rec.createdAt,
+      updatedAt: h.rec.updatedAt,
+    }
+  }
+
+  /** The record of a VM (throws VM_NOT_FOUND). */
+  record(name: string): VmRecord {
+    return this.must(name).rec
+  }
+
+  /** The live QMP client of a running VM, for other services (snapshots, block jobs). */
+  qmp(name: string): QmpClient {
+    const h = this.must(name)
+    if (!h.qmp) throw new QmpdError('INVALID_STATE', `VM ${name} is ${h.rec.runtime.state}: no QEMU to talk to`, { vm: name, state: h.rec.runtime.state })
+    return h.qmp
+  }
+
+  /** DELETE /v1/vms/{vm}: only when QEMU is not running; deleteStorage also removes files qmpd created. */
+  delete(name: string, opts: { deleteStorage?: boolean } = {}): void {
+    const h = this.must(name)
+    const { state } = h.rec.runtime
+    if (isRunningState(state) && !isAdopted(h.rec.definition)) {
+      throw new QmpdError('INVALID_STATE', `VM ${name} is ${state}; stop it first`, { vm: name, state })
+    }
+    if (this.deps.jobs.busy(name)) throw new QmpdError('BUSY', `VM ${name} has queued or running jobs`, { vm: name })
+    if (h.qmp) void h.qmp.disconnect().catch(() => {})
+    h.qmp = undefined
+    this.deps.repo.delete(name)
+    this.handles.delete(name)
+    this.deps.jobs.dropQueue(name)
+    if (opts.deleteStorage && !isAdopted(h.rec.definition)) {
+      const dir = this.deps.paths.vmDir(name)
+      for (const f of h.rec.runtime.createdFiles) rmSync(f, { force: true })
+      for (const f of Object.values(VM_FILES)) rmSync(join(dir, f), { force: true })
+      try {
+        rmdirSync(dir) // only when nothing of the user's is left in it
+      } catch {
+        /* not empty or absent: keep it */
+      }
+    }
+    h.log.info({ deleteStorage: !!opts.deleteStorage }, 'vm deleted')
+  }
+
+  /** Queues a start: spawn QEMU (-S), connect QMP, then cont unless `paused`. */
+  start(name: string, opts: StartOptions = {}): Job {
+    const h = this.must(name)
+    if (isAdopted(h.rec.definition)) throw new QmpdError('INVALID_STATE', `VM ${name} was adopted; qmpd cannot start it`, { vm: name })
+    this.expectStateToQueue(h, ['shutoff', 'crashed'], 'start')
+    return this.deps.jobs.submit({ vm: name, op: 'start', params: opts, run: (ctx) => this.doStart(h, ctx, opts) })
+  }
+
+  /** Queues a stop: ACPI powerdown with a timeout, then quit, then SIGKILL; `force` skips the powerdown. */
+  stop(name: string, opts: StopOptions = {}): Job {
+    const h = this.must(name)
+    this.expectStateToQueue(h, ['running', 'paused', 'unknown'], 'stop')
+    return this.deps.jobs.submit({ vm: name, op: 'stop', params: opts, run: (ctx) => this.doStop(h, ctx, opts) })
+  }
+
+  /** Queues a pause (QMP stop). */
+  pause(name: string): Job {
+    const h = this.must(name)
+    this.expectStateToQueue(h, ['running'], 'pause')
+    return this.deps.jobs.submit({
+      vm: name,
+      op: 'pause',
+      params: {},
+      run: async () => {
+        this.expectState(h, ['running'], 'pause')
+        await this.qmp(name).execute('stop')
+        this.setState(h, 'paused', 'paused')
+        return { state: 'paused' }
+      },
+    })
+  }
+
+  /** Queues a resume (QMP cont). */
+  resume(name: string): Job {
+    const h = this.must(name)
+    this.expectStateToQueue(h, ['paused'], 'resume')
+    return this.deps.jobs.submit({
+      vm: name,
+      op: 'resume',
+      params: {},
+      run: async () => {
+        this.expectState(h, ['paused'], 'resume')
+        await this.qmp(name).execute('cont')
+        this.setState(h, 'running')
+        return { state: 'running' }
+      },
+    })
+  }
+
+  /**
+   * The escape hatch (like virsh qemu-monitor-command): sends any QMP command, outside the job queue.
+   * Logged at warn because it can change the VM behind qmpd's back.
+   */
+  async qmpPassthrough(name: string, execute: string, args?: Record<string, unknown>): Promise<unknown> {
+    const h = this.must(name)
+    h.log.warn({ command: execute }, 'qmp passthrough')
+    return this.qmp(name).executeUnchecked(execute, args)
+  }
+
+  /** Persists a new runtime for the VM (used by the services above this one). */
+  updateRuntime(name: string, patch: Partial<VmRuntime>): VmRuntime {
+    const h = this.must(name)
+    h.rec.runtime = { ...h.rec.runtime, ...patch }
+    this.deps.repo.updateRuntime(name, h.rec.runtime)
+    return h.rec.runtime
+  }
+
+  // ---- internals ----
+
+  private must(name: string): Handle {
+    const h = this.handles.get(name)
+    if (h) return h
+    const rec = this.deps.repo.get(name)
+    if (!rec) throw new QmpdError('VM_NOT_FOUND', `no VM named ${name}`, { vm: name })
+    return this.handleFor(rec)
+  }
+
+  private handleFor(rec: VmRecord): Handle {
+    let h = this.handles.get(rec.name)
+    if (!h) {
+      h = { name: rec.name, rec, expectingExit: false, log: this.deps.log.child({ vm: rec.name }) }
+      this.handles.set(rec.name, h)
+    }
+    return h
+  }
+
+  /**
+   * Refuses an operation in the wrong state. At submit time the check applies only when the VM's
+   * queue is idle: with jobs queued the state will change before this one runs, so the job checks
+   * again when it starts (callers may queue stop, start, pause back to back).
+   */
+  private expectStateToQueue(h: Handle, allowed: VmState[], op: string): void {
+    if (!this.deps.jobs.busy(h.name)) this.expectState(h, allowed, op)
+  }
+
+  private expectState(h: Handle, allowed: VmState[], op: string): void {
+    const { state } = h.rec.runtime
+    if (!allowed.includes(state)) {
+      throw new QmpdError('INVALID_STATE', `cannot ${op} VM ${h.name}: it is ${state} (needs ${allowed.join(' or ')})`, {
+        vm: h.name,
+        state,
+      })
+    }
+  }
+
+  private setState(h: Handle, state: VmState, reason?: string, extra: Partial<VmRuntime> = {}): void {
+    const prev = h.rec.runtime
+    const next: VmRuntime = { ...prev, ...extra, state }
+    if (reason) next.reason = reason
+    else delete next.reason
+    h.rec.runtime = next
+    this.deps.repo.updateRuntime(h.name, next)
+    if (prev.state !== state || prev.reason !== next.reason) {
+      h.log.info({ state, reason }, 'vm state')
+      this.deps.bus.emit({ type: 'vm', vm: h.name, state, ...(reason ? { reason } : {}) })
+    }
+  }
+
+  private async connect(socket: string, log: Logger, timeoutMs = 5_000): Promise<QmpClient> {
+    const qmp = new QmpClient({ logger: log.child({ component: 'qmp' }) })
+    const short = shortSocketPath(socket)
+    try {
+      await qmp.connect({ path: short.path }, { timeoutMs })
+    } finally {
+      short.release()
+    }
+    return qmp
+  }
+
+  /** Wires a connected QMP client to the VM: run-state events, forwarding, disconnect handling. */
+  private attach(h: Handle, qmp: QmpClient): void {
+    h.qmp = qmp
+    qmp.on('event', (ev: { event: string; data?: unknown; timestamp?: { seconds: number; microseconds: number } }) => {
+      this.deps.bus.emit({ type: 'qmp', vm: h.name, event: ev.event, data: ev.data ?? {}, ...(ev.timestamp ? { timestamp: ev.timestamp } : {}) })
+      if (h.qmp !== qmp) return
+      switch (ev.event) {
+        case 'STOP':
+          if (h.rec.runtime.state === 'running') this.setState(h, 'paused', 'paused')
+          void this.refreshStatus(h, qmp)
+          break
+        case 'RESUME':
+          if (h.rec.runtime.state === 'paused' || h.rec.runtime.state === 'starting') this.setState(h, 'running')
+          break
+        case 'SHUTDOWN': {
+          const d = (ev.data ?? {}) as { guest?: boolean; reason?: string }
+          h.shutdown = { guest: !!d.guest, reason: d.reason ?? 'unknown' }
+          break
+        }
+      }
+    })
+    qmp.once('disconnected', (cause: unknown) => {
+      if (h.qmp !== qmp) return
+      h.qmp = undefined
+      void this.onQmpLost(h, cause)
+    })
+  }
+
+  /** Refines 'paused' with QEMU's own run state (postmigrate, io-error, prelaunch, …). */
+  private async refreshStatus(h: Handle, qmp: QmpClient): Promise<void> {
+    try {
+      const st = QueryStatus.parse(await qmp.execute('query-status'))
+      if (h.qmp !== qmp) return
+      const next = stateFromStatus(st)
+      if (next.state !== h.rec.runtime.state || next.reason !== h.rec.runtime.reason) this.setState(h, next.state, next.reason)
+    } catch {
+      /* the disconnect handler takes over */
+    }
+  }
+
+  /** The QMP connection ended: find out whether QEMU exited, and how. */
+  private async onQmpLost(h: Handle, cause: unknown): Promise<void> {
+    const pid = h.rec.runtime.pid
+    h.log.debug({ err: cause }, 'qmp connection lost')
+    if (h.child) {
+      const exited = await settlesWithin(h.exited!, EXIT_AFTER_EOF_TIMEOUT_MS)
+      if (exited) return
+    } else if (pid) {
+      const info0 = procInfo(pid)
+      if (await waitForExit(pid, EXIT_AFTER_EOF_TIMEOUT_MS, h.rec.runtime.pidStartTime)) {
+        const info = procInfo(pid) ?? info0
+        this.onExit(h, info?.exit ?? { code: null, signal: null })
+        return
+      }
+    } else {
+      // Adopted without a known PID: the socket closing is all we can know.
+      this.onExit(h, { code: null, signal: null })
+      return
+    }
+    this.setState(h, 'unknown', `QMP connection lost (${toQmpdError(cause).message}) but QEMU pid ${pid} still runs`)
+  }
+
+  /** QEMU exited: shutoff when asked for or announced by SHUTDOWN, crashed otherwise. */
+  private onExit(h: Handle, how: { code: number | null; signal: string | null }): void {
+    if (!isRunningState(h.rec.runtime.state) && h.rec.runtime.state !== 'starting') {
+      h.markExited?.()
+      return
+    }
+    const orderly = h.expectingExit || (h.shutdown !== undefined && h.shutdown.reason !== 'guest-panic')
+    const exit = { ...how, at: new Date().toISOString() }
+    const rt = { ...h.rec.runtime, exit }
+    delete rt.pid
+    delete rt.pidStartTime
+    h.rec.runtime = rt
+    if (orderly) {
+      this.setState(h, 'shutoff', h.shutdown?.reason ?? (h.expectingExit ? 'destroyed' : 'exited'))
+    } else {
+      const why = how.signal ? `QEMU killed by ${how.signal}` : how.code !== null ? `QEMU exited with code ${how.code}` : 'QEMU exited unexpectedly'
+      this.setState(h, 'crashed', why)
+    }
+    h.qmp = undefined
+    h.child = undefined
+    h.markExited?.()
+    h.log.info({ exit, orderly }, 'qemu exited')
+  }
+
+  private async reattach(h: Handle): Promise<void> {
+    const rt = h.rec.runtime
+    if (isAdopted(h.rec.definition)) {
+      try {
+        const qmp = await this.connect(h.rec.definition.adopt.qmpSocket, h.log)
+        this.armExit(h)
+        this.attach(h, qmp)
+        const st = stateFromStatus(QueryStatus.parse(await qmp.execute('query-status')))
+        this.setState(h, st.state, st.reason)
+      } catch (err) {
+        this.setState(h, 'unknown', `cannot connect to the adopted QMP socket: ${toQmpdError(err).message}`)
+      }
+      return
+    }
+    if (!isRunningState(rt.state) && rt.state !== 'starting') return
+    if (!rt.pid || !isAlive(rt.pid, rt.pidStartTime)) {
+      const info = rt.pid ? procInfo(rt.pid) : undefined
+      const exit = info?.exit ?? { code: null, signal: null }
+      const next = { ...rt, exit: { ...exit, at: new Date().toISOString() } }
+      delete next.pid
+      delete next.pidStartTime
+      h.rec.runtime = next
+      const crashed = exit.signal !== null || (exit.code !== null && exit.code !== 0)
+      this.setState(h, crashed ? 'crashed' : 'shutoff', 'QEMU exited while qmpd was not running')
+      return
+    }
+    this.armExit(h)
+    const qmp = await this.connect(rt.qmpSocket, h.log)
+    this.attach(h, qmp)
+    const st = stateFromStatus(QueryStatus.parse(await qmp.execute('query-status')))
+    this.setState(h, st.state, st.reason)
+    h.log.info({ pid: rt.pid }, 're-attached to running QEMU')
+  }
+
+  /** A fresh exit promise for the current QEMU process. */
+  private armExit(h: Handle): void {
+    h.exited = new Promise<void>((resolve) => {
+      h.markExited = resolve
+    })
+  }
+
+  private resolveAccel(): 'kvm' | 'tcg' {
+    const { accel } = this.deps.config
+    if (accel !== 'auto') return accel
+    try {
+      accessSync('/dev/kvm', fsc.R_OK | fsc.W_OK)
+      return 'kvm'
+    } catch {
+      return 'tcg'
+    }
+  }
+
+  private async doStart(h: Handle, ctx: JobContext, opts: StartOptions): Promise<unknown> {
+    this.expectState(h, ['shutoff', 'crashed'], 'start')
+    const def = h.rec.definition as VmDefinition
+    const dir = this.deps.paths.vmDir(h.name)
+    mkdirSync(dir, { recursive: true, mode: 0o750 })
+    const disks: ActiveDisk[] = h.rec.runtime.disks
+    const created: string[] = []
+    for (const disk of disks) {
+      if (existsSync(disk.file)) continue
+      const spec = def.disks.find((d) => d.id === disk.id)
+      if (!spec?.sizeMiB || disk.file !== spec.file) {
+        throw new QmpdError('INVALID_STATE', `disk ${disk.id}: ${disk.file} does not exist (give sizeMiB to have qmpd create it)`, {
+          vm: h.name,
+          disk: disk.id,
+        })
+      }
+      mkdirSync(join(disk.file, '..'), { recursive: true })
+      await this.deps.qemuImg.create(disk.file, disk.format, { sizeBytes: spec.sizeMiB * 1024 * 1024 })
+      created.push(disk.file)
+      ctx.log.info({ disk: disk.id, file: disk.file, sizeMiB: spec.sizeMiB }, 'disk created')
+    }
+    if (created.length) this.updateRuntime(h.name, { createdFiles: [...h.rec.runtime.createdFiles, ...created] })
+    for (const f of [def.kernel, def.initrd]) {
+      if (f && !existsSync(f)) throw new QmpdError('INVALID_STATE', `${f} does not exist`, { vm: h.name, file: f })
+    }
+    const argv = buildArgv(def, { accel: this.resolveAccel(), disks })
+    const t0 = performance.now()
+    await this.launch(h, ctx, argv)
+    if (!opts.paused) {
+      await h.qmp!.execute('cont')
+      this.setState(h, 'running')
+    }
+    return { pid: h.rec.runtime.pid, state: h.rec.runtime.state, ms: Math.round(performance.now() - t0) }
+  }
+
+  /**
+   * Spawns QEMU in its own session (it outlives the daemon), waits for its QMP socket and attaches.
+   * On any failure the process is killed and the error carries the tail of qemu.log.
+   */
+  private async launch(h: Handle, ctx: JobContext, argv: string[]): Promise<void> {
+    const dir = this.deps.paths.vmDir(h.name)
+    const socket = join(dir, VM_FILES.qmpSocket)
+    rmSync(socket, { force: true })
+    rmSync(join(dir, VM_FILES.pidfile), { force: true })
+    const logPath = join(dir, VM_FILES.qemuLog)
+    const logFd = openSync(logPath, 'a', 0o640)
+    const logStart = statSync(logPath).size
+    h.expectingExit = false
+    h.shutdown = undefined
+    this.setState(h, 'starting', undefined, { exit: undefined })
+    ctx.log.debug({ argv }, 'spawning qemu')
+    let child: ChildProcess
+    try {
+      child = spawn(this.deps.config.qemuBinary, argv, { cwd: dir, detached: true, stdio: ['ignore', logFd, logFd] })
+    } finally {
+      closeSync(logFd)
+    }
+    const spawnError = new Promise<never>((_, reject) =>
+      child.once('error', (err: NodeJS.ErrnoException) =>
+        reject(
+          err.code === 'ENOENT'
+            ? new QmpdError('QEMU_NOT_FOUND', `${this.deps.config.qemuBinary} not found; install qemu-system-x86`, { binary: this.deps.config.qemuBinary })
+            : new QmpdError('QEMU_START_FAILED', `cannot run ${this.deps.config.qemuBinary}: ${err.message}`),
+        ),
+      ),
+    )
+    this.armExit(h)
+    h.child = child
+    let exitInfo: { code: number | null; signal: string | null } | undefined
+    child.once('exit', (code, signal) => {
+      exitInfo = { code, signal }
+      if (h.child === child) this.onExit(h, exitInfo)
+    })
+    child.unref()
+    try {
+      const qmp = await Promise.race([spawnError, this.connectWhenReady(socket, h, () => exitInfo !== undefined)])
+      const pid = child.pid!
+      this.setState(h, 'paused', 'prelaunch', { pid, pidStartTime: procInfo(pid)?.startTime })
+      this.attach(h, qmp)
+    } catch (err) {
+      if (child.pid && exitInfo === undefined) {
+        h.expectingExit = true
+        child.kill('SIGKILL')
+        await h.exited
+      }
+      if (h.rec.runtime.state === 'starting') this.setState(h, 'shutoff', 'failed to start')
+      const e = toQmpdError(err)
+      if (e.code === 'QEMU_NOT_FOUND') throw e
+      const tail = readTail(logPath, logStart)
+      throw new QmpdError('QEMU_START_FAILED', `QEMU did not start: ${tail || e.message}`, { log: logPath }, { cause: err })
+    }
+  }
+
+  private async connectWhenReady(socket: string, h: Handle, gone: () => boolean): Promise<QmpClient> {
+    const deadline = Date.now() + START_CONNECT_TIMEOUT_MS
+    for (;;) {
+      if (gone()) throw new QmpdError('QEMU_START_FAILED', 'QEMU exited during start')
+      if (existsSync(socket)) {
+        try {
+          return await this.connect(socket, h.log)
+        } catch (err) {
+          if (Date.now() > deadline) throw err
+        }
+      }
+      if (Date.now() > deadline) throw new TimeoutError(`QEMU did not open its QMP socket within ${START_CONNECT_TIMEOUT_MS} ms`)
+      await sleep(10)
+    }
+  }
+
+  private async doStop(h: Handle, ctx: JobContext, opts: StopOptions): Promise<unknown> {
+    this.expectState(h, ['running', 'paused', 'unknown'], 'stop')
+    const t0 = performance.now()
+    const exited = h.exited ?? Promise.resolve()
+    let method = 'quit'
+    if (!opts.force && h.qmp) {
+      const timeoutMs = (opts.timeoutSec ?? 60) * 1000
+      this.setState(h, 'stopping')
+      await h.qmp.execute('system_powerdown')
+      method = 'powerdown'
+      const done = await settlesWithin(exited, timeoutMs)
+      if (!done) {
+        ctx.log.info({ timeoutMs }, 'guest ignored the powerdown; quitting QEMU')
+        method = 'powerdown+quit'
+      }
+    }
+    if (isRunningState(h.rec.runtime.state)) {
+      h.expectingExit = true
+      if (h.qmp) {
+        await h.qmp.execute('quit').catch((err: unknown) => {
+          if (!(err instanceof QmpDisconnectedError)) throw err
+        })
+      }
+      const pid = h.rec.runtime.pid
+      const done = await settlesWithin(exited, QUIT_TIMEOUT_MS)
+      if (!done && pid) {
+        method += '+kill'
+        ctx.log.warn({ pid }, 'QEMU did not quit; SIGKILL')
+        process.kill(pid, 'SIGKILL')
+        if (!h.child) {
+          await waitForExit(pid, QUIT_TIMEOUT_MS)
+          this.onExit(h, procInfo(pid)?.exit ?? { code: null, signal: 'SIGKILL' })
+        }
+        await exited
+      }
+    }
+    return { method, state: h.rec.runtime.state, ms: Math.round(performance.now() - t0) }
+  }
+
+  private async diskViews(h: Handle): Promise<DiskView[]> {
+    if (h.qmp) {
+      try {
+        return disksFromQueryBlock(await h.qmp.execute('query-block'))
+      } catch (err) {
+        h.log.debug({ err }, 'query-block failed; falling back to qemu-img')
+      }
+    }
+    return Promise.all(
+      h.rec.runtime.disks.map(async (d): Promise<DiskView> => {
+        try {
+          const chain = await this.deps.qemuImg.chain(d.file, { forceShare: true })
+          return {
+            id: d.id,
+            file: d.file,
+            format: d.format,
+            chain: chain.map((l) => ({
+              file: l.filename,
+              format: l.format,
+              virtualSize: l['virtual-size'],
+              ...(l['actual-size'] !== undefined ? { actualSize: l['actual-size'] } : {}),
+              ...(l['full-backing-filename'] ? { backingFile: l['full-backing-filename'] } : {}),
+            })),
+          }
+        } catch (err) {
+          return { id: d.id, file: d.file, format: d.format, chain: [], chainError: toQmpdError(err).message }
+        }
+      }),
+    )
+  }
+}
+
+/** True for states in which a QEMU process exists. */
+export function isRunningState(s: VmState): boolean {
+  return s === 'running' || s === 'paused' || s === 'stopping' || s === 'unknown'
+}
+
+function stateFromStatus(st: { status: string; running: boolean }): { state: VmState; reason?: string } {
+  if (st.running) return { state: 'running' }
+  if (st.status === 'shutdown') return { state: 'paused', reason: 'shutdown' }
+  return { state: 'paused', reason: st.status }
+}
+
+interface BlockImage {
+  filename: string
+  format: string
+  'virtual-size'?: number
+  'actual-size'?: number
+  'backing-filename'?: string
+  'backing-image'?: BlockImage
+}
+
+/** Maps query-block's devices to qmpd disk ids (the -device id) and flattens each backing chain. */
+function disksFromQueryBlock(blocks: unknown): DiskView[] {
+  const list = blocks as Array<{ device?: string; qdev?: string; inserted?: { 'node-name'?: string; image: BlockImage } }>
+  const out: DiskView[] = []
+  for (const b of list) {
+    if (!b.inserted) continue
+    const id = b.qdev?.match(/\/peripheral\/([^/]+)/)?.[1] ?? b.qdev ?? b.device ?? '?'
+    const chain: ChainLayer[] = []
+    for (let img: BlockImage | undefined = b.inserted.image; img; img = img['backing-image']) {
+      chain.push({
+        file: img.filename,
+        format: img.format,
+        ...(img['virtual-size'] !== undefined ? { virtualSize: img['virtual-size'] } : {}),
+        ...(img['actual-size'] !== undefined ? { actualSize: img['actual-size'] } : {}),
+        ...(img['backing-filename'] ? { backingFile: img['backing-filename'] } : {}),
+      })
+    }
+    const node = b.inserted['node-name']
+    if (node && chain[0]) chain[0].node = node
+    out.push({ id, ...(node ? { node } : {}), file: chain[0]?.file ?? '', format: chain[0]?.format ?? '', chain })
+  }
+  return out
+}
+
+/** Parses input with a zod schema, turning failures into INVALID_INPUT with the issues. */
+function parseInput<S extends z.ZodType>(schema: S, input: unknown): z.output<S> {
+  const r = schema.safeParse(input)
+  if (!r.success) throw new QmpdError('INVALID_INPUT', z.prettifyError(r.error), { issues: r.error.issues })
+  return r.data
+}
+
+function readTail(file: string, from: number): string {
+  try {
+    const buf = readFileSync(file)
+    return buf.subarray(from).toString('utf8').trim().split('\n').slice(-5).join(' | ').slice(-1000)
+  } catch {
+    return ''
+  }
+}

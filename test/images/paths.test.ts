@@ -1,0 +1,26 @@
+import { mkdirSync, symlinkSync } from 'node:fs'
+import t from 'tap'
+import { PathPolicy } from '../../src/images/paths.ts'
+
+t.test('confines paths to the state dir and allowed dirs', async (t) => {
+  const root = t.testdir({ state: { vms: {} }, extra: {}, outside: {} })
+  const p = new PathPolicy(`${root}/state`, [`${root}/extra`])
+  const vmDir = p.vmDir('a')
+  t.equal(p.resolve('disk.qcow2', vmDir), `${root}/state/vms/a/disk.qcow2`)
+  t.equal(p.resolve(`${root}/extra/x.qcow2`, vmDir), `${root}/extra/x.qcow2`)
+  t.throws(() => p.resolve(`${root}/outside/x`, vmDir), { code: 'INVALID_PATH' })
+  t.throws(() => p.resolve('../b/disk', vmDir), { code: 'INVALID_PATH' })
+  t.throws(() => p.resolve('a/../../x', vmDir), { code: 'INVALID_PATH' })
+  t.throws(() => p.resolve('x\0y', vmDir), { code: 'INVALID_PATH' })
+  t.throws(() => p.resolve('', vmDir), { code: 'INVALID_PATH' })
+  t.throws(() => p.resolve(`${root}/state`, vmDir), { code: 'INVALID_PATH' }, 'the root itself is not a file')
+  t.throws(() => p.resolve('/etc/passwd', vmDir), { code: 'INVALID_PATH' })
+})
+
+t.test('a symlink inside an allowed dir cannot lead out of it', async (t) => {
+  const root = t.testdir({ state: {}, outside: {} })
+  mkdirSync(`${root}/state/vms`, { recursive: true })
+  symlinkSync(`${root}/outside`, `${root}/state/escape`)
+  const p = new PathPolicy(`${root}/state`)
+  t.throws(() => p.resolve(`${root}/state/escape/x.qcow2`, p.vmDir('a')), { code: 'INVALID_PATH' })
+})
