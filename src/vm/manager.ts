@@ -455,6 +455,13 @@ export class VmManager {
       h.markExited?.()
       return
     }
+    if (h.rec.runtime.state === 'starting') {
+      // QEMU gave up before its monitor came up (bad image, bad argument): launch() reports why.
+      this.setState(h, 'shutoff', 'failed to start', { exit: { ...how, at: new Date().toISOString() } })
+      h.child = undefined
+      h.markExited?.()
+      return
+    }
     const orderly = h.expectingExit || (h.shutdown !== undefined && h.shutdown.reason !== 'guest-panic')
     const exit = { ...how, at: new Date().toISOString() }
     const rt = { ...h.rec.runtime, exit }

@@ -107,6 +107,7 @@ export async function op(td: TestDaemon, vm: string, action: string, body: unkno
 
 /** Reads the guest's counters from its RAM with pmemsave (through the QMP escape hatch). */
 export async function guestCounters(td: TestDaemon, vm: string): Promise<GuestCounters> {
+  await mkdir(join(td.stateDir, 'vms', vm), { recursive: true })
   const file = join(td.stateDir, 'vms', vm, `pmem-${Date.now()}-${Math.random().toString(36).slice(2)}.bin`)
   const res = await td.api('POST', `/v1/vms/${vm}/qmp`, { execute: 'pmemsave', arguments: { val: GUEST_COUNTER_ADDR, size: 16, filename: file } })
   if (res.status !== 200) throw new Error(`pmemsave: ${res.status} ${JSON.stringify(res.body)}`)

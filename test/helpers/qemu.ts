@@ -31,6 +31,8 @@ export interface RawQemuOptions {
 /** A running QEMU started by launchRawQemu. */
 export interface RawQemu {
   pid: number
+  /** The QMP socket path (a short temporary directory when <dir>/qmp.sock would be too long). */
+  socket: string
   qmp: RawQmp
   /** Quits QEMU (SIGKILL after a timeout) and resolves once the process has exited. Idempotent. */
   kill(): Promise<void>
@@ -164,5 +166,5 @@ export async function launchRawQemu(opts: RawQemuOptions): Promise<RawQemu> {
     await kill()
     throw new Error('qemu-system-x86_64 has no pid')
   }
-  return { pid: child.pid, qmp: connected, kill }
+  return { pid: child.pid, qmp: connected, socket: sock, kill }
 }
