@@ -13,6 +13,8 @@ import { openDb, type Db } from './store/db.ts'
 import { JobRepo } from './store/jobs.ts'
 import { VmRepo } from './store/vms.ts'
 import { VmManager } from './vm/manager.ts'
+import { SnapshotService, type SnapshotTestHooks } from './snapshot/service.ts'
+import { SnapshotRepo } from './store/snapshots.ts'
 
 /** qmpd's version, reported by /healthz and the OpenAPI document. */
 export const VERSION = '0.1.0'
@@ -25,6 +27,7 @@ export interface Daemon {
   bus: EventBus
   jobs: JobManager
   vms: VmManager
+  snapshots: SnapshotService
   /** Builds an HTTP app over this daemon's services; token undefined = no auth (unix socket). */
   app(opts?: { token?: string }): Promise<FastifyInstance>
   /** Stops accepting work, waits for running jobs, detaches from QEMU (VMs keep running), closes the store. */
@@ -32,7 +35,11 @@ export interface Daemon {
 }
 
 /** Creates the state directory, opens the store, recovers interrupted jobs and re-attaches to QEMUs. */
-export async function startDaemon(config: Config, log: Logger = pino({ level: config.logLevel })): Promise<Daemon> {
+export async function startDaemon(
+  config: Config,
+  log: Logger = pino({ level: config.logLevel }),
+  testHooks: { snapshots?: SnapshotTestHooks } = {},
+): Promise<Daemon> {
   mkdirSync(config.stateDir, { recursive: true, mode: 0o750 })
   mkdirSync(join(config.stateDir, 'vms'), { recursive: true, mode: 0o750 })
   const db = openDb(join(config.stateDir, 'qmpd.db'))
@@ -40,16 +47,21 @@ export async function startDaemon(config: Config, log: Logger = pino({ level: co
   const jobs = new JobManager(new JobRepo(db), bus, log.child({ component: 'jobs' }))
   const interrupted = jobs.recoverInterrupted()
   if (interrupted.length) log.warn({ jobs: interrupted.map((j) => j.id) }, 'jobs interrupted by the previous daemon marked failed')
-  const vms = new VmManager({
-    config,
-    repo: new VmRepo(db),
+  const paths = new PathPolicy(config.stateDir, config.allowedDirs)
+  const qemuImg = new QemuImg(config.qemuImgBinary)
+  const vms = new VmManager({ config, repo: new VmRepo(db), jobs, bus, paths, qemuImg, log })
+  const snapshots = new SnapshotService({
+    vms,
     jobs,
-    bus,
-    paths: new PathPolicy(config.stateDir, config.allowedDirs),
-    qemuImg: new QemuImg(config.qemuImgBinary),
-    log,
+    repo: new SnapshotRepo(db),
+    paths,
+    qemuImg,
+    log: log.child({ component: 'snapshots' }),
+    ...(testHooks.snapshots ? { hooks: testHooks.snapshots } : {}),
   })
+  vms.onDelete((vm, deleteStorage) => snapshots.forgetVm(vm, deleteStorage))
   await vms.init()
+  await snapshots.recover()
   let closed = false
   return {
     config,
@@ -58,7 +70,8 @@ export async function startDaemon(config: Config, log: Logger = pino({ level: co
     bus,
     jobs,
     vms,
-    app: (opts = {}) => buildApp({ services: { vms, jobs, bus }, logger: log, version: VERSION, ...opts }),
+    snapshots,
+    app: (opts = {}) => buildApp({ services: { vms, jobs, bus, snapshots }, logger: log, version: VERSION, ...opts }),
     async close() {
       if (closed) return
       closed = true

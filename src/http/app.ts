@@ -7,6 +7,8 @@ import type { Logger } from 'pino'
 import type { EventBus } from '../events/bus.ts'
 import type { JobManager } from '../jobs/manager.ts'
 import type { VmManager } from '../vm/manager.ts'
+import type { SnapshotService } from '../snapshot/service.ts'
+import { snapshotRoutes } from './routes/snapshots.ts'
 import { errorBody, installErrorHandler } from './error-handler.ts'
 import { jobRoutes } from './routes/jobs.ts'
 import { vmRoutes } from './routes/vms.ts'
@@ -16,6 +18,7 @@ export interface Services {
   vms: VmManager
   jobs: JobManager
   bus: EventBus
+  snapshots: SnapshotService
 }
 
 /** Options of the HTTP app. */
@@ -71,6 +74,7 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
   app.get('/healthz', { schema: { summary: 'Liveness', tags: ['daemon'] } }, async () => ({ status: 'ok', version: opts.version }))
   await app.register(vmRoutes, { services: opts.services })
   await app.register(jobRoutes, { services: opts.services })
+  await app.register(snapshotRoutes, { services: opts.services })
   await app.ready()
   return app
 }

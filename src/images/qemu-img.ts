@@ -60,4 +60,29 @@ export class QemuImg {
     const out = await this.run(args, { timeoutMs: 30_000 })
     return z.array(ImageInfo).parse(JSON.parse(out))
   }
+
+  /** Internal snapshots offline: create (-c), apply (-a) or delete (-d) a tag in a qcow2. */
+  async snapshot(op: 'create' | 'apply' | 'delete', file: string, tag: string): Promise<void> {
+    const flag = { create: '-c', apply: '-a', delete: '-d' }[op]
+    await this.run(['snapshot', '-q', flag, tag, file])
+  }
+
+  /** Commits `top` into its backing file `base` (must be top's direct backing). `top` keeps its data (-d). */
+  async commit(top: string, base: string): Promise<void> {
+    await this.run(['commit', '-q', '-d', '-b', base, top])
+  }
+
+  /**
+   * Rebases `file` onto `backing` (null: no backing, `file` becomes standalone). Safe mode copies
+   * whatever differs so the guest-visible data stays the same; unsafe (-u) only rewrites the header,
+   * for when the new backing already holds the same data.
+   */
+  async rebase(file: string, backing: { file: string; format: string } | null, opts: { unsafe?: boolean } = {}): Promise<void> {
+    const args = ['rebase', '-q', '-f', 'qcow2']
+    if (opts.unsafe) args.push('-u')
+    if (backing) args.push('-b', backing.file, '-F', backing.format)
+    else args.push('-b', '')
+    args.push(file)
+    await this.run(args)
+  }
 }

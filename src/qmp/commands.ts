@@ -688,6 +688,8 @@ export interface Commands {
   /** Only legal in a QEMU started with `-incoming defer`. */
   'migrate-incoming': { args: { uri: string }; ret: Empty }
   migrate_cancel: { args: undefined; ret: Empty }
+  /** Lets a migration paused by the pause-before-switchover capability go on from `state`. */
+  'migrate-continue': { args: { state: MigrationStatus }; ret: Empty }
   stop: { args: undefined; ret: Empty }
   cont: { args: undefined; ret: Empty }
   system_powerdown: { args: undefined; ret: Empty }

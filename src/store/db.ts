@@ -34,6 +34,30 @@ const MIGRATIONS: string[] = [
    );
    CREATE INDEX jobs_vm ON jobs(vm, seq);
    CREATE INDEX jobs_state ON jobs(state);`,
+  // 2: snapshot tree, the image files behind external snapshots, and the operation journal
+  `CREATE TABLE snapshots (
+     vm TEXT NOT NULL,
+     name TEXT NOT NULL,
+     body TEXT NOT NULL,
+     created_at TEXT NOT NULL,
+     PRIMARY KEY (vm, name)
+   );
+   CREATE TABLE images (
+     vm TEXT NOT NULL,
+     disk TEXT NOT NULL,
+     file TEXT NOT NULL,
+     format TEXT NOT NULL,
+     backing TEXT,
+     created_by_qmpd INTEGER NOT NULL,
+     PRIMARY KEY (vm, file)
+   );
+   CREATE TABLE journal (
+     id TEXT PRIMARY KEY,
+     vm TEXT NOT NULL,
+     op TEXT NOT NULL,
+     body TEXT NOT NULL,
+     created_at TEXT NOT NULL
+   );`,
 ]
 
 /** Opens (creating when missing) the store at `file` in WAL mode and brings its schema up to date. */

@@ -104,6 +104,8 @@ export const VmRuntime = z.strictObject({
       }),
     )
     .default([]),
+  /** The snapshot the VM's current state descends from (set by create and revert). */
+  currentSnapshot: z.string().optional(),
   /** Files qmpd created for this VM (removed by DELETE ?deleteStorage=true). */
   createdFiles: z.array(z.string()).default([]),
 })

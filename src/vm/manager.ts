@@ -12,6 +12,7 @@ import type { JobContext, JobManager } from '../jobs/manager.ts'
 import type { Job } from '../jobs/model.ts'
 import { QmpClient } from '../qmp/index.ts'
 import type { VmRecord, VmRepo } from '../store/vms.ts'
+import { deviceId } from '../images/graph.ts'
 import { buildArgv, VM_FILES, type ActiveDisk } from './argv.ts'
 import {
   AdoptDefinition,
@@ -102,6 +103,7 @@ const EXIT_AFTER_EOF_TIMEOUT_MS = 5_000
  */
 export class VmManager {
   private readonly handles = new Map<string, Handle>()
+  private readonly deleteHooks: Array<(vm: string, deleteStorage: boolean) => void> = []
 
   constructor(
     private readonly deps: {
@@ -232,6 +234,11 @@ export class VmManager {
     return h.qmp
   }
 
+  /** Registers code to run when a VM is deleted, before its directory is cleaned (snapshot metadata, files). */
+  onDelete(hook: (vm: string, deleteStorage: boolean) => void): void {
+    this.deleteHooks.push(hook)
+  }
+
   /** DELETE /v1/vms/{vm}: only when QEMU is not running; deleteStorage also removes files qmpd created. */
   delete(name: string, opts: { deleteStorage?: boolean } = {}): void {
     const h = this.must(name)
@@ -242,6 +249,7 @@ export class VmManager {
     if (this.deps.jobs.busy(name)) throw new QmpdError('BUSY', `VM ${name} has queued or running jobs`, { vm: name })
     if (h.qmp) void h.qmp.disconnect().catch(() => {})
     h.qmp = undefined
+    for (const hook of this.deleteHooks) hook(name, !!opts.deleteStorage && !isAdopted(h.rec.definition))
     this.deps.repo.delete(name)
     this.handles.delete(name)
     this.deps.jobs.dropQueue(name)
@@ -534,7 +542,21 @@ export class VmManager {
 
   private async doStart(h: Handle, ctx: JobContext, opts: StartOptions): Promise<unknown> {
     this.expectState(h, ['shutoff', 'crashed'], 'start')
-    const def = h.rec.definition as VmDefinition
+    const t0 = performance.now()
+    await this.launchInJob(h.name, ctx)
+    if (!opts.paused) await this.contInJob(h.name)
+    return { pid: h.rec.runtime.pid, state: h.rec.runtime.state, ms: Math.round(performance.now() - t0) }
+  }
+
+  /**
+   * Launches QEMU on the VM's current disk layers, paused (-S, or waiting for incoming migration
+   * when `incoming`). For code already running inside the VM's queue (start, revert, restore).
+   */
+  async launchInJob(name: string, ctx: JobContext, opts: { incoming?: boolean } = {}): Promise<QmpClient> {
+    const h = this.must(name)
+    if (isAdopted(h.rec.definition)) throw new QmpdError('INVALID_STATE', `VM ${name} was adopted; qmpd cannot start it`, { vm: name })
+    this.expectState(h, ['shutoff', 'crashed'], 'start')
+    const def = h.rec.definition
     const dir = this.deps.paths.vmDir(h.name)
     mkdirSync(dir, { recursive: true, mode: 0o750 })
     const disks: ActiveDisk[] = h.rec.runtime.disks
@@ -557,14 +579,42 @@ export class VmManager {
     for (const f of [def.kernel, def.initrd]) {
       if (f && !existsSync(f)) throw new QmpdError('INVALID_STATE', `${f} does not exist`, { vm: h.name, file: f })
     }
-    const argv = buildArgv(def, { accel: this.resolveAccel(), disks })
-    const t0 = performance.now()
+    const argv = buildArgv(def, { accel: this.resolveAccel(), disks, ...(opts.incoming ? { incoming: true } : {}) })
     await this.launch(h, ctx, argv)
-    if (!opts.paused) {
-      await h.qmp!.execute('cont')
-      this.setState(h, 'running')
+    return h.qmp!
+  }
+
+  /**
+   * Resumes the guest (QMP cont) from inside a job. Right after a migration completes QEMU may still
+   * answer "Migration is not finalized yet" (it finishes in a bottom half): retry briefly.
+   */
+  async contInJob(name: string): Promise<void> {
+    const h = this.must(name)
+    for (let attempt = 0; ; attempt++) {
+      try {
+        await this.qmp(name).execute('cont')
+        break
+      } catch (err) {
+        if (attempt < 50 && err instanceof QmpdError && /not finalized/i.test(err.message)) {
+          await sleep(10)
+          continue
+        }
+        throw err
+      }
     }
-    return { pid: h.rec.runtime.pid, state: h.rec.runtime.state, ms: Math.round(performance.now() - t0) }
+    this.setState(h, 'running')
+  }
+
+  /** Marks the VM paused (used after a job stopped the guest itself). */
+  markPaused(name: string, reason = 'paused'): void {
+    this.setState(this.must(name), 'paused', reason)
+  }
+
+  /** Quits QEMU from inside a job (an orderly shutoff, never a crash); SIGKILL if it will not go. */
+  async quitInJob(name: string, ctx: JobContext): Promise<void> {
+    const h = this.must(name)
+    if (!isRunningState(h.rec.runtime.state)) return
+    await this.doStop(h, ctx, { force: true })
   }
 
   /**
@@ -609,7 +659,7 @@ export class VmManager {
     try {
       const qmp = await Promise.race([spawnError, this.connectWhenReady(socket, h, () => exitInfo !== undefined)])
       const pid = child.pid!
-      this.setState(h, 'paused', 'prelaunch', { pid, pidStartTime: procInfo(pid)?.startTime })
+      this.setState(h, 'paused', argv.includes('-incoming') ? 'inmigrate' : 'prelaunch', { pid, pidStartTime: procInfo(pid)?.startTime })
       this.attach(h, qmp)
     } catch (err) {
       if (child.pid && exitInfo === undefined) {
@@ -738,7 +788,7 @@ function disksFromQueryBlock(blocks: unknown): DiskView[] {
   const out: DiskView[] = []
   for (const b of list) {
     if (!b.inserted) continue
-    const id = b.qdev?.match(/\/peripheral\/([^/]+)/)?.[1] ?? b.qdev ?? b.device ?? '?'
+    const id = deviceId(b)
     const chain: ChainLayer[] = []
     for (let img: BlockImage | undefined = b.inserted.image; img; img = img['backing-image']) {
       chain.push({

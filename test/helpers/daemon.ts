@@ -8,6 +8,7 @@ import type { Test } from 'tap'
 import { makeConfig, type Config } from '../../src/config.ts'
 import { startDaemon, type Daemon } from '../../src/daemon.ts'
 import type { Job } from '../../src/jobs/model.ts'
+import type { SnapshotTestHooks } from '../../src/snapshot/service.ts'
 import { isAlive, waitForExit } from '../../src/vm/proc.ts'
 import { GUEST_COUNTER_ADDR, makeGuestDisk, parseCounters, type GuestCounters } from './guest.ts'
 
@@ -40,11 +41,14 @@ export async function reapQemus(): Promise<void> {
 }
 
 /** Starts a daemon on `stateDir` (default: a fresh t.testdir()); registers teardown. */
-export async function startTestDaemon(t: Test, opts: { stateDir?: string; config?: Partial<Config>; token?: string } = {}): Promise<TestDaemon> {
+export async function startTestDaemon(
+  t: Test,
+  opts: { stateDir?: string; config?: Partial<Config>; token?: string; hooks?: { snapshots?: SnapshotTestHooks } } = {},
+): Promise<TestDaemon> {
   const stateDir = opts.stateDir ?? t.testdir()
   const config = makeConfig({ stateDir, accel: 'tcg', ...opts.config }, {})
   const log = pino({ level: process.env['QMPD_TEST_LOG'] ?? 'silent' })
-  const daemon = await startDaemon(config, log)
+  const daemon = await startDaemon(config, log, opts.hooks ?? {})
   const app = await daemon.app(opts.token ? { token: opts.token } : {})
   let closed = false
   const td: TestDaemon = {

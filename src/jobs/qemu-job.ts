@@ -1,0 +1,88 @@
+import type { Logger } from 'pino'
+import { QmpdError } from '../errors.ts'
+import type { QmpClient } from '../qmp/index.ts'
+
+/** Options of driveQemuJob. */
+export interface DriveOptions {
+  log: Logger
+  /** Aborting cancels the QEMU job (job-cancel) and the drive rejects with JOB_CANCELLED. */
+  signal?: AbortSignal
+  /** Called with QEMU's own progress while the job runs (polled from query-jobs). */
+  onProgress?: (current: number, total: number) => void
+  /**
+   * What to do when the job becomes READY (mirror, active commit). Default: job-complete at once
+   * (the pivot). Return false to leave it ready; the caller completes or cancels it later.
+   */
+  onReady?: () => Promise<boolean> | boolean
+  progressIntervalMs?: number
+}
+
+/** The outcome of a QEMU job: how long it ran and the final progress QEMU reported. */
+export interface DriveResult {
+  ms: number
+  current: number
+  total: number
+}
+
+/**
+ * Runs one QEMU job (snapshot-save/load/delete, block-commit, block-stream, blockdev-mirror…) to its
+ * end: subscribes to JOB_STATUS_CHANGE for `id` before `issue` sends the command, finalizes when it
+ * is pending (auto-finalize off), completes when ready (unless onReady says not to), reads the
+ * error from query-jobs once concluded (QEMU reports failures nowhere else), and always dismisses.
+ */
+export async function driveQemuJob(qmp: QmpClient, id: string, issue: () => Promise<unknown>, opts: DriveOptions): Promise<DriveResult> {
+  const t0 = performance.now()
+  const events = qmp.events({ names: ['JOB_STATUS_CHANGE'], filter: (e) => e.data.id === id })
+  let progress = { current: 0, total: 0 }
+  let poll: NodeJS.Timeout | undefined
+  let cancelled = false
+  const onAbort = (): void => {
+    cancelled = true
+    qmp.execute('job-cancel', { id }).catch((err) => opts.log.warn({ err, id }, 'job-cancel failed'))
+  }
+  try {
+    await issue()
+    if (opts.onProgress) {
+      poll = setInterval(() => {
+        qmp.execute('query-jobs').then(
+          (jobs) => {
+            const j = jobs.find((x) => x.id === id)
+            if (j) {
+              progress = { current: j['current-progress'], total: j['total-progress'] }
+              opts.onProgress?.(progress.current, progress.total)
+            }
+          },
+          () => {},
+        )
+      }, opts.progressIntervalMs ?? 250)
+    }
+    opts.signal?.addEventListener('abort', onAbort, { once: true })
+    if (opts.signal?.aborted) onAbort()
+    for await (const ev of events) {
+      const status = ev.data.status
+      opts.log.debug({ id, status }, 'qemu job status')
+      if (status === 'ready') {
+        const complete = opts.onReady ? await opts.onReady() : true
+        if (complete) await qmp.execute('job-complete', { id })
+      } else if (status === 'pending') {
+        await qmp.execute('job-finalize', { id })
+      } else if (status === 'concluded') {
+        break
+      } else if (status === 'null') {
+        // Dismissed by someone else (auto-dismiss): the outcome is lost.
+        throw new QmpdError('INTERNAL', `QEMU job ${id} was dismissed before qmpd could read its result`, { id })
+      }
+    }
+    const info = (await qmp.execute('query-jobs')).find((j) => j.id === id)
+    if (info) progress = { current: info['current-progress'], total: info['total-progress'] }
+    await qmp.execute('job-dismiss', { id }).catch((err) => opts.log.warn({ err, id }, 'job-dismiss failed'))
+    if (cancelled) throw new QmpdError('JOB_CANCELLED', `QEMU job ${id} cancelled`, { id })
+    if (info?.error) throw new QmpdError('QMP_COMMAND_FAILED', info.error, { qemuJob: id, desc: info.error })
+    opts.onProgress?.(progress.current, progress.total)
+    return { ms: Math.round(performance.now() - t0), ...progress }
+  } finally {
+    if (poll) clearInterval(poll)
+    opts.signal?.removeEventListener('abort', onAbort)
+    await events.return?.()
+  }
+}

@@ -1,0 +1,69 @@
+import { z } from 'zod'
+import { Name, PathString } from '../vm/definition.ts'
+
+/** How one disk took part in a snapshot. */
+export const SnapshotDisk = z.strictObject({
+  id: z.string(),
+  /** internal: a tag inside `file`; external: `file` froze and `overlay` took the writes; excluded: not captured. */
+  mode: z.enum(['internal', 'external', 'excluded']),
+  /** The image that holds the snapshot's data (internal: the qcow2 with the tag; external: the frozen image). */
+  file: z.string(),
+  format: z.enum(['qcow2', 'raw']),
+  /** external: the overlay created on top of `file` when the snapshot was taken. */
+  overlay: z.string().optional(),
+})
+export type SnapshotDisk = z.output<typeof SnapshotDisk>
+
+/** A snapshot as stored. The tree is kept by `parent`; `current` lives on the VM. */
+export const Snapshot = z.strictObject({
+  vm: z.string(),
+  name: z.string(),
+  description: z.string().optional(),
+  kind: z.enum(['internal', 'external']),
+  memory: z.boolean(),
+  parent: z.string().optional(),
+  createdAt: z.string(),
+  /** The VM's state when the snapshot was taken; a revert with memory restores to it by default. */
+  vmState: z.enum(['running', 'paused', 'shutoff']),
+  disks: z.array(SnapshotDisk),
+  /** external memory: the migration-stream file; internal memory: the disk whose qcow2 holds the vmstate. */
+  vmstateFile: z.string().optional(),
+  vmstateDisk: z.string().optional(),
+  live: z.boolean().optional(),
+  quiesced: z.boolean().optional(),
+  /** How long the guest was paused by taking it (from QEMU's STOP/RESUME events). */
+  downtimeMs: z.number().optional(),
+  /** The QEMU version that wrote the RAM state (a restore needs a compatible QEMU). */
+  qemuVersion: z.string().optional(),
+})
+export type Snapshot = z.output<typeof Snapshot>
+
+/** Body of POST /v1/vms/{vm}/snapshots. */
+export const CreateSnapshotBody = z.strictObject({
+  name: Name,
+  description: z.string().max(4096).optional(),
+  kind: z.enum(['internal', 'external']).default('internal'),
+  memory: z.boolean().optional().describe('capture RAM and device state too (default: true when the VM runs)'),
+  live: z
+    .boolean()
+    .optional()
+    .describe('external memory only: resume the guest at once and write RAM in the background (background-snapshot)'),
+  disks: z
+    .record(
+      z.string(),
+      z.strictObject({
+        exclude: z.literal(true).optional(),
+        file: PathString.optional().describe('external: where the new overlay goes (must not exist)'),
+      }),
+    )
+    .optional(),
+  quiesce: z.boolean().optional().describe('freeze guest filesystems through the guest agent around the disk snapshot'),
+  vmstateFile: PathString.optional().describe('external memory: where the RAM state file goes (must not exist)'),
+})
+export type CreateSnapshotBody = z.output<typeof CreateSnapshotBody>
+
+/** Body of POST …/snapshots/{snap}/revert. */
+export const RevertBody = z.strictObject({
+  state: z.enum(['running', 'paused', 'shutoff']).optional().describe('default: running when the snapshot has memory, else shutoff'),
+})
+export type RevertBody = z.output<typeof RevertBody>

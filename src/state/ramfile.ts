@@ -1,0 +1,220 @@
+import { randomBytes } from 'node:crypto'
+import { createReadStream, createWriteStream } from 'node:fs'
+import { open, rename, rm, stat } from 'node:fs/promises'
+import { connect, createServer, type Socket } from 'node:net'
+import { basename, dirname, join } from 'node:path'
+import { pipeline } from 'node:stream/promises'
+import type { Logger } from 'pino'
+import { QmpdError } from '../errors.ts'
+import type { QmpClient } from '../qmp/index.ts'
+import { shortSocketPath } from '../vm/sockpath.ts'
+
+/** QEMU_VM_FILE_MAGIC ("QEVM") and QEMU_VM_FILE_VERSION, the first 8 bytes of a migration stream (migration/savevm.c). */
+const STREAM_MAGIC = Buffer.from([0x51, 0x45, 0x56, 0x4d, 0x00, 0x00, 0x00, 0x03])
+
+/** Migration runs at disk speed: QEMU's default cap is 32 MiB/s, far below a local file. 1 TiB/s = no cap. */
+const UNCAPPED_BANDWIDTH = 2 ** 40
+
+/** Where a RAM state transfer's unix socket is: `path` for qmpd, `qemuPath` as QEMU (with its cwd) sees it. */
+export interface StateSocket {
+  path: string
+  qemuPath: string
+}
+
+/** A fresh socket name in `dir`; QEMU runs with `dir` as cwd when qmpd launched it, so it gets a short relative path. */
+export function stateSocket(dir: string, qemuCwdIsDir: boolean): StateSocket {
+  const name = `mig-${randomBytes(4).toString('hex')}.sock`
+  const path = join(dir, name)
+  return { path, qemuPath: qemuCwdIsDir ? name : path }
+}
+
+/** Throws INVALID_INPUT unless `file` exists and starts like a QEMU migration stream. */
+export async function checkMigrationStream(file: string): Promise<number> {
+  let size: number
+  const header = Buffer.alloc(STREAM_MAGIC.length)
+  try {
+    size = (await stat(file)).size
+    const fh = await open(file, 'r')
+    try {
+      await fh.read(header, 0, header.length, 0)
+    } finally {
+      await fh.close()
+    }
+  } catch (err) {
+    throw new QmpdError('INVALID_INPUT', `${file} cannot be read: ${(err as Error).message}`, { file })
+  }
+  if (!header.equals(STREAM_MAGIC)) throw new QmpdError('INVALID_INPUT', `${file} is not a QEMU migration stream`, { file })
+  return size
+}
+
+/** Options of saveRamState. */
+export interface SaveOptions {
+  /** The final file; written as <file>.partial-*, fsynced, then renamed. Must not exist. */
+  file: string
+  socket: StateSocket
+  log: Logger
+  /**
+   * background-snapshot: RAM is written as of the migration's start while the guest runs on
+   * (userfaultfd write-protect). QEMU resumes a stopped guest when it starts such a migration.
+   */
+  background?: boolean
+  /**
+   * Pre-copy with pause-before-switchover: called while the guest is stopped for the final pass,
+   * so that disk snapshots taken in it belong to the same instant as the RAM state.
+   */
+  beforeSwitchover?: () => Promise<void>
+  onProgress?: (current: number, total: number) => void
+}
+
+/** What a save wrote and how it went. */
+export interface SaveResult {
+  bytes: number
+  ms: number
+}
+
+/**
+ * Streams the VM's RAM and device state into `file` through a unix socket qmpd serves (QEMU 7.2
+ * has no file: URI, and exec: would need a shell). On any failure the migration is cancelled and
+ * no file is left; on success the file is fsynced and renamed into place, so a file under the
+ * final name is always a whole stream.
+ */
+export async function saveRamState(qmp: QmpClient, opts: SaveOptions): Promise<SaveResult> {
+  const t0 = performance.now()
+  const dir = dirname(opts.file)
+  const partial = join(dir, `.${basename(opts.file)}.partial-${randomBytes(4).toString('hex')}`)
+  const server = createServer()
+  const short = shortSocketPath(opts.socket.path)
+  let received: Promise<number> | undefined
+  let conn: Socket | undefined
+  const connected = new Promise<void>((resolve) => {
+    server.once('connection', (sock) => {
+      conn = sock
+      server.close()
+      const out = createWriteStream(partial, { flags: 'wx', mode: 0o600 })
+      received = pipeline(sock, out).then(() => out.bytesWritten)
+      resolve()
+    })
+  })
+  const events = qmp.events({ names: ['MIGRATION'] })
+  let poll: NodeJS.Timeout | undefined
+  try {
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject)
+      server.listen(short.path, () => resolve())
+    })
+    short.release()
+    await qmp.execute('migrate-set-capabilities', {
+      capabilities: [
+        { capability: 'events', state: true },
+        { capability: 'background-snapshot', state: !!opts.background },
+        { capability: 'pause-before-switchover', state: !!opts.beforeSwitchover },
+      ],
+    })
+    await qmp.execute('migrate-set-parameters', { 'max-bandwidth': UNCAPPED_BANDWIDTH })
+    await qmp.execute('migrate', { uri: `unix:${opts.socket.qemuPath}` })
+    if (opts.onProgress) {
+      poll = setInterval(() => {
+        qmp.execute('query-migrate').then(
+          (m) => m.ram && opts.onProgress?.(m.ram.transferred, m.ram.total),
+          () => {},
+        )
+      }, 250)
+    }
+    for await (const ev of events) {
+      const status = ev.data.status
+      opts.log.debug({ status }, 'migration status')
+      if (status === 'pre-switchover') {
+        await opts.beforeSwitchover!()
+        await qmp.execute('migrate-continue', { state: 'pre-switchover' })
+      } else if (status === 'completed') {
+        break
+      } else if (status === 'failed' || status === 'cancelled') {
+        const info = await qmp.execute('query-migrate').catch(() => undefined)
+        throw new QmpdError('QMP_COMMAND_FAILED', `saving RAM state failed: ${info?.['error-desc'] ?? status}`, { status })
+      }
+    }
+    await connected
+    const bytes = await received!
+    const fh = await open(partial, 'r+')
+    try {
+      await fh.sync()
+    } finally {
+      await fh.close()
+    }
+    await rename(partial, opts.file)
+    await fsyncDir(dir)
+    return { bytes, ms: Math.round(performance.now() - t0) }
+  } catch (err) {
+    await qmp.execute('migrate_cancel').catch(() => {})
+    conn?.destroy()
+    await received?.catch(() => {})
+    await rm(partial, { force: true })
+    throw err
+  } finally {
+    if (poll) clearInterval(poll)
+    short.release()
+    await events.return?.()
+    server.close()
+    await rm(opts.socket.path, { force: true })
+  }
+}
+
+/** Options of loadRamState. */
+export interface LoadOptions {
+  file: string
+  socket: StateSocket
+  log: Logger
+}
+
+/**
+ * Feeds a RAM state file to a QEMU started with -incoming defer: QEMU listens on the socket
+ * (migrate-incoming), qmpd connects and streams the file. Resolves when QEMU reports the incoming
+ * migration completed; the guest is then paused (QEMU runs with -S) until cont.
+ */
+export async function loadRamState(qmp: QmpClient, opts: LoadOptions): Promise<{ bytes: number; ms: number }> {
+  const t0 = performance.now()
+  const size = await checkMigrationStream(opts.file)
+  await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] })
+  const events = qmp.events({ names: ['MIGRATION'] })
+  let sock: Socket | undefined
+  try {
+    await qmp.execute('migrate-incoming', { uri: `unix:${opts.socket.qemuPath}` })
+    const short = shortSocketPath(opts.socket.path)
+    try {
+      sock = await new Promise<Socket>((resolve, reject) => {
+        const s = connect(short.path, () => resolve(s))
+        s.once('error', reject)
+      })
+    } finally {
+      short.release()
+    }
+    // QEMU may close its end before reading a trailing byte it does not need; EPIPE then is harmless.
+    const sent = pipeline(createReadStream(opts.file), sock).catch((err: NodeJS.ErrnoException) => {
+      if (err.code !== 'EPIPE' && err.code !== 'ECONNRESET') throw err
+    })
+    for await (const ev of events) {
+      const status = ev.data.status
+      opts.log.debug({ status }, 'incoming migration status')
+      if (status === 'completed') break
+      if (status === 'failed' || status === 'cancelled') {
+        throw new QmpdError('QMP_COMMAND_FAILED', `loading RAM state from ${opts.file} failed (${status}); see qemu.log`, { status, file: opts.file })
+      }
+    }
+    await sent
+    return { bytes: size, ms: Math.round(performance.now() - t0) }
+  } finally {
+    sock?.destroy()
+    await events.return?.()
+    await rm(opts.socket.path, { force: true })
+  }
+}
+
+async function fsyncDir(dir: string): Promise<void> {
+  const fh = await open(dir, 'r')
+  try {
+    await fh.sync()
+  } finally {
+    await fh.close()
+  }
+}
+

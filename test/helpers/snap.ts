@@ -1,0 +1,65 @@
+// Reading a test guest's state from outside: RAM through pmemsave, disks through qemu-img.
+import { execFile } from 'node:child_process'
+import { mkdtemp, readFile, rm } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { promisify } from 'node:util'
+import type { TestDaemon } from './daemon.ts'
+import { GUEST_COUNTER_ADDR, GUEST_STAMP_BASE, parseCounters, parseDiskSlots, parseStamps, SECTOR, SLOT_FIRST_LBA, GUEST_SLOTS, type GuestCounters, type DiskSlot } from './guest.ts'
+
+const run = promisify(execFile)
+
+/** The guest's RAM that matters: its counters and the first `stampMiB` MiB of stamped pages. */
+export interface RamImage {
+  counters: GuestCounters
+  stamps: Buffer
+}
+
+/** Dumps the counters and stamped pages with pmemsave (through the QMP escape hatch). */
+export async function dumpRam(td: TestDaemon, vm: string, stampMiB = 1): Promise<RamImage> {
+  const dir = join(td.stateDir, 'vms', vm)
+  const a = join(dir, `ram-c-${process.hrtime.bigint()}.bin`)
+  const b = join(dir, `ram-s-${process.hrtime.bigint()}.bin`)
+  for (const [file, val, size] of [[a, GUEST_COUNTER_ADDR, 16], [b, GUEST_STAMP_BASE, stampMiB * 1024 * 1024]] as const) {
+    const res = await td.api('POST', `/v1/vms/${vm}/qmp`, { execute: 'pmemsave', arguments: { val, size, filename: file } })
+    if (res.status !== 200) throw new Error(`pmemsave: ${JSON.stringify(res.body)}`)
+  }
+  const out = { counters: parseCounters(await readFile(a)), stamps: await readFile(b) }
+  await rm(a)
+  await rm(b)
+  return out
+}
+
+/** Stamps of a RAM image, one per page. */
+export function stampsOf(img: RamImage): number[] {
+  return parseStamps(img.stamps)
+}
+
+/**
+ * The guest-visible bytes of LBA 0..64 of an image (or of an internal snapshot in it), through the
+ * whole backing chain. -U: the image may be open in a paused QEMU (stop flushed it).
+ */
+export async function diskBytes(file: string, opts: { internal?: string } = {}): Promise<Buffer> {
+  const dir = await mkdtemp(join(tmpdir(), 'qmpd-disk-'))
+  try {
+    const out = join(dir, 'out.raw')
+    const args = ['convert', '-U', '-O', 'raw']
+    if (opts.internal) args.push('-l', `snapshot.name=${opts.internal}`)
+    args.push(file, out)
+    await run('qemu-img', args)
+    const buf = await readFile(out)
+    return buf.subarray(0, (SLOT_FIRST_LBA + GUEST_SLOTS) * SECTOR)
+  } finally {
+    await rm(dir, { recursive: true, force: true })
+  }
+}
+
+/** Slots of a disk image's bytes (from diskBytes). */
+export function slotsOf(bytes: Buffer): Array<DiskSlot | null> {
+  return parseDiskSlots(bytes.subarray(SLOT_FIRST_LBA * SECTOR))
+}
+
+/** The highest counter value any slot holds. */
+export function maxSlot(slots: Array<DiskSlot | null>): number {
+  return Math.max(0, ...slots.map((s) => s?.value ?? 0))
+}
