@@ -35,6 +35,8 @@ export const Snapshot = z.strictObject({
   downtimeMs: z.number().optional(),
   /** The QEMU version that wrote the RAM state (a restore needs a compatible QEMU). */
   qemuVersion: z.string().optional(),
+  /** How RAM was captured: background-snapshot, precopy (disks switched in the final pause), paused, snapshot-save. */
+  ramMethod: z.enum(['background-snapshot', 'precopy', 'paused', 'snapshot-save']).optional(),
 })
 export type Snapshot = z.output<typeof Snapshot>
 

@@ -32,6 +32,8 @@ export interface SnapshotView extends Snapshot {
 export interface SnapshotTestHooks {
   /** May append actions to the disk transaction (e.g. one that fails) before it is sent. */
   transaction?: (actions: TransactionAction[]) => void
+  /** false: behave as if userfaultfd write-protect were missing (exercises the pre-copy fallback). */
+  backgroundSnapshot?: boolean
 }
 
 /** The plan of a snapshot creation, recorded in the journal before anything is touched. */
@@ -237,10 +239,17 @@ export class SnapshotService {
     const journalId = randomUUID()
     this.deps.repo.journalAdd(journalId, vm, 'snapshot-create', plan)
     try {
+      const ram: { method?: Snapshot['ramMethod'] } = {}
       let downtimeMs = 0
       if (s.kind === 'internal') downtimeMs = await this.createInternal(vm, plan, live, ctx)
-      else downtimeMs = await this.createExternal(vm, plan, live, ctx, body)
-      const final: Snapshot = { ...s, downtimeMs, ...(live ? { qemuVersion: versionOf(live.qmp) } : {}) }
+      else downtimeMs = await this.createExternal(vm, plan, live, ctx, body, ram)
+      if (s.kind === 'internal' && s.memory) ram.method = 'snapshot-save'
+      const final: Snapshot = {
+        ...s,
+        downtimeMs,
+        ...(live ? { qemuVersion: versionOf(live.qmp) } : {}),
+        ...(ram.method ? { ramMethod: ram.method } : {}),
+      }
       this.commitCreate(vm, plan, final, journalId)
       ctx.log.info({ snapshot: s.name, kind: s.kind, memory: s.memory, downtimeMs }, 'snapshot created')
       return { snapshot: await this.get(vm, s.name), downtimeMs, ms: Math.round(performance.now() - t0) }
@@ -323,7 +332,14 @@ export class SnapshotService {
     return dt.end()
   }
 
-  private async createExternal(vm: string, plan: CreatePlan, live: Live | undefined, ctx: JobContext, body: CreateSnapshotBody): Promise<number> {
+  private async createExternal(
+    vm: string,
+    plan: CreatePlan,
+    live: Live | undefined,
+    ctx: JobContext,
+    body: CreateSnapshotBody,
+    ram: { method?: Snapshot['ramMethod'] },
+  ): Promise<number> {
     const s = plan.snapshot
     if (!live) {
       await withReverter(ctx.log, async (r) => {
@@ -374,12 +390,14 @@ export class SnapshotService {
           await qmp.execute('stop')
           r.add('resume the guest', () => qmp.execute('cont').catch(() => {}))
           await diskTransaction()
+          ram.method = 'background-snapshot'
           await saveRamState(qmp, { file: s.vmstateFile!, socket, log: ctx.log, background: true, onProgress: (c, t) => ctx.setProgress(c, t) })
           const st = await qmp.execute('query-status')
           if (!st.running) await this.deps.vms.contInJob(vm)
           return dt.end()
         }
         ctx.log.info('background-snapshot unavailable (no userfaultfd write-protect); pre-copy with the disk switch in the final pause')
+        ram.method = 'precopy'
         await saveRamState(qmp, {
           file: s.vmstateFile!,
           socket,
@@ -392,6 +410,7 @@ export class SnapshotService {
       }
       // Paused checkpoint: the guest stays stopped while RAM is written, then the disks switch, so
       // a failure of either leaves the other untouched.
+      ram.method = 'paused'
       if (live.running) {
         await qmp.execute('stop')
         r.add('resume the guest', () => this.deps.vms.contInJob(vm).catch(() => {}))
@@ -407,6 +426,7 @@ export class SnapshotService {
 
   /** Probes background-snapshot (userfaultfd write-protect) by setting the capability; leaves it off. */
   private async backgroundSnapshotUsable(qmp: QmpClient, ctx: JobContext): Promise<boolean> {
+    if (this.deps.hooks?.backgroundSnapshot === false) return false
     try {
       await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'background-snapshot', state: true }] })
       await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'background-snapshot', state: false }] })

@@ -12,7 +12,7 @@ import t, { type Test } from 'tap'
 import { QmpdError, TimeoutError } from '../../src/errors.ts'
 import { QgaClient, withFrozenFilesystems } from '../../src/qga/client.ts'
 import { shortSocketPath } from '../../src/vm/sockpath.ts'
-import { ensureLinuxGuest, LINUX_GUEST_READY, QGA_PORT_NAME } from '../helpers/linux-guest.ts'
+import { ensureLinuxGuest, GUEST_HEARTBEAT, LINUX_GUEST_READY, QGA_PORT_NAME } from '../helpers/linux-guest.ts'
 import { requireQemu } from '../helpers/qemu.ts'
 import { RawQmp } from '../helpers/rawqmp.ts'
 
@@ -108,6 +108,20 @@ async function waitForReady(vm: Vm): Promise<number> {
   }
 }
 
+/** Number of GUEST_HEARTBEAT lines on the serial console so far. */
+async function heartbeats(vm: Vm): Promise<number> {
+  const log = await readFile(vm.serialLog, 'utf8')
+  return log.split('\n').filter((l) => l.startsWith(GUEST_HEARTBEAT)).length
+}
+
+async function waitForHeartbeats(vm: Vm, count: number, timeoutMs: number): Promise<void> {
+  const deadline = Date.now() + timeoutMs
+  while ((await heartbeats(vm)) < count) {
+    if (Date.now() > deadline) throw new Error(`fewer than ${count} ${GUEST_HEARTBEAT} lines after ${timeoutMs} ms`)
+    await sleep(100)
+  }
+}
+
 async function rawQmp(vm: Vm): Promise<RawQmp> {
   const short = shortSocketPath(vm.qmpSocket)
   try {
@@ -161,6 +175,22 @@ if (requireQemu(t)) {
       t.equal(await qga.fsfreezeThaw(), frozen, 'thaw thaws what freeze froze')
       t.equal(await qga.fsfreezeStatus(), 'thawed')
       t.equal(await qga.fsfreezeThaw(), 0, 'thawing a thawed guest is a no-op')
+    })
+
+    t.test('guest writes to the frozen filesystem block until the thaw', async (t) => {
+      const qga = await QgaClient.connect(vm.qgaSocket)
+      t.teardown(() => qga.close())
+      await waitForHeartbeats(vm, (await heartbeats(vm)) + 1, 10_000)
+      await withFrozenFilesystems(qga, async () => {
+        // A write that started just before the freeze may still print its heartbeat.
+        await sleep(500)
+        const frozenAt = await heartbeats(vm)
+        await sleep(2_500)
+        t.equal(await heartbeats(vm), frozenAt, 'no counter write completed in 2.5 s while frozen')
+      })
+      const after = await heartbeats(vm)
+      await waitForHeartbeats(vm, after + 2, 10_000)
+      t.pass('the counter advances again after the thaw')
     })
 
     t.test('withFrozenFilesystems runs fn frozen and thaws, also when fn throws', async (t) => {
