@@ -15,6 +15,12 @@ export interface DriveOptions {
    */
   onReady?: () => Promise<boolean> | boolean
   progressIntervalMs?: number
+  /**
+   * Whether the job was created with auto-finalize off (block jobs qmpd starts: the default) and so
+   * needs job-finalize when PENDING. snapshot-save/load/delete have no such option: they finalize
+   * themselves but still wait for job-dismiss.
+   */
+  manualFinalize?: boolean
 }
 
 /** The outcome of a QEMU job: how long it ran and the final progress QEMU reported. */
@@ -64,7 +70,7 @@ export async function driveQemuJob(qmp: QmpClient, id: string, issue: () => Prom
       if (status === 'ready') {
         const complete = opts.onReady ? await opts.onReady() : true
         if (complete) await qmp.execute('job-complete', { id })
-      } else if (status === 'pending') {
+      } else if (status === 'pending' && opts.manualFinalize !== false) {
         await qmp.execute('job-finalize', { id })
       } else if (status === 'concluded') {
         break

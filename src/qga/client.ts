@@ -148,6 +148,8 @@ export class QgaClient {
           )
         }),
       ])
+      // The socket may have gone between the sync reply and here.
+      if (client.state === 'closed') throw client.closeCause ?? new Error('session ended')
     } catch (err) {
       client.end(new QmpdError('QGA_UNAVAILABLE', 'connect failed', { path, reason: 'client' satisfies QgaCloseReason }, { cause: err }))
       const msg = err instanceof Error ? err.message : String(err)

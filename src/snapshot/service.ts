@@ -327,7 +327,7 @@ export class SnapshotService {
           vmstate: nodes.get(s.vmstateDisk!)!,
           devices: captured.map((d) => nodes.get(d.id)!),
         }),
-      { log: ctx.log, onProgress: (c, t) => ctx.setProgress(c, t) },
+      { log: ctx.log, onProgress: (c, t) => ctx.setProgress(c, t), manualFinalize: false },
     )
     return dt.end()
   }
@@ -557,7 +557,7 @@ export class SnapshotService {
       qmp,
       jobId,
       () => qmp.execute('snapshot-load', { 'job-id': jobId, tag: s.name, vmstate: nodes.get(s.vmstateDisk!)!, devices: captured.map((d) => nodes.get(d.id)!) }),
-      { log: ctx.log, onProgress: (c, t) => ctx.setProgress(c, t) },
+      { log: ctx.log, onProgress: (c, t) => ctx.setProgress(c, t), manualFinalize: false },
     )
     this.deps.vms.updateRuntime(vm, { currentSnapshot: s.name })
     if (target === 'running') await this.deps.vms.contInJob(vm)
@@ -690,7 +690,10 @@ export class SnapshotService {
         const nodes = await this.topNodes(qmp, present.map((d) => d.id))
         // Verified above: snapshot-delete of a missing tag would "succeed" silently.
         const jobId = `qmpd-del-${ctx.id.slice(0, 8)}`
-        await driveQemuJob(qmp, jobId, () => qmp.execute('snapshot-delete', { 'job-id': jobId, tag: s.name, devices: present.map((d) => nodes.get(d.id)!) }), { log: ctx.log })
+        await driveQemuJob(qmp, jobId, () => qmp.execute('snapshot-delete', { 'job-id': jobId, tag: s.name, devices: present.map((d) => nodes.get(d.id)!) }), {
+          log: ctx.log,
+          manualFinalize: false,
+        })
         done.push(...present.map((d) => `deleted tag ${s.name} in ${d.file}`))
       } else {
         for (const d of captured) {
