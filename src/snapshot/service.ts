@@ -30,8 +30,8 @@ export interface SnapshotView extends Snapshot {
 
 /** Hooks for tests to inject faults QEMU would not produce on demand; never reachable over HTTP. */
 export interface SnapshotTestHooks {
-  /** May append actions to the disk transaction (e.g. one that fails) before it is sent. */
-  transaction?: (actions: TransactionAction[]) => void
+  /** May append actions to the disk transaction (e.g. one that fails) or observe the guest before it is sent. */
+  transaction?: (actions: TransactionAction[]) => void | Promise<void>
   /** false: behave as if userfaultfd write-protect were missing (exercises the pre-copy fallback). */
   backgroundSnapshot?: boolean
 }
@@ -479,7 +479,7 @@ export class SnapshotService {
 
   private async transaction(qmp: QmpClient, actions: TransactionAction[]): Promise<void> {
     const all = [...actions]
-    this.deps.hooks?.transaction?.(all)
+    await this.deps.hooks?.transaction?.(all)
     await qmp.execute('transaction', { actions: all })
   }
 
