@@ -15,6 +15,8 @@ import { VmRepo } from './store/vms.ts'
 import { VmManager } from './vm/manager.ts'
 import { SnapshotService, type SnapshotTestHooks } from './snapshot/service.ts'
 import { SnapshotRepo } from './store/snapshots.ts'
+import { BlockJobService } from './chain/service.ts'
+import { StateService } from './state/service.ts'
 
 /** qmpd's version, reported by /healthz and the OpenAPI document. */
 export const VERSION = '0.1.0'
@@ -28,6 +30,8 @@ export interface Daemon {
   jobs: JobManager
   vms: VmManager
   snapshots: SnapshotService
+  blockJobs: BlockJobService
+  state: StateService
   /** Builds an HTTP app over this daemon's services; token undefined = no auth (unix socket). */
   app(opts?: { token?: string }): Promise<FastifyInstance>
   /** Stops accepting work, waits for running jobs, detaches from QEMU (VMs keep running), closes the store. */
@@ -60,6 +64,12 @@ export async function startDaemon(
     ...(testHooks.snapshots ? { hooks: testHooks.snapshots } : {}),
   })
   vms.onDelete((vm, deleteStorage) => snapshots.forgetVm(vm, deleteStorage))
+  const blockJobs = new BlockJobService({ vms, jobs, snapshots, paths, qemuImg, log: log.child({ component: 'blockjobs' }) })
+  const state = new StateService({ vms, jobs, paths, log: log.child({ component: 'state' }) })
+  const busy = (vm: string, what: string): void => blockJobs.assertIdle(vm, what)
+  snapshots.busyCheck = busy
+  state.busyCheck = busy
+  vms.busyCheck = busy
   await vms.init()
   await snapshots.recover()
   let closed = false
@@ -71,7 +81,9 @@ export async function startDaemon(
     jobs,
     vms,
     snapshots,
-    app: (opts = {}) => buildApp({ services: { vms, jobs, bus, snapshots }, logger: log, version: VERSION, ...opts }),
+    blockJobs,
+    state,
+    app: (opts = {}) => buildApp({ services: { vms, jobs, bus, snapshots, blockJobs, state }, logger: log, version: VERSION, ...opts }),
     async close() {
       if (closed) return
       closed = true

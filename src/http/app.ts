@@ -9,6 +9,10 @@ import type { JobManager } from '../jobs/manager.ts'
 import type { VmManager } from '../vm/manager.ts'
 import type { SnapshotService } from '../snapshot/service.ts'
 import { snapshotRoutes } from './routes/snapshots.ts'
+import { chainRoutes } from './routes/chain.ts'
+import { eventRoutes } from './routes/events.ts'
+import type { BlockJobService } from '../chain/service.ts'
+import type { StateService } from '../state/service.ts'
 import { errorBody, installErrorHandler } from './error-handler.ts'
 import { jobRoutes } from './routes/jobs.ts'
 import { vmRoutes } from './routes/vms.ts'
@@ -19,6 +23,8 @@ export interface Services {
   jobs: JobManager
   bus: EventBus
   snapshots: SnapshotService
+  blockJobs: BlockJobService
+  state: StateService
 }
 
 /** Options of the HTTP app. */
@@ -75,6 +81,8 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
   await app.register(vmRoutes, { services: opts.services })
   await app.register(jobRoutes, { services: opts.services })
   await app.register(snapshotRoutes, { services: opts.services })
+  await app.register(chainRoutes, { services: opts.services })
+  await app.register(eventRoutes, { services: opts.services })
   await app.ready()
   return app
 }

@@ -1,4 +1,4 @@
-import { execFile } from 'node:child_process'
+import { execFile, spawn } from 'node:child_process'
 import { z } from 'zod'
 import { QmpdError } from '../errors.ts'
 
@@ -84,5 +84,32 @@ export class QemuImg {
     else args.push('-b', '')
     args.push(file)
     await this.run(args)
+  }
+
+  /**
+   * Runs a long qemu-img command with -p and reports its progress (percent, parsed from the
+   * "(12.34/100%)" lines it prints). Rejects like run().
+   */
+  runWithProgress(args: string[], onProgress: (percent: number) => void, signal?: AbortSignal): Promise<void> {
+    return new Promise((resolve, reject) => {
+      const child = spawn(this.binary, args, { stdio: ['ignore', 'pipe', 'pipe'], ...(signal ? { signal } : {}) })
+      let stderr = ''
+      child.stdout.setEncoding('utf8')
+      child.stdout.on('data', (chunk: string) => {
+        for (const m of chunk.matchAll(/\((\d+(?:\.\d+)?)\/100%\)/g)) onProgress(Number(m[1]))
+      })
+      child.stderr.setEncoding('utf8')
+      child.stderr.on('data', (c: string) => {
+        if (stderr.length < 65536) stderr += c
+      })
+      child.once('error', (err: NodeJS.ErrnoException) =>
+        reject(err.code === 'ENOENT' ? new QmpdError('QEMU_NOT_FOUND', `${this.binary} not found; install qemu-utils`) : err),
+      )
+      child.once('close', (code) => {
+        if (code === 0) return resolve()
+        const msg = stderr.trim().split('\n').pop() || `exit code ${code}`
+        reject(new QmpdError('QEMU_IMG_FAILED', `qemu-img ${args[0]}: ${msg}`, { args, stderr: stderr.trim() }))
+      })
+    })
   }
 }

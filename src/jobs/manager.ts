@@ -13,7 +13,23 @@ export interface JobContext {
   readonly signal: AbortSignal
   readonly log: Logger
   setProgress(current: number, total: number): void
+  /** Moves a running job between running, ready (waiting for complete) and paused. */
+  setPhase(state: 'running' | 'ready' | 'paused'): void
+  /** Registers what POST /v1/jobs/{id}/pause|resume|complete and PATCH speed do for this job. */
+  setControls(controls: JobControls): void
+  setSpeed(bytesPerSec: number): void
 }
+
+/** Controls a long-running job offers while it runs (block jobs). Each throws when not applicable. */
+export interface JobControls {
+  pause?: () => Promise<void>
+  resume?: () => Promise<void>
+  complete?: () => Promise<void>
+  setSpeed?: (bytesPerSec: number) => Promise<void>
+}
+
+/** An action on a running job. */
+export type JobAction = 'pause' | 'resume' | 'complete' | 'speed'
 
 /** How a job runs: the function that does the work, and whether it may be aborted mid-run. */
 export interface JobSpec<R> {
@@ -23,6 +39,12 @@ export interface JobSpec<R> {
   run: (ctx: JobContext) => Promise<R>
   /** A running job may be cancelled only when its code honours ctx.signal at safe points. */
   cancellableWhileRunning?: boolean
+  /**
+   * The queue to run in (default: the VM's). Block jobs use a queue of their own so that a
+   * mirror waiting in READY does not hold up pause or resume; conflicting operations are refused
+   * by the services instead (409 BUSY).
+   */
+  queue?: string
 }
 
 interface Live {
@@ -31,6 +53,7 @@ interface Live {
   cancellableWhileRunning: boolean
   waiters: Array<(job: Job) => void>
   lastProgressSave: number
+  controls: JobControls
 }
 
 /** How often progress is written to the store; in memory it is always current. */
@@ -84,10 +107,11 @@ export class JobManager {
       cancellableWhileRunning: spec.cancellableWhileRunning ?? false,
       waiters: [],
       lastProgressSave: 0,
+      controls: {},
     }
     this.live.set(job.id, live)
     this.persist(live)
-    void this.queue(spec.vm).add(() => this.execute(live, spec.run))
+    void this.queue(spec.queue ?? spec.vm).add(() => this.execute(live, spec.run))
     return { ...job }
   }
 
@@ -131,6 +155,49 @@ export class JobManager {
       })
     }
     live.abort.abort(new QmpdError('JOB_CANCELLED', 'cancelled by request'))
+    return { ...live.job }
+  }
+
+  /**
+   * Pauses, resumes, completes (pivot) or re-speeds a running job through the controls its
+   * operation registered. 409 when the job is finished or the action does not apply now.
+   */
+  async control(id: string, action: JobAction, arg?: number): Promise<Job> {
+    const live = this.live.get(id)
+    if (!live) {
+      const old = this.repo.get(id)
+      if (!old) throw new QmpdError('JOB_NOT_FOUND', `no job ${id}`, { job: id })
+      throw new QmpdError('INVALID_STATE', `job ${id} is already ${old.state}`, { job: id, state: old.state })
+    }
+    const st = live.job.state
+    const refuse = (why: string): never => {
+      throw new QmpdError('INVALID_STATE', `cannot ${action} job ${id} (${live.job.op}, ${st}): ${why}`, { job: id, state: st })
+    }
+    const c = live.controls
+    switch (action) {
+      case 'pause':
+        if (!c.pause) refuse('this operation cannot be paused')
+        if (st === 'paused') refuse('it is already paused')
+        if (st === 'queued') refuse('it has not started')
+        await c.pause!()
+        break
+      case 'resume':
+        if (!c.resume) refuse('this operation cannot be paused')
+        if (st !== 'paused') refuse('it is not paused')
+        await c.resume!()
+        break
+      case 'complete':
+        if (!c.complete) refuse('this operation has nothing to complete')
+        if (st !== 'ready') refuse('it is not ready')
+        await c.complete!()
+        break
+      case 'speed':
+        if (!c.setSpeed) refuse('this operation has no speed')
+        await c.setSpeed!(arg ?? 0)
+        live.job.speedBytesPerSec = arg ?? 0
+        this.persist(live)
+        break
+    }
     return { ...live.job }
   }
 
@@ -195,6 +262,17 @@ export class JobManager {
         } else {
           this.bus.emit({ type: 'job', vm: live.job.vm, job: { ...live.job } })
         }
+      },
+      setPhase: (state) => {
+        if (isFinal(live.job.state) || live.job.state === state) return
+        live.job.state = state
+        this.persist(live)
+      },
+      setControls: (controls) => {
+        live.controls = controls
+      },
+      setSpeed: (bytesPerSec) => {
+        live.job.speedBytesPerSec = bytesPerSec
       },
     }
     const t0 = performance.now()

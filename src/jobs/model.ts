@@ -1,7 +1,7 @@
 import { z } from 'zod'
 
-/** Job states. queued and running are live; the rest are final. */
-export const JobState = z.enum(['queued', 'running', 'succeeded', 'failed', 'cancelled'])
+/** Job states. queued, running, ready (a block job waiting for complete) and paused are live; the rest are final. */
+export const JobState = z.enum(['queued', 'running', 'ready', 'paused', 'succeeded', 'failed', 'cancelled'])
 export type JobState = z.output<typeof JobState>
 
 /** True when a job in this state will not change any more. */
@@ -30,6 +30,8 @@ export const Job = z.strictObject({
   state: JobState,
   params: z.unknown(),
   progress: JobProgress.optional(),
+  /** Bytes per second a block job is limited to (0: unlimited), when the job has a speed. */
+  speedBytesPerSec: z.number().optional(),
   result: z.unknown().optional(),
   error: JobError.optional(),
   createdAt: z.string(),

@@ -21,6 +21,8 @@ export interface DriveOptions {
    * themselves but still wait for job-dismiss.
    */
   manualFinalize?: boolean
+  /** Told of every status QEMU reports for the job (running, ready, paused, standby…). */
+  onStatus?: (status: string) => void
 }
 
 /** The outcome of a QEMU job: how long it ran and the final progress QEMU reported. */
@@ -42,6 +44,7 @@ export async function driveQemuJob(qmp: QmpClient, id: string, issue: () => Prom
   let progress = { current: 0, total: 0 }
   let poll: NodeJS.Timeout | undefined
   let cancelled = false
+  let readySeen = false
   const onAbort = (): void => {
     cancelled = true
     qmp.execute('job-cancel', { id }).catch((err) => opts.log.warn({ err, id }, 'job-cancel failed'))
@@ -67,7 +70,10 @@ export async function driveQemuJob(qmp: QmpClient, id: string, issue: () => Prom
     for await (const ev of events) {
       const status = ev.data.status
       opts.log.debug({ id, status }, 'qemu job status')
-      if (status === 'ready') {
+      opts.onStatus?.(status)
+      if (status === 'ready' && !readySeen) {
+        // READY comes again after a pause/resume (standby -> ready): decide only once.
+        readySeen = true
         const complete = opts.onReady ? await opts.onReady() : true
         if (complete) await qmp.execute('job-complete', { id })
       } else if (status === 'pending' && opts.manualFinalize !== false) {

@@ -51,6 +51,9 @@ type Live = { qmp: QmpClient; running: boolean }
  * revert (also of external ones, onto any branch) and delete (merging external images out).
  */
 export class SnapshotService {
+  /** Refuses work on a VM whose disks a block job is busy with (set by the daemon). */
+  busyCheck: (vm: string, what: string) => void = () => {}
+
   constructor(
     private readonly deps: {
       vms: VmManager
@@ -130,6 +133,7 @@ export class SnapshotService {
     const body = CreateSnapshotBody.parse(input)
     const rec = this.deps.vms.record(vm)
     if (isAdopted(rec.definition)) throw new QmpdError('NOT_SUPPORTED', `VM ${vm} was adopted; qmpd snapshots only VMs it defines`, { vm })
+    this.busyCheck(vm, 'take a snapshot')
     const def = rec.definition
     if (this.deps.repo.get(vm, body.name)) throw new QmpdError('SNAPSHOT_EXISTS', `VM ${vm} already has a snapshot ${body.name}`, { vm, snapshot: body.name })
     for (const id of Object.keys(body.disks ?? {})) {
@@ -282,7 +286,7 @@ export class SnapshotService {
   }
 
   /** Records the VM's original disk files as the roots of the image graph (created by the user). */
-  private ensureBaseImages(vm: string): void {
+  ensureBaseImages(vm: string): void {
     const known = new Set(this.deps.repo.images(vm).map((i) => i.file))
     const rec = this.deps.vms.record(vm)
     const def = rec.definition as VmDefinition
@@ -498,6 +502,7 @@ export class SnapshotService {
     const s = this.must(vm, name)
     const rec = this.deps.vms.record(vm)
     if (isAdopted(rec.definition)) throw new QmpdError('NOT_SUPPORTED', `VM ${vm} was adopted`, { vm })
+    this.busyCheck(vm, 'revert')
     const st = rec.runtime.state
     if (st === 'starting' || st === 'stopping' || st === 'unknown') throw new QmpdError('INVALID_STATE', `cannot revert VM ${vm} while it is ${st}`, { vm, state: st })
     return this.deps.jobs.submit({ vm, op: 'snapshot-revert', params: { snapshot: name, ...body }, run: (ctx) => this.doRevert(vm, s.name, body, ctx) })
@@ -603,7 +608,7 @@ export class SnapshotService {
   }
 
   /** Files that some snapshot or the current state still reads: their images and all below them. */
-  private neededFiles(vm: string): Set<string> {
+  neededFiles(vm: string): Set<string> {
     const images = new Map(this.deps.repo.images(vm).map((i) => [i.file, i]))
     const roots = [
       ...this.deps.vms.record(vm).runtime.disks.map((d) => d.file),
@@ -619,14 +624,20 @@ export class SnapshotService {
     return needed
   }
 
-  /** Deletes an image qmpd created once nothing needs it. */
-  private removeIfUnneeded(vm: string, file: string, ctx: JobContext): void {
+  /** Deletes an image qmpd created once nothing needs it; returns whether it did. */
+  removeIfUnneeded(vm: string, file: string, ctx: { log: Logger }): boolean {
     const img = this.deps.repo.images(vm).find((i) => i.file === file)
-    if (!img?.createdByQmpd || this.neededFiles(vm).has(file)) return
-    if (this.deps.repo.images(vm).some((i) => i.backing === file)) return
+    if (!img?.createdByQmpd || this.neededFiles(vm).has(file)) return false
+    if (this.deps.repo.images(vm).some((i) => i.backing === file)) return false
     rmSync(file, { force: true })
     this.deps.repo.deleteImage(vm, file)
     ctx.log.info({ file }, 'removed an image nothing needs any more')
+    return true
+  }
+
+  /** The image graph repository (block jobs keep it in step with QEMU's graph). */
+  get repo(): SnapshotRepo {
+    return this.deps.repo
   }
 
   // ---------- delete ----------
@@ -634,6 +645,7 @@ export class SnapshotService {
   /** Validates and queues a delete (children: the whole subtree; metadataOnly: forget, touch no file). */
   delete(vm: string, name: string, opts: { children?: boolean; metadataOnly?: boolean }): Job {
     this.must(vm, name)
+    this.busyCheck(vm, `delete snapshot ${name}`)
     const rec = this.deps.vms.record(vm)
     const st = rec.runtime.state
     if (st === 'starting' || st === 'stopping' || st === 'unknown') throw new QmpdError('INVALID_STATE', `cannot delete snapshots of VM ${vm} while it is ${st}`, { vm, state: st })

@@ -68,7 +68,7 @@ export class JobRepo {
 
   /** Jobs a previous daemon left queued or running. */
   unfinished(): Job[] {
-    return this.db.prepare("SELECT * FROM jobs WHERE state IN ('queued', 'running') ORDER BY rowid").all().map(fromRow)
+    return this.db.prepare("SELECT * FROM jobs WHERE state IN ('queued', 'running', 'ready', 'paused') ORDER BY rowid").all().map(fromRow)
   }
 }
 

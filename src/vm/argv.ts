@@ -7,6 +7,8 @@ export const VM_FILES = {
   pidfile: 'qemu.pid',
   serialLog: 'serial.log',
   qemuLog: 'qemu.log',
+  /** RAM and device state of a managed save; the next start restores from it. */
+  managedSave: 'managed.save',
 } as const
 
 /** The image a disk currently runs on (its active layer), which external snapshots move. */

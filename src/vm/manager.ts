@@ -25,6 +25,7 @@ import {
 import { findQemuByArg, isAlive, procInfo, waitForExit } from './proc.ts'
 import { shortSocketPath } from './sockpath.ts'
 import { settlesWithin, sleep } from '../util.ts'
+import { loadRamState, stateSocket } from '../state/ramfile.ts'
 
 /** One layer of a disk's backing chain, top first. */
 export interface ChainLayer {
@@ -104,6 +105,8 @@ const EXIT_AFTER_EOF_TIMEOUT_MS = 5_000
 export class VmManager {
   private readonly handles = new Map<string, Handle>()
   private readonly deleteHooks: Array<(vm: string, deleteStorage: boolean) => void> = []
+  /** Refuses stopping a VM whose disks a block job is busy with (set by the daemon). */
+  busyCheck: (vm: string, what: string) => void = () => {}
 
   constructor(
     private readonly deps: {
@@ -247,6 +250,7 @@ export class VmManager {
       throw new QmpdError('INVALID_STATE', `VM ${name} is ${state}; stop it first`, { vm: name, state })
     }
     if (this.deps.jobs.busy(name)) throw new QmpdError('BUSY', `VM ${name} has queued or running jobs`, { vm: name })
+    this.busyCheck(name, 'delete the VM')
     if (h.qmp) void h.qmp.disconnect().catch(() => {})
     h.qmp = undefined
     for (const hook of this.deleteHooks) hook(name, !!opts.deleteStorage && !isAdopted(h.rec.definition))
@@ -270,13 +274,15 @@ export class VmManager {
   start(name: string, opts: StartOptions = {}): Job {
     const h = this.must(name)
     if (isAdopted(h.rec.definition)) throw new QmpdError('INVALID_STATE', `VM ${name} was adopted; qmpd cannot start it`, { vm: name })
-    this.expectStateToQueue(h, ['shutoff', 'crashed'], 'start')
+    this.busyCheck(name, 'start the VM')
+    this.expectStateToQueue(h, ['shutoff', 'crashed', 'saved'], 'start')
     return this.deps.jobs.submit({ vm: name, op: 'start', params: opts, run: (ctx) => this.doStart(h, ctx, opts) })
   }
 
   /** Queues a stop: ACPI powerdown with a timeout, then quit, then SIGKILL; `force` skips the powerdown. */
   stop(name: string, opts: StopOptions = {}): Job {
     const h = this.must(name)
+    this.busyCheck(name, 'stop the VM')
     this.expectStateToQueue(h, ['running', 'paused', 'unknown'], 'stop')
     return this.deps.jobs.submit({ vm: name, op: 'stop', params: opts, run: (ctx) => this.doStop(h, ctx, opts) })
   }
@@ -541,11 +547,42 @@ export class VmManager {
   }
 
   private async doStart(h: Handle, ctx: JobContext, opts: StartOptions): Promise<unknown> {
-    this.expectState(h, ['shutoff', 'crashed'], 'start')
+    this.expectState(h, ['shutoff', 'crashed', 'saved'], 'start')
     const t0 = performance.now()
-    await this.launchInJob(h.name, ctx)
+    const saved = h.rec.runtime.state === 'saved' ? join(this.deps.paths.vmDir(h.name), VM_FILES.managedSave) : undefined
+    let restored: { bytes: number; ms: number } | undefined
+    if (saved) {
+      // Restore the managed save; its file goes only once the restore has succeeded.
+      const qmp = await this.launchInJob(h.name, ctx, { incoming: true })
+      try {
+        restored = await loadRamState(qmp, { file: saved, socket: stateSocket(this.deps.paths.vmDir(h.name), true), log: ctx.log })
+      } catch (err) {
+        await this.quitInJob(h.name, ctx)
+        this.setState(h, 'saved', 'managed save (the last restore failed)')
+        throw err
+      }
+      rmSync(saved, { force: true })
+    } else {
+      await this.launchInJob(h.name, ctx)
+    }
     if (!opts.paused) await this.contInJob(h.name)
-    return { pid: h.rec.runtime.pid, state: h.rec.runtime.state, ms: Math.round(performance.now() - t0) }
+    else if (saved) this.markPaused(h.name)
+    return {
+      pid: h.rec.runtime.pid,
+      state: h.rec.runtime.state,
+      ms: Math.round(performance.now() - t0),
+      ...(restored ? { restoredFromManagedSave: true, restoreMs: restored.ms } : {}),
+    }
+  }
+
+  /** Marks a VM whose QEMU has exited after a managed save as 'saved'. */
+  markSaved(name: string): void {
+    this.setState(this.must(name), 'saved', 'managed save')
+  }
+
+  /** Marks a saved VM shut off (its managed save was discarded). */
+  markShutoff(name: string, reason: string): void {
+    this.setState(this.must(name), 'shutoff', reason)
   }
 
   /**
@@ -555,7 +592,7 @@ export class VmManager {
   async launchInJob(name: string, ctx: JobContext, opts: { incoming?: boolean } = {}): Promise<QmpClient> {
     const h = this.must(name)
     if (isAdopted(h.rec.definition)) throw new QmpdError('INVALID_STATE', `VM ${name} was adopted; qmpd cannot start it`, { vm: name })
-    this.expectState(h, ['shutoff', 'crashed'], 'start')
+    this.expectState(h, ['shutoff', 'crashed', 'saved'], 'start')
     const def = h.rec.definition
     const dir = this.deps.paths.vmDir(h.name)
     mkdirSync(dir, { recursive: true, mode: 0o750 })

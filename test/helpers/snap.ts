@@ -63,3 +63,30 @@ export function slotsOf(bytes: Buffer): Array<DiskSlot | null> {
 export function maxSlot(slots: Array<DiskSlot | null>): number {
   return Math.max(0, ...slots.map((s) => s?.value ?? 0))
 }
+
+/**
+ * The guest-visible bytes of LBA 0..64 of a disk as the running QEMU itself sees them, read over
+ * an NBD export of the disk's top node: coherent even right after a block job, when the image's
+ * metadata may still sit in QEMU's cache (a plain -U read could be stale then).
+ */
+export async function liveDiskBytes(td: TestDaemon, vm: string, disk: string): Promise<Buffer> {
+  const node = ((await td.api('GET', `/v1/vms/${vm}`)).body.disks as Array<{ id: string; node: string }>).find((d) => d.id === disk)!.node
+  const dir = await mkdtemp(join(tmpdir(), 'qmpd-nbd-'))
+  const sock = join(dir, 'nbd.sock')
+  const qmp = async (execute: string, args?: unknown) => {
+    const r = await td.api('POST', `/v1/vms/${vm}/qmp`, { execute, ...(args ? { arguments: args } : {}) })
+    if (r.status !== 200) throw new Error(`${execute}: ${JSON.stringify(r.body)}`)
+  }
+  try {
+    await qmp('nbd-server-start', { addr: { type: 'unix', data: { path: sock } } })
+    await qmp('block-export-add', { type: 'nbd', id: 'qmpd-test-read', 'node-name': node, name: 'disk', writable: false })
+    const out = join(dir, 'out.raw')
+    await run('qemu-img', ['convert', '-f', 'raw', '-O', 'raw', `nbd+unix:///disk?socket=${sock}`, out])
+    const buf = await readFile(out)
+    return buf.subarray(0, (SLOT_FIRST_LBA + GUEST_SLOTS) * SECTOR)
+  } finally {
+    await qmp('block-export-del', { id: 'qmpd-test-read' }).catch(() => {})
+    await qmp('nbd-server-stop').catch(() => {})
+    await rm(dir, { recursive: true, force: true })
+  }
+}

@@ -31,7 +31,41 @@ export const jobRoutes: FastifyPluginAsyncZod<{ services: Services }> = async (a
 
   app.post(
     '/v1/jobs/:id/cancel',
-    { schema: { summary: 'Cancel a queued job (or a running one whose operation allows it)', tags: ['jobs'], params: JobParams, response: { 200: Job } } },
+    {
+      schema: {
+        summary: 'Cancel a queued job, or a running block job (a copy cancelled once ready keeps its point-in-time copy)',
+        tags: ['jobs'],
+        params: JobParams,
+        response: { 200: Job },
+      },
+    },
     async (req) => jobs.cancel(req.params.id),
+  )
+  for (const action of ['pause', 'resume', 'complete'] as const) {
+    app.post(
+      `/v1/jobs/:id/${action}`,
+      {
+        schema: {
+          summary: { pause: 'Pause a running block job', resume: 'Resume a paused block job', complete: 'Complete a ready block job (pivot)' }[action],
+          tags: ['jobs'],
+          params: JobParams,
+          response: { 200: Job },
+        },
+      },
+      async (req) => jobs.control(req.params.id, action),
+    )
+  }
+  app.patch(
+    '/v1/jobs/:id',
+    {
+      schema: {
+        summary: 'Change a running block job\'s speed limit',
+        tags: ['jobs'],
+        params: JobParams,
+        body: z.strictObject({ speedBytesPerSec: z.number().int().min(0).describe('0 = unlimited') }),
+        response: { 200: Job },
+      },
+    },
+    async (req) => jobs.control(req.params.id, 'speed', req.body.speedBytesPerSec),
   )
 }

@@ -1,0 +1,474 @@
+import { existsSync, rmSync } from 'node:fs'
+import type { Logger } from 'pino'
+import { z } from 'zod'
+import { QmpdError } from '../errors.ts'
+import { liveChain } from '../images/graph.ts'
+import type { PathPolicy } from '../images/paths.ts'
+import type { QemuImg } from '../images/qemu-img.ts'
+import type { JobContext, JobManager } from '../jobs/manager.ts'
+import type { Job } from '../jobs/model.ts'
+import { driveQemuJob } from '../jobs/qemu-job.ts'
+import type { QmpClient } from '../qmp/index.ts'
+import type { SnapshotService } from '../snapshot/service.ts'
+import { isAdopted, NAME_PATTERN, PathString } from '../vm/definition.ts'
+import { isRunningState, type VmManager } from '../vm/manager.ts'
+
+const Speed = z.number().int().min(0).describe('bytes per second; 0 = unlimited')
+const LayerRef = z.string().min(1).max(4096).describe('an image file of the chain, or the name of a snapshot whose image it is')
+
+/** Body of POST …/disks/{disk}/commit. */
+export const CommitBody = z.strictObject({
+  top: LayerRef.optional().describe('default: the active layer'),
+  base: LayerRef.optional().describe('default: the image right below top'),
+  speedBytesPerSec: Speed.optional(),
+  pivot: z.boolean().default(true).describe('active commit: switch to base once synchronized (false: the job waits in ready for complete)'),
+  keepMerged: z.boolean().default(false).describe('keep the files the commit made unneeded'),
+})
+export type CommitBody = z.output<typeof CommitBody>
+
+/** Body of POST …/disks/{disk}/pull. */
+export const PullBody = z.strictObject({
+  base: LayerRef.optional().describe('default: pull everything; the active layer becomes standalone'),
+  speedBytesPerSec: Speed.optional(),
+  keepMerged: z.boolean().default(false),
+})
+export type PullBody = z.output<typeof PullBody>
+
+/** Body of POST …/disks/{disk}/copy. */
+export const CopyBody = z.strictObject({
+  dest: PathString.describe('new file, created by qmpd (must not exist)'),
+  format: z.enum(['qcow2', 'raw']).default('qcow2'),
+  shallow: z.boolean().default(false).describe('copy only the active layer; the copy gets the same backing file'),
+  pivot: z.boolean().default(false).describe('switch the VM to the copy once synchronized; false: the job stays ready (mirroring) until complete or cancel'),
+  speedBytesPerSec: Speed.optional(),
+})
+export type CopyBody = z.output<typeof CopyBody>
+
+interface Layer {
+  file: string
+  format: string
+  node?: string
+}
+
+/**
+ * Backing-chain work on one disk: commit (merge layers down), pull (block-stream: copy backing
+ * data up into the active layer) and copy (blockdev-mirror to a new file, with or without pivot);
+ * live through QEMU block jobs, offline through qemu-img. Keeps the image graph and the snapshot
+ * metadata in step with QEMU, and never changes what a snapshot or another branch reads.
+ */
+export class BlockJobService {
+  /** vm -> disk -> qmpd job id of the block job running on it. */
+  private readonly active = new Map<string, Map<string, string>>()
+
+  constructor(
+    private readonly deps: {
+      vms: VmManager
+      jobs: JobManager
+      snapshots: SnapshotService
+      paths: PathPolicy
+      qemuImg: QemuImg
+      log: Logger
+    },
+  ) {}
+
+  /** The job id of a block job running on the disk (any disk when omitted), if there is one. */
+  busy(vm: string, disk?: string): string | undefined {
+    const m = this.active.get(vm)
+    if (!m) return undefined
+    return disk ? m.get(disk) : m.values().next().value
+  }
+
+  /** Refuses an operation on a VM or disk that a block job is working on (409 BUSY). */
+  assertIdle(vm: string, what: string, disk?: string): void {
+    const job = this.busy(vm, disk)
+    if (job) {
+      throw new QmpdError('BUSY', `cannot ${what}: block job ${job} is running on ${disk ? `disk ${disk}` : `a disk of VM ${vm}`}; complete or cancel it first`, {
+        vm,
+        job,
+      })
+    }
+  }
+
+  /** Queues a commit. */
+  commit(vm: string, disk: string, input: CommitBody): Job {
+    const body = CommitBody.parse(input)
+    this.precheck(vm, disk)
+    return this.submit(vm, disk, 'commit', body, (ctx) => this.doCommit(vm, disk, body, ctx))
+  }
+
+  /** Queues a pull (block-stream into the active layer). */
+  pull(vm: string, disk: string, input: PullBody): Job {
+    const body = PullBody.parse(input)
+    this.precheck(vm, disk)
+    return this.submit(vm, disk, 'pull', body, (ctx) => this.doPull(vm, disk, body, ctx))
+  }
+
+  /** Queues a copy (blockdev-mirror, or qemu-img convert when off). */
+  copy(vm: string, disk: string, input: CopyBody): Job {
+    const body = CopyBody.parse(input)
+    this.precheck(vm, disk)
+    const dest = this.deps.paths.resolve(body.dest, this.deps.paths.vmDir(vm), 'dest')
+    if (existsSync(dest)) throw new QmpdError('FILE_EXISTS', `${dest} exists; qmpd never overwrites a file`, { file: dest })
+    if (body.shallow && body.format !== 'qcow2') throw new QmpdError('INVALID_INPUT', 'a shallow copy needs qcow2 (it keeps a backing file)', {})
+    return this.submit(vm, disk, 'copy', { ...body, dest }, (ctx) => this.doCopy(vm, disk, { ...body, dest }, ctx))
+  }
+
+  private precheck(vm: string, disk: string): void {
+    const rec = this.deps.vms.record(vm)
+    if (isAdopted(rec.definition)) throw new QmpdError('NOT_SUPPORTED', `VM ${vm} was adopted; qmpd runs block jobs only on VMs it defines`, { vm })
+    if (!rec.runtime.disks.some((d) => d.id === disk)) throw new QmpdError('DISK_NOT_FOUND', `VM ${vm} has no disk ${disk}`, { vm, disk })
+    const st = rec.runtime.state
+    if (st === 'starting' || st === 'stopping' || st === 'unknown' || st === 'saved') {
+      throw new QmpdError('INVALID_STATE', `cannot run a block job on VM ${vm} while it is ${st}`, { vm, state: st })
+    }
+    this.assertIdle(vm, 'start another block job', disk)
+    if (this.deps.jobs.busy(vm)) throw new QmpdError('BUSY', `VM ${vm} has operations queued or running; start the block job when they are done`, { vm })
+  }
+
+  private submit(vm: string, disk: string, op: string, params: unknown, run: (ctx: JobContext) => Promise<unknown>): Job {
+    let jobId = ''
+    const job = this.deps.jobs.submit({
+      vm,
+      op,
+      params: { disk, ...(params as object) },
+      cancellableWhileRunning: true,
+      queue: `${vm}#blockjobs`,
+      run: async (ctx) => {
+        this.mark(vm, disk, ctx.id)
+        try {
+          return await run(ctx)
+        } finally {
+          this.active.get(vm)?.delete(disk)
+        }
+      },
+    })
+    jobId = job.id
+    // Claimed at once, so a second request for the disk is refused while this one waits in the queue.
+    this.mark(vm, disk, jobId)
+    return job
+  }
+
+  private mark(vm: string, disk: string, id: string): void {
+    let m = this.active.get(vm)
+    if (!m) this.active.set(vm, (m = new Map()))
+    m.set(disk, id)
+  }
+
+  /** The disk's chain, top first: QEMU's when it runs, qemu-img's when it is off. */
+  private async chain(vm: string, disk: string): Promise<{ layers: Layer[]; qmp?: QmpClient }> {
+    const rec = this.deps.vms.record(vm)
+    if (isRunningState(rec.runtime.state)) {
+      const qmp = this.deps.vms.qmp(vm)
+      return { layers: await liveChain(qmp, disk), qmp }
+    }
+    const active = rec.runtime.disks.find((d) => d.id === disk)!
+    const info = await this.deps.qemuImg.chain(active.file)
+    return { layers: info.map((l) => ({ file: l.filename, format: l.format })) }
+  }
+
+  /** Finds a layer by file (absolute, or relative to the VM directory) or by snapshot name. */
+  private find(vm: string, disk: string, layers: Layer[], ref: string, field: string): number {
+    let file: string | undefined
+    if (NAME_PATTERN.test(ref)) {
+      const snap = this.deps.snapshots.repo.get(vm, ref)
+      const d = snap?.disks.find((x) => x.id === disk && x.mode === 'external')
+      if (d) file = d.file
+    }
+    file ??= this.deps.paths.resolve(ref, this.deps.paths.vmDir(vm), field)
+    const i = layers.findIndex((l) => l.file === file)
+    if (i < 0) throw new QmpdError('INVALID_INPUT', `${field} ${ref} is not in the chain of disk ${disk} (${layers.map((l) => l.file).join(' <- ')})`, { [field]: ref })
+    return i
+  }
+
+  /**
+   * Refuses a merge that would change what a snapshot or another branch reads: writing into an
+   * image changes the view of every image layered on it outside the chain being shortened.
+   */
+  private guardWrites(vm: string, disk: string, layers: Layer[], written: number, merged: number[]): void {
+    const snaps = this.deps.snapshots.repo.list(vm)
+    const images = this.deps.snapshots.repo.images(vm).filter((i) => i.disk === disk)
+    for (const idx of [...merged, written]) {
+      const file = layers[idx]!.file
+      const user = snaps.find((s) => s.disks.some((d) => d.id === disk && d.mode === 'external' && d.file === file))
+      if (user && idx !== merged[0]) {
+        throw new QmpdError(
+          'INVALID_STATE',
+          `${file} is the image of snapshot ${user.name}: this merge would change what it holds; delete the snapshot instead (it merges safely)`,
+          { file, snapshot: user.name },
+        )
+      }
+      const above = idx === 0 ? undefined : layers[idx - 1]!.file
+      const other = images.find((i) => i.backing === file && i.file !== above && existsSync(i.file))
+      if (other && idx !== merged[0]) {
+        throw new QmpdError('INVALID_STATE', `${file} is also the backing of ${other.file} (another branch): this merge would change what that branch reads`, {
+          file,
+        })
+      }
+    }
+  }
+
+  private speedControls(ctx: JobContext, qmp: QmpClient, jobId: string, opts: { complete?: boolean }): void {
+    ctx.setControls({
+      pause: () => qmp.execute('job-pause', { id: jobId }).then(() => ctx.setPhase('paused')),
+      resume: () => qmp.execute('job-resume', { id: jobId }).then(() => undefined),
+      setSpeed: async (speed) => {
+        await qmp.execute('block-job-set-speed', { device: jobId, speed })
+        ctx.setSpeed(speed)
+      },
+      ...(opts.complete ? { complete: () => qmp.execute('job-complete', { id: jobId }).then(() => ctx.setPhase('running')) } : {}),
+    })
+  }
+
+  /** Maps QEMU's job statuses onto the qmpd job's phase. */
+  private phase(ctx: JobContext, readyIsWaiting: () => boolean): (status: string) => void {
+    return (status) => {
+      if (status === 'paused' || status === 'standby') ctx.setPhase('paused')
+      else if (status === 'running') ctx.setPhase('running')
+      else if (status === 'ready') ctx.setPhase(readyIsWaiting() ? 'ready' : 'running')
+    }
+  }
+
+  private async doCommit(vm: string, disk: string, body: CommitBody, ctx: JobContext): Promise<unknown> {
+    const { layers, qmp } = await this.chain(vm, disk)
+    const top = body.top ? this.find(vm, disk, layers, body.top, 'top') : 0
+    const base = body.base ? this.find(vm, disk, layers, body.base, 'base') : top + 1
+    if (base >= layers.length) throw new QmpdError('INVALID_INPUT', `disk ${disk}: ${layers[top]!.file} has no backing image to commit into`, { disk })
+    if (base <= top) throw new QmpdError('INVALID_INPUT', `base ${layers[base]!.file} is not below top ${layers[top]!.file}`, { disk })
+    const merged = Array.from({ length: base - top }, (_, i) => top + i)
+    this.guardWrites(vm, disk, layers, base, merged)
+    const t0 = performance.now()
+    const activeCommit = top === 0
+    let pivoted = activeCommit
+    if (qmp) {
+      const jobId = `qmpd-commit-${ctx.id.slice(0, 8)}`
+      const waitForUser = activeCommit && !body.pivot
+      this.speedControls(ctx, qmp, jobId, { complete: waitForUser })
+      if (body.speedBytesPerSec !== undefined) ctx.setSpeed(body.speedBytesPerSec)
+      try {
+        // An active commit becomes READY and needs job-complete (the pivot); an intermediate one ends by itself.
+        await driveQemuJob(
+          qmp,
+          jobId,
+          () =>
+            qmp.execute('block-commit', {
+              'job-id': jobId,
+              device: layers[0]!.node!,
+              'top-node': layers[top]!.node!,
+              'base-node': layers[base]!.node!,
+              ...(body.speedBytesPerSec ? { speed: body.speedBytesPerSec } : {}),
+              'auto-finalize': false,
+              'auto-dismiss': false,
+            }),
+          {
+            log: ctx.log,
+            signal: ctx.signal,
+            onProgress: (c, t) => ctx.setProgress(c, t),
+            onReady: () => !waitForUser,
+            onStatus: this.phase(ctx, () => waitForUser),
+          },
+        )
+      } catch (err) {
+        if (err instanceof QmpdError && err.code === 'JOB_CANCELLED') pivoted = false
+        throw err
+      }
+      // A commit cancelled after READY leaves the VM on its top layer, like QEMU does.
+      const now = await liveChain(qmp, disk)
+      pivoted = activeCommit && now[0]?.file === layers[base]!.file
+    } else {
+      await this.deps.qemuImg.runWithProgress(['commit', '-p', '-d', '-f', layers[top]!.format, '-b', layers[base]!.file, layers[top]!.file], (p) =>
+        ctx.setProgress(p, 100),
+      )
+      if (top > 0) {
+        // qemu-img commit does not touch the image above top: point it at base by hand; base now holds what top did.
+        await this.deps.qemuImg.rebase(layers[top - 1]!.file, { file: layers[base]!.file, format: layers[base]!.format }, { unsafe: true })
+      }
+    }
+    const removed = this.afterMerge(vm, disk, layers, top, base, { activeMoved: pivoted, keep: body.keepMerged }, ctx)
+    return { top: layers[top]!.file, base: layers[base]!.file, pivoted, removed, ms: Math.round(performance.now() - t0) }
+  }
+
+  private async doPull(vm: string, disk: string, body: PullBody, ctx: JobContext): Promise<unknown> {
+    const { layers, qmp } = await this.chain(vm, disk)
+    const base = body.base ? this.find(vm, disk, layers, body.base, 'base') : layers.length
+    if (base <= 1) throw new QmpdError('INVALID_INPUT', `disk ${disk}: nothing between the active layer and ${body.base ?? 'the bottom'} to pull`, { disk })
+    const t0 = performance.now()
+    if (qmp) {
+      const jobId = `qmpd-stream-${ctx.id.slice(0, 8)}`
+      this.speedControls(ctx, qmp, jobId, {})
+      if (body.speedBytesPerSec !== undefined) ctx.setSpeed(body.speedBytesPerSec)
+      // block-stream finishes by itself (no job-complete).
+      await driveQemuJob(
+        qmp,
+        jobId,
+        () =>
+          qmp.execute('block-stream', {
+            'job-id': jobId,
+            device: layers[0]!.node!,
+            ...(base < layers.length ? { 'base-node': layers[base]!.node! } : {}),
+            ...(body.speedBytesPerSec ? { speed: body.speedBytesPerSec } : {}),
+            'auto-finalize': false,
+            'auto-dismiss': false,
+          }),
+        { log: ctx.log, signal: ctx.signal, onProgress: (c, t) => ctx.setProgress(c, t), onStatus: this.phase(ctx, () => false) },
+      )
+    } else {
+      const nb = base < layers.length ? layers[base]! : undefined
+      const args = ['rebase', '-p', '-f', layers[0]!.format, '-b', nb?.file ?? '']
+      if (nb) args.push('-F', nb.format)
+      await this.deps.qemuImg.runWithProgress([...args, layers[0]!.file], (p) => ctx.setProgress(p, 100))
+    }
+    const removed = this.afterPull(vm, disk, layers, base, body.keepMerged, ctx)
+    return { into: layers[0]!.file, base: base < layers.length ? layers[base]!.file : null, removed, ms: Math.round(performance.now() - t0) }
+  }
+
+  private async doCopy(vm: string, disk: string, body: CopyBody, ctx: JobContext): Promise<unknown> {
+    const { layers, qmp } = await this.chain(vm, disk)
+    const backing = body.shallow && layers.length > 1 ? layers[1]! : undefined
+    const t0 = performance.now()
+    let pivoted = false
+    if (!qmp) {
+      try {
+        const args = ['convert', '-p', '-f', layers[0]!.format, '-O', body.format]
+        if (backing) args.push('-B', backing.file, '-F', backing.format)
+        await this.deps.qemuImg.runWithProgress([...args, layers[0]!.file, body.dest], (p) => ctx.setProgress(p, 100), ctx.signal)
+      } catch (err) {
+        rmSync(body.dest, { force: true })
+        throw err
+      }
+      if (body.pivot) this.switchActive(vm, disk, body.dest, body.format, backing?.file ?? null)
+      return { dest: body.dest, pivoted: body.pivot, ms: Math.round(performance.now() - t0) }
+    }
+    const size = (await qmp.execute('query-named-block-nodes', { flat: true })).find((n) => n['node-name'] === layers[0]!.node)?.image['virtual-size']
+    if (!size) throw new QmpdError('INTERNAL', `cannot read the size of disk ${disk}`, { disk })
+    // -u: the backing is open in QEMU; the size is given, so qemu-img need not open it.
+    const create = ['create', '-q', '-f', body.format]
+    if (backing) create.push('-u', '-b', backing.file, '-F', backing.format)
+    await this.deps.qemuImg.run([...create, body.dest, String(size)])
+    const node = `${disk}-copy${ctx.id.slice(0, 6)}`
+    const jobId = `qmpd-copy-${ctx.id.slice(0, 8)}`
+    let added = false
+    let readySeen = false
+    try {
+      await qmp.execute('blockdev-add', {
+        driver: body.format,
+        'node-name': node,
+        file: { driver: 'file', filename: body.dest },
+        ...(body.format === 'qcow2' ? { backing: backing ? backing.node! : null } : {}),
+      } as never)
+      added = true
+      this.speedControls(ctx, qmp, jobId, { complete: !body.pivot })
+      if (body.speedBytesPerSec !== undefined) ctx.setSpeed(body.speedBytesPerSec)
+      // READY = synchronized: job-complete pivots to the copy; job-cancel after READY keeps a
+      // point-in-time copy and leaves the VM on its source.
+      await driveQemuJob(
+        qmp,
+        jobId,
+        () =>
+          qmp.execute('blockdev-mirror', {
+            'job-id': jobId,
+            device: layers[0]!.node!,
+            target: node,
+            sync: backing ? 'top' : 'full',
+            ...(body.speedBytesPerSec ? { speed: body.speedBytesPerSec } : {}),
+            'auto-finalize': false,
+            'auto-dismiss': false,
+          }),
+        {
+          log: ctx.log,
+          signal: ctx.signal,
+          onProgress: (c, t) => ctx.setProgress(c, t),
+          onReady: () => {
+            readySeen = true
+            return body.pivot
+          },
+          onStatus: this.phase(ctx, () => !body.pivot),
+        },
+      )
+      pivoted = (await liveChain(qmp, disk))[0]?.file === body.dest
+    } catch (err) {
+      const keptCopy = readySeen && err instanceof QmpdError && err.code === 'JOB_CANCELLED'
+      if (!keptCopy) {
+        if (added) await qmp.execute('blockdev-del', { 'node-name': node }).catch(() => {})
+        rmSync(body.dest, { force: true })
+        throw err
+      }
+    }
+    if (pivoted) {
+      this.switchActive(vm, disk, body.dest, body.format, backing?.file ?? null)
+    } else {
+      // Cancelled after READY: the copy is a consistent image of the moment of the cancel.
+      await qmp.execute('blockdev-del', { 'node-name': node }).catch((err) => ctx.log.warn({ err }, 'blockdev-del of the copy failed'))
+    }
+    return { dest: body.dest, pivoted, ms: Math.round(performance.now() - t0) }
+  }
+
+  /** The disk now runs on `file`: record it as the active layer and in the image graph. */
+  private switchActive(vm: string, disk: string, file: string, format: 'qcow2' | 'raw', backing: string | null): void {
+    const repo = this.deps.snapshots.repo
+    repo.tx(() => {
+      this.deps.snapshots.ensureBaseImages(vm)
+      repo.putImage({ vm, disk, file, format, backing, createdByQmpd: true })
+      const rt = this.deps.vms.record(vm).runtime
+      this.deps.vms.updateRuntime(vm, {
+        disks: rt.disks.map((d) => (d.id === disk ? { ...d, file, format, gen: d.gen + 1 } : d)),
+        createdFiles: [...rt.createdFiles, file],
+      })
+    })
+  }
+
+  /** Metadata after a commit of layers[top..base-1] into layers[base]; removes what nothing needs. */
+  private afterMerge(vm: string, disk: string, layers: Layer[], top: number, base: number, opts: { activeMoved: boolean; keep: boolean }, ctx: JobContext): string[] {
+    const repo = this.deps.snapshots.repo
+    const baseLayer = layers[base]!
+    repo.tx(() => {
+      this.deps.snapshots.ensureBaseImages(vm)
+      this.trackChain(vm, disk, layers)
+      if (top > 0) repo.putImage({ ...this.imageRow(vm, disk, layers[top - 1]!), backing: baseLayer.file })
+      if (opts.activeMoved) {
+        const rt = this.deps.vms.record(vm).runtime
+        this.deps.vms.updateRuntime(vm, {
+          disks: rt.disks.map((d) => (d.id === disk ? { ...d, file: baseLayer.file, format: baseLayer.format === 'raw' ? 'raw' : 'qcow2' } : d)),
+        })
+      }
+    })
+    if (opts.keep || (top === 0 && !opts.activeMoved)) return []
+    return layers.slice(top, base).filter((l) => this.deps.snapshots.removeIfUnneeded(vm, l.file, ctx)).map((l) => l.file)
+  }
+
+  /** Metadata after a pull into the active layer down to layers[base] (or everything). */
+  private afterPull(vm: string, disk: string, layers: Layer[], base: number, keep: boolean, ctx: JobContext): string[] {
+    const repo = this.deps.snapshots.repo
+    repo.tx(() => {
+      this.deps.snapshots.ensureBaseImages(vm)
+      this.trackChain(vm, disk, layers)
+      repo.putImage({ ...this.imageRow(vm, disk, layers[0]!), backing: base < layers.length ? layers[base]!.file : null })
+    })
+    if (keep) return []
+    return layers.slice(1, base).filter((l) => this.deps.snapshots.removeIfUnneeded(vm, l.file, ctx)).map((l) => l.file)
+  }
+
+  /** Makes sure every layer of the chain is in the image graph (chains built outside qmpd, too). */
+  private trackChain(vm: string, disk: string, layers: Layer[]): void {
+    const repo = this.deps.snapshots.repo
+    const known = new Set(repo.images(vm).map((i) => i.file))
+    layers.forEach((l, i) => {
+      if (!known.has(l.file)) {
+        repo.putImage({ vm, disk, file: l.file, format: l.format === 'raw' ? 'raw' : 'qcow2', backing: layers[i + 1]?.file ?? null, createdByQmpd: false })
+      }
+    })
+  }
+
+  private imageRow(vm: string, disk: string, l: Layer) {
+    return (
+      this.deps.snapshots.repo.images(vm).find((i) => i.file === l.file) ?? {
+        vm,
+        disk,
+        file: l.file,
+        format: (l.format === 'raw' ? 'raw' : 'qcow2') as 'raw' | 'qcow2',
+        backing: null,
+        createdByQmpd: false,
+      }
+    )
+  }
+}
+

@@ -1,0 +1,60 @@
+import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod'
+import { z } from 'zod'
+import type { BusEvent } from '../../events/bus.ts'
+import { Name } from '../../vm/definition.ts'
+import type { Services } from '../app.ts'
+
+/** How much may wait unsent for one client before it is dropped: a slow reader never slows the daemon. */
+const MAX_PENDING_BYTES = 1024 * 1024
+const HEARTBEAT_MS = 15_000
+
+/** GET /v1/events: Server-Sent Events of job, VM and QEMU events (curl -N). */
+export const eventRoutes: FastifyPluginAsyncZod<{ services: Services }> = async (app, { services }) => {
+  app.get(
+    '/v1/events',
+    {
+      schema: {
+        summary: 'Live event stream (text/event-stream): job state and progress, VM state, QEMU events',
+        tags: ['events'],
+        querystring: z.strictObject({
+          vm: Name.optional(),
+          types: z
+            .string()
+            .regex(/^(job|vm|qmp)(,(job|vm|qmp))*$/, 'a comma-separated list of job, vm, qmp')
+            .optional(),
+        }),
+      },
+    },
+    (req, reply) => {
+      const types = new Set((req.query.types ?? 'job,vm,qmp').split(','))
+      const vm = req.query.vm
+      reply.hijack()
+      const res = reply.raw
+      res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache', connection: 'keep-alive', 'x-accel-buffering': 'no' })
+      res.write(`: qmpd event stream\n\n`)
+      let id = 0
+      let closed = false
+      const close = (): void => {
+        if (closed) return
+        closed = true
+        unsubscribe()
+        clearInterval(heartbeat)
+      }
+      const send = (ev: BusEvent): void => {
+        if (closed || !types.has(ev.type) || (vm && ev.vm !== vm)) return
+        if (res.writableLength > MAX_PENDING_BYTES) {
+          res.end(`event: dropped\ndata: ${JSON.stringify({ reason: `client too slow: over ${MAX_PENDING_BYTES} bytes unread` })}\n\n`)
+          req.log.warn('SSE client dropped: too slow')
+          close()
+          return
+        }
+        res.write(`id: ${++id}\nevent: ${ev.type}\ndata: ${JSON.stringify(ev)}\n\n`)
+      }
+      const unsubscribe = services.bus.subscribe(send)
+      const heartbeat = setInterval(() => res.write(': keep-alive\n\n'), HEARTBEAT_MS)
+      heartbeat.unref()
+      req.raw.on('close', close)
+      res.on('error', close)
+    },
+  )
+}
