@@ -33,7 +33,7 @@ export interface Daemon {
   blockJobs: BlockJobService
   state: StateService
   /** Builds an HTTP app over this daemon's services; token undefined = no auth (unix socket). */
-  app(opts?: { token?: string }): Promise<FastifyInstance>
+  app(opts?: { token?: string; sseMaxPendingBytes?: number }): Promise<FastifyInstance>
   /** Stops accepting work, waits for running jobs, detaches from QEMU (VMs keep running), closes the store. */
   close(): Promise<void>
 }

@@ -30,6 +30,7 @@ export type ErrorCode =
   | 'VM_CRASHED'
   | 'JOB_CANCELLED'
   | 'INTERRUPTED'
+  | 'IO_ERROR'
   | 'TIMEOUT'
   | 'INTERNAL'
 

@@ -64,6 +64,9 @@ export async function main(argv: string[]): Promise<number> {
     ...(values['log-level'] ? { logLevel: values['log-level'] } : {}),
   })
   const daemon = await startDaemon(config)
+  // A bug in one operation must not take the control plane down with it: QEMUs keep running
+  // either way, but an exiting daemon would leave every VM unmanaged. Log loudly and serve on.
+  process.on('unhandledRejection', (err) => daemon.log.error({ err }, 'unhandled rejection (a qmpd bug)'))
   const { app } = await listen(daemon, config.listen)
   daemon.log.info({ stateDir: config.stateDir, version: VERSION }, 'qmpd serving')
   await new Promise<void>((resolve) => {

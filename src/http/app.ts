@@ -34,6 +34,8 @@ export interface AppOptions {
   /** When set, every /v1 request must carry "Authorization: Bearer <token>" (TCP listeners). */
   token?: string
   version: string
+  /** SSE: bytes that may wait unsent for one client before it is dropped (default 1 MiB). */
+  sseMaxPendingBytes?: number
 }
 
 /** Paths served without a token: liveness and the API's own documentation (no VM data). */
@@ -82,7 +84,7 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
   await app.register(jobRoutes, { services: opts.services })
   await app.register(snapshotRoutes, { services: opts.services })
   await app.register(chainRoutes, { services: opts.services })
-  await app.register(eventRoutes, { services: opts.services })
+  await app.register(eventRoutes, { services: opts.services, ...(opts.sseMaxPendingBytes ? { maxPendingBytes: opts.sseMaxPendingBytes } : {}) })
   await app.ready()
   return app
 }

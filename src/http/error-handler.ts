@@ -19,6 +19,8 @@ export const STATUS_BY_CODE: Record<ErrorCode, number> = {
   NOT_SUPPORTED: 409,
   JOB_CANCELLED: 409,
   INTERRUPTED: 500,
+  /** The host could not write a file (ENOSPC, EIO): 507 Insufficient Storage. */
+  IO_ERROR: 507,
   QMP_COMMAND_FAILED: 502,
   QMP_DISCONNECTED: 502,
   QMP_PROTOCOL_ERROR: 502,

@@ -85,13 +85,24 @@ export async function saveRamState(qmp: QmpClient, opts: SaveOptions): Promise<S
   const server = createServer()
   const short = shortSocketPath(opts.socket.path)
   let received: Promise<number> | undefined
+  let writeError: QmpdError | undefined
   let conn: Socket | undefined
   const connected = new Promise<void>((resolve) => {
     server.once('connection', (sock) => {
       conn = sock
       server.close()
       const out = createWriteStream(partial, { flags: 'wx', mode: 0o600 })
-      received = pipeline(sock, out).then(() => out.bytesWritten)
+      received = pipeline(sock, out).then(
+        () => out.bytesWritten,
+        (err: NodeJS.ErrnoException) => {
+          // The file cannot take the stream (ENOSPC, EIO): stop QEMU sending at once.
+          writeError = new QmpdError('IO_ERROR', `writing ${opts.file} failed: ${err.message}`, { file: opts.file, errno: err.code })
+          qmp.execute('migrate_cancel').catch(() => {})
+          throw writeError
+        },
+      )
+      // Observed here so that a failure before anyone awaits it is never an unhandled rejection.
+      received.catch(() => {})
       resolve()
     })
   })
@@ -129,6 +140,7 @@ export async function saveRamState(qmp: QmpClient, opts: SaveOptions): Promise<S
       } else if (status === 'completed') {
         break
       } else if (status === 'failed' || status === 'cancelled') {
+        if (writeError) throw writeError
         const info = await qmp.execute('query-migrate').catch(() => undefined)
         throw new QmpdError('QMP_COMMAND_FAILED', `saving RAM state failed: ${info?.['error-desc'] ?? status}`, { status })
       }

@@ -1,6 +1,9 @@
 // Managed save, save/restore to a chosen file, and the SSE event stream, against real QEMU.
 import { spawn } from 'node:child_process'
-import { existsSync, mkdirSync, statSync } from 'node:fs'
+import { execFile } from 'node:child_process'
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, statSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { promisify } from 'node:util'
 import { request } from 'node:http'
 import { join } from 'node:path'
 import t from 'tap'
@@ -13,6 +16,8 @@ import { defineGuestVm, eventually, guestCounters, op, startTestDaemon } from '.
 import { GUEST_COUNTER_ADDR, parseCounters } from '../helpers/guest.ts'
 import { requireQemu } from '../helpers/qemu.ts'
 import { RawQmp } from '../helpers/rawqmp.ts'
+
+const run = promisify(execFile)
 
 t.before(() => {
   requireQemu(t)
@@ -94,6 +99,27 @@ t.test('save to a chosen file and restore it, with qmpd and with plain qemu-syst
   const c = await guestCounters(td, 'sv')
   t.ok(c.counter >= plain.counter, 'qmpd restores the same state')
   t.ok(existsSync(file), 'restore keeps the file (like virsh restore)')
+})
+
+t.test('a save that runs out of disk leaves no file and the VM running', async (t) => {
+  const small = mkdtempSync(join(tmpdir(), 'qmpd-savefull-'))
+  await run('mount', ['-t', 'tmpfs', '-o', 'size=512k', 'tmpfs', small])
+  t.teardown(async () => {
+    await run('umount', ['-l', small]).catch(() => {})
+    rmSync(small, { recursive: true, force: true })
+  })
+  const td = await startTestDaemon(t, { config: { allowedDirs: [small] } })
+  await defineGuestVm(td, 'full', { disks: 1, stampMiB: 4, memoryMiB: 32 })
+  await op(td, 'full', 'start')
+  t.ok(await eventually(async () => (await guestCounters(td, 'full')).counter > 20))
+  const res = await td.api('POST', '/v1/vms/full/save?wait=true', { file: join(small, 'x.state') })
+  t.equal(res.status, 507, 'the save fails: insufficient storage')
+  t.equal(res.body.error.code, 'IO_ERROR')
+  t.match(res.body.error.message, /no space left on device/i)
+  t.same(readdirSync(small), [], 'no file (not even a partial one) is left')
+  t.equal((await td.api('GET', '/v1/vms/full')).body.state, 'running', 'the VM runs on')
+  const c = (await guestCounters(td, 'full')).counter
+  t.ok(await eventually(async () => (await guestCounters(td, 'full')).counter > c + 10), 'and counts on')
 })
 
 t.test('GET /v1/events streams a job from queued to succeeded, filtered by VM and type', async (t) => {

@@ -5,11 +5,12 @@ import { Name } from '../../vm/definition.ts'
 import type { Services } from '../app.ts'
 
 /** How much may wait unsent for one client before it is dropped: a slow reader never slows the daemon. */
-const MAX_PENDING_BYTES = 1024 * 1024
+export const SSE_MAX_PENDING_BYTES = 1024 * 1024
 const HEARTBEAT_MS = 15_000
 
 /** GET /v1/events: Server-Sent Events of job, VM and QEMU events (curl -N). */
-export const eventRoutes: FastifyPluginAsyncZod<{ services: Services }> = async (app, { services }) => {
+export const eventRoutes: FastifyPluginAsyncZod<{ services: Services; maxPendingBytes?: number }> = async (app, { services, maxPendingBytes }) => {
+  const limit = maxPendingBytes ?? SSE_MAX_PENDING_BYTES
   app.get(
     '/v1/events',
     {
@@ -42,8 +43,8 @@ export const eventRoutes: FastifyPluginAsyncZod<{ services: Services }> = async 
       }
       const send = (ev: BusEvent): void => {
         if (closed || !types.has(ev.type) || (vm && ev.vm !== vm)) return
-        if (res.writableLength > MAX_PENDING_BYTES) {
-          res.end(`event: dropped\ndata: ${JSON.stringify({ reason: `client too slow: over ${MAX_PENDING_BYTES} bytes unread` })}\n\n`)
+        if (res.writableLength > limit) {
+          res.end(`event: dropped\ndata: ${JSON.stringify({ reason: `client too slow: over ${limit} bytes unread` })}\n\n`)
           req.log.warn('SSE client dropped: too slow')
           close()
           return
