@@ -4,6 +4,7 @@ import { join } from 'node:path'
 import { pino, type Logger } from 'pino'
 import type { FastifyInstance } from 'fastify'
 import type { Config } from './config.ts'
+import { settlesWithin } from './util.ts'
 import { EventBus } from './events/bus.ts'
 import { buildApp } from './http/app.ts'
 import { PathPolicy } from './images/paths.ts'
@@ -34,8 +35,12 @@ export interface Daemon {
   state: StateService
   /** Builds an HTTP app over this daemon's services; token undefined = no auth (unix socket). */
   app(opts?: { token?: string; sseMaxPendingBytes?: number }): Promise<FastifyInstance>
-  /** Stops accepting work, waits for running jobs, detaches from QEMU (VMs keep running), closes the store. */
-  close(): Promise<void>
+  /**
+   * Waits for running jobs (at most drainTimeoutMs, default 10 s: a mirror waiting in READY would
+   * wait forever), detaches from QEMU (VMs and their QEMU jobs keep running; the next daemon ends
+   * orphaned jobs), closes the store.
+   */
+  close(opts?: { drainTimeoutMs?: number }): Promise<void>
 }
 
 /** Creates the state directory, opens the store, recovers interrupted jobs and re-attaches to QEMUs. */
@@ -84,10 +89,10 @@ export async function startDaemon(
     blockJobs,
     state,
     app: (opts = {}) => buildApp({ services: { vms, jobs, bus, snapshots, blockJobs, state }, logger: log, version: VERSION, ...opts }),
-    async close() {
+    async close(opts = {}) {
       if (closed) return
       closed = true
-      await jobs.drain()
+      if (!(await settlesWithin(jobs.drain(), opts.drainTimeoutMs ?? 10_000))) log.warn('jobs still running at shutdown; leaving them to QEMU')
       await vms.close()
       db.close()
     },

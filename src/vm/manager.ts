@@ -525,7 +525,33 @@ export class VmManager {
     this.attach(h, qmp)
     const st = stateFromStatus(QueryStatus.parse(await qmp.execute('query-status')))
     this.setState(h, st.state, st.reason)
+    await this.endOrphanedJobs(h, qmp)
     h.log.info({ pid: rt.pid }, 're-attached to running QEMU')
+  }
+
+  /**
+   * QEMU jobs a previous daemon started (ids qmpd-*) outlive it, and their qmpd jobs were marked
+   * INTERRUPTED: cancel the ones still running (a copy or commit not pivoted leaves the VM on its
+   * old chain) and dismiss the concluded ones, so the disks are free for new work.
+   */
+  private async endOrphanedJobs(h: Handle, qmp: QmpClient): Promise<void> {
+    for (const job of await qmp.execute('query-jobs')) {
+      if (!job.id.startsWith('qmpd-')) continue
+      if (job.status === 'concluded') await qmp.execute('job-dismiss', { id: job.id }).catch(() => {})
+      else {
+        await qmp.execute('job-cancel', { id: job.id }).catch(() => {})
+        for (let i = 0; i < 100; i++) {
+          const j = (await qmp.execute('query-jobs')).find((x) => x.id === job.id)
+          if (!j) break
+          if (j.status === 'concluded') {
+            await qmp.execute('job-dismiss', { id: job.id }).catch(() => {})
+            break
+          }
+          await sleep(50)
+        }
+      }
+      h.log.warn({ qemuJob: job.id, status: job.status }, 'ended a QEMU job left by the previous daemon')
+    }
   }
 
   /** A fresh exit promise for the current QEMU process. */

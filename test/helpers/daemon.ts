@@ -20,7 +20,7 @@ export interface TestDaemon {
   /** Sends a request through fastify.inject; `body` is sent as JSON. */
   api(method: string, url: string, body?: unknown, headers?: Record<string, string>): Promise<{ status: number; body: any; headers: Record<string, unknown> }>
   /** Closes the daemon (QEMUs keep running, like a daemon restart). */
-  close(): Promise<void>
+  close(opts?: { drainTimeoutMs?: number }): Promise<void>
 }
 
 const pids = new Set<number>()
@@ -67,12 +67,12 @@ export async function startTestDaemon(
       if (parsed?.result?.pid) pids.add(parsed.result.pid)
       return { status: res.statusCode, body: parsed, headers: res.headers }
     },
-    async close() {
+    async close(opts) {
       if (closed) return
       closed = true
       for (const vm of await daemon.vms.list()) if (vm.pid) pids.add(vm.pid)
       await app.close()
-      await daemon.close()
+      await daemon.close(opts)
     },
   }
   t.teardown(async () => {

@@ -224,3 +224,23 @@ t.test('bad block-job requests are refused and change nothing', async (t) => {
   t.match(rs.body.error.message, /not a QEMU migration stream/)
   t.equal((await td.api('DELETE', '/v1/vms/bad/managedsave')).status, 409, 'no managed save to discard')
 })
+
+t.test('a block job left running by a daemon that stopped is ended by the next one', async (t) => {
+  const stateDir = t.testdir()
+  const first = await startTestDaemon(t, { stateDir })
+  await defineGuestVm(first, 'orph', { disks: 1 })
+  await op(first, 'orph', 'start')
+  const job = (await first.api('POST', '/v1/vms/orph/disks/vda/copy', { dest: 'c1.qcow2' })).body
+  t.ok(await eventually(async () => (await first.api('GET', `/v1/jobs/${job.id}`)).body.state === 'ready', 30_000))
+  const t0 = Date.now()
+  await first.close({ drainTimeoutMs: 500 }) // the daemon goes while QEMU keeps mirroring
+  t.ok(Date.now() - t0 < 5000, 'shutdown does not wait for a job waiting in ready')
+  const second = await startTestDaemon(t, { stateDir })
+  const old = (await second.api('GET', `/v1/jobs/${job.id}`)).body
+  t.equal(old.state, 'failed', 'the old job is over')
+  t.match(old.error.code, /^(INTERRUPTED|QMP_DISCONNECTED)$/)
+  const q = await second.api('POST', '/v1/vms/orph/qmp', { execute: 'query-jobs' })
+  t.same(q.body.return, [], 'the orphaned QEMU job is gone')
+  const again = await second.api('POST', '/v1/vms/orph/disks/vda/copy?wait=true', { dest: 'c2.qcow2', pivot: true })
+  t.equal(again.status, 200, 'the disk is free for a new job')
+})
