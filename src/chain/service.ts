@@ -2,7 +2,7 @@ import { existsSync, rmSync } from 'node:fs'
 import type { Logger } from 'pino'
 import { z } from 'zod'
 import { QmpdError } from '../errors.ts'
-import { liveChain } from '../images/graph.ts'
+import { liveChain, pruneDetachedNodes } from '../images/graph.ts'
 import type { PathPolicy } from '../images/paths.ts'
 import type { QemuImg } from '../images/qemu-img.ts'
 import type { JobContext, JobManager } from '../jobs/manager.ts'
@@ -132,7 +132,7 @@ export class BlockJobService {
       op,
       params: { disk, ...(params as object) },
       cancellableWhileRunning: true,
-      queue: `${vm}#blockjobs`,
+      queue: `${vm}#disk:${disk}`,
       run: async (ctx) => {
         this.mark(vm, disk, ctx.id)
         try {
@@ -271,6 +271,7 @@ export class BlockJobService {
         if (err instanceof QmpdError && err.code === 'JOB_CANCELLED') pivoted = false
         throw err
       }
+      await pruneDetachedNodes(qmp, disk)
       // A commit cancelled after READY leaves the VM on its top layer, like QEMU does.
       const now = await liveChain(qmp, disk)
       pivoted = activeCommit && now[0]?.file === layers[base]!.file
@@ -311,6 +312,7 @@ export class BlockJobService {
           }),
         { log: ctx.log, signal: ctx.signal, onProgress: (c, t) => ctx.setProgress(c, t), onStatus: this.phase(ctx, () => false) },
       )
+      await pruneDetachedNodes(qmp, disk)
     } else {
       const nb = base < layers.length ? layers[base]! : undefined
       const args = ['rebase', '-p', '-f', layers[0]!.format, '-b', nb?.file ?? '']
@@ -336,6 +338,7 @@ export class BlockJobService {
         throw err
       }
       if (body.pivot) this.switchActive(vm, disk, body.dest, body.format, backing?.file ?? null)
+      else this.deps.vms.updateRuntime(vm, { createdFiles: [...this.deps.vms.record(vm).runtime.createdFiles, body.dest] })
       return { dest: body.dest, pivoted: body.pivot, ms: Math.round(performance.now() - t0) }
     }
     const size = (await qmp.execute('query-named-block-nodes', { flat: true })).find((n) => n['node-name'] === layers[0]!.node)?.image['virtual-size']
@@ -385,6 +388,7 @@ export class BlockJobService {
         },
       )
       pivoted = (await liveChain(qmp, disk))[0]?.file === body.dest
+      if (pivoted) await pruneDetachedNodes(qmp, disk)
     } catch (err) {
       const keptCopy = readySeen && err instanceof QmpdError && err.code === 'JOB_CANCELLED'
       if (!keptCopy) {
@@ -398,6 +402,7 @@ export class BlockJobService {
     } else {
       // Cancelled after READY: the copy is a consistent image of the moment of the cancel.
       await qmp.execute('blockdev-del', { 'node-name': node }).catch((err) => ctx.log.warn({ err }, 'blockdev-del of the copy failed'))
+      this.deps.vms.updateRuntime(vm, { createdFiles: [...this.deps.vms.record(vm).runtime.createdFiles, body.dest] })
     }
     return { dest: body.dest, pivoted, ms: Math.round(performance.now() - t0) }
   }

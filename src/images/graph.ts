@@ -47,3 +47,33 @@ export async function liveInternalSnapshots(qmp: QmpClient): Promise<Map<string,
   }
   return out
 }
+
+/**
+ * Deletes the disk's nodes that qmpd added (<disk>-f<gen>, <disk>-copy…) and that a commit,
+ * stream or mirror pivot has dropped from the chain. Nodes made with -blockdev or blockdev-add
+ * belong to the monitor and outlive their use; left there, they keep their backing nodes parented,
+ * and the next block job fails with "Need a root block node". Repeats so that a dropped chain of
+ * several such nodes goes top first; nodes still in use are left alone.
+ */
+export async function pruneDetachedNodes(qmp: QmpClient, diskId: string): Promise<string[]> {
+  const pattern = new RegExp(`^${diskId}-(f\\d+|copy\\w+)$`)
+  const removed: string[] = []
+  for (let pass = 0; pass < 4; pass++) {
+    const inChain = new Set((await liveChain(qmp, diskId)).map((l) => l.node))
+    const orphans = (await qmp.execute('query-named-block-nodes', { flat: true }))
+      .map((n) => n['node-name'])
+      .filter((n): n is string => !!n && pattern.test(n) && !inChain.has(n))
+    let progress = false
+    for (const node of orphans) {
+      try {
+        await qmp.execute('blockdev-del', { 'node-name': node })
+        removed.push(node)
+        progress = true
+      } catch {
+        // in use by another orphan (deleted in a later pass) or not owned by the monitor
+      }
+    }
+    if (!progress) break
+  }
+  return removed
+}

@@ -3,7 +3,7 @@ import { closeSync, existsSync, openSync, rmSync, statSync } from 'node:fs'
 import { join } from 'node:path'
 import type { Logger } from 'pino'
 import { QmpdError } from '../errors.ts'
-import { liveChain, liveInternalSnapshots, type LiveLayer } from '../images/graph.ts'
+import { liveChain, liveInternalSnapshots, pruneDetachedNodes, type LiveLayer } from '../images/graph.ts'
 import type { PathPolicy } from '../images/paths.ts'
 import type { QemuImg } from '../images/qemu-img.ts'
 import type { JobContext, JobManager } from '../jobs/manager.ts'
@@ -160,7 +160,7 @@ export class SnapshotService {
     }
     if (body.quiesce) {
       if (!def.guestAgent) throw new QmpdError('INVALID_STATE', `VM ${vm} has no guest agent (guestAgent: true): cannot quiesce`, { vm })
-      if (!live) throw new QmpdError('INVALID_STATE', 'quiesce needs a running VM', { vm })
+      if (state !== 'running') throw new QmpdError('INVALID_STATE', `quiesce needs a running guest (VM ${vm} is ${state}): a stopped guest agent cannot freeze anything`, { vm, state })
       if (memory) throw new QmpdError('INVALID_INPUT', 'quiesce applies to disk-only snapshots (a checkpoint keeps RAM consistent by itself)', {})
     }
     if (body.vmstateFile && !(body.kind === 'external' && memory)) {
@@ -185,6 +185,9 @@ export class SnapshotService {
         if (spec?.file) throw new QmpdError('INVALID_INPUT', `disk ${active.id}: file and exclude cannot go together`, { disk: active.id })
         disks.push({ id: active.id, mode: 'excluded', file: active.file, format: active.format })
         continue
+      }
+      if (!live && !existsSync(active.file)) {
+        throw new QmpdError('INVALID_STATE', `disk ${active.id}: ${active.file} does not exist yet (qmpd creates it at the first start)`, { disk: active.id })
       }
       if (body.kind === 'internal') {
         if (active.format !== 'qcow2') {
@@ -461,6 +464,7 @@ export class SnapshotService {
           }),
         { log: ctx.log },
       )
+      await pruneDetachedNodes(qmp, o.id)
     }
   }
 
@@ -504,6 +508,7 @@ export class SnapshotService {
     if (isAdopted(rec.definition)) throw new QmpdError('NOT_SUPPORTED', `VM ${vm} was adopted`, { vm })
     this.busyCheck(vm, 'revert')
     const st = rec.runtime.state
+    if (st === 'saved') throw new QmpdError('INVALID_STATE', `VM ${vm} has a managed save; start it or discard the save (DELETE /v1/vms/${vm}/managedsave) before reverting`, { vm, state: st })
     if (st === 'starting' || st === 'stopping' || st === 'unknown') throw new QmpdError('INVALID_STATE', `cannot revert VM ${vm} while it is ${st}`, { vm, state: st })
     return this.deps.jobs.submit({ vm, op: 'snapshot-revert', params: { snapshot: name, ...body }, run: (ctx) => this.doRevert(vm, s.name, body, ctx) })
   }
@@ -789,15 +794,18 @@ export class SnapshotService {
           }),
         { log: ctx.log, onProgress: (c, t) => ctx.setProgress(c, t) },
       )
+      await pruneDetachedNodes(qmp, disk)
     } else if (ci >= 0) {
       throw new QmpdError('INTERNAL', `${C.file} is in the running chain but ${F} is not right below it`, { disk })
     } else {
       await this.deps.qemuImg.commit(C.file, F)
-      const fFormat = this.deps.repo.images(vm).find((i) => i.file === F)?.format ?? 'qcow2'
-      for (const gk of this.deps.repo.images(vm).filter((i) => i.backing === C.file)) {
-        // F now holds exactly what C held: only the header of C's children needs to change.
-        await this.deps.qemuImg.rebase(gk.file, { file: F, format: fFormat }, { unsafe: true })
-      }
+    }
+    // F now holds exactly what C held: only the headers of C's children need to change. QEMU
+    // rewrote the one in its running chain itself; every other branch is rebased here.
+    const fFormat = this.deps.repo.images(vm).find((i) => i.file === F)?.format ?? 'qcow2'
+    const rewrittenByQemu = qmp && ci > 0 ? live[ci - 1]!.file : undefined
+    for (const gk of this.deps.repo.images(vm).filter((i) => i.backing === C.file && i.file !== rewrittenByQemu && existsSync(i.file))) {
+      await this.deps.qemuImg.rebase(gk.file, { file: F, format: fFormat }, { unsafe: true })
     }
     this.deps.repo.tx(() => {
       for (const gk of this.deps.repo.images(vm).filter((i) => i.backing === C.file)) this.deps.repo.putImage({ ...gk, backing: F })
@@ -842,6 +850,7 @@ export class SnapshotService {
           }),
         { log: ctx.log, onProgress: (c, t) => ctx.setProgress(c, t) },
       )
+      await pruneDetachedNodes(qmp, disk)
     } else {
       await this.deps.qemuImg.rebase(K.file, newBacking)
     }

@@ -64,7 +64,16 @@ export class StateService {
     this.precheck(vm, 'save')
     const file = this.deps.paths.resolve(raw, this.deps.paths.vmDir(vm), 'file')
     if (existsSync(file)) throw new QmpdError('FILE_EXISTS', `${file} exists; qmpd never overwrites a file`, { file })
-    return this.deps.jobs.submit({ vm, op: 'save', params: { file }, run: async (ctx) => ({ ...(await this.saveAndQuit(vm, file, ctx)), state: 'shutoff' }) })
+    return this.deps.jobs.submit({
+      vm,
+      op: 'save',
+      params: { file },
+      run: async (ctx) => {
+        const out = await this.saveAndQuit(vm, file, ctx)
+        this.deps.vms.updateRuntime(vm, { createdFiles: [...this.deps.vms.record(vm).runtime.createdFiles, file] })
+        return { ...out, state: 'shutoff' }
+      },
+    })
   }
 
   /** Queues a restore from a file (like virsh restore); the file is checked before anything is touched. */

@@ -35,3 +35,22 @@ t.test('a client that stops reading is dropped with a final "dropped" event; oth
   t.match(last, /^event: dropped\ndata: .*client too slow/, 'the final event says why')
   t.ok(blocks.length < 40_000, `only ${blocks.length} of 40000 events were queued for it`)
 })
+
+t.test('closing the server ends open event streams instead of waiting for them', async (t) => {
+  const daemon = await startDaemon(makeConfig({ stateDir: t.testdir() }, {}), pino({ level: 'silent' }))
+  const app = await daemon.app()
+  const address = await app.listen({ host: '127.0.0.1', port: 0 })
+  const req = request({ host: '127.0.0.1', port: Number(new URL(address).port), path: '/v1/events' })
+  req.end()
+  const res = await new Promise<import('node:http').IncomingMessage>((r) => req.once('response', r))
+  let body = ''
+  res.setEncoding('utf8')
+  res.on('data', (d: string) => (body += d))
+  const ended = new Promise((r) => res.once('end', r))
+  const t0 = Date.now()
+  await app.close()
+  await daemon.close()
+  await ended
+  t.ok(Date.now() - t0 < 3000, 'closed promptly')
+  t.match(body, /event: shutdown/, 'the client is told why')
+})

@@ -109,3 +109,43 @@ t.test('external disk snapshots: a chain of three, revert to each, a branch, del
   const leftovers = readdirSync(join(td.stateDir, 'vms', 'ext')).filter((f) => f.endsWith('.qcow2') && !tracked.has(join(td.stateDir, 'vms', 'ext', f)))
   t.same(leftovers, [], 'no untracked image files left behind')
 })
+
+t.test('live deletes after a restart of QEMU, and a delete whose image has a branch outside the running chain', async (t) => {
+  const td = await startTestDaemon(t)
+  await defineGuestVm(td, 'rd', { disks: 1 })
+  await op(td, 'rd', 'start')
+  const seen: Record<string, Buffer[]> = {}
+  const runOn = async () => {
+    const c = (await guestCounters(td, 'rd')).counter
+    await eventually(async () => (await guestCounters(td, 'rd')).counter > c + 70)
+  }
+  for (const name of ['s1', 's2', 's3']) {
+    await runOn()
+    const r = await snap(td, 'rd', { name, kind: 'external', memory: false })
+    seen[name] = await Promise.all(r.snapshot.disks.map((d: any) => diskBytes(d.file)))
+  }
+  // QEMU restarted: the chain is now opened from the top overlay's header.
+  await op(td, 'rd', 'stop', { force: true })
+  await op(td, 'rd', 'start')
+  await runOn()
+  t.equal((await td.api('DELETE', '/v1/vms/rd/snapshots/s3?wait=true')).status, 200, 'live delete of s3 (active commit)')
+  t.equal((await td.api('DELETE', '/v1/vms/rd/snapshots/s2?wait=true')).status, 200, 'then of s2: the commit left no stale node behind')
+  await revert(td, 'rd', 's1', { state: 'paused' })
+  t.same(await Promise.all((await activeFiles(td, 'rd')).map((f) => diskBytes(f))), seen['s1'], 's1 reads back exactly')
+
+  // A branch: s4, s5 on top of s1, revert to s4 and run there, then delete s1 (whose image's child
+  // is in the running chain) while s5 lives on another branch of that child.
+  await op(td, 'rd', 'resume')
+  for (const name of ['s4', 's5']) {
+    await runOn()
+    const r = await snap(td, 'rd', { name, kind: 'external', memory: false })
+    seen[name] = await Promise.all(r.snapshot.disks.map((d: any) => diskBytes(d.file)))
+  }
+  await revert(td, 'rd', 's4', { state: 'running' })
+  await runOn()
+  t.equal((await td.api('DELETE', '/v1/vms/rd/snapshots/s1?wait=true')).status, 200, 'delete s1 while running on the s4 branch')
+  for (const name of ['s5', 's4']) {
+    await revert(td, 'rd', name, { state: 'paused' })
+    t.same(await Promise.all((await activeFiles(td, 'rd')).map((f) => diskBytes(f))), seen[name], `${name} still reads back exactly`)
+  }
+})

@@ -11,6 +11,11 @@ const HEARTBEAT_MS = 15_000
 /** GET /v1/events: Server-Sent Events of job, VM and QEMU events (curl -N). */
 export const eventRoutes: FastifyPluginAsyncZod<{ services: Services; maxPendingBytes?: number }> = async (app, { services, maxPendingBytes }) => {
   const limit = maxPendingBytes ?? SSE_MAX_PENDING_BYTES
+  // Open streams never end by themselves: end them when the server closes, or close would wait forever.
+  const open = new Set<() => void>()
+  app.addHook('preClose', async () => {
+    for (const end of open) end()
+  })
   app.get(
     '/v1/events',
     {
@@ -38,6 +43,7 @@ export const eventRoutes: FastifyPluginAsyncZod<{ services: Services; maxPending
       const close = (): void => {
         if (closed) return
         closed = true
+        open.delete(shutdown)
         unsubscribe()
         clearInterval(heartbeat)
       }
@@ -51,6 +57,12 @@ export const eventRoutes: FastifyPluginAsyncZod<{ services: Services; maxPending
         }
         res.write(`id: ${++id}\nevent: ${ev.type}\ndata: ${JSON.stringify(ev)}\n\n`)
       }
+      const shutdown = (): void => {
+        if (closed) return
+        res.end(`event: shutdown\ndata: ${JSON.stringify({ reason: 'qmpd is shutting down' })}\n\n`)
+        close()
+      }
+      open.add(shutdown)
       const unsubscribe = services.bus.subscribe(send)
       const heartbeat = setInterval(() => res.write(': keep-alive\n\n'), HEARTBEAT_MS)
       heartbeat.unref()
