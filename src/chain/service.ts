@@ -7,7 +7,7 @@ import type { PathPolicy } from '../images/paths.ts'
 import type { QemuImg } from '../images/qemu-img.ts'
 import type { JobContext, JobManager } from '../jobs/manager.ts'
 import type { Job } from '../jobs/model.ts'
-import { driveQemuJob } from '../jobs/qemu-job.ts'
+import { commitJob, driveQemuJob, streamJob } from '../jobs/qemu-job.ts'
 import type { QmpClient } from '../qmp/index.ts'
 import type { SnapshotService } from '../snapshot/service.ts'
 import { isAdopted, NAME_PATTERN, PathString } from '../vm/definition.ts'
@@ -245,20 +245,9 @@ export class BlockJobService {
       this.speedControls(ctx, qmp, jobId, { complete: waitForUser })
       if (body.speedBytesPerSec !== undefined) ctx.setSpeed(body.speedBytesPerSec)
       try {
-        // An active commit becomes READY and needs job-complete (the pivot); an intermediate one ends by itself.
-        await driveQemuJob(
+        await commitJob(
           qmp,
-          jobId,
-          () =>
-            qmp.execute('block-commit', {
-              'job-id': jobId,
-              device: layers[0]!.node!,
-              'top-node': layers[top]!.node!,
-              'base-node': layers[base]!.node!,
-              ...(body.speedBytesPerSec ? { speed: body.speedBytesPerSec } : {}),
-              'auto-finalize': false,
-              'auto-dismiss': false,
-            }),
+          { jobId, device: layers[0]!.node!, top: layers[top]!.node!, base: layers[base]!.node!, ...(body.speedBytesPerSec ? { speed: body.speedBytesPerSec } : {}) },
           {
             log: ctx.log,
             signal: ctx.signal,
@@ -297,19 +286,14 @@ export class BlockJobService {
       const jobId = `qmpd-stream-${ctx.id.slice(0, 8)}`
       this.speedControls(ctx, qmp, jobId, {})
       if (body.speedBytesPerSec !== undefined) ctx.setSpeed(body.speedBytesPerSec)
-      // block-stream finishes by itself (no job-complete).
-      await driveQemuJob(
+      await streamJob(
         qmp,
-        jobId,
-        () =>
-          qmp.execute('block-stream', {
-            'job-id': jobId,
-            device: layers[0]!.node!,
-            ...(base < layers.length ? { 'base-node': layers[base]!.node! } : {}),
-            ...(body.speedBytesPerSec ? { speed: body.speedBytesPerSec } : {}),
-            'auto-finalize': false,
-            'auto-dismiss': false,
-          }),
+        {
+          jobId,
+          device: layers[0]!.node!,
+          ...(base < layers.length ? { base: layers[base]!.node! } : {}),
+          ...(body.speedBytesPerSec ? { speed: body.speedBytesPerSec } : {}),
+        },
         { log: ctx.log, signal: ctx.signal, onProgress: (c, t) => ctx.setProgress(c, t), onStatus: this.phase(ctx, () => false) },
       )
       await pruneDetachedNodes(qmp, disk)

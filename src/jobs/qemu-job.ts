@@ -98,3 +98,52 @@ export async function driveQemuJob(qmp: QmpClient, id: string, issue: () => Prom
     await events.return?.()
   }
 }
+
+/**
+ * block-commit of `top` (down to, not including, `base`) on the chain whose root is `device`,
+ * driven to its end. Committing the active layer (top = device) makes a job that becomes READY and
+ * needs job-complete, the pivot (driveQemuJob does it unless opts.onReady says no); an
+ * intermediate commit ends by itself. Auto-finalize and auto-dismiss are off so the outcome can be read.
+ */
+export function commitJob(
+  qmp: QmpClient,
+  args: { jobId: string; device: string; top: string; base: string; speed?: number },
+  opts: DriveOptions,
+): Promise<DriveResult> {
+  return driveQemuJob(
+    qmp,
+    args.jobId,
+    () =>
+      qmp.execute('block-commit', {
+        'job-id': args.jobId,
+        device: args.device,
+        'top-node': args.top,
+        'base-node': args.base,
+        ...(args.speed ? { speed: args.speed } : {}),
+        'auto-finalize': false,
+        'auto-dismiss': false,
+      }),
+    opts,
+  )
+}
+
+/**
+ * block-stream into `device` of everything above `base` (all of the chain when base is omitted),
+ * driven to its end. A stream ends by itself (no job-complete).
+ */
+export function streamJob(qmp: QmpClient, args: { jobId: string; device: string; base?: string; speed?: number }, opts: DriveOptions): Promise<DriveResult> {
+  return driveQemuJob(
+    qmp,
+    args.jobId,
+    () =>
+      qmp.execute('block-stream', {
+        'job-id': args.jobId,
+        device: args.device,
+        ...(args.base ? { 'base-node': args.base } : {}),
+        ...(args.speed ? { speed: args.speed } : {}),
+        'auto-finalize': false,
+        'auto-dismiss': false,
+      }),
+    opts,
+  )
+}

@@ -8,7 +8,7 @@ import type { PathPolicy } from '../images/paths.ts'
 import type { QemuImg } from '../images/qemu-img.ts'
 import type { JobContext, JobManager } from '../jobs/manager.ts'
 import type { Job } from '../jobs/model.ts'
-import { driveQemuJob } from '../jobs/qemu-job.ts'
+import { commitJob, driveQemuJob, streamJob } from '../jobs/qemu-job.ts'
 import { withReverter } from '../jobs/reverter.ts'
 import type { QmpClient, TransactionAction } from '../qmp/index.ts'
 import { QgaClient, withFrozenFilesystems } from '../qga/client.ts'
@@ -450,20 +450,7 @@ export class SnapshotService {
       const chain = await liveChain(qmp, o.id)
       if (chain[0]?.file !== o.overlay || !chain[1]) continue
       const jobId = `qmpd-undo-${o.id}-${ctx.id.slice(0, 8)}`
-      await driveQemuJob(
-        qmp,
-        jobId,
-        () =>
-          qmp.execute('block-commit', {
-            'job-id': jobId,
-            device: chain[0]!.node,
-            'top-node': chain[0]!.node,
-            'base-node': chain[1]!.node,
-            'auto-finalize': false,
-            'auto-dismiss': false,
-          }),
-        { log: ctx.log },
-      )
+      await commitJob(qmp, { jobId, device: chain[0]!.node, top: chain[0]!.node, base: chain[1]!.node }, { log: ctx.log })
       await pruneDetachedNodes(qmp, o.id)
     }
   }
@@ -778,22 +765,7 @@ export class SnapshotService {
     const fi = live.findIndex((l) => l.file === F)
     if (qmp && ci >= 0 && fi === ci + 1) {
       const jobId = `qmpd-commit-${disk}-${ctx.id.slice(0, 8)}`
-      // Committing the active layer makes a job that becomes READY and needs job-complete (the
-      // pivot, done by driveQemuJob); an intermediate commit finishes by itself.
-      await driveQemuJob(
-        qmp,
-        jobId,
-        () =>
-          qmp.execute('block-commit', {
-            'job-id': jobId,
-            device: live[0]!.node,
-            'top-node': live[ci]!.node,
-            'base-node': live[fi]!.node,
-            'auto-finalize': false,
-            'auto-dismiss': false,
-          }),
-        { log: ctx.log, onProgress: (c, t) => ctx.setProgress(c, t) },
-      )
+      await commitJob(qmp, { jobId, device: live[0]!.node, top: live[ci]!.node, base: live[fi]!.node }, { log: ctx.log, onProgress: (c, t) => ctx.setProgress(c, t) })
       await pruneDetachedNodes(qmp, disk)
     } else if (ci >= 0) {
       throw new QmpdError('INTERNAL', `${C.file} is in the running chain but ${F} is not right below it`, { disk })
@@ -836,20 +808,7 @@ export class SnapshotService {
     if (qmp && ki >= 0) {
       const base = newBacking ? live.find((l) => l.file === newBacking.file) : undefined
       const jobId = `qmpd-stream-${disk}-${ctx.id.slice(0, 8)}`
-      // block-stream finishes on its own (no job-complete); auto-finalize off, driveQemuJob finalizes.
-      await driveQemuJob(
-        qmp,
-        jobId,
-        () =>
-          qmp.execute('block-stream', {
-            'job-id': jobId,
-            device: live[ki]!.node,
-            ...(base ? { 'base-node': base.node } : {}),
-            'auto-finalize': false,
-            'auto-dismiss': false,
-          }),
-        { log: ctx.log, onProgress: (c, t) => ctx.setProgress(c, t) },
-      )
+      await streamJob(qmp, { jobId, device: live[ki]!.node, ...(base ? { base: base.node } : {}) }, { log: ctx.log, onProgress: (c, t) => ctx.setProgress(c, t) })
       await pruneDetachedNodes(qmp, disk)
     } else {
       await this.deps.qemuImg.rebase(K.file, newBacking)

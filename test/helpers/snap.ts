@@ -1,5 +1,9 @@
 // Reading a test guest's state from outside: RAM through pmemsave, disks through qemu-img.
-import { execFile } from 'node:child_process'
+import { execFile, spawn } from 'node:child_process'
+import type { Test } from 'tap'
+import { isAlive, waitForExit } from '../../src/vm/proc.ts'
+import { shortSocketPath } from '../../src/vm/sockpath.ts'
+import { RawQmp } from './rawqmp.ts'
 import { mkdtemp, readFile, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -89,4 +93,47 @@ export async function liveDiskBytes(td: TestDaemon, vm: string, disk: string): P
     await qmp('nbd-server-stop').catch(() => {})
     await rm(dir, { recursive: true, force: true })
   }
+}
+
+/** Takes a snapshot with ?wait=true and returns the job's result (throws on a non-200 answer). */
+export async function snap(td: TestDaemon, vm: string, body: Record<string, unknown>): Promise<any> {
+  const res = await td.api('POST', `/v1/vms/${vm}/snapshots?wait=true&timeoutSec=120`, body)
+  if (res.status !== 200) throw new Error(`snapshot ${JSON.stringify(body)}: ${res.status} ${JSON.stringify(res.body)}`)
+  return res.body.result
+}
+
+/** Reverts to a snapshot with ?wait=true and returns the job's result (throws on a non-200 answer). */
+export async function revert(td: TestDaemon, vm: string, name: string, body: Record<string, unknown> = {}): Promise<any> {
+  const res = await td.api('POST', `/v1/vms/${vm}/snapshots/${name}/revert?wait=true&timeoutSec=120`, body)
+  if (res.status !== 200) throw new Error(`revert ${name}: ${res.status} ${JSON.stringify(res.body)}`)
+  return res.body.result
+}
+
+/**
+ * Starts plain qemu-system-x86_64 (no qmpd) in `dir` with `argv` + -incoming "exec:cat FILE", waits
+ * until the incoming migration completed, and returns its QMP client; the test reaps it.
+ */
+export async function restoreWithPlainQemu(t: Test, dir: string, argv: string[], stateFile: string): Promise<RawQmp> {
+  const child = spawn('qemu-system-x86_64', [...argv, '-incoming', `exec:cat ${stateFile}`], { cwd: dir, stdio: 'ignore' })
+  t.teardown(async () => {
+    if (child.pid && isAlive(child.pid)) child.kill('SIGKILL')
+    if (child.pid) await waitForExit(child.pid, 5000)
+  })
+  const short = shortSocketPath(join(dir, 'qmp.sock'))
+  let qmp: RawQmp | undefined
+  try {
+    const deadline = Date.now() + 10_000
+    while (!(qmp = await RawQmp.connect(short.path).catch(() => undefined))) {
+      if (Date.now() > deadline) throw new Error('plain QEMU did not open its QMP socket')
+      await new Promise((r) => setTimeout(r, 50))
+    }
+  } finally {
+    short.release()
+  }
+  t.teardown(() => qmp!.close())
+  for (const deadline = Date.now() + 20_000; (await qmp.cmd('query-migrate')).status !== 'completed'; ) {
+    if (Date.now() > deadline) throw new Error('plain QEMU did not finish loading the state')
+    await new Promise((r) => setTimeout(r, 50))
+  }
+  return qmp
 }

@@ -1,5 +1,4 @@
 // Managed save, save/restore to a chosen file, and the SSE event stream, against real QEMU.
-import { spawn } from 'node:child_process'
 import { execFile } from 'node:child_process'
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, statSync } from 'node:fs'
 import { tmpdir } from 'node:os'
@@ -9,13 +8,12 @@ import { join } from 'node:path'
 import t from 'tap'
 import { buildArgv } from '../../src/vm/argv.ts'
 import { checkMigrationStream } from '../../src/state/ramfile.ts'
-import { isAlive, waitForExit } from '../../src/vm/proc.ts'
-import { shortSocketPath } from '../../src/vm/sockpath.ts'
+import { waitForExit } from '../../src/vm/proc.ts'
 import { QemuImg } from '../../src/images/qemu-img.ts'
 import { defineGuestVm, eventually, guestCounters, op, startTestDaemon } from '../helpers/daemon.ts'
 import { GUEST_COUNTER_ADDR, parseCounters } from '../helpers/guest.ts'
 import { requireQemu } from '../helpers/qemu.ts'
-import { RawQmp } from '../helpers/rawqmp.ts'
+import { restoreWithPlainQemu } from '../helpers/snap.ts'
 
 const run = promisify(execFile)
 
@@ -75,24 +73,14 @@ t.test('save to a chosen file and restore it, with qmpd and with plain qemu-syst
   mkdirSync(dir)
   const overlay = join(dir, 'o.qcow2')
   await new QemuImg().create(overlay, 'qcow2', { backing: { file: def.definition.disks[0].file, format: 'qcow2' } })
-  const argv = [...buildArgv({ ...def.definition, serialLog: false }, { accel: 'tcg', disks: [{ id: 'vda', file: overlay, format: 'qcow2', gen: 0 }] }), '-incoming', `exec:cat ${file}`]
-  const child = spawn('qemu-system-x86_64', argv, { cwd: dir, stdio: 'ignore' })
-  t.teardown(async () => {
-    if (child.pid && isAlive(child.pid)) child.kill('SIGKILL')
-    if (child.pid) await waitForExit(child.pid, 5000)
-  })
-  const short = shortSocketPath(join(dir, 'qmp.sock'))
-  let qmp: RawQmp | undefined
-  t.ok(await eventually(async () => (qmp = await RawQmp.connect(short.path).catch(() => undefined)) !== undefined, 10_000))
-  short.release()
-  t.ok(await eventually(async () => (await qmp!.cmd('query-migrate')).status === 'completed', 20_000), 'plain QEMU loaded the saved state')
-  await qmp!.cmd('pmemsave', { val: GUEST_COUNTER_ADDR, size: 16, filename: join(dir, 'c.bin') })
+  const argv = buildArgv({ ...def.definition, serialLog: false }, { accel: 'tcg', disks: [{ id: 'vda', file: overlay, format: 'qcow2', gen: 0 }] })
+  const qmp = await restoreWithPlainQemu(t, dir, argv, file)
+  t.pass('plain QEMU loaded the saved state')
+  await qmp.cmd('pmemsave', { val: GUEST_COUNTER_ADDR, size: 16, filename: join(dir, 'c.bin') })
   const { readFile } = await import('node:fs/promises')
   const plain = parseCounters(await readFile(join(dir, 'c.bin')))
   t.ok(plain.counter > 50, `plain QEMU restored counter ${plain.counter}`)
-  qmp!.close()
-  child.kill('SIGKILL')
-  await waitForExit(child.pid!, 5000)
+  await qmp.cmd('quit').catch(() => {})
 
   const r = await op(td, 'sv', 'restore', { file })
   t.match(r.result, { state: 'running' })

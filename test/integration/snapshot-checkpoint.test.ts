@@ -1,34 +1,18 @@
 // External system checkpoints (RAM state file + disk overlays from one instant) and memory-only
 // checkpoints, against real QEMU: what comes back is exactly the captured instant.
-import { spawn } from 'node:child_process'
 import { mkdirSync } from 'node:fs'
 import { join } from 'node:path'
 import t, { type Test } from 'tap'
 import { buildArgv } from '../../src/vm/argv.ts'
-import { shortSocketPath } from '../../src/vm/sockpath.ts'
-import { isAlive, waitForExit } from '../../src/vm/proc.ts'
 import { QemuImg } from '../../src/images/qemu-img.ts'
 import { defineGuestVm, eventually, guestCounters, op, startTestDaemon, type TestDaemon } from '../helpers/daemon.ts'
 import { checkDiskAgainstCounter, checkStampsAgainstCounter, GUEST_COUNTER_ADDR, parseCounters } from '../helpers/guest.ts'
 import { requireQemu } from '../helpers/qemu.ts'
-import { RawQmp } from '../helpers/rawqmp.ts'
-import { diskBytes, dumpRam, maxSlot, slotsOf, stampsOf, type RamImage } from '../helpers/snap.ts'
+import { diskBytes, dumpRam, maxSlot, restoreWithPlainQemu, revert, slotsOf, snap, stampsOf, type RamImage } from '../helpers/snap.ts'
 
 t.before(() => {
   requireQemu(t)
 })
-
-async function snap(td: TestDaemon, vm: string, body: Record<string, unknown>): Promise<any> {
-  const res = await td.api('POST', `/v1/vms/${vm}/snapshots?wait=true&timeoutSec=120`, body)
-  if (res.status !== 200) throw new Error(`snapshot ${JSON.stringify(body)}: ${res.status} ${JSON.stringify(res.body)}`)
-  return res.body.result
-}
-
-async function revert(td: TestDaemon, vm: string, name: string, body: Record<string, unknown> = {}): Promise<any> {
-  const res = await td.api('POST', `/v1/vms/${vm}/snapshots/${name}/revert?wait=true&timeoutSec=120`, body)
-  if (res.status !== 200) throw new Error(`revert ${name}: ${res.status} ${JSON.stringify(res.body)}`)
-  return res.body.result
-}
 
 /** After a paused revert: RAM and every disk describe one and the same guest instant. */
 async function checkInstant(t: Test, td: TestDaemon, vm: string, label: string): Promise<RamImage> {
@@ -126,33 +110,21 @@ t.test('the RAM state file is a plain migration stream: plain qemu-system-x86_64
     await img.create(file, 'qcow2', { backing: { file: d.file, format: d.format } })
     disks.push({ id: d.id, file, format: 'qcow2' as const, gen: 0 })
   }
-  const argv = [...buildArgv({ ...def.definition, serialLog: false }, { accel: 'tcg', disks }), '-incoming', `exec:cat ${r.snapshot.vmstateFile}`]
-  const child = spawn('qemu-system-x86_64', argv, { cwd: dir, stdio: 'ignore' })
-  t.teardown(async () => {
-    if (child.pid && isAlive(child.pid)) child.kill('SIGKILL')
-    if (child.pid) await waitForExit(child.pid, 5000)
-  })
-  const short = shortSocketPath(join(dir, 'qmp.sock'))
-  let qmp: RawQmp | undefined
-  t.ok(await eventually(async () => {
-    qmp = await RawQmp.connect(short.path).catch(() => undefined)
-    return qmp !== undefined
-  }, 10_000), 'plain QEMU is up')
-  short.release()
-  t.ok(await eventually(async () => (await qmp!.cmd('query-migrate')).status === 'completed', 20_000), 'incoming migration completed')
+  const argv = buildArgv({ ...def.definition, serialLog: false }, { accel: 'tcg', disks })
+  const qmp = await restoreWithPlainQemu(t, dir, argv, r.snapshot.vmstateFile)
+  t.pass('plain QEMU loaded the RAM state')
   const file = join(dir, 'c.bin')
-  await qmp!.cmd('pmemsave', { val: GUEST_COUNTER_ADDR, size: 16, filename: file })
+  await qmp.cmd('pmemsave', { val: GUEST_COUNTER_ADDR, size: 16, filename: file })
   const { readFile } = await import('node:fs/promises')
   const c = parseCounters(await readFile(file))
   for (const [i, d] of disks.entries()) {
     t.same(checkDiskAgainstCounter(slotsOf(await diskBytes(d.file)), c.counter, c.pending, i), [], `disk ${d.id} matches the RAM restored by plain QEMU`)
   }
-  await qmp!.cmd('cont')
+  await qmp.cmd('cont')
   const file2 = join(dir, 'c2.bin')
   t.ok(await eventually(async () => {
-    await qmp!.cmd('pmemsave', { val: GUEST_COUNTER_ADDR, size: 16, filename: file2 })
+    await qmp.cmd('pmemsave', { val: GUEST_COUNTER_ADDR, size: 16, filename: file2 })
     return parseCounters(await readFile(file2)).counter > c.counter + 10
   }), 'and the guest counts on under plain QEMU')
-  qmp!.close()
   t.ok(maxSlot(slotsOf(await diskBytes(r.snapshot.disks[0].file))) > 0)
 })

@@ -6,23 +6,11 @@ import t, { type Test } from 'tap'
 import { defineGuestVm, eventually, guestCounters, op, startTestDaemon, type TestDaemon } from '../helpers/daemon.ts'
 import { checkDiskAgainstCounter, checkStampsAgainstCounter } from '../helpers/guest.ts'
 import { requireQemu } from '../helpers/qemu.ts'
-import { diskBytes, dumpRam, maxSlot, slotsOf, stampsOf } from '../helpers/snap.ts'
+import { diskBytes, dumpRam, maxSlot, slotsOf, stampsOf, revert, snap } from '../helpers/snap.ts'
 
 t.before(() => {
   requireQemu(t)
 })
-
-async function snap(td: TestDaemon, vm: string, body: Record<string, unknown>): Promise<any> {
-  const res = await td.api('POST', `/v1/vms/${vm}/snapshots?wait=true&timeoutSec=120`, body)
-  if (res.status !== 200) throw new Error(`snapshot ${JSON.stringify(body)}: ${res.status} ${JSON.stringify(res.body)}`)
-  return res.body.result
-}
-
-async function revert(td: TestDaemon, vm: string, name: string, body: Record<string, unknown> = {}): Promise<any> {
-  const res = await td.api('POST', `/v1/vms/${vm}/snapshots/${name}/revert?wait=true&timeoutSec=120`, body)
-  if (res.status !== 200) throw new Error(`revert ${name}: ${res.status} ${JSON.stringify(res.body)}`)
-  return res.body.result
-}
 
 async function activeFiles(td: TestDaemon, vm: string): Promise<string[]> {
   return td.daemon.vms.record(vm).runtime.disks.map((d) => d.file)
