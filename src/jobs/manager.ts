@@ -227,10 +227,11 @@ export class JobManager {
     await Promise.all([...this.queues.values()].map((q) => q.onIdle()))
   }
 
-  /** Forgets a VM's queue once the VM is deleted. */
+  /** Forgets a VM's queues (its own and its disks' block-job queues) once the VM is deleted. */
   dropQueue(vm: string): void {
-    const q = this.queues.get(vm)
-    if (q && q.size === 0 && q.pending === 0) this.queues.delete(vm)
+    for (const [key, q] of this.queues) {
+      if ((key === vm || key.startsWith(`${vm}#`)) && q.size === 0 && q.pending === 0) this.queues.delete(key)
+    }
   }
 
   private queue(vm: string): PQueue {

@@ -139,7 +139,9 @@ export class SnapshotService {
     for (const id of Object.keys(body.disks ?? {})) {
       if (!def.disks.some((d) => d.id === id)) throw new QmpdError('INVALID_INPUT', `VM ${vm} has no disk ${id}`, { vm, disk: id })
     }
-    this.plan(vm, body, rec.runtime.state) // throws on anything wrong, changes nothing
+    // Throws on anything wrong and changes nothing. With jobs queued ahead the VM's state will
+    // change before this one runs (start, then checkpoint): the job plans again when it starts.
+    if (!this.deps.jobs.busy(vm)) this.plan(vm, body, rec.runtime.state)
     return this.deps.jobs.submit({ vm, op: 'snapshot-create', params: body, run: (ctx) => this.doCreate(vm, body, ctx) })
   }
 

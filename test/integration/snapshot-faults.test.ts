@@ -140,3 +140,17 @@ t.test('the snapshot tree and the current snapshot survive a daemon restart; rev
 function td2file(td: TestDaemon, vm: string): string {
   return td.daemon.vms.record(vm).runtime.disks[0]!.file
 }
+
+t.test('a start and a checkpoint queued back to back both run, in order', async (t) => {
+  const td = await startTestDaemon(t)
+  await defineGuestVm(td, 'q', { disks: 1 })
+  const start = await td.api('POST', '/v1/vms/q/start')
+  const cp = await td.api('POST', '/v1/vms/q/snapshots', { name: 'c', kind: 'external', memory: true })
+  t.equal(cp.status, 202, 'the checkpoint is queued behind the start, not refused for the VM being off now')
+  const [a, b] = await Promise.all([td.daemon.jobs.wait(start.body.id, 60_000), td.daemon.jobs.wait(cp.body.id, 60_000)])
+  t.equal(a.state, 'succeeded')
+  t.equal(b.state, 'succeeded')
+  t.equal((b.result as any).snapshot.memory, true)
+  const bad = await td.api('POST', '/v1/vms/q/snapshots?wait=true', { name: 'd', kind: 'external', memory: true, disks: { vda: { file: '/etc/x.qcow2' } } })
+  t.equal(bad.status, 400, 'with an idle queue, bad input is still refused before any job')
+})
