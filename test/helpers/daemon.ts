@@ -25,6 +25,18 @@ export interface TestDaemon {
 
 const pids = new Set<number>()
 
+// Last resort when a test process ends without its teardowns (a timeout, an uncaught error): QEMU
+// runs in its own session and would outlive it. Kill what this process started, by PID.
+process.once('exit', () => {
+  for (const pid of pids) {
+    try {
+      if (isAlive(pid)) process.kill(pid, 'SIGKILL')
+    } catch {
+      /* gone */
+    }
+  }
+})
+
 /** Kills (SIGKILL, by PID) every QEMU a test daemon ever reported, and waits until each is gone. */
 export async function reapQemus(): Promise<void> {
   for (const pid of pids) {
