@@ -77,3 +77,18 @@ export async function pruneDetachedNodes(qmp: QmpClient, diskId: string): Promis
   }
   return removed
 }
+
+/**
+ * The current top node of each disk, from one query-block: the node QEMU's device is attached to
+ * right now. Cheaper than liveChain (no query-named-block-nodes), which matters on long chains.
+ */
+export async function topNodes(qmp: QmpClient, diskIds: string[]): Promise<Map<string, string>> {
+  const blocks = await qmp.execute('query-block')
+  const out = new Map<string, string>()
+  for (const id of diskIds) {
+    const node = blocks.find((b) => deviceId(b) === id)?.inserted?.['node-name']
+    if (!node) throw new QmpdError('DISK_NOT_FOUND', `QEMU has no disk ${id}`, { disk: id })
+    out.set(id, node)
+  }
+  return out
+}

@@ -3,7 +3,7 @@ import { closeSync, existsSync, openSync, rmSync, statSync } from 'node:fs'
 import { join } from 'node:path'
 import type { Logger } from 'pino'
 import { QmpdError } from '../errors.ts'
-import { liveChain, liveInternalSnapshots, pruneDetachedNodes, type LiveLayer } from '../images/graph.ts'
+import { liveChain, liveInternalSnapshots, pruneDetachedNodes, topNodes, type LiveLayer } from '../images/graph.ts'
 import type { PathPolicy } from '../images/paths.ts'
 import type { QemuImg } from '../images/qemu-img.ts'
 import type { JobContext, JobManager } from '../jobs/manager.ts'
@@ -314,7 +314,7 @@ export class SnapshotService {
       })
       return 0
     }
-    const nodes = await this.topNodes(live.qmp, captured.map((d) => d.id))
+    const nodes = await topNodes(live.qmp, captured.map((d) => d.id))
     if (!s.memory) {
       const actions: TransactionAction[] = captured.map((d) => ({
         type: 'blockdev-snapshot-internal-sync',
@@ -367,7 +367,7 @@ export class SnapshotService {
         reserveFile(o.overlay)
         r.add(`remove ${o.overlay}`, () => rmSync(o.overlay, { force: true }))
       }
-      const nodes = await this.topNodes(qmp, plan.overlays.map((o) => o.id))
+      const nodes = await topNodes(qmp, plan.overlays.map((o) => o.id))
       const gens = new Map(this.deps.vms.record(vm).runtime.disks.map((d) => [d.id, d.gen]))
       const actions: TransactionAction[] = plan.overlays.map((o) => ({
         type: 'blockdev-snapshot-sync',
@@ -480,12 +480,6 @@ export class SnapshotService {
     await qmp.execute('transaction', { actions: all })
   }
 
-  /** The current top node of each disk, read from QEMU (block jobs and snapshots move it). */
-  private async topNodes(qmp: QmpClient, ids: string[]): Promise<Map<string, string>> {
-    const out = new Map<string, string>()
-    for (const id of ids) out.set(id, (await liveChain(qmp, id))[0]!.node)
-    return out
-  }
 
   // ---------- revert ----------
 
@@ -547,7 +541,7 @@ export class SnapshotService {
     }
     const qmp = this.deps.vms.qmp(vm)
     const captured = s.disks.filter((d) => d.mode === 'internal')
-    const nodes = await this.topNodes(qmp, captured.map((d) => d.id))
+    const nodes = await topNodes(qmp, captured.map((d) => d.id))
     const dt = trackDowntime(qmp)
     // Stop first so the guest never runs between the load and a requested 'paused'.
     if (st === 'running') await qmp.execute('stop')
@@ -693,7 +687,7 @@ export class SnapshotService {
         const tags = await liveInternalSnapshots(qmp)
         const present = captured.filter((d) => tags.get(d.file)?.some((t) => t.name === s.name))
         if (present.length === 0) return done
-        const nodes = await this.topNodes(qmp, present.map((d) => d.id))
+        const nodes = await topNodes(qmp, present.map((d) => d.id))
         // Verified above: snapshot-delete of a missing tag would "succeed" silently.
         const jobId = `qmpd-del-${ctx.id.slice(0, 8)}`
         await driveQemuJob(qmp, jobId, () => qmp.execute('snapshot-delete', { 'job-id': jobId, tag: s.name, devices: present.map((d) => nodes.get(d.id)!) }), {
