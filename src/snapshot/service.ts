@@ -407,15 +407,19 @@ export class SnapshotService {
         }
         ctx.log.info('background-snapshot unavailable (no userfaultfd write-protect); pre-copy with the disk switch in the final pause')
         ram.method = 'precopy'
+        let downtimeMs = 0
         await saveRamState(qmp, {
           file: s.vmstateFile!,
           socket,
           log: ctx.log,
           beforeSwitchover: diskTransaction,
           onProgress: (c, t) => ctx.setProgress(c, t),
+          afterTransfer: async () => {
+            await this.deps.vms.contInJob(vm)
+            downtimeMs = dt.end()
+          },
         })
-        await this.deps.vms.contInJob(vm)
-        return dt.end()
+        return downtimeMs
       }
       // Paused checkpoint: the guest stays stopped while RAM is written, then the disks switch, so
       // a failure of either leaves the other untouched.
@@ -424,12 +428,22 @@ export class SnapshotService {
         await qmp.execute('stop')
         r.add('resume the guest', () => this.deps.vms.contInJob(vm).catch(() => {}))
       }
-      await saveRamState(qmp, { file: s.vmstateFile!, socket, log: ctx.log, onProgress: (c, t) => ctx.setProgress(c, t) })
-      r.add(`remove ${s.vmstateFile}`, () => rmSync(s.vmstateFile!, { force: true }))
-      await diskTransaction()
-      if (live.running) await this.deps.vms.contInJob(vm)
-      else this.deps.vms.markPaused(vm)
-      return dt.end()
+      let downtimeMs = 0
+      await saveRamState(qmp, {
+        file: s.vmstateFile!,
+        socket,
+        log: ctx.log,
+        onProgress: (c, t) => ctx.setProgress(c, t),
+        // RAM is all in the file (not yet flushed): switch the disks and let the guest go; the
+        // fsync that follows does not keep it paused.
+        afterTransfer: async () => {
+          await diskTransaction()
+          if (live.running) await this.deps.vms.contInJob(vm)
+          else this.deps.vms.markPaused(vm)
+          downtimeMs = dt.end()
+        },
+      })
+      return downtimeMs
     })
   }
 

@@ -64,6 +64,12 @@ export interface SaveOptions {
    */
   beforeSwitchover?: () => Promise<void>
   onProgress?: (current: number, total: number) => void
+  /**
+   * Runs once every byte of the stream has reached the file, before the fsync: a checkpoint
+   * switches its disks and resumes the guest here, so the guest does not wait for the disk flush.
+   * If the fsync then fails, the save fails as a whole (the caller undoes what this did).
+   */
+  afterTransfer?: () => Promise<void>
 }
 
 /** What a save wrote and how it went. */
@@ -147,6 +153,7 @@ export async function saveRamState(qmp: QmpClient, opts: SaveOptions): Promise<S
     }
     await connected
     const bytes = await received!
+    await opts.afterTransfer?.()
     const fh = await open(partial, 'r+')
     try {
       await fh.sync()
