@@ -73,15 +73,18 @@ export async function startBenchDaemon(stateDir: string, log: Logger): Promise<B
     async close() {
       if (closed) return
       closed = true
-      for (const vm of names) {
-        try {
-          const rt = daemon.vms.record(vm).runtime
-          track(rt.pid)
-          if (rt.state === 'running' || rt.state === 'paused') await bd.op(`/v1/vms/${vm}/stop`, { force: true }).catch(() => {})
-        } catch {
-          /* deleted */
-        }
-      }
+      // Every VM has its own job queue: stop them all at once.
+      await Promise.all(
+        [...names].map(async (vm) => {
+          try {
+            const rt = daemon.vms.record(vm).runtime
+            track(rt.pid)
+            if (rt.state === 'running' || rt.state === 'paused') await bd.op(`/v1/vms/${vm}/stop`, { force: true }).catch(() => {})
+          } catch {
+            /* deleted */
+          }
+        }),
+      )
       await app.close().catch(() => {})
       await daemon.close().catch(() => {})
     },

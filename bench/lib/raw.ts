@@ -237,8 +237,10 @@ export async function feedFile(socketPath: string, file: string): Promise<{ sent
     const s = connect(socketPath, () => resolve(s))
     s.once('error', reject)
   })
+  // QEMU decides when the stream is complete (MIGRATION completed) and may close its end before
+  // reading the last bytes of the file: a broken pipe or premature close then is not a failure.
   const sent = pipeline(createReadStream(file), sock).catch((err: NodeJS.ErrnoException) => {
-    if (err.code !== 'EPIPE' && err.code !== 'ECONNRESET') throw err
+    if (err.code !== 'EPIPE' && err.code !== 'ECONNRESET' && err.code !== 'ERR_STREAM_PREMATURE_CLOSE') throw err
   })
   return { sent, sock }
 }

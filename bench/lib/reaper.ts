@@ -48,15 +48,34 @@ export function killAllSync(): void {
   }
 }
 
+const syncCleanups: Array<() => void> = []
+
+/** Registers a synchronous cleanup (e.g. removing the work directory) for the exit paths. */
+export function onExitSync(fn: () => void): void {
+  syncCleanups.push(fn)
+}
+
+function exitCleanup(): void {
+  killAllSync()
+  for (const fn of syncCleanups.splice(0)) {
+    try {
+      fn()
+    } catch {
+      /* best effort */
+    }
+  }
+}
+
 let installed = false
 /** Kills tracked QEMUs when the bench is interrupted or exits without cleaning up. */
 export function installExitHandlers(): void {
   if (installed) return
   installed = true
-  process.on('exit', killAllSync)
+  process.on('exit', exitCleanup)
   for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
     process.on(sig, () => {
-      killAllSync()
+      process.stderr.write(`\n${sig}: killing the bench's QEMU processes and removing its work directory\n`)
+      exitCleanup()
       process.exit(130)
     })
   }

@@ -1,0 +1,100 @@
+// External disk snapshot of both disks in one transaction: qmpd (POST snapshots kind external,
+// memory false, ?wait=true) vs a raw QMP `transaction` of two blockdev-snapshot-sync actions.
+import { join } from 'node:path'
+import { bothSides, compare, type Case } from '../lib/case.ts'
+import { Alternator, qmpdGuest, rawGuest, WARMUP_MS } from '../lib/guestvm.ts'
+import { benchLogger, startBenchDaemon, type BenchDaemon } from '../lib/qmpd.ts'
+import type { RawVm } from '../lib/raw.ts'
+import { summarize } from '../lib/stats.ts'
+
+export const extSnapCase: Case = {
+  name: 'extsnap',
+  title: 'external disk snapshot, 2 disks, atomic',
+  async run(ctx) {
+    let bd: BenchDaemon | undefined
+    let raw: RawVm | undefined
+    try {
+      bd = await startBenchDaemon(join(ctx.work, 'state'), benchLogger(ctx.logLevel, ctx.logFile))
+      await qmpdGuest(bd, 'xs')
+      const rawDir = join(ctx.work, 'raw')
+      raw = await rawGuest(rawDir, 'rawxs')
+      const alt = new Alternator(bd, 'xs', raw)
+      const gen = { vda: 0, vdb: 0 }
+      const rawSnap = async (tag: string): Promise<number> => {
+        const actions = (['vda', 'vdb'] as const).map((d) => ({
+          type: 'blockdev-snapshot-sync',
+          data: {
+            'node-name': `${d}-f${gen[d]}`,
+            'snapshot-file': join(rawDir, 'disks', `${d}-${tag}.qcow2`),
+            'snapshot-node-name': `${d}-f${gen[d] + 1}`,
+            format: 'qcow2',
+            mode: 'absolute-paths',
+          },
+        }))
+        const t0 = performance.now()
+        await raw!.qmp.cmd('transaction', { actions })
+        const ms = performance.now() - t0
+        gen.vda++
+        gen.vdb++
+        return ms
+      }
+      const q: number[] = []
+      const r: number[] = []
+      await alt.qmpdSide(WARMUP_MS)
+      await bd.op('/v1/vms/xs/snapshots', { name: 'warm', kind: 'external', memory: false })
+      await alt.rawSide(WARMUP_MS)
+      await rawSnap('warm')
+      // Cheap: four times the repetitions, for a stable median on a noisy machine.
+      for (let i = 0; i < ctx.reps * 4; i++) {
+        await bothSides(
+          i,
+          async () => {
+            await alt.qmpdSide(300)
+            const t0 = performance.now()
+            const job = await bd!.op('/v1/vms/xs/snapshots', { name: `s${i}`, kind: 'external', memory: false })
+            q.push(performance.now() - t0)
+            if (job.result?.snapshot?.kind !== 'external') throw new Error(`unexpected result ${JSON.stringify(job.result)}`)
+          },
+          async () => {
+            await alt.rawSide(300)
+            r.push(await rawSnap(`s${i}`))
+
+          },
+        )      }
+      // What reading the graph costs QEMU by now (qmpd reads it before each snapshot): the raw side's chains are as long.
+      await alt.rawSide(300)
+      const qnbn: number[] = []
+      let qnbnBytes = 0
+      for (let i = 0; i < 20; i++) {
+        const t0 = performance.now()
+        const nodes = await raw.qmp.cmd('query-named-block-nodes', { flat: true })
+        qnbn.push(performance.now() - t0)
+        qnbnBytes = JSON.stringify(nodes).length
+      }
+      const qb: number[] = []
+      for (let i = 0; i < 20; i++) {
+        const t0 = performance.now()
+        await raw.qmp.cmd('query-block')
+        qb.push(performance.now() - t0)
+      }
+      ctx.log(`qmpd ${q.map((x) => x.toFixed(1)).join(' ')} ms; raw ${r.map((x) => x.toFixed(1)).join(' ')} ms`)
+      return [
+        compare(
+          {
+            case: 'extsnap',
+            metric: 'external disk snapshot, 2 disks, one transaction',
+            unit: 'ms',
+            qmpd: { name: 'qmpd POST snapshots external ?wait=true', stats: summarize(q) },
+            baseline: { name: 'raw QMP transaction', stats: summarize(r) },
+            extra: { rawQueryNamedBlockNodesMs: summarize(qnbn).median, queryNamedBlockNodesBytes: qnbnBytes, rawQueryBlockMs: summarize(qb).median, chainLayers: ctx.reps * 4 + 2 },
+            note: 'chains grow by one layer per repetition on both sides; raw query-named-block-nodes / query-block timed at the end on the raw guest (qmpd issues both once per disk before each transaction)',
+          },
+          { maxRatio: 1.5 },
+        ),
+      ]
+    } finally {
+      await raw?.quit()
+      await bd?.close()
+    }
+  },
+}

@@ -1,0 +1,232 @@
+// qmpd benchmark: every case measures qmpd (HTTP call to the finished job, metadata persisted)
+// beside a baseline measured in the same run on the same QEMU configuration.
+//
+//   npm run bench                              all cases, 5 repetitions
+//   npm run bench -- --cases get,extsnap --reps 10
+//   npm run bench -- --quick                   fewer iterations (smoke run)
+//   npm run bench -- --log debug               daemon debug log (QMP send/recv ms) per case in the work dir, kept
+//   npm run bench -- --profile --cases burst50   CPU profile of the bursts (work dir kept)
+//   npm run bench -- --probe --cases burst50     time qmpd's synchronous SQLite and fs calls in the bursts
+//   npm run bench -- --list
+//
+// Writes bench/results/latest.json, appends a line to bench/results/history.jsonl and, for a full
+// run of every case (or with --doc), the table between the markers in docs/performance.md.
+import { appendFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { rm } from 'node:fs/promises'
+import { loadavg } from 'node:os'
+import { dirname, join } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import { parseArgs } from 'node:util'
+import type { Case, Row } from './lib/case.ts'
+import { aliveCount, installExitHandlers, onExitSync, reapAll } from './lib/reaper.ts'
+import { jsonRows, machine, machineLine, markdownNotes, markdownTable, textTable } from './lib/report.ts'
+import { round } from './lib/stats.ts'
+import { getCase } from './cases/get.ts'
+import { extSnapCase } from './cases/extsnap.ts'
+import { internalCheckpointCase } from './cases/internal.ts'
+import { liveCheckpointCase } from './cases/live.ts'
+import { revertExternalCase } from './cases/revert-external.ts'
+import { revertInternalCase } from './cases/revert-internal.ts'
+import { dataCases } from './cases/data.ts'
+import { managedSaveCase } from './cases/managedsave.ts'
+import { fleetCase } from './cases/fleet.ts'
+
+const CASES: Case[] = [
+  getCase,
+  extSnapCase,
+  internalCheckpointCase,
+  liveCheckpointCase,
+  revertExternalCase,
+  revertInternalCase,
+  ...dataCases,
+  managedSaveCase,
+  fleetCase,
+]
+
+const root = join(dirname(fileURLToPath(import.meta.url)), '..')
+
+async function main(): Promise<number> {
+  const { values } = parseArgs({
+    options: {
+      cases: { type: 'string' },
+      reps: { type: 'string' },
+      quick: { type: 'boolean', default: false },
+      log: { type: 'string', default: 'silent' },
+      profile: { type: 'boolean', default: false },
+      probe: { type: 'boolean', default: false },
+      list: { type: 'boolean', default: false },
+      doc: { type: 'boolean' },
+      'no-doc': { type: 'boolean' },
+      help: { type: 'boolean', short: 'h', default: false },
+    },
+    allowPositionals: false,
+  })
+  const names = (c: Case): string[] => [c.name, ...(c.provides ?? [])]
+  if (values.help || values.list) {
+    console.log('cases (--cases a,b,c):')
+    for (const c of CASES) console.log(`  ${names(c).join(', ').padEnd(34)} ${c.title}`)
+    if (values.help) console.log('\noptions: --reps N (default 5; --quick: 3), --quick, --log LEVEL (daemon log to the work dir, kept), --profile (CPU profiles of some qmpd measurements, kept), --probe (time qmpd synchronous SQLite/fs calls), --doc / --no-doc')
+    return 0
+  }
+  const reps = values.reps !== undefined ? Number(values.reps) : values.quick ? 3 : 5
+  if (!Number.isInteger(reps) || reps < 1 || reps > 1000) throw new Error(`--reps must be a positive integer, got ${values.reps}`)
+  const known = new Set(CASES.flatMap(names))
+  const wanted = values.cases ? values.cases.split(',').map((s) => s.trim()).filter(Boolean) : [...known]
+  for (const w of wanted) if (!known.has(w)) throw new Error(`unknown case ${w}; known: ${[...known].join(', ')}`)
+  const selected = new Set(wanted)
+  const chosen = CASES.filter((c) => names(c).some((n) => selected.has(n)))
+  const full = chosen.length === CASES.length && !values.quick && names(fleetCase).every((n) => selected.has(n))
+  const writeDoc = values['no-doc'] ? false : (values.doc ?? full)
+
+  installExitHandlers()
+  const tmpBase = process.env['QMPD_BENCH_TMP'] ?? '/var/tmp'
+  const workRoot = mkdtempSync(join(existsSync(tmpBase) ? tmpBase : '/tmp', 'qb-'))
+  const keepWork = values.log !== 'silent' || values.profile
+  if (!keepWork) onExitSync(() => rmSync(workRoot, { recursive: true, force: true }))
+  const m = machine()
+  const t0 = performance.now()
+  const rows: Row[] = []
+  const log = (msg: string): void => {
+    process.stderr.write(`[${((performance.now() - t0) / 1000).toFixed(1).padStart(6)} s] ${msg}\n`)
+  }
+  log(`bench: ${chosen.map((c) => c.name).join(', ')}; reps ${reps}${values.quick ? ' (quick)' : ''}; work dir ${workRoot}`)
+  try {
+    for (const c of chosen) {
+      const work = mkdtempSync(join(workRoot, `${c.name}-`))
+      const started = performance.now()
+      log(`case ${c.name}: ${c.title}`)
+      try {
+        const got = await c.run({
+          reps,
+          quick: values.quick,
+          work,
+          logLevel: values.log,
+          logFile: join(work, 'qmpd.log'),
+          profile: values.profile,
+          probe: values.probe,
+          selected,
+          log: (msg) => log(`  ${c.name}: ${msg}`),
+        })
+        rows.push(...got.filter((r) => selected.has(r.case)))
+      } catch (err) {
+        const msg = (err as Error).message ?? String(err)
+        log(`case ${c.name} FAILED: ${(err as Error).stack ?? msg}`)
+        for (const n of names(c)) if (selected.has(n)) rows.push({ case: n, metric: c.title, unit: 'ms', error: msg.split('\n')[0]!.slice(0, 300) })
+      } finally {
+        const killed = await reapAll()
+        if (killed) log(`  reaped ${killed} QEMU process(es) left by ${c.name}`)
+        if (!keepWork) await rm(work, { recursive: true, force: true }).catch(() => {})
+      }
+      log(`case ${c.name} done in ${((performance.now() - started) / 1000).toFixed(1)} s`)
+    }
+  } finally {
+    await reapAll()
+    if (!keepWork) await rm(workRoot, { recursive: true, force: true }).catch(() => {})
+    else log(`work dir kept (with daemon logs): ${workRoot}`)
+  }
+  const totalSec = (performance.now() - t0) / 1000
+  m.loadavgAfter = loadavg().map((x) => Math.round(x * 100) / 100)
+
+  const thr = throughputTable(rows)
+  console.log(`\nqmpd bench — ${machineLine(m)}`)
+  console.log(`reps ${reps}${values.quick ? ' (quick)' : ''}; total ${totalSec.toFixed(1)} s\n`)
+  console.log(textTable(rows))
+  if (thr.text) console.log(`\nThroughput (MiB/s, median):\n${thr.text}`)
+  console.log(`\n${rows.filter((r) => r.pass === true).length} PASS, ${rows.filter((r) => r.pass === false).length} MISS, ${rows.filter((r) => r.error).length} ERROR`)
+
+  const doc = {
+    machine: m,
+    reps,
+    quick: values.quick,
+    cases: chosen.map((c) => c.name),
+    totalSeconds: round(totalSec),
+    rows: jsonRows(rows),
+    throughput: thr.rows,
+  }
+  const outDir = join(root, 'bench', 'results')
+  mkdirSync(outDir, { recursive: true })
+  writeFileSync(join(outDir, 'latest.json'), JSON.stringify(doc, null, 2) + '\n')
+  // One line per run: medians and verdicts only, to see which results are stable from run to run.
+  const line = {
+    date: m.date,
+    reps,
+    quick: values.quick,
+    loadavgBefore: m.loadavgBefore,
+    otherQemusAtStart: m.otherQemusAtStart,
+    totalSeconds: round(totalSec),
+    rows: rows.map((r) => ({
+      case: r.case,
+      metric: r.metric,
+      qmpd: r.qmpd ? round(r.qmpd.stats.median) : null,
+      baseline: r.baseline ? round(r.baseline.stats.median) : null,
+      ratio: r.ratio !== undefined ? Math.round(r.ratio * 100) / 100 : null,
+      result: r.error ? 'ERROR' : r.pass === undefined ? 'info' : r.pass ? 'PASS' : 'MISS',
+    })),
+  }
+  appendFileSync(join(outDir, 'history.jsonl'), JSON.stringify(line) + '\n')
+  log(`wrote bench/results/latest.json, appended to bench/results/history.jsonl`)
+  if (writeDoc) {
+    updateDoc(join(root, 'docs', 'performance.md'), [
+      `Measured ${machineLine(m)}.`,
+      ``,
+      `Command: \`npm run bench${process.argv.slice(2).length ? ' -- ' + process.argv.slice(2).join(' ') : ''}\` — reps ${reps}, total ${totalSec.toFixed(1)} s.`,
+      ``,
+      markdownTable(rows),
+      ``,
+      thr.md ? `Throughput of the data-movement cases (MiB/s, from median times; the same data and size on every line):\n\n${thr.md}\n` : '',
+      `Notes per row:\n\n${markdownNotes(rows)}`,
+    ].join('\n'))
+    log('updated docs/performance.md')
+  }
+  if (aliveCount() > 0) log(`WARNING: ${aliveCount()} tracked QEMU process(es) still alive`)
+  // A MISS is a finding, not a failure of the bench; a case that could not measure is.
+  return rows.some((r) => r.error) ? 1 : 0
+}
+
+/** The data-movement rows as MiB/s next to raw QMP, dd conv=fsync and qemu-img convert of the same size. */
+function throughputTable(rows: Row[]): { text: string; md: string; rows: unknown[] } {
+  const t = rows.filter((r) => r.extra?.['qmpdMiBps'] !== undefined)
+  if (t.length === 0) return { text: '', md: '', rows: [] }
+  const head = ['operation', 'MiB', 'qmpd', 'raw QMP', 'dd conv=fsync', 'qemu-img convert']
+  const body = t.map((r) => [
+    r.metric,
+    String(r.extra!['mib']),
+    String(round(Number(r.extra!['qmpdMiBps']))),
+    String(round(Number(r.extra!['rawMiBps']))),
+    String(round(Number(r.extra!['ddMiBps']))),
+    String(round(Number(r.extra!['convertMiBps']))),
+  ])
+  const widths = head.map((h, i) => Math.max(h.length, ...body.map((b) => b[i]!.length)))
+  const line = (c: string[]): string => c.map((x, i) => x.padEnd(widths[i]!)).join(' | ')
+  return {
+    text: [line(head), widths.map((w) => '-'.repeat(w)).join('-+-'), ...body.map(line)].join('\n'),
+    md: [`| ${head.join(' | ')} |`, `| ${head.map(() => '---').join(' | ')} |`, ...body.map((b) => `| ${b.join(' | ')} |`)].join('\n'),
+    rows: t.map((r) => ({ operation: r.metric, ...r.extra })),
+  }
+}
+
+const BEGIN = '<!-- bench:begin (generated by npm run bench; edits between the markers are overwritten) -->'
+const END = '<!-- bench:end -->'
+
+/** Replaces the generated part of docs/performance.md, keeping everything written around it. */
+function updateDoc(file: string, generated: string): void {
+  const block = `${BEGIN}\n${generated.trim()}\n${END}`
+  let text = existsSync(file) ? readFileSync(file, 'utf8') : `# Performance\n\n## Latest results\n\n${BEGIN}\n${END}\n`
+  const a = text.indexOf(BEGIN.slice(0, 20))
+  const b = text.indexOf(END)
+  if (a >= 0 && b > a) text = text.slice(0, a) + block + text.slice(b + END.length)
+  else text = `${text.trimEnd()}\n\n## Latest results\n\n${block}\n`
+  mkdirSync(dirname(file), { recursive: true })
+  writeFileSync(file, text)
+}
+
+main().then(
+  (code) => {
+    process.exitCode = code
+  },
+  async (err) => {
+    console.error(err)
+    await reapAll()
+    process.exitCode = 2
+  },
+)
