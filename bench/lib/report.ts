@@ -19,6 +19,22 @@ export interface Machine {
   loadavgAfter?: number[]
   /** QEMU processes already running when the bench started (not the bench's: other users' load). */
   otherQemusAtStart: number
+  /** The code measured: git HEAD and the files under src/ that differ from it (others edit concurrently). */
+  git: { head: string; dirtySrc: string[] }
+}
+
+/** git HEAD and the uncommitted changes under src/ (the code the in-process daemon runs). */
+export function gitState(): Machine['git'] {
+  try {
+    const head = execFileSync('git', ['rev-parse', '--short', 'HEAD'], { encoding: 'utf8' }).trim()
+    const dirty = execFileSync('git', ['status', '--porcelain', '--', 'src'], { encoding: 'utf8' })
+      .split('\n')
+      .filter(Boolean)
+      .map((l) => l.slice(3))
+    return { head, dirtySrc: dirty }
+  } catch {
+    return { head: 'unknown', dirtySrc: [] }
+  }
 }
 
 /** How many qemu-system processes run right now. */
@@ -72,6 +88,7 @@ export function machine(): Machine {
     date: new Date().toISOString(),
     loadavgBefore: loadavg().map((x) => Math.round(x * 100) / 100),
     otherQemusAtStart: countQemus(),
+    git: gitState(),
   }
 }
 
@@ -136,7 +153,7 @@ export function markdownNotes(rows: Row[]): string {
 
 /** A one-line description of the machine. */
 export function machineLine(m: Machine): string {
-  return `${m.date} — ${m.nproc} × ${m.cpuModel}, ${m.memGiB} GiB RAM, ${m.qemu}, accel ${m.accel}, Node ${m.node}, Linux ${m.kernel}, load average before ${m.loadavgBefore.join(' ')}${m.loadavgAfter ? `, after ${m.loadavgAfter.join(' ')}` : ''}, ${m.otherQemusAtStart} other QEMU process(es) running at start`
+  return `${m.date} — ${m.nproc} × ${m.cpuModel}, ${m.memGiB} GiB RAM, ${m.qemu}, accel ${m.accel}, Node ${m.node}, Linux ${m.kernel}, load average before ${m.loadavgBefore.join(' ')}${m.loadavgAfter ? `, after ${m.loadavgAfter.join(' ')}` : ''}, ${m.otherQemusAtStart} other QEMU process(es) running at start, code at ${m.git.head}${m.git.dirtySrc.length ? ` with uncommitted changes to ${m.git.dirtySrc.join(', ')}` : ''}`
 }
 
 /** Rows with rounded numbers, for the JSON document. */
