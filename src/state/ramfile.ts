@@ -207,9 +207,11 @@ export async function loadRamState(qmp: QmpClient, opts: LoadOptions): Promise<{
     } finally {
       short.release()
     }
-    // QEMU may close its end before reading a trailing byte it does not need; EPIPE then is harmless.
+    // QEMU closes its end as soon as it has read the stream's end marker, sometimes before the
+    // last bytes are flushed or the pipeline has finished: EPIPE, ECONNRESET or a premature close
+    // of the socket are then harmless. Whether the load worked is decided by QEMU's MIGRATION event.
     const sent = pipeline(createReadStream(opts.file), sock).catch((err: NodeJS.ErrnoException) => {
-      if (err.code !== 'EPIPE' && err.code !== 'ECONNRESET') throw err
+      if (err.code !== 'EPIPE' && err.code !== 'ECONNRESET' && err.code !== 'ERR_STREAM_PREMATURE_CLOSE') throw err
     })
     for await (const ev of events) {
       const status = ev.data.status
