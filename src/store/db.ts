@@ -70,6 +70,7 @@ export function openDb(file: string): Db {
   db.pragma('foreign_keys = ON')
   db.pragma('busy_timeout = 5000')
   migrate(db)
+  cacheStatements(db)
   return db
 }
 
@@ -86,4 +87,21 @@ export function migrate(db: Db): number {
     })()
   }
   return MIGRATIONS.length
+}
+
+/**
+ * Makes db.prepare return one compiled statement per SQL text: the repositories prepare their
+ * SQL on every call, and compiling it again each time was a measurable share of a snapshot's
+ * synchronous work (15 prepares per snapshot). Calls with extra arguments (better-sqlite3's own
+ * pragma wrapper) bypass the cache.
+ */
+function cacheStatements(db: Db): void {
+  const compile = db.prepare.bind(db)
+  const cache = new Map<string, Database.Statement>()
+  db.prepare = ((sql: string, ...rest: unknown[]) => {
+    if (rest.length > 0) return (compile as (...a: unknown[]) => Database.Statement)(sql, ...rest)
+    let stmt = cache.get(sql)
+    if (!stmt) cache.set(sql, (stmt = compile(sql)))
+    return stmt
+  }) as Db['prepare']
 }
