@@ -18,3 +18,30 @@ export async function settlesWithin(p: Promise<unknown>, ms: number): Promise<bo
     clearTimeout(timer)
   }
 }
+
+const turnWaiters: Array<() => void> = []
+let turnScheduled = false
+
+function releaseOneTurn(): void {
+  const next = turnWaiters.shift()
+  if (turnWaiters.length > 0) setImmediate(releaseOneTurn)
+  else turnScheduled = false
+  next?.()
+}
+
+/**
+ * Resolves in a later event-loop iteration, one waiter per iteration, in call order. The daemon
+ * awaits it before each synchronous stretch that a burst of requests would otherwise run back to
+ * back (a request's handler, a job's start, the code after a QMP reply): fifty snapshot requests
+ * arriving together then take fifty loop iterations, and timers, sockets and other requests get
+ * their turn between any two of them instead of after all of them.
+ */
+export function nextTurn(): Promise<void> {
+  return new Promise((resolve) => {
+    turnWaiters.push(resolve)
+    if (!turnScheduled) {
+      turnScheduled = true
+      setImmediate(releaseOneTurn)
+    }
+  })
+}

@@ -14,6 +14,7 @@ import { eventRoutes } from './routes/events.ts'
 import type { BlockJobService } from '../chain/service.ts'
 import type { StateService } from '../state/service.ts'
 import { errorBody, installErrorHandler } from './error-handler.ts'
+import { nextTurn } from '../util.ts'
 import { jobRoutes } from './routes/jobs.ts'
 import { vmRoutes } from './routes/vms.ts'
 
@@ -53,6 +54,9 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
   // `curl -X POST …/pause` sends no body at all; treat that as {} so optional bodies stay optional.
   app.addHook('preValidation', async (req) => {
     if (req.body === undefined || req.body === null) req.body = {}
+    // Validation and the handler run in a loop iteration of their own: a burst of requests
+    // does not hold the event loop for all of them at once (util.ts nextTurn).
+    await nextTurn()
   })
 
   if (opts.token !== undefined) {

@@ -78,17 +78,43 @@ export async function pruneDetachedNodes(qmp: QmpClient, diskId: string): Promis
   return removed
 }
 
+/** Per QMP session: which node each device is attached to, and the graph epoch it was read at. */
+const topCache = new WeakMap<QmpClient, { epoch: number; nodes: ReadonlyMap<string, string> }>()
+
 /**
- * The current top node of each disk, from one query-block: the node QEMU's device is attached to
- * right now. Cheaper than liveChain (no query-named-block-nodes), which matters on long chains.
+ * The current top node of each disk: the node QEMU's device is attached to right now. Read with
+ * one query-block (no query-named-block-nodes, which grows quadratically with the chain) and kept
+ * until the client sends a command that may change the graph (QmpClient.graphEpoch), so a
+ * series of snapshots costs no query at all.
  */
 export async function topNodes(qmp: QmpClient, diskIds: string[]): Promise<Map<string, string>> {
-  const blocks = await qmp.execute('query-block')
+  let known = topCache.get(qmp)
+  if (!known || known.epoch !== qmp.graphEpoch || !diskIds.every((id) => known!.nodes.has(id))) {
+    const epoch = qmp.graphEpoch
+    const nodes = new Map<string, string>()
+    for (const b of await qmp.execute('query-block')) {
+      const node = b.inserted?.['node-name']
+      if (node) nodes.set(deviceId(b), node)
+    }
+    known = { epoch, nodes }
+    topCache.set(qmp, known)
+  }
   const out = new Map<string, string>()
   for (const id of diskIds) {
-    const node = blocks.find((b) => deviceId(b) === id)?.inserted?.['node-name']
+    const node = known.nodes.get(id)
     if (!node) throw new QmpdError('DISK_NOT_FOUND', `QEMU has no disk ${id}`, { disk: id })
     out.set(id, node)
   }
   return out
+}
+
+/**
+ * Records the top nodes a command qmpd just sent has set (a snapshot transaction), so the next
+ * topNodes() needs no query. `epochBefore` is qmp.graphEpoch read just before that command: when
+ * anything else changed the graph in between, nothing is recorded.
+ */
+export function noteTopNodes(qmp: QmpClient, epochBefore: number, changed: ReadonlyMap<string, string>): void {
+  const known = topCache.get(qmp)
+  if (!known || known.epoch !== epochBefore || qmp.graphEpoch !== epochBefore + 1) return
+  topCache.set(qmp, { epoch: qmp.graphEpoch, nodes: new Map([...known.nodes, ...changed]) })
 }

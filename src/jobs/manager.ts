@@ -4,6 +4,7 @@ import type { Logger } from 'pino'
 import { QmpCommandError, QmpdError, toQmpdError } from '../errors.ts'
 import type { EventBus } from '../events/bus.ts'
 import type { JobRepo } from '../store/jobs.ts'
+import { nextTurn } from '../util.ts'
 import { isFinal, type Job, type JobError } from './model.ts'
 
 /** What a running job's code gets: its id, a cancel signal, a logger and a progress setter. */
@@ -244,6 +245,9 @@ export class JobManager {
   }
 
   private async execute(live: Live, run: (ctx: JobContext) => Promise<unknown>): Promise<void> {
+    // A job starts in a loop iteration of its own (util.ts nextTurn): fifty jobs submitted
+    // together do not run their synchronous beginnings back to back.
+    await nextTurn()
     if (live.job.state !== 'queued') return // cancelled while waiting
     live.job.state = 'running'
     live.job.startedAt = new Date().toISOString()

@@ -20,6 +20,7 @@ import {
   type QmpTimestamp,
   type UnknownQmpEvent,
 } from './events.ts'
+import { nextTurn } from '../util.ts'
 import { LineSplitter } from './framing.ts'
 import { DEFAULT_CONNECT_TIMEOUT_MS, DISCONNECT_GRACE_MS, commandTimeoutMs } from './timeouts.ts'
 
@@ -170,6 +171,33 @@ const greetingSchema = z.looseObject({
 const timestampSchema = z.object({ seconds: z.number(), microseconds: z.number() })
 
 /**
+ * Commands that never move a device to another block node (see QmpClient.graphEpoch). Everything
+ * else (transaction, blockdev-*, job-complete, the HMP escape hatch, …) counts as a change.
+ */
+const GRAPH_NEUTRAL_COMMANDS: ReadonlySet<string> = new Set([
+  'qmp_capabilities',
+  'stop',
+  'cont',
+  'system_reset',
+  'system_powerdown',
+  'migrate-set-capabilities',
+  'migrate-set-parameters',
+  'migrate',
+  'migrate-incoming',
+  'migrate_cancel',
+  'migrate-continue',
+  'snapshot-save',
+  'snapshot-load',
+  'snapshot-delete',
+  'blockdev-snapshot-internal-sync',
+  'blockdev-snapshot-delete-internal-sync',
+  'job-pause',
+  'job-resume',
+  'job-dismiss',
+  'block-job-set-speed',
+])
+
+/**
  * A QMP client for one QEMU. Create one per VM; connect(), then execute()/events(); after a
  * disconnect the same instance may connect() again. Emits every QMP event ('event' and by
  * name), 'connected' and 'disconnected'. Listeners run synchronously in the socket's data
@@ -188,6 +216,7 @@ export class QmpClient extends EventEmitter<QmpClientEventMap> {
   private greetingSeen = false
   private wantOob = false
   private nextId = 1
+  private _graphEpoch = 0
   private readonly pending = new Map<string, Pending>()
   private readonly expired = new Set<string>()
   private readonly subscribers = new Set<Subscriber>()
@@ -218,6 +247,15 @@ export class QmpClient extends EventEmitter<QmpClientEventMap> {
   /** True when out-of-band execution was negotiated for the current session. */
   get oobEnabled(): boolean {
     return this._oob
+  }
+
+  /**
+   * Counts commands sent (and sessions opened) that may have changed which block node a device
+   * is attached to: anything but queries and the run-state, migration and internal-snapshot
+   * commands in GRAPH_NEUTRAL_COMMANDS. Caches of the block graph stay valid only while it holds.
+   */
+  get graphEpoch(): number {
+    return this._graphEpoch
   }
 
   /** Number of commands awaiting a reply (diagnostics, tests). */
@@ -287,6 +325,7 @@ export class QmpClient extends EventEmitter<QmpClientEventMap> {
     }
 
     const greeting = this._greeting as QmpGreeting
+    this._graphEpoch++
     this.setState('running')
     this.log.debug({ address: where, version: greeting.version.qemu, ms: elapsed(started) }, 'qmp connected')
     this.safeEmit('connected', greeting)
@@ -407,6 +446,7 @@ export class QmpClient extends EventEmitter<QmpClientEventMap> {
     }
     const socket = this.socket as net.Socket
     const id = String(this.nextId++)
+    if (!command.startsWith('query-') && !GRAPH_NEUTRAL_COMMANDS.has(command)) this._graphEpoch++
     const timeoutMs = opts.timeoutMs ?? commandTimeoutMs(command)
 
     return new Promise<unknown>((resolve, reject) => {
@@ -572,14 +612,18 @@ export class QmpClient extends EventEmitter<QmpClientEventMap> {
     }
     this.settle(p)
     const ms = elapsed(p.sentAt)
+    // The caller's code after the reply runs in a loop iteration of its own (util.ts nextTurn),
+    // in reply order: replies from many QEMUs arriving together do not run back to back.
+    const resolve = (v: unknown): void => void nextTurn().then(() => p.resolve(v))
+    const reject = (e: Error): void => void nextTurn().then(() => p.reject(e))
     if ('error' in m) {
       const e = m['error']
       if (!isErrorBody(e)) {
-        p.reject(new QmpdError('QMP_PROTOCOL_ERROR', `${p.command}: malformed error reply: ${excerpt(line)}`, { command: p.command }))
+        reject(new QmpdError('QMP_PROTOCOL_ERROR', `${p.command}: malformed error reply: ${excerpt(line)}`, { command: p.command }))
         return
       }
       this.log.debug({ id, command: p.command, ms, qmpClass: e.class }, 'qmp recv')
-      p.reject(new QmpCommandError(p.command, e.class, e.desc))
+      reject(new QmpCommandError(p.command, e.class, e.desc))
       return
     }
     this.log.debug({ id, command: p.command, ms }, 'qmp recv')
@@ -588,7 +632,7 @@ export class QmpClient extends EventEmitter<QmpClientEventMap> {
       const r = p.validate.safeParse(value)
       if (!r.success) {
         this.log.warn({ id, command: p.command, issues: r.error.issues }, 'qmp reply failed validation')
-        p.reject(
+        reject(
           new QmpdError('QMP_PROTOCOL_ERROR', `${p.command}: unexpected reply from QEMU: ${z.prettifyError(r.error)}`, {
             command: p.command,
             issues: r.error.issues,
@@ -596,10 +640,10 @@ export class QmpClient extends EventEmitter<QmpClientEventMap> {
         )
         return
       }
-      p.resolve(r.data)
+      resolve(r.data)
       return
     }
-    p.resolve(value)
+    resolve(value)
   }
 
   private onEvent(m: Record<string, unknown>, line: string): void {
@@ -682,9 +726,9 @@ export class QmpClient extends EventEmitter<QmpClientEventMap> {
     const pending = [...this.pending.values()]
     for (const p of pending) {
       this.settle(p)
-      p.reject(
-        new QmpDisconnectedError(`${p.command}: QMP connection lost before the reply: ${cause.message}`, { command: p.command, id: p.id, reason }, { cause }),
-      )
+      const err = new QmpDisconnectedError(`${p.command}: QMP connection lost before the reply: ${cause.message}`, { command: p.command, id: p.id, reason }, { cause })
+      // Through the same turns as replies (onReply), so a reply that came first settles first.
+      void nextTurn().then(() => p.reject(err))
     }
     this.expired.clear()
     for (const s of [...this.subscribers]) {

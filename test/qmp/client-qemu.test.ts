@@ -4,15 +4,30 @@
  * PID in teardown. Without qemu-system-x86_64 on PATH these tests FAIL (never skip).
  */
 
-import { spawn, type ChildProcess } from 'node:child_process'
+import { execFile, spawn, type ChildProcess } from 'node:child_process'
+import { promisify } from 'node:util'
 import fs from 'node:fs'
+import os from 'node:os'
 import path from 'node:path'
 import t from 'tap'
 import { QmpCommandError, QmpDisconnectedError, type QmpdError } from '../../src/errors.ts'
 import { QmpClient, type JobStatus } from '../../src/qmp/index.ts'
+import { noteTopNodes, topNodes } from '../../src/images/graph.ts'
 import { sleep, socketPath, type TapLike } from './fake-qmp.ts'
 
 const QEMU = 'qemu-system-x86_64'
+const execFileP = promisify(execFile)
+
+/** Counts the query-block commands the client sends from now on. */
+function countQueryBlock(qmp: QmpClient): () => number {
+  let n = 0
+  const execute = qmp.execute.bind(qmp)
+  qmp.execute = ((command: string, ...rest: unknown[]) => {
+    if (command === 'query-block') n++
+    return (execute as (c: string, ...r: unknown[]) => Promise<unknown>)(command, ...rest)
+  }) as typeof qmp.execute
+  return () => n
+}
 
 function onPath(bin: string): string | undefined {
   for (const dir of (process.env['PATH'] ?? '').split(path.delimiter)) {
@@ -255,5 +270,67 @@ if (!onPath(QEMU)) {
     await second.connect(q.sock, { timeoutMs: 5_000 })
     t.teardown(() => second.disconnect())
     t.equal((await second.execute('query-status')).status, 'prelaunch')
+  })
+
+  t.test('graph epoch: the top-node cache is used until a command may have changed the graph', async (t) => {
+    // Not t.testdir(): startQemu's socketPath() takes (and would wipe) that one.
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'qmpd-graph-'))
+    t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }))
+    const base = path.join(dir, 'base.qcow2')
+    await execFileP('qemu-img', ['create', '-q', '-f', 'qcow2', base, '1M'])
+    // query-block lists BlockBackends: with -machine none, -drive's backend stands in for a device.
+    const q = await startQemu(t, ['-drive', `if=none,id=vda,driver=qcow2,file.filename=${base},node-name=vda-f0`])
+    const qmp = await connectTo(t, q)
+    const queries = countQueryBlock(qmp)
+    const first = await topNodes(qmp, ['vda'])
+    t.equal(queries(), 1, 'the first lookup asks QEMU')
+    t.same(await topNodes(qmp, ['vda']), first, 'same answer')
+    await qmp.execute('query-status')
+    await qmp.execute('stop')
+    await qmp.execute('cont')
+    await qmp.execute('stop')
+    t.equal(queries(), 1, 'queries and run-state commands keep the cache')
+    await t.rejects(topNodes(qmp, ['nope']), { code: 'DISK_NOT_FOUND' })
+    t.equal(queries(), 2, 'an unknown disk is asked for, then refused')
+
+    const before = qmp.graphEpoch
+    await qmp.execute('blockdev-snapshot-sync', { 'node-name': first.get('vda')!, 'snapshot-file': path.join(dir, 'o1.qcow2'), 'snapshot-node-name': 'vda-f1', format: 'qcow2' })
+    t.equal(qmp.graphEpoch, before + 1, 'a graph-changing command moves the epoch')
+    t.same(await topNodes(qmp, ['vda']), new Map([['vda', 'vda-f1']]), 'and the next lookup reads the new top')
+    t.equal(queries(), 3)
+
+    const e2 = qmp.graphEpoch
+    await qmp.execute('blockdev-snapshot-sync', { 'node-name': 'vda-f1', 'snapshot-file': path.join(dir, 'o2.qcow2'), 'snapshot-node-name': 'vda-f2', format: 'qcow2' })
+    noteTopNodes(qmp, e2, new Map([['vda', 'vda-f2']]))
+    t.same(await topNodes(qmp, ['vda']), new Map([['vda', 'vda-f2']]), 'what qmpd noted after its own command is used')
+    t.equal(queries(), 3, 'without asking QEMU')
+
+    const e3 = qmp.graphEpoch
+    await qmp.execute('blockdev-snapshot-sync', { 'node-name': 'vda-f2', 'snapshot-file': path.join(dir, 'o3.qcow2'), 'snapshot-node-name': 'vda-f3', format: 'qcow2' })
+    await qmp.hmp('info status')
+    noteTopNodes(qmp, e3, new Map([['vda', 'bogus']]))
+    t.same(await topNodes(qmp, ['vda']), new Map([['vda', 'vda-f3']]), 'a note is ignored when another command (here HMP) came in between')
+    t.equal(queries(), 4)
+  })
+
+  t.test('replies settle in arrival order, each in a loop iteration of its own', async (t) => {
+    const q = await startQemu(t)
+    const qmp = await connectTo(t, q)
+    const order: string[] = []
+    let ticks = 0
+    const timer = setInterval(() => ticks++, 0)
+    const work = Array.from({ length: 40 }, (_, i) =>
+      qmp.execute('query-status').then(() => {
+        order.push(String(i))
+        const end = performance.now() + 2
+        while (performance.now() < end) {
+          /* 2 ms of synchronous work after each reply */
+        }
+      }),
+    )
+    await Promise.all(work)
+    clearInterval(timer)
+    t.same(order, Array.from({ length: 40 }, (_, i) => String(i)), 'in the order the commands were sent')
+    t.ok(ticks >= 20, `a 0 ms interval timer ran ${ticks} times during 40 × 2 ms of reply handling: it was not held off until the end`)
   })
 }
