@@ -65,6 +65,12 @@ export interface SaveOptions {
   beforeSwitchover?: () => Promise<void>
   onProgress?: (current: number, total: number) => void
   /**
+   * Runs just before `migrate`, once capabilities and parameters are set and the socket listens:
+   * a live checkpoint stops the guest and switches its disks here, so its pause holds only what
+   * must happen inside it.
+   */
+  beforeMigrate?: () => Promise<void>
+  /**
    * Runs once every byte of the stream has reached the file, before the fsync: a checkpoint
    * switches its disks and resumes the guest here, so the guest does not wait for the disk flush.
    * If the fsync then fails, the save fails as a whole (the caller undoes what this did).
@@ -128,6 +134,7 @@ export async function saveRamState(qmp: QmpClient, opts: SaveOptions): Promise<S
       ],
     })
     await qmp.execute('migrate-set-parameters', { 'max-bandwidth': UNCAPPED_BANDWIDTH })
+    await opts.beforeMigrate?.()
     await qmp.execute('migrate', { uri: `unix:${opts.socket.qemuPath}` })
     if (opts.onProgress) {
       poll = setInterval(() => {

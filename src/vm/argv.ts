@@ -9,6 +9,8 @@ export const VM_FILES = {
   qemuLog: 'qemu.log',
   /** RAM and device state of a managed save; the next start restores from it. */
   managedSave: 'managed.save',
+  /** A restored managed save on its way out: renamed at once after the restore, deleted in the background. */
+  restoredSave: 'managed.save.restored',
 } as const
 
 /** The image a disk currently runs on (its active layer), which external snapshots move. */

@@ -1,4 +1,5 @@
 import { spawn, type ChildProcess } from 'node:child_process'
+import { rename, rm } from 'node:fs/promises'
 import { accessSync, constants as fsc, existsSync, mkdirSync, openSync, closeSync, readFileSync, rmSync, rmdirSync, statSync } from 'node:fs'
 import { join } from 'node:path'
 import type { Logger } from 'pino'
@@ -124,12 +125,25 @@ export class VmManager {
   async init(): Promise<void> {
     for (const rec of this.deps.repo.list()) {
       const h = this.handleFor(rec)
+      await rm(join(this.deps.paths.vmDir(rec.name), VM_FILES.restoredSave), { force: true })
       try {
         await this.reattach(h)
       } catch (err) {
         h.log.warn({ err }, 'could not re-attach')
       }
     }
+  }
+
+  /**
+   * Removes a managed save once its restore succeeded, without holding up the job: freeing ~50 MB
+   * of extents takes tens of ms (more on a busy filesystem) while the guest waits for its cont, a
+   * rename does not. The renamed file is deleted in the background, or at the next daemon start
+   * if a crash came first: it can never be restored twice or block the next save.
+   */
+  private async discardRestoredSave(h: Handle, saved: string): Promise<void> {
+    const gone = join(this.deps.paths.vmDir(h.name), VM_FILES.restoredSave)
+    await rename(saved, gone)
+    void rm(gone, { force: true }).catch((err: unknown) => h.log.warn({ err, file: gone }, 'could not delete a restored managed save'))
   }
 
   /** Disconnects from every QEMU; the VMs keep running and the next daemon re-attaches. */
@@ -587,7 +601,7 @@ export class VmManager {
         this.setState(h, 'saved', 'managed save (the last restore failed)')
         throw err
       }
-      rmSync(saved, { force: true })
+      await this.discardRestoredSave(h, saved)
     } else {
       await this.launchInJob(h.name, ctx)
     }

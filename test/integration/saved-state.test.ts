@@ -43,7 +43,8 @@ t.test('managed save, daemon restart, start: the guest counts on from the saved 
   t.match(started.result, { restoredFromManagedSave: true })
   const c = await guestCounters(second, 'ms')
   t.ok(c.counter > 50, `restored counter ${c.counter}`)
-  t.notOk(existsSync(file), 'the managed save file is removed after the restore succeeded')
+  t.notOk(existsSync(file), 'the managed save file is gone from its place once the restore succeeded')
+  t.ok(await eventually(async () => !existsSync(`${file}.restored`)), 'and its renamed copy is deleted in the background')
   await op(second, 'ms', 'resume')
   t.ok(await eventually(async () => (await guestCounters(second, 'ms')).counter > c.counter + 20), 'counts on from there')
 
