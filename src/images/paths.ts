@@ -1,4 +1,4 @@
-import { realpathSync } from 'node:fs'
+import { lstatSync, readlinkSync, realpathSync } from 'node:fs'
 import { basename, dirname, isAbsolute, join, normalize, relative, resolve, sep } from 'node:path'
 import { QmpdError } from '../errors.ts'
 
@@ -53,17 +53,23 @@ export class PathPolicy {
 }
 
 /** The path with its deepest existing ancestor replaced by that ancestor's real path. */
-function realLocation(abs: string): string {
+function realLocation(abs: string, depth = 0): string {
   let head = abs
   const tail: string[] = []
-  for (;;) {
-    try {
-      return join(realpathSync(head), ...tail)
-    } catch {
-      const parent = dirname(head)
-      if (parent === head) return abs
-      tail.unshift(basename(head))
-      head = parent
-    }
+  // lstat, which does not throw for a missing entry, finds the deepest existing ancestor: most
+  // paths checked here are files about to be created, and a thrown ENOENT per level is costly.
+  while (lstatSync(head, { throwIfNoEntry: false }) === undefined) {
+    const parent = dirname(head)
+    if (parent === head) return abs
+    tail.unshift(basename(head))
+    head = parent
+  }
+  try {
+    return join(realpathSync.native(head), ...tail)
+  } catch {
+    // A dangling symlink: judge where it points (a file created through it would land there).
+    const st = lstatSync(head, { throwIfNoEntry: false })
+    if (st?.isSymbolicLink() && depth < 40) return join(realLocation(resolve(dirname(head), readlinkSync(head)), depth + 1), ...tail)
+    return abs
   }
 }

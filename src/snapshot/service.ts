@@ -1,9 +1,10 @@
 import { randomUUID } from 'node:crypto'
-import { closeSync, existsSync, openSync, rmSync, statSync } from 'node:fs'
+import { closeSync, existsSync, open as fsOpen, rmSync } from 'node:fs'
+import { stat } from 'node:fs/promises'
 import { join } from 'node:path'
 import type { Logger } from 'pino'
 import { QmpdError } from '../errors.ts'
-import { liveChain, liveInternalSnapshots, pruneDetachedNodes, topNodes, type LiveLayer } from '../images/graph.ts'
+import { liveChain, liveInternalSnapshots, noteTopNodes, pruneDetachedNodes, topNodes, type LiveLayer } from '../images/graph.ts'
 import type { PathPolicy } from '../images/paths.ts'
 import type { QemuImg } from '../images/qemu-img.ts'
 import type { JobContext, JobManager } from '../jobs/manager.ts'
@@ -15,7 +16,7 @@ import { QgaClient, withFrozenFilesystems } from '../qga/client.ts'
 import { loadRamState, saveRamState, stateSocket } from '../state/ramfile.ts'
 import type { ImageRow, SnapshotRepo } from '../store/snapshots.ts'
 import { VM_FILES } from '../vm/argv.ts'
-import { isAdopted, type VmDefinition } from '../vm/definition.ts'
+import { isAdopted, type VmDefinition, type VmRuntime } from '../vm/definition.ts'
 import { trackDowntime } from '../vm/downtime.ts'
 import { isRunningState, type VmManager } from '../vm/manager.ts'
 import { CreateSnapshotBody, RevertBody, type Snapshot, type SnapshotDisk } from './model.ts'
@@ -35,6 +36,9 @@ export interface SnapshotTestHooks {
   /** false: behave as if userfaultfd write-protect were missing (exercises the pre-copy fallback). */
   backgroundSnapshot?: boolean
 }
+
+/** Per QMP session: whether QEMU accepted the background-snapshot capability (probed once). */
+const backgroundSnapshotSupport = new WeakMap<QmpClient, boolean>()
 
 /** The plan of a snapshot creation, recorded in the journal before anything is touched. */
 interface CreatePlan {
@@ -73,7 +77,7 @@ export class SnapshotService {
     const rec = this.deps.vms.record(vm)
     const all = this.deps.repo.list(vm)
     const internal = await this.internalSizes(vm, all)
-    return all.map((s) => this.view(s, all, rec.runtime.currentSnapshot, internal))
+    return Promise.all(all.map((s) => this.view(s, all, rec.runtime.currentSnapshot, internal)))
   }
 
   /** One snapshot (404 when unknown). */
@@ -84,11 +88,12 @@ export class SnapshotService {
     return this.view(s, all, this.deps.vms.record(vm).runtime.currentSnapshot, internal)
   }
 
-  private view(s: Snapshot, all: Snapshot[], current: string | undefined, internal: Map<string, number>): SnapshotView {
+  private async view(s: Snapshot, all: Snapshot[], current: string | undefined, internal: Map<string, number>): Promise<SnapshotView> {
     let size = 0
     if (s.kind === 'external') {
-      for (const d of s.disks) if (d.mode === 'external') size += fileBytes(d.file)
-      if (s.vmstateFile) size += fileBytes(s.vmstateFile)
+      const files = s.disks.filter((d) => d.mode === 'external').map((d) => d.file)
+      if (s.vmstateFile) files.push(s.vmstateFile)
+      for (const bytes of await Promise.all(files.map(fileBytes))) size += bytes
     } else {
       size = internal.get(s.name) ?? 0
     }
@@ -141,8 +146,8 @@ export class SnapshotService {
     }
     // Throws on anything wrong and changes nothing. With jobs queued ahead the VM's state will
     // change before this one runs (start, then checkpoint): the job plans again when it starts.
-    if (!this.deps.jobs.busy(vm)) this.plan(vm, body, rec.runtime.state)
-    return this.deps.jobs.submit({ vm, op: 'snapshot-create', params: body, run: (ctx) => this.doCreate(vm, body, ctx) })
+    const early = this.deps.jobs.busy(vm) ? undefined : { plan: this.plan(vm, body, rec.runtime.state), runtime: rec.runtime, version: this.deps.repo.version(vm) }
+    return this.deps.jobs.submit({ vm, op: 'snapshot-create', params: body, run: (ctx) => this.doCreate(vm, body, ctx, early) })
   }
 
   /** Works out exactly what a creation will do; every refusal happens here. */
@@ -237,11 +242,19 @@ export class SnapshotService {
     return { snapshot, overlays }
   }
 
-  private async doCreate(vm: string, body: CreateSnapshotBody, ctx: JobContext): Promise<unknown> {
-    // The VM may have changed while the job waited in the queue: plan again from what is now.
-    const state = this.deps.vms.record(vm).runtime.state
-    if (this.deps.repo.get(vm, body.name)) throw new QmpdError('SNAPSHOT_EXISTS', `VM ${vm} already has a snapshot ${body.name}`, { vm, snapshot: body.name })
-    const plan = this.plan(vm, body, state)
+  private async doCreate(
+    vm: string,
+    body: CreateSnapshotBody,
+    ctx: JobContext,
+    early?: { plan: CreatePlan; runtime: VmRuntime; version: number },
+  ): Promise<unknown> {
+    // The VM may have changed while the job waited in the queue: unless neither its runtime
+    // record nor its snapshots changed since the request was checked, plan again from what is now.
+    const runtime = this.deps.vms.record(vm).runtime
+    const state = runtime.state
+    const unchanged = early !== undefined && early.runtime === runtime && early.version === this.deps.repo.version(vm)
+    if (!unchanged && this.deps.repo.get(vm, body.name)) throw new QmpdError('SNAPSHOT_EXISTS', `VM ${vm} already has a snapshot ${body.name}`, { vm, snapshot: body.name })
+    const plan = unchanged ? early.plan : this.plan(vm, body, state)
     const s = plan.snapshot
     const live: Live | undefined = isRunningState(state) ? { qmp: this.deps.vms.qmp(vm), running: state === 'running' } : undefined
     const t0 = performance.now()
@@ -261,7 +274,8 @@ export class SnapshotService {
       }
       this.commitCreate(vm, plan, final, journalId)
       ctx.log.info({ snapshot: s.name, kind: s.kind, memory: s.memory, downtimeMs }, 'snapshot created')
-      return { snapshot: await this.get(vm, s.name), downtimeMs, ms: Math.round(performance.now() - t0) }
+      const view = await this.get(vm, s.name)
+      return { snapshot: view, downtimeMs, ms: Math.round(performance.now() - t0) }
     } catch (err) {
       this.deps.repo.journalDone(journalId)
       throw err
@@ -353,7 +367,7 @@ export class SnapshotService {
     if (!live) {
       await withReverter(ctx.log, async (r) => {
         for (const o of plan.overlays) {
-          reserveFile(o.overlay)
+          await reserveFile(o.overlay)
           r.add(`remove ${o.overlay}`, () => rmSync(o.overlay, { force: true }))
           await this.deps.qemuImg.create(o.overlay, 'qcow2', { backing: { file: o.file, format: o.format } })
         }
@@ -362,19 +376,17 @@ export class SnapshotService {
     }
     const { qmp } = live
     return withReverter(ctx.log, async (r) => {
-      for (const o of plan.overlays) {
-        // Reserve the name (O_EXCL): QEMU's blockdev-snapshot-sync would silently overwrite a file.
-        reserveFile(o.overlay)
-        r.add(`remove ${o.overlay}`, () => rmSync(o.overlay, { force: true }))
-      }
+      // Reserve the names (O_EXCL): QEMU's blockdev-snapshot-sync would silently overwrite a file.
+      await reserveFiles(plan.overlays.map((o) => o.overlay), r)
       const nodes = await topNodes(qmp, plan.overlays.map((o) => o.id))
       const gens = new Map(this.deps.vms.record(vm).runtime.disks.map((d) => [d.id, d.gen]))
+      const newNode = (disk: string): string => `${disk}-f${(gens.get(disk) ?? 0) + 1}`
       const actions: TransactionAction[] = plan.overlays.map((o) => ({
         type: 'blockdev-snapshot-sync',
         data: {
           'node-name': nodes.get(o.id)!,
           'snapshot-file': o.overlay,
-          'snapshot-node-name': `${o.id}-f${(gens.get(o.id) ?? 0) + 1}`,
+          'snapshot-node-name': newNode(o.id),
           format: 'qcow2',
           // Absolute backing paths in every overlay: the chain opens the same from any cwd.
           mode: 'absolute-paths',
@@ -382,7 +394,9 @@ export class SnapshotService {
       }))
       const diskTransaction = async (): Promise<void> => {
         if (actions.length === 0) return
+        const epoch = qmp.graphEpoch
         await this.transaction(qmp, actions)
+        noteTopNodes(qmp, epoch, new Map(plan.overlays.map((o) => [o.id, newNode(o.id)])))
         r.add('merge the new overlays back', () => this.undoLiveOverlays(qmp, plan, ctx))
       }
       if (!s.memory) {
@@ -395,12 +409,21 @@ export class SnapshotService {
       if (body.live && live.running) {
         if (await this.backgroundSnapshotUsable(qmp, ctx)) {
           // Stop, switch disks, then a background-snapshot migration resumes the guest at once and
-          // writes RAM as it was at the stop: disks and RAM are from one instant.
-          await qmp.execute('stop')
-          r.add('resume the guest', () => qmp.execute('cont').catch(() => {}))
-          await diskTransaction()
+          // writes RAM as it was at the stop: disks and RAM are from one instant. Migration
+          // capabilities and parameters are set before the stop (saveRamState's beforeMigrate).
           ram.method = 'background-snapshot'
-          await saveRamState(qmp, { file: s.vmstateFile!, socket, log: ctx.log, background: true, onProgress: (c, t) => ctx.setProgress(c, t) })
+          await saveRamState(qmp, {
+            file: s.vmstateFile!,
+            socket,
+            log: ctx.log,
+            background: true,
+            onProgress: (c, t) => ctx.setProgress(c, t),
+            beforeMigrate: async () => {
+              await qmp.execute('stop')
+              r.add('resume the guest', () => qmp.execute('cont').catch(() => {}))
+              await diskTransaction()
+            },
+          })
           const st = await qmp.execute('query-status')
           if (!st.running) await this.deps.vms.contInJob(vm)
           return dt.end()
@@ -450,14 +473,19 @@ export class SnapshotService {
   /** Probes background-snapshot (userfaultfd write-protect) by setting the capability; leaves it off. */
   private async backgroundSnapshotUsable(qmp: QmpClient, ctx: JobContext): Promise<boolean> {
     if (this.deps.hooks?.backgroundSnapshot === false) return false
+    // Whether the host has userfaultfd write-protect does not change while a QEMU runs.
+    const known = backgroundSnapshotSupport.get(qmp)
+    if (known !== undefined) return known
+    let usable = false
     try {
       await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'background-snapshot', state: true }] })
       await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'background-snapshot', state: false }] })
-      return true
+      usable = true
     } catch (err) {
       ctx.log.debug({ err }, 'background-snapshot probe failed')
-      return false
     }
+    backgroundSnapshotSupport.set(qmp, usable)
+    return usable
   }
 
   /** Rolls the live overlays of a failed creation back: commit each into its backing and pivot. */
@@ -590,7 +618,7 @@ export class SnapshotService {
       for (const d of s.disks.filter((x) => x.mode === 'external')) {
         if (!existsSync(d.file)) throw new QmpdError('INVALID_STATE', `snapshot ${s.name}: image ${d.file} of disk ${d.id} is missing`, { file: d.file })
         const file = uniqueFile(dir, `${d.id}-${s.name}-r`, '.qcow2')
-        reserveFile(file)
+        await reserveFile(file)
         r.add(`remove ${file}`, () => rmSync(file, { force: true }))
         await this.deps.qemuImg.create(file, 'qcow2', { backing: { file: d.file, format: d.format } })
         created.push({ id: d.id, file, backing: d.file, format: d.format })
@@ -874,14 +902,23 @@ function fFormatOf(images: ImageRow[], file: string): 'qcow2' | 'raw' {
 }
 
 /** Creates an empty file, failing if it exists: claims a name before QEMU or qemu-img writes it. */
-function reserveFile(file: string): void {
-  try {
-    closeSync(openSync(file, 'wx', 0o600))
-  } catch (err) {
-    const e = err as NodeJS.ErrnoException
-    if (e.code === 'EEXIST') throw new QmpdError('FILE_EXISTS', `${file} exists; qmpd never overwrites a file`, { file })
-    throw new QmpdError('INVALID_PATH', `cannot create ${file}: ${e.message}`, { file })
-  }
+async function reserveFile(file: string): Promise<void> {
+  // One thread-pool round trip (the open creates the file); closing an empty file's fd is cheap.
+  const fd = await new Promise<number>((resolve, reject) => fsOpen(file, 'wx', 0o600, (err, fd) => (err ? reject(err) : resolve(fd)))).catch((err: NodeJS.ErrnoException) => {
+    if (err.code === 'EEXIST') throw new QmpdError('FILE_EXISTS', `${file} exists; qmpd never overwrites a file`, { file })
+    throw new QmpdError('INVALID_PATH', `cannot create ${file}: ${err.message}`, { file })
+  })
+  closeSync(fd)
+}
+
+/** Reserves several files at once; each one created gets its removal in `r`, then the first failure is thrown. */
+async function reserveFiles(files: string[], r: { add(what: string, fn: () => unknown): void }): Promise<void> {
+  const results = await Promise.allSettled(files.map(reserveFile))
+  results.forEach((res, i) => {
+    if (res.status === 'fulfilled') r.add(`remove ${files[i]}`, () => rmSync(files[i]!, { force: true }))
+  })
+  const failed = results.find((res) => res.status === 'rejected')
+  if (failed) throw failed.reason
 }
 
 function uniqueFile(dir: string, stem: string, ext: string): string {
@@ -891,9 +928,10 @@ function uniqueFile(dir: string, stem: string, ext: string): string {
   }
 }
 
-function fileBytes(file: string): number {
+/** Bytes allocated to a file (0 when it is missing); stat runs off the event loop. */
+async function fileBytes(file: string): Promise<number> {
   try {
-    return statSync(file).blocks * 512
+    return (await stat(file)).blocks * 512
   } catch {
     return 0
   }

@@ -13,36 +13,80 @@ export interface ImageRow {
 
 /** Repository of the snapshot tree, the image graph behind it and the operation journal. */
 export class SnapshotRepo {
+  /**
+   * Parsed snapshot lists per VM, as read from SQLite. Every write through this repository drops
+   * the VM's entry, and a transaction that rolls back drops them all, so a cached list is always
+   * what the database holds; reads no longer parse every row of the VM on every call.
+   */
+  private readonly lists = new Map<string, readonly Snapshot[]>()
+  /** Per VM: bumped by every write to its snapshots (see version()). */
+  private readonly versions = new Map<string, number>()
+
   constructor(readonly db: Db) {}
 
   /** Runs fn in one SQLite transaction: metadata changes commit together or not at all. */
   tx<T>(fn: () => T): T {
-    return this.db.transaction(fn)()
+    try {
+      return this.db.transaction(fn)()
+    } catch (err) {
+      this.lists.clear()
+      for (const vm of this.versions.keys()) this.touch(vm)
+      throw err
+    }
   }
 
+  /** A number that changes whenever the VM's snapshots may have changed (a write, or a rollback). */
+  version(vm: string): number {
+    return this.versions.get(vm) ?? 0
+  }
+
+  private touch(vm: string): void {
+    this.versions.set(vm, this.version(vm) + 1)
+  }
+
+  /** The VM's snapshots, oldest first. The objects are shared: callers must not modify them. */
   list(vm: string): Snapshot[] {
-    return this.db
-      .prepare('SELECT body FROM snapshots WHERE vm = ? ORDER BY created_at, rowid')
-      .all(vm)
-      .map((r) => Snapshot.parse(JSON.parse((r as { body: string }).body)))
+    let cached = this.lists.get(vm)
+    if (!cached) {
+      cached = this.db
+        .prepare('SELECT body FROM snapshots WHERE vm = ? ORDER BY created_at, rowid')
+        .all(vm)
+        .map((r) => Object.freeze(Snapshot.parse(JSON.parse((r as { body: string }).body))))
+      this.lists.set(vm, cached)
+    }
+    return [...cached]
   }
 
   get(vm: string, name: string): Snapshot | undefined {
-    const r = this.db.prepare('SELECT body FROM snapshots WHERE vm = ? AND name = ?').get(vm, name) as { body: string } | undefined
-    return r ? Snapshot.parse(JSON.parse(r.body)) : undefined
+    return this.list(vm).find((s) => s.name === name)
   }
 
   put(s: Snapshot): void {
+    const parsed = Object.freeze(Snapshot.parse(s))
+    const cached = this.lists.get(s.vm)
+    this.lists.delete(s.vm)
+    this.touch(s.vm)
     this.db
       .prepare('INSERT INTO snapshots (vm, name, body, created_at) VALUES (?, ?, ?, ?) ON CONFLICT(vm, name) DO UPDATE SET body = excluded.body')
-      .run(s.vm, s.name, JSON.stringify(Snapshot.parse(s)), s.createdAt)
+      .run(s.vm, s.name, JSON.stringify(parsed), s.createdAt)
+    // Keep the VM's list when the new row's place in it is certain (an update in place, or a
+    // newest row appended); otherwise the next read loads it again.
+    if (!cached) return
+    const at = cached.findIndex((x) => x.name === s.name)
+    const last = cached[cached.length - 1]
+    if (at >= 0) this.lists.set(s.vm, cached.map((x, i) => (i === at ? parsed : x)))
+    else if (!last || last.createdAt < s.createdAt) this.lists.set(s.vm, [...cached, parsed])
   }
 
   delete(vm: string, name: string): void {
+    this.lists.delete(vm)
+    this.touch(vm)
     this.db.prepare('DELETE FROM snapshots WHERE vm = ? AND name = ?').run(vm, name)
   }
 
   deleteAllFor(vm: string): void {
+    this.lists.delete(vm)
+    this.touch(vm)
     this.db.prepare('DELETE FROM snapshots WHERE vm = ?').run(vm)
     this.db.prepare('DELETE FROM images WHERE vm = ?').run(vm)
     this.db.prepare('DELETE FROM journal WHERE vm = ?').run(vm)

@@ -24,3 +24,16 @@ t.test('a symlink inside an allowed dir cannot lead out of it', async (t) => {
   const p = new PathPolicy(`${root}/state`)
   t.throws(() => p.resolve(`${root}/state/escape/x.qcow2`, p.vmDir('a')), { code: 'INVALID_PATH' })
 })
+
+t.test('a dangling symlink is judged by where it points', async (t) => {
+  const root = t.testdir({ state: {}, outside: {} })
+  mkdirSync(`${root}/state/vms/a`, { recursive: true })
+  symlinkSync(`${root}/outside/new.qcow2`, `${root}/state/vms/a/out.qcow2`)
+  symlinkSync(`${root}/state/vms/a/later.qcow2`, `${root}/state/vms/a/in.qcow2`)
+  symlinkSync(`${root}/state/vms/a/loop2`, `${root}/state/vms/a/loop1`)
+  symlinkSync(`${root}/state/vms/a/loop1`, `${root}/state/vms/a/loop2`)
+  const p = new PathPolicy(`${root}/state`)
+  t.throws(() => p.resolve('out.qcow2', p.vmDir('a')), { code: 'INVALID_PATH' }, 'points outside: refused, although the target does not exist yet')
+  t.equal(p.resolve('in.qcow2', p.vmDir('a')), `${root}/state/vms/a/in.qcow2`, 'points inside: allowed')
+  t.equal(p.resolve('loop1', p.vmDir('a')), `${root}/state/vms/a/loop1`, 'a symlink loop ends (the file cannot be opened anyway)')
+})
