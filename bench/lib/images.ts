@@ -1,6 +1,6 @@
 // Disk images for the bench, and the data-movement floors (dd conv=fsync, qemu-img convert).
 import { execFile } from 'node:child_process'
-import { rm } from 'node:fs/promises'
+import { rm, writeFile } from 'node:fs/promises'
 import { promisify } from 'node:util'
 import { makeGuestDisk } from '../../test/helpers/guest.ts'
 
@@ -20,6 +20,25 @@ export async function run(file: string, args: string[]): Promise<string> {
 /** The boot disk of the test guest: qcow2 of `sizeMiB` with the boot sector that dirties `stampMiB` MiB of RAM. */
 export async function bootDisk(file: string, sizeMiB: number, stampMiB: number): Promise<void> {
   await makeGuestDisk(file, { format: 'qcow2', sizeMiB, boot: true, stampMiB })
+}
+
+/**
+ * A boot disk whose guest idles like an idle OS: `sti; hlt; jmp $-1` (woken only by the BIOS
+ * timer tick, ~18 times a second), for fleets of running guests that do not spin a vCPU each.
+ */
+export async function idleBootDisk(file: string, sizeMiB: number): Promise<void> {
+  await run('qemu-img', ['create', '-q', '-f', 'qcow2', file, `${sizeMiB}M`])
+  const sector = Buffer.alloc(512)
+  Buffer.from([0xfb, 0xf4, 0xeb, 0xfd]).copy(sector)
+  sector[510] = 0x55
+  sector[511] = 0xaa
+  const src = `${file}.boot.bin`
+  await writeFile(src, sector)
+  try {
+    await run('qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'qcow2', src, file])
+  } finally {
+    await rm(src, { force: true })
+  }
 }
 
 /** An empty qcow2 (optionally on a backing file). */
