@@ -35,6 +35,8 @@ function post(port, path, body) {
 for await (const line of createInterface({ input: process.stdin })) {
   const m = JSON.parse(line)
   if (m.cmd === 'eld-start') {
+    // A fresh histogram each time: after disable()/enable() a histogram would count the pause
+    // in between as one long delay.
     eld = monitorEventLoopDelay({ resolution: 1 })
     eld.enable()
     reply({ ok: true })
