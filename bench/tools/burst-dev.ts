@@ -97,6 +97,8 @@ try {
     eld.disable()
     tracing = false
     if (long.length) console.log('   long: ' + long.map(([t, ms]) => `${t} ${ms.toFixed(1)}`).join(', '))
+    ;(globalThis as any).gc?.()
+    console.log(`   heap used after GC ${(process.memoryUsage().heapUsed / 1e6).toFixed(1)} MB, rss ${(process.memoryUsage().rss / 1e6).toFixed(0)} MB`)
     console.log(`burst ${b}: wall ${wall.toFixed(0)} ms, cpu ${((cpu.user + cpu.system) / 1000).toFixed(0)} ms (user ${(cpu.user / 1000).toFixed(0)}), ELD p50 ${(eld.percentile(50) / 1e6).toFixed(1)} p99 ${(eld.percentile(99) / 1e6).toFixed(1)} max ${(eld.max / 1e6).toFixed(1)} ms, samples ${eld.count}`)
   }
 } finally {
