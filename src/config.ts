@@ -1,4 +1,4 @@
-import { homedir } from 'node:os'
+import { availableParallelism, homedir } from 'node:os'
 import { join, resolve } from 'node:path'
 
 /** Daemon-wide settings, resolved once at start from flags and environment. */
@@ -16,6 +16,13 @@ export interface Config {
   logLevel: string
   /** Fixed API token (QMPD_TOKEN); when absent one is generated into <stateDir>/token. */
   token?: string
+  /**
+   * How many disk-only snapshots may be switching disks in QEMU at the same moment, over all VMs
+   * (QMPD_PARALLEL_DISK_SNAPSHOTS; default twice the CPUs). A burst of snapshots on many VMs then
+   * creates overlays a few at a time instead of all at once, which keeps the host (and the
+   * daemon's event loop) responsive without slowing the burst down.
+   */
+  parallelDiskSnapshots: number
 }
 
 /** The default state directory: $XDG_STATE_HOME/qmpd, else ~/.local/state/qmpd. */
@@ -36,8 +43,17 @@ export function makeConfig(over: Partial<Config> = {}, env: NodeJS.ProcessEnv = 
     accel: over.accel ?? parseAccel(env['QMPD_ACCEL']),
     allowedDirs: (over.allowedDirs ?? (env['QMPD_ALLOW_DIRS'] ?? '').split(':').filter(Boolean)).map((d) => resolve(d)),
     logLevel: over.logLevel ?? env['QMPD_LOG_LEVEL'] ?? 'info',
+    parallelDiskSnapshots: over.parallelDiskSnapshots ?? parseCount(env['QMPD_PARALLEL_DISK_SNAPSHOTS'], 'QMPD_PARALLEL_DISK_SNAPSHOTS') ?? 2 * availableParallelism(),
     ...(token ? { token } : {}),
   }
+}
+
+/** A positive integer from the environment, or undefined when unset; anything else is an error. */
+export function parseCount(v: string | undefined, name: string): number | undefined {
+  if (v === undefined || v === '') return undefined
+  const n = Number(v)
+  if (!Number.isInteger(n) || n < 1 || n > 1024) throw new Error(`${name} must be an integer from 1 to 1024, got ${JSON.stringify(v)}`)
+  return n
 }
 
 function parseAccel(v: string | undefined): Config['accel'] {

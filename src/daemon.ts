@@ -1,6 +1,7 @@
 import { randomBytes } from 'node:crypto'
 import { chmodSync, existsSync, mkdirSync, readFileSync, renameSync, writeFileSync, openSync, fsyncSync, closeSync } from 'node:fs'
 import { join } from 'node:path'
+import PQueue from 'p-queue'
 import { pino, type Logger } from 'pino'
 import type { FastifyInstance } from 'fastify'
 import type { Config } from './config.ts'
@@ -65,6 +66,7 @@ export async function startDaemon(
     repo: new SnapshotRepo(db),
     paths,
     qemuImg,
+    diskSwitches: new PQueue({ concurrency: config.parallelDiskSnapshots }),
     log: log.child({ component: 'snapshots' }),
     ...(testHooks.snapshots ? { hooks: testHooks.snapshots } : {}),
   })

@@ -1,5 +1,5 @@
 import { parseArgs } from 'node:util'
-import { makeConfig } from '../config.ts'
+import { makeConfig, parseCount } from '../config.ts'
 import { startDaemon, VERSION } from '../daemon.ts'
 import { listen } from '../http/server.ts'
 
@@ -8,6 +8,7 @@ const HELP = `qmpd ${VERSION}: snapshots, checkpoints and saved state of QEMU VM
 Usage:
   qmpd serve [--listen ADDR] [--state-dir DIR] [--qemu-binary PATH] [--qemu-img PATH]
              [--accel auto|kvm|tcg] [--allow-dir DIR]... [--log-level LEVEL]
+             [--parallel-disk-snapshots N]
   qmpd --help | --version
 
 Options:
@@ -20,6 +21,9 @@ Options:
   --accel A           auto (kvm when /dev/kvm is usable, else tcg), kvm or tcg
   --allow-dir DIR     a directory outside the state dir where disks and snapshot files may live
   --log-level LEVEL   trace, debug, info (default), warn, error
+  --parallel-disk-snapshots N
+                      disk-only snapshots switching disks in QEMU at once, over all VMs
+                      (default $QMPD_PARALLEL_DISK_SNAPSHOTS or twice the CPUs)
 
 Environment: QMPD_TOKEN fixes the API token; otherwise it is generated into <state-dir>/token.
 `
@@ -37,6 +41,7 @@ export async function main(argv: string[]): Promise<number> {
       accel: { type: 'string' },
       'allow-dir': { type: 'string', multiple: true },
       'log-level': { type: 'string' },
+      'parallel-disk-snapshots': { type: 'string' },
       help: { type: 'boolean', short: 'h' },
       version: { type: 'boolean' },
     },
@@ -54,6 +59,7 @@ export async function main(argv: string[]): Promise<number> {
     process.stderr.write(`--accel must be auto, kvm or tcg\n`)
     return 2
   }
+  const parallel = parseCount(values['parallel-disk-snapshots'], '--parallel-disk-snapshots')
   const config = makeConfig({
     ...(values.listen ? { listen: values.listen } : {}),
     ...(values['state-dir'] ? { stateDir: values['state-dir'] } : {}),
@@ -62,6 +68,7 @@ export async function main(argv: string[]): Promise<number> {
     ...(accel ? { accel } : {}),
     ...(values['allow-dir'] ? { allowedDirs: values['allow-dir'] } : {}),
     ...(values['log-level'] ? { logLevel: values['log-level'] } : {}),
+    ...(parallel !== undefined ? { parallelDiskSnapshots: parallel } : {}),
   })
   const daemon = await startDaemon(config)
   // A bug in one operation must not take the control plane down with it: QEMUs keep running

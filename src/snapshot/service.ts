@@ -1,4 +1,5 @@
 import { randomUUID } from 'node:crypto'
+import type PQueue from 'p-queue'
 import { closeSync, existsSync, open as fsOpen, rmSync } from 'node:fs'
 import { stat } from 'node:fs/promises'
 import { join } from 'node:path'
@@ -65,6 +66,8 @@ export class SnapshotService {
       repo: SnapshotRepo
       paths: PathPolicy
       qemuImg: QemuImg
+      /** Host-wide slots for disk-only snapshots switching disks in QEMU (config.parallelDiskSnapshots). */
+      diskSwitches: PQueue
       log: Logger
       hooks?: SnapshotTestHooks
     },
@@ -334,7 +337,7 @@ export class SnapshotService {
         type: 'blockdev-snapshot-internal-sync',
         data: { device: nodes.get(d.id)!, name: s.name },
       }))
-      await this.quiesced(vm, s, ctx, () => this.transaction(live.qmp, actions))
+      await this.deps.diskSwitches.add(() => this.quiesced(vm, s, ctx, () => this.transaction(live.qmp, actions)))
       return 0
     }
     // snapshot-save stops the guest for the whole RAM write, on QEMU's side; measure it.
@@ -400,7 +403,8 @@ export class SnapshotService {
         r.add('merge the new overlays back', () => this.undoLiveOverlays(qmp, plan, ctx))
       }
       if (!s.memory) {
-        await this.quiesced(vm, s, ctx, diskTransaction)
+        // A slot first (the guest is neither paused nor frozen while it waits for one).
+        await this.deps.diskSwitches.add(() => this.quiesced(vm, s, ctx, diskTransaction))
         return 0
       }
       const socket = stateSocket(this.deps.paths.vmDir(vm), true)

@@ -137,3 +137,40 @@ t.test('live deletes after a restart of QEMU, and a delete whose image has a bra
     t.same(await Promise.all((await activeFiles(td, 'rd')).map((f) => diskBytes(f))), seen[name], `${name} still reads back exactly`)
   }
 })
+
+t.test('disk-only snapshots of many VMs switch disks a few at a time (parallelDiskSnapshots)', async (t) => {
+  let inFlight = 0
+  let most = 0
+  const td = await startTestDaemon(t, {
+    config: { parallelDiskSnapshots: 2 },
+    hooks: {
+      snapshots: {
+        // Runs inside the slot, right before the transaction goes to QEMU.
+        transaction: async () => {
+          most = Math.max(most, ++inFlight)
+          await new Promise((r) => setTimeout(r, 150))
+          inFlight--
+        },
+      },
+    },
+  })
+  const vms = ['p0', 'p1', 'p2', 'p3', 'p4']
+  for (const vm of vms) {
+    await defineGuestVm(td, vm)
+    await op(td, vm, 'start')
+  }
+  const results = await Promise.all(
+    vms.map((vm, i) =>
+      td.api('POST', `/v1/vms/${vm}/snapshots?wait=true`, { name: 's1', kind: i === 4 ? 'internal' : 'external', memory: false }),
+    ),
+  )
+  t.same(
+    results.map((r) => r.status),
+    [200, 200, 200, 200, 200],
+    'every snapshot succeeds',
+  )
+  t.equal(most, 2, 'never more than two transactions in QEMU at once, and two did run together')
+  for (const vm of vms) t.equal((await td.api('GET', `/v1/vms/${vm}/snapshots`)).body.snapshots.length, 1, `${vm} has its snapshot`)
+  const ext = (await td.api('GET', '/v1/vms/p0')).body.disks[0].chain.length
+  t.equal(ext, 2, 'an external one put its overlay on top')
+})
