@@ -83,20 +83,18 @@ export class SnapshotService {
     return Promise.all(all.map((s) => this.view(s, all, rec.runtime.currentSnapshot, internal)))
   }
 
-  /** One snapshot (404 when unknown). */
-  async get(vm: string, name: string): Promise<SnapshotView> {
+  /** One snapshot (404 when unknown). `externalSize`: its size, when the caller has it on the way. */
+  async get(vm: string, name: string, externalSize?: Promise<number>): Promise<SnapshotView> {
     const s = this.must(vm, name)
     const all = this.deps.repo.list(vm)
     const internal = await this.internalSizes(vm, [s])
-    return this.view(s, all, this.deps.vms.record(vm).runtime.currentSnapshot, internal)
+    return this.view(s, all, this.deps.vms.record(vm).runtime.currentSnapshot, internal, externalSize)
   }
 
-  private async view(s: Snapshot, all: Snapshot[], current: string | undefined, internal: Map<string, number>): Promise<SnapshotView> {
+  private async view(s: Snapshot, all: Snapshot[], current: string | undefined, internal: Map<string, number>, externalSize?: Promise<number>): Promise<SnapshotView> {
     let size = 0
     if (s.kind === 'external') {
-      const files = s.disks.filter((d) => d.mode === 'external').map((d) => d.file)
-      if (s.vmstateFile) files.push(s.vmstateFile)
-      for (const bytes of await Promise.all(files.map(fileBytes))) size += bytes
+      size = await (externalSize ?? externalBytes(s))
     } else {
       size = internal.get(s.name) ?? 0
     }
@@ -275,9 +273,12 @@ export class SnapshotService {
         ...(live ? { qemuVersion: versionOf(live.qmp) } : {}),
         ...(ram.method ? { ramMethod: ram.method } : {}),
       }
+      // The files it froze are final now: stat them (thread pool) while the metadata commits.
+      const size = s.kind === 'external' ? externalBytes(final) : undefined
+      size?.catch(() => {})
       this.commitCreate(vm, plan, final, journalId)
       ctx.log.info({ snapshot: s.name, kind: s.kind, memory: s.memory, downtimeMs }, 'snapshot created')
-      const view = await this.get(vm, s.name)
+      const view = await this.get(vm, s.name, size)
       return { snapshot: view, downtimeMs, ms: Math.round(performance.now() - t0) }
     } catch (err) {
       this.deps.repo.journalDone(journalId)
@@ -407,7 +408,7 @@ export class SnapshotService {
         await this.deps.diskSwitches.add(() => this.quiesced(vm, s, ctx, diskTransaction))
         return 0
       }
-      const socket = stateSocket(this.deps.paths.vmDir(vm), true)
+      const ramFile = { file: s.vmstateFile!, socket: stateSocket(this.deps.paths.vmDir(vm), true), log: ctx.log, onProgress: (c: number, t: number) => ctx.setProgress(c, t) }
       const dt = trackDowntime(qmp)
       r.add('measure', () => dt.end())
       if (body.live && live.running) {
@@ -417,11 +418,8 @@ export class SnapshotService {
           // capabilities and parameters are set before the stop (saveRamState's beforeMigrate).
           ram.method = 'background-snapshot'
           await saveRamState(qmp, {
-            file: s.vmstateFile!,
-            socket,
-            log: ctx.log,
+            ...ramFile,
             background: true,
-            onProgress: (c, t) => ctx.setProgress(c, t),
             beforeMigrate: async () => {
               await qmp.execute('stop')
               r.add('resume the guest', () => qmp.execute('cont').catch(() => {}))
@@ -436,11 +434,8 @@ export class SnapshotService {
         ram.method = 'precopy'
         let downtimeMs = 0
         await saveRamState(qmp, {
-          file: s.vmstateFile!,
-          socket,
-          log: ctx.log,
+          ...ramFile,
           beforeSwitchover: diskTransaction,
-          onProgress: (c, t) => ctx.setProgress(c, t),
           afterTransfer: async () => {
             await this.deps.vms.contInJob(vm)
             downtimeMs = dt.end()
@@ -457,10 +452,7 @@ export class SnapshotService {
       }
       let downtimeMs = 0
       await saveRamState(qmp, {
-        file: s.vmstateFile!,
-        socket,
-        log: ctx.log,
-        onProgress: (c, t) => ctx.setProgress(c, t),
+        ...ramFile,
         // RAM is all in the file (not yet flushed): switch the disks and let the guest go; the
         // fsync that follows does not keep it paused.
         afterTransfer: async () => {
@@ -930,6 +922,15 @@ function uniqueFile(dir: string, stem: string, ext: string): string {
     const f = join(dir, `${stem}${i}${ext}`)
     if (!existsSync(f)) return f
   }
+}
+
+/** Bytes on disk of what only an external snapshot holds: the images it froze and its RAM state. */
+async function externalBytes(s: Snapshot): Promise<number> {
+  const files = s.disks.filter((d) => d.mode === 'external').map((d) => d.file)
+  if (s.vmstateFile) files.push(s.vmstateFile)
+  let size = 0
+  for (const bytes of await Promise.all(files.map(fileBytes))) size += bytes
+  return size
 }
 
 /** Bytes allocated to a file (0 when it is missing); stat runs off the event loop. */
