@@ -58,7 +58,7 @@ function realLocation(abs: string, depth = 0): string {
   const tail: string[] = []
   // lstat, which does not throw for a missing entry, finds the deepest existing ancestor: most
   // paths checked here are files about to be created, and a thrown ENOENT per level is costly.
-  while (lstatSync(head, { throwIfNoEntry: false }) === undefined) {
+  while (!present(head)) {
     const parent = dirname(head)
     if (parent === head) return abs
     tail.unshift(basename(head))
@@ -67,9 +67,24 @@ function realLocation(abs: string, depth = 0): string {
   try {
     return join(realpathSync.native(head), ...tail)
   } catch {
-    // A dangling symlink: judge where it points (a file created through it would land there).
-    const st = lstatSync(head, { throwIfNoEntry: false })
-    if (st?.isSymbolicLink() && depth < 40) return join(realLocation(resolve(dirname(head), readlinkSync(head)), depth + 1), ...tail)
+    // A dangling symlink: judge where it points (a file created through it would land there),
+    // relative targets from the link's real directory, as the kernel follows them.
+    if (depth < 40 && lstatSync(head, { throwIfNoEntry: false })?.isSymbolicLink()) {
+      try {
+        return join(realLocation(resolve(realpathSync.native(dirname(head)), readlinkSync(head)), depth + 1), ...tail)
+      } catch {
+        /* vanished in between */
+      }
+    }
     return abs
+  }
+}
+
+/** Whether the entry exists (ENOENT, ENOTDIR, EACCES: treated as missing, like realpath failing). */
+function present(p: string): boolean {
+  try {
+    return lstatSync(p, { throwIfNoEntry: false }) !== undefined
+  } catch {
+    return false
   }
 }

@@ -217,6 +217,10 @@ export class QmpClient extends EventEmitter<QmpClientEventMap> {
   private wantOob = false
   private nextId = 1
   private _graphEpoch = 0
+  /** Settlements waiting for their turn (nextTurn); a newer one must not overtake them. */
+  private deferred = 0
+  /** QEMU has reported STOP and no RESUME since: the guest waits for us. */
+  private guestStopped = false
   private readonly pending = new Map<string, Pending>()
   private readonly expired = new Set<string>()
   private readonly subscribers = new Set<Subscriber>()
@@ -252,7 +256,8 @@ export class QmpClient extends EventEmitter<QmpClientEventMap> {
   /**
    * Counts commands sent (and sessions opened) that may have changed which block node a device
    * is attached to: anything but queries and the run-state, migration and internal-snapshot
-   * commands in GRAPH_NEUTRAL_COMMANDS. Caches of the block graph stay valid only while it holds.
+   * commands in GRAPH_NEUTRAL_COMMANDS; also job and device-removal events. Caches of the block
+   * graph stay valid only while it holds.
    */
   get graphEpoch(): number {
     return this._graphEpoch
@@ -326,6 +331,7 @@ export class QmpClient extends EventEmitter<QmpClientEventMap> {
 
     const greeting = this._greeting as QmpGreeting
     this._graphEpoch++
+    this.guestStopped = false
     this.setState('running')
     this.log.debug({ address: where, version: greeting.version.qemu, ms: elapsed(started) }, 'qmp connected')
     this.safeEmit('connected', greeting)
@@ -612,10 +618,11 @@ export class QmpClient extends EventEmitter<QmpClientEventMap> {
     }
     this.settle(p)
     const ms = elapsed(p.sentAt)
-    // The caller's code after the reply runs in a loop iteration of its own (util.ts nextTurn),
-    // in reply order: replies from many QEMUs arriving together do not run back to back.
-    const resolve = (v: unknown): void => void nextTurn().then(() => p.resolve(v))
-    const reject = (e: Error): void => void nextTurn().then(() => p.reject(e))
+    // The capabilities handshake settles at once: events that follow it must find connect()'s
+    // caller already listening.
+    const urgent = p.command === 'qmp_capabilities'
+    const resolve = (v: unknown): void => this.settleInTurn(() => p.resolve(v), urgent)
+    const reject = (e: Error): void => this.settleInTurn(() => p.reject(e), urgent)
     if ('error' in m) {
       const e = m['error']
       if (!isErrorBody(e)) {
@@ -646,6 +653,24 @@ export class QmpClient extends EventEmitter<QmpClientEventMap> {
     resolve(value)
   }
 
+  /**
+   * Runs the settlement of a command in a loop iteration of its own (util.ts nextTurn), in
+   * arrival order: replies from many QEMUs arriving together do not run their callers' code back
+   * to back. Settled at once instead when `urgent`, or while the guest is stopped and nothing of
+   * this client's is still waiting: a paused guest's time goes before fairness.
+   */
+  private settleInTurn(settle: () => void, urgent: boolean): void {
+    if (urgent || (this.guestStopped && this.deferred === 0)) {
+      settle()
+      return
+    }
+    this.deferred++
+    void nextTurn().then(() => {
+      this.deferred--
+      settle()
+    })
+  }
+
   private onEvent(m: Record<string, unknown>, line: string): void {
     const name = m['event']
     const ts = timestampSchema.safeParse(m['timestamp'])
@@ -670,6 +695,11 @@ export class QmpClient extends EventEmitter<QmpClientEventMap> {
     }
     const e = { event: name, data, timestamp } as QmpEvent
     this.log.debug({ event: name }, 'qmp event')
+    if (name === 'STOP') this.guestStopped = true
+    else if (name === 'RESUME') this.guestStopped = false
+    // A job that ends (a pivot by auto-finalize) or a device that goes can move a disk to another
+    // node without a command of ours: caches of the block graph must not outlive that.
+    if (name === 'JOB_STATUS_CHANGE' || name === 'BLOCK_JOB_COMPLETED' || name === 'BLOCK_JOB_CANCELLED' || name === 'DEVICE_DELETED') this._graphEpoch++
     if (this.subscribers.size > 0) {
       for (const s of [...this.subscribers]) s.offer(e)
     }
@@ -728,7 +758,7 @@ export class QmpClient extends EventEmitter<QmpClientEventMap> {
       this.settle(p)
       const err = new QmpDisconnectedError(`${p.command}: QMP connection lost before the reply: ${cause.message}`, { command: p.command, id: p.id, reason }, { cause })
       // Through the same turns as replies (onReply), so a reply that came first settles first.
-      void nextTurn().then(() => p.reject(err))
+      this.settleInTurn(() => p.reject(err), false)
     }
     this.expired.clear()
     for (const s of [...this.subscribers]) {

@@ -38,8 +38,8 @@ export interface SnapshotTestHooks {
   backgroundSnapshot?: boolean
 }
 
-/** Per QMP session: whether QEMU accepted the background-snapshot capability (probed once). */
-const backgroundSnapshotSupport = new WeakMap<QmpClient, boolean>()
+/** QMP sessions whose QEMU accepted the background-snapshot capability. */
+const backgroundSnapshotSupport = new WeakSet<QmpClient>()
 
 /** The plan of a snapshot creation, recorded in the journal before anything is touched. */
 interface CreatePlan {
@@ -338,7 +338,7 @@ export class SnapshotService {
         type: 'blockdev-snapshot-internal-sync',
         data: { device: nodes.get(d.id)!, name: s.name },
       }))
-      await this.deps.diskSwitches.add(() => this.quiesced(vm, s, ctx, () => this.transaction(live.qmp, actions)))
+      await this.diskSwitch(vm, s, ctx, () => this.transaction(live.qmp, actions))
       return 0
     }
     // snapshot-save stops the guest for the whole RAM write, on QEMU's side; measure it.
@@ -404,8 +404,7 @@ export class SnapshotService {
         r.add('merge the new overlays back', () => this.undoLiveOverlays(qmp, plan, ctx))
       }
       if (!s.memory) {
-        // A slot first (the guest is neither paused nor frozen while it waits for one).
-        await this.deps.diskSwitches.add(() => this.quiesced(vm, s, ctx, diskTransaction))
+        await this.diskSwitch(vm, s, ctx, diskTransaction)
         return 0
       }
       const ramFile = { file: s.vmstateFile!, socket: stateSocket(this.deps.paths.vmDir(vm), true), log: ctx.log, onProgress: (c: number, t: number) => ctx.setProgress(c, t) }
@@ -469,19 +468,18 @@ export class SnapshotService {
   /** Probes background-snapshot (userfaultfd write-protect) by setting the capability; leaves it off. */
   private async backgroundSnapshotUsable(qmp: QmpClient, ctx: JobContext): Promise<boolean> {
     if (this.deps.hooks?.backgroundSnapshot === false) return false
-    // Whether the host has userfaultfd write-protect does not change while a QEMU runs.
-    const known = backgroundSnapshotSupport.get(qmp)
-    if (known !== undefined) return known
-    let usable = false
+    // Once QEMU has accepted it, it will again: the host's userfaultfd write-protect does not go
+    // away while a QEMU runs. A refusal is not kept (QEMU also refuses while a migration ends).
+    if (backgroundSnapshotSupport.has(qmp)) return true
     try {
       await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'background-snapshot', state: true }] })
       await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'background-snapshot', state: false }] })
-      usable = true
     } catch (err) {
       ctx.log.debug({ err }, 'background-snapshot probe failed')
+      return false
     }
-    backgroundSnapshotSupport.set(qmp, usable)
-    return usable
+    backgroundSnapshotSupport.add(qmp)
+    return true
   }
 
   /** Rolls the live overlays of a failed creation back: commit each into its backing and pivot. */
@@ -496,6 +494,17 @@ export class SnapshotService {
   }
 
   /** Runs the disk step with guest filesystems frozen when the snapshot asks for quiesce. */
+  /**
+   * The disk switch of a disk-only snapshot: in one of the host-wide slots (config
+   * parallelDiskSnapshots), so that a burst on many VMs creates overlays a few at a time. A
+   * quiesced snapshot takes no slot: its guest must not wait frozen for one, and a slow freeze
+   * must not hold one.
+   */
+  private diskSwitch(vm: string, s: Snapshot, ctx: JobContext, transaction: () => Promise<void>): Promise<void> {
+    if (s.quiesced) return this.quiesced(vm, s, ctx, transaction)
+    return this.deps.diskSwitches.add(transaction)
+  }
+
   private async quiesced<T>(vm: string, s: Snapshot, ctx: JobContext, fn: () => Promise<T>): Promise<T> {
     if (!s.quiesced) return fn()
     const sock = join(this.deps.paths.vmDir(vm), VM_FILES.qgaSocket)

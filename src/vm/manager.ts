@@ -125,7 +125,9 @@ export class VmManager {
   async init(): Promise<void> {
     for (const rec of this.deps.repo.list()) {
       const h = this.handleFor(rec)
-      await rm(join(this.deps.paths.vmDir(rec.name), VM_FILES.restoredSave), { force: true })
+      await rm(join(this.deps.paths.vmDir(rec.name), VM_FILES.restoredSave), { force: true }).catch((err: unknown) =>
+        h.log.warn({ err }, 'could not delete a restored managed save'),
+      )
       try {
         await this.reattach(h)
       } catch (err) {
@@ -311,8 +313,9 @@ export class VmManager {
       params: {},
       run: async () => {
         this.expectState(h, ['running'], 'pause')
-        await this.qmp(name).execute('stop')
-        this.setState(h, 'paused', 'paused')
+        const qmp = this.qmp(name)
+        await qmp.execute('stop')
+        this.setStateIfLive(h, qmp, 'paused', 'paused')
         return { state: 'paused' }
       },
     })
@@ -328,8 +331,9 @@ export class VmManager {
       params: {},
       run: async () => {
         this.expectState(h, ['paused'], 'resume')
-        await this.qmp(name).execute('cont')
-        this.setState(h, 'running')
+        const qmp = this.qmp(name)
+        await qmp.execute('cont')
+        this.setStateIfLive(h, qmp, 'running')
         return { state: 'running' }
       },
     })
@@ -667,9 +671,10 @@ export class VmManager {
    */
   async contInJob(name: string): Promise<void> {
     const h = this.must(name)
+    const qmp = this.qmp(name)
     for (let attempt = 0; ; attempt++) {
       try {
-        await this.qmp(name).execute('cont')
+        await qmp.execute('cont')
         break
       } catch (err) {
         if (attempt < 50 && err instanceof QmpdError && /not finalized/i.test(err.message)) {
@@ -679,7 +684,15 @@ export class VmManager {
         throw err
       }
     }
-    this.setState(h, 'running')
+    this.setStateIfLive(h, qmp, 'running')
+  }
+
+  /**
+   * Records the state a command just brought about, unless the session it was sent on has ended
+   * in the meantime (QEMU exited after answering: the exit's state stands).
+   */
+  private setStateIfLive(h: Handle, qmp: QmpClient, state: VmState, reason?: string): void {
+    if (h.qmp === qmp) this.setState(h, state, reason)
   }
 
   /** Marks the VM paused (used after a job stopped the guest itself). */

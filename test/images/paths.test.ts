@@ -37,3 +37,14 @@ t.test('a dangling symlink is judged by where it points', async (t) => {
   t.equal(p.resolve('in.qcow2', p.vmDir('a')), `${root}/state/vms/a/in.qcow2`, 'points inside: allowed')
   t.equal(p.resolve('loop1', p.vmDir('a')), `${root}/state/vms/a/loop1`, 'a symlink loop ends (the file cannot be opened anyway)')
 })
+
+t.test('a relative dangling symlink is followed from its real directory; odd paths fail as INVALID_PATH or pass, never crash', async (t) => {
+  const root = t.testdir({ state: { 'file.txt': 'x' } })
+  mkdirSync(`${root}/state/a/b`, { recursive: true })
+  symlinkSync(`${root}/state`, `${root}/state/a/b/sub`)
+  // Seen from state/a/b/sub/ (really state/), ../../x is outside the root.
+  symlinkSync('../../x', `${root}/state/l`)
+  const p = new PathPolicy(`${root}/state`)
+  t.throws(() => p.resolve(`${root}/state/a/b/sub/l`, p.vmDir('a')), { code: 'INVALID_PATH' }, 'judged where the kernel would create the file')
+  t.equal(p.resolve(`${root}/state/file.txt/x.qcow2`, p.vmDir('a')), `${root}/state/file.txt/x.qcow2`, 'under a regular file: inside the root (creating it fails later), no ENOTDIR crash')
+})

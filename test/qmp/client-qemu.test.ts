@@ -311,6 +311,14 @@ if (!onPath(QEMU)) {
     noteTopNodes(qmp, e3, new Map([['vda', 'bogus']]))
     t.same(await topNodes(qmp, ['vda']), new Map([['vda', 'vda-f3']]), 'a note is ignored when another command (here HMP) came in between')
     t.equal(queries(), 4)
+
+    // A job's events move the epoch too (a job with auto-finalize may pivot without a command).
+    const concluded = qmp.waitForEvent('JOB_STATUS_CHANGE', { filter: (e) => e.data.status === 'concluded', timeoutMs: 10_000 })
+    await qmp.execute('block-stream', { 'job-id': 'st', device: 'vda-f3', 'auto-dismiss': false })
+    const afterCommand = qmp.graphEpoch
+    await concluded
+    t.ok(qmp.graphEpoch > afterCommand, 'job status events move the epoch')
+    await qmp.execute('job-dismiss', { id: 'st' })
   })
 
   t.test('replies settle in arrival order, each in a loop iteration of its own', async (t) => {
