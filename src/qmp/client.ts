@@ -170,6 +170,9 @@ const greetingSchema = z.looseObject({
 
 const timestampSchema = z.object({ seconds: z.number(), microseconds: z.number() })
 
+/** Every QEMU job qmpd starts has a job-id with this prefix (re-attach also relies on it). */
+export const OWN_JOB_PREFIX = 'qmpd-'
+
 /**
  * Commands that never move a device to another block node (see QmpClient.graphEpoch). Everything
  * else (transaction, blockdev-*, job-complete, the HMP escape hatch, …) counts as a change.
@@ -697,9 +700,15 @@ export class QmpClient extends EventEmitter<QmpClientEventMap> {
     this.log.debug({ event: name }, 'qmp event')
     if (name === 'STOP') this.guestStopped = true
     else if (name === 'RESUME') this.guestStopped = false
-    // A job that ends (a pivot by auto-finalize) or a device that goes can move a disk to another
-    // node without a command of ours: caches of the block graph must not outlive that.
-    if (name === 'JOB_STATUS_CHANGE' || name === 'BLOCK_JOB_COMPLETED' || name === 'BLOCK_JOB_CANCELLED' || name === 'DEVICE_DELETED') this._graphEpoch++
+    // A job started by someone else (the escape hatch) may pivot by itself when it ends, and a
+    // device that goes takes its node along: caches of the block graph must not outlive that.
+    // qmpd's own jobs (ids OWN_JOB_PREFIX…) change the graph only through commands it sends.
+    if (name === 'DEVICE_DELETED') this._graphEpoch++
+    else if (name === 'JOB_STATUS_CHANGE' || name === 'BLOCK_JOB_COMPLETED' || name === 'BLOCK_JOB_CANCELLED') {
+      const d = data as { id?: unknown; device?: unknown }
+      const id = name === 'JOB_STATUS_CHANGE' ? d.id : d.device
+      if (typeof id !== 'string' || !id.startsWith(OWN_JOB_PREFIX)) this._graphEpoch++
+    }
     if (this.subscribers.size > 0) {
       for (const s of [...this.subscribers]) s.offer(e)
     }

@@ -420,7 +420,7 @@ export class SnapshotService {
             ...ramFile,
             background: true,
             beforeMigrate: async () => {
-              await qmp.execute('stop')
+              await this.deps.vms.stopInJob(vm)
               r.add('resume the guest', () => qmp.execute('cont').catch(() => {}))
               await diskTransaction()
             },
@@ -446,7 +446,7 @@ export class SnapshotService {
       // a failure of either leaves the other untouched.
       ram.method = 'paused'
       if (live.running) {
-        await qmp.execute('stop')
+        await this.deps.vms.stopInJob(vm)
         r.add('resume the guest', () => this.deps.vms.contInJob(vm).catch(() => {}))
       }
       let downtimeMs = 0
@@ -591,7 +591,7 @@ export class SnapshotService {
     const nodes = await topNodes(qmp, captured.map((d) => d.id))
     const dt = trackDowntime(qmp)
     // Stop first so the guest never runs between the load and a requested 'paused'.
-    if (st === 'running') await qmp.execute('stop')
+    if (st === 'running') await this.deps.vms.stopInJob(vm)
     const jobId = `qmpd-load-${ctx.id.slice(0, 8)}`
     await driveQemuJob(
       qmp,

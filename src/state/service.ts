@@ -121,7 +121,7 @@ export class StateService {
     if (st !== 'running' && st !== 'paused') throw new QmpdError('INVALID_STATE', `VM ${vm} is ${st}`, { vm, state: st })
     const qmp = this.deps.vms.qmp(vm)
     const dt = trackDowntime(qmp)
-    if (st === 'running') await qmp.execute('stop')
+    if (st === 'running') await this.deps.vms.stopInJob(vm)
     try {
       const r = await saveRamState(qmp, { file, socket: stateSocket(this.deps.paths.vmDir(vm), true), log: ctx.log, onProgress: (c, t) => ctx.setProgress(c, t) })
       await this.deps.vms.quitInJob(vm, ctx)

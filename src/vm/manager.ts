@@ -11,7 +11,7 @@ import type { PathPolicy } from '../images/paths.ts'
 import type { QemuImg } from '../images/qemu-img.ts'
 import type { JobContext, JobManager } from '../jobs/manager.ts'
 import type { Job } from '../jobs/model.ts'
-import { QmpClient } from '../qmp/index.ts'
+import { OWN_JOB_PREFIX, QmpClient } from '../qmp/index.ts'
 import type { VmRecord, VmRepo } from '../store/vms.ts'
 import { deviceId } from '../images/graph.ts'
 import { buildArgv, VM_FILES, type ActiveDisk } from './argv.ts'
@@ -84,6 +84,8 @@ interface Handle {
   expectingExit: boolean
   /** QEMU's SHUTDOWN event of the current run, if any. */
   shutdown?: { guest: boolean; reason: string }
+  /** Set while qmpd's own `stop` is in flight: its STOP event needs no query-status to explain it. */
+  stopping?: boolean
   /** Resolves when the current QEMU process has been seen to exit. */
   exited?: Promise<void>
   markExited?: () => void
@@ -313,9 +315,7 @@ export class VmManager {
       params: {},
       run: async () => {
         this.expectState(h, ['running'], 'pause')
-        const qmp = this.qmp(name)
-        await qmp.execute('stop')
-        this.setStateIfLive(h, qmp, 'paused', 'paused')
+        await this.stopInJob(name)
         return { state: 'paused' }
       },
     })
@@ -428,7 +428,9 @@ export class VmManager {
       switch (ev.event) {
         case 'STOP':
           if (h.rec.runtime.state === 'running') this.setState(h, 'paused', 'paused')
-          void this.refreshStatus(h, qmp)
+          // A stop qmpd sent is a plain pause; anything else (I/O error, guest panic, a save) is
+          // asked about, outside any guest pause of ours.
+          if (!h.stopping) void this.refreshStatus(h, qmp)
           break
         case 'RESUME':
           if (h.rec.runtime.state === 'paused' || h.rec.runtime.state === 'starting') this.setState(h, 'running')
@@ -554,7 +556,7 @@ export class VmManager {
    */
   private async endOrphanedJobs(h: Handle, qmp: QmpClient): Promise<void> {
     for (const job of await qmp.execute('query-jobs')) {
-      if (!job.id.startsWith('qmpd-')) continue
+      if (!job.id.startsWith(OWN_JOB_PREFIX)) continue
       if (job.status === 'concluded') await qmp.execute('job-dismiss', { id: job.id }).catch(() => {})
       else {
         await qmp.execute('job-cancel', { id: job.id }).catch(() => {})
@@ -696,6 +698,23 @@ export class VmManager {
   }
 
   /** Marks the VM paused (used after a job stopped the guest itself). */
+  /**
+   * Pauses the guest from inside a job (QMP stop) and records it. Its STOP event costs no
+   * query-status round trip, which QEMU would otherwise answer before the job's next command,
+   * inside the guest's pause.
+   */
+  async stopInJob(name: string): Promise<void> {
+    const h = this.must(name)
+    const qmp = this.qmp(name)
+    h.stopping = true
+    try {
+      await qmp.execute('stop')
+    } finally {
+      h.stopping = false
+    }
+    this.setStateIfLive(h, qmp, 'paused', 'paused')
+  }
+
   markPaused(name: string, reason = 'paused'): void {
     this.setState(this.must(name), 'paused', reason)
   }
