@@ -2,23 +2,14 @@
 // memory false, ?wait=true) vs a raw QMP `transaction` of two blockdev-snapshot-sync actions.
 import { join } from 'node:path'
 import { bothSides, compare, type Case } from '../lib/case.ts'
-import { Alternator, qmpdGuest, rawGuest, WARMUP_MS } from '../lib/guestvm.ts'
-import { benchLogger, startBenchDaemon, type BenchDaemon } from '../lib/qmpd.ts'
-import type { RawVm } from '../lib/raw.ts'
+import { WARMUP_MS, withGuestPair } from '../lib/guestvm.ts'
 import { summarize } from '../lib/stats.ts'
 
 export const extSnapCase: Case = {
   name: 'extsnap',
   title: 'external disk snapshot, 2 disks, atomic',
   async run(ctx) {
-    let bd: BenchDaemon | undefined
-    let raw: RawVm | undefined
-    try {
-      bd = await startBenchDaemon(join(ctx.work, 'state'), benchLogger(ctx.logLevel, ctx.logFile))
-      await qmpdGuest(bd, 'xs')
-      const rawDir = join(ctx.work, 'raw')
-      raw = await rawGuest(rawDir, 'rawxs')
-      const alt = new Alternator(bd, 'xs', raw)
+    return withGuestPair(ctx, 'xs', async ({ bd, raw, rawDir, alt }) => {
       const gen = { vda: 0, vdb: 0 }
       const rawSnap = async (tag: string): Promise<number> => {
         const actions = (['vda', 'vdb'] as const).map((d) => ({
@@ -32,7 +23,7 @@ export const extSnapCase: Case = {
           },
         }))
         const t0 = performance.now()
-        await raw!.qmp.cmd('transaction', { actions })
+        await raw.qmp.cmd('transaction', { actions })
         const ms = performance.now() - t0
         gen.vda++
         gen.vdb++
@@ -64,7 +55,7 @@ export const extSnapCase: Case = {
           async () => {
             await alt.qmpdSide(300)
             const t0 = performance.now()
-            const job = await bd!.op('/v1/vms/xs/snapshots', { name: `s${i}`, kind: 'external', memory: false })
+            const job = await bd.op('/v1/vms/xs/snapshots', { name: `s${i}`, kind: 'external', memory: false })
             q.push(performance.now() - t0)
             if (job.result?.snapshot?.kind !== 'external') throw new Error(`unexpected result ${JSON.stringify(job.result)}`)
           },
@@ -109,9 +100,6 @@ export const extSnapCase: Case = {
           { maxRatio: 1.5 },
         ),
       ]
-    } finally {
-      await raw?.quit()
-      await bd?.close()
-    }
+    })
   },
 }

@@ -1,9 +1,7 @@
 // Internal system checkpoint: qmpd (POST snapshots kind internal, memory true) vs a raw
 // snapshot-save job (job-id, tag, vmstate, devices; JOB_STATUS_CHANGE concluded; job-dismiss).
-import { join } from 'node:path'
 import { bothSides, compare, type Case } from '../lib/case.ts'
-import { Alternator, qmpdGuest, rawGuest, WARMUP_MS } from '../lib/guestvm.ts'
-import { benchLogger, startBenchDaemon, type BenchDaemon } from '../lib/qmpd.ts'
+import { WARMUP_MS, withGuestPair } from '../lib/guestvm.ts'
 import { rawDowntime, rawJob, type RawVm } from '../lib/raw.ts'
 import { summarize } from '../lib/stats.ts'
 
@@ -21,13 +19,7 @@ export const internalCheckpointCase: Case = {
   name: 'internal',
   title: 'internal system checkpoint (RAM + disks in the qcow2s)',
   async run(ctx) {
-    let bd: BenchDaemon | undefined
-    let raw: RawVm | undefined
-    try {
-      bd = await startBenchDaemon(join(ctx.work, 'state'), benchLogger(ctx.logLevel, ctx.logFile))
-      await qmpdGuest(bd, 'ic')
-      raw = await rawGuest(join(ctx.work, 'raw'), 'rawic')
-      const alt = new Alternator(bd, 'ic', raw)
+    return withGuestPair(ctx, 'ic', async ({ bd, raw, alt }) => {
       const q: number[] = []
       const qDown: number[] = []
       const r: number[] = []
@@ -41,13 +33,13 @@ export const internalCheckpointCase: Case = {
           async () => {
             await alt.qmpdSide(i === 0 ? WARMUP_MS : 300)
             const t0 = performance.now()
-            const job = await bd!.op('/v1/vms/ic/snapshots', { name: `c${i}`, kind: 'internal', memory: true })
+            const job = await bd.op('/v1/vms/ic/snapshots', { name: `c${i}`, kind: 'internal', memory: true })
             q.push(performance.now() - t0)
             qDown.push(Number(job.result.downtimeMs))
           },
           async () => {
             await alt.rawSide(i === 0 ? WARMUP_MS : 300)
-            const got = await rawSnapshotSave(raw!, `c${i}`)
+            const got = await rawSnapshotSave(raw, `c${i}`)
             r.push(got.ms)
             rDown.push(got.downtimeMs)
           },
@@ -80,9 +72,6 @@ export const internalCheckpointCase: Case = {
           {},
         ),
       ]
-    } finally {
-      await raw?.quit()
-      await bd?.close()
-    }
+    })
   },
 }

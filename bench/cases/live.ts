@@ -4,8 +4,7 @@
 // for completed; QEMU resumes the guest when the background snapshot starts.
 import { join } from 'node:path'
 import { bothSides, compare, type Case } from '../lib/case.ts'
-import { Alternator, qmpdGuest, rawGuest, WARMUP_MS } from '../lib/guestvm.ts'
-import { benchLogger, startBenchDaemon, type BenchDaemon } from '../lib/qmpd.ts'
+import { WARMUP_MS, withGuestPair } from '../lib/guestvm.ts'
 import { rawCont, rawDowntime, serveToFile, waitEvent, type RawVm } from '../lib/raw.ts'
 import { summarize } from '../lib/stats.ts'
 
@@ -65,14 +64,7 @@ export const liveCheckpointCase: Case = {
   name: 'live',
   title: 'live external checkpoint (background-snapshot)',
   async run(ctx) {
-    let bd: BenchDaemon | undefined
-    let raw: RawVm | undefined
-    try {
-      bd = await startBenchDaemon(join(ctx.work, 'state'), benchLogger(ctx.logLevel, ctx.logFile))
-      await qmpdGuest(bd, 'lc')
-      const rawDir = join(ctx.work, 'raw')
-      raw = await rawGuest(rawDir, 'rawlc')
-      const alt = new Alternator(bd, 'lc', raw)
+    return withGuestPair(ctx, 'lc', async ({ bd, raw, rawDir, alt }) => {
       const gen = { vda: 0, vdb: 0 }
       const q: number[] = []
       const qDown: number[] = []
@@ -89,14 +81,14 @@ export const liveCheckpointCase: Case = {
           async () => {
             await alt.qmpdSide(i === 0 ? WARMUP_MS : 300)
             const t0 = performance.now()
-            const job = await bd!.op('/v1/vms/lc/snapshots', { name: `l${i}`, kind: 'external', memory: true, live: true })
+            const job = await bd.op('/v1/vms/lc/snapshots', { name: `l${i}`, kind: 'external', memory: true, live: true })
             q.push(performance.now() - t0)
             qDown.push(Number(job.result.downtimeMs))
             method = job.result.snapshot.ramMethod
           },
           async () => {
             await alt.rawSide(i === 0 ? WARMUP_MS : 300)
-            const got = await rawCheckpoint(raw!, { file: join(rawDir, `l${i}.vmstate`), overlayDir: join(rawDir, 'disks'), tag: `l${i}`, gen, background: true })
+            const got = await rawCheckpoint(raw, { file: join(rawDir, `l${i}.vmstate`), overlayDir: join(rawDir, 'disks'), tag: `l${i}`, gen, background: true })
             bytes = got.bytes
             r.push(got.ms)
             rDown.push(got.downtimeMs)
@@ -131,9 +123,6 @@ export const liveCheckpointCase: Case = {
           { maxRatio: 1.3 },
         ),
       ]
-    } finally {
-      await raw?.quit()
-      await bd?.close()
-    }
+    })
   },
 }

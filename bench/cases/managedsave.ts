@@ -4,8 +4,7 @@
 import { rmSync } from 'node:fs'
 import { join } from 'node:path'
 import { bothSides, compare, withFailures, type Case } from '../lib/case.ts'
-import { Alternator, qmpdGuest, rawGuest, standardDisks, WARMUP_MS } from '../lib/guestvm.ts'
-import { benchLogger, startBenchDaemon, type BenchDaemon } from '../lib/qmpd.ts'
+import { WARMUP_MS, withGuestPair } from '../lib/guestvm.ts'
 import { serveToFile, waitEvent, type RawVm } from '../lib/raw.ts'
 import { summarize } from '../lib/stats.ts'
 import { rawRestore } from './revert-external.ts'
@@ -35,15 +34,8 @@ export const managedSaveCase: Case = {
   name: 'managedsave',
   title: 'managed save and restore',
   async run(ctx) {
-    let bd: BenchDaemon | undefined
-    let raw: RawVm | undefined
-    try {
-      bd = await startBenchDaemon(join(ctx.work, 'state'), benchLogger(ctx.logLevel, ctx.logFile))
-      await qmpdGuest(bd, 'ms')
-      const rawDir = join(ctx.work, 'raw')
-      const disks = await standardDisks(join(rawDir, 'disks'))
-      raw = await rawGuest(rawDir, 'rawms', disks)
-      const alt = new Alternator(bd, 'ms', raw)
+    return withGuestPair(ctx, 'ms', async (pair) => {
+      const { bd, rawDir, rawDisks: disks, alt } = pair
       const qSave: number[] = []
       const qRestore: number[] = []
       const rSave: number[] = []
@@ -57,12 +49,12 @@ export const managedSaveCase: Case = {
           async () => {
             await alt.qmpdSide(i === 0 ? WARMUP_MS : 500)
             let t0 = performance.now()
-            const saved = await bd!.op('/v1/vms/ms/managedsave')
+            const saved = await bd.op('/v1/vms/ms/managedsave')
             qSave.push(performance.now() - t0)
             if (saved.result.state !== 'saved') throw new Error(`managedsave: ${JSON.stringify(saved.result)}`)
             t0 = performance.now()
             try {
-              const started = await bd!.op('/v1/vms/ms/start')
+              const started = await bd.op('/v1/vms/ms/start')
               qRestore.push(performance.now() - t0)
               if (!started.result.restoredFromManagedSave) throw new Error(`start did not restore: ${JSON.stringify(started.result)}`)
             } catch (err) {
@@ -70,19 +62,20 @@ export const managedSaveCase: Case = {
               const msg = (err as Error).message.replace(/\s+/g, ' ')
               failures.push(/"message":"([^"]*)"/.exec(msg)?.[1] ?? msg.slice(0, 200))
               ctx.log(`rep ${i}: qmpd restore FAILED: ${msg.slice(0, 300)}`)
-              const st = bd!.daemon.vms.record('ms').runtime.state
-              if (st === 'running' || st === 'paused') await bd!.op('/v1/vms/ms/stop', { force: true })
-              await bd!.op('/v1/vms/ms/start')
+              const st = bd.daemon.vms.record('ms').runtime.state
+              if (st === 'running' || st === 'paused') await bd.op('/v1/vms/ms/stop', { force: true })
+              await bd.op('/v1/vms/ms/start')
             }
           },
           async () => {
             await alt.rawSide(i === 0 ? WARMUP_MS : 500)
-            rSave.push(await rawSave(raw!, file))
+            rSave.push(await rawSave(pair.raw, file))
             const t1 = performance.now()
-            raw = await rawRestore(join(rawDir, 'run'), 'rawms', disks, file)
+            const restored = await rawRestore(join(rawDir, 'run'), 'rawms', disks, file)
             rRestore.push(performance.now() - t1)
-            alt.setRaw(raw)
-            // qmpd unlinks managed.save (rmSync) between the load and cont; timed here for the notes.
+            pair.setRaw(restored)
+            // What a synchronous unlink of the save file costs here, timed for the notes (qmpd did
+            // one between the load and cont until it switched to rename + background delete).
             const u0 = performance.now()
             rmSync(file)
             unlink.push(performance.now() - u0)
@@ -111,7 +104,7 @@ export const managedSaveCase: Case = {
               qmpd: { name: 'qmpd POST start (restore)', stats: summarize(qRestore) },
               baseline: { name: 'raw spawn -incoming defer+migrate-incoming+cont', stats: summarize(rRestore) },
               extra: { unlinkSaveFileMedianMs: summarize(unlink).median },
-              note: 'qmpd also removes managed.save (synchronous rmSync) before cont; unlinkSaveFileMedianMs is what that unlink costs here (not in the raw time)',
+              note: 'qmpd renames managed.save before cont and deletes it in the background; unlinkSaveFileMedianMs is what a synchronous unlink of it costs here (not in either time)',
             },
             { maxRatio: 1.2 },
           ),
@@ -119,9 +112,6 @@ export const managedSaveCase: Case = {
           ctx.reps,
         ),
       ]
-    } finally {
-      await raw?.quit()
-      await bd?.close()
-    }
+    })
   },
 }

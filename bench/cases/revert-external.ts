@@ -5,9 +5,8 @@
 import { join } from 'node:path'
 import type { ActiveDisk } from '../../src/vm/argv.ts'
 import { bothSides, compare, withFailures, type Case } from '../lib/case.ts'
-import { Alternator, GUEST, qmpdGuest, rawGuest, standardDisks, WARMUP_MS } from '../lib/guestvm.ts'
+import { GUEST, WARMUP_MS, withGuestPair } from '../lib/guestvm.ts'
 import { run } from '../lib/images.ts'
-import { benchLogger, startBenchDaemon, type BenchDaemon } from '../lib/qmpd.ts'
 import { feedFile, launchRaw, rawCont, rmrf, vmDef, waitEvent, type RawVm } from '../lib/raw.ts'
 import { summarize } from '../lib/stats.ts'
 import { rawCheckpoint } from './live.ts'
@@ -41,20 +40,13 @@ export const revertExternalCase: Case = {
   name: 'revert-external',
   title: 'revert to an external checkpoint (new QEMU, RAM loaded)',
   async run(ctx) {
-    let bd: BenchDaemon | undefined
-    let raw: RawVm | undefined
-    try {
-      bd = await startBenchDaemon(join(ctx.work, 'state'), benchLogger(ctx.logLevel, ctx.logFile))
-      await qmpdGuest(bd, 'xr')
-      const rawDir = join(ctx.work, 'raw')
-      const disks = await standardDisks(join(rawDir, 'disks'))
-      raw = await rawGuest(rawDir, 'rawxr', disks)
-      const alt = new Alternator(bd, 'xr', raw)
+    return withGuestPair(ctx, 'xr', async (pair) => {
+      const { bd, rawDir, rawDisks: disks, alt } = pair
       await alt.qmpdSide(WARMUP_MS)
       const cp = await bd.op('/v1/vms/xr/snapshots', { name: 'c1', kind: 'external', memory: true, live: false })
       await alt.rawSide(WARMUP_MS)
       const stateFile = join(rawDir, 'c1.vmstate')
-      await rawCheckpoint(raw, { file: stateFile, overlayDir: join(rawDir, 'disks'), tag: 'c1', gen: { vda: 0, vdb: 0 }, background: false })
+      await rawCheckpoint(pair.raw, { file: stateFile, overlayDir: join(rawDir, 'disks'), tag: 'c1', gen: { vda: 0, vdb: 0 }, background: false })
       const q: number[] = []
       const r: number[] = []
       const failures: string[] = []
@@ -65,7 +57,7 @@ export const revertExternalCase: Case = {
             await alt.qmpdSide(300)
             const t0 = performance.now()
             try {
-              const job = await bd!.op('/v1/vms/xr/snapshots/c1/revert', {})
+              const job = await bd.op('/v1/vms/xr/snapshots/c1/revert', {})
               q.push(performance.now() - t0)
               if (job.result.state !== 'running') throw new Error(`revert left the VM ${job.result.state}`)
             } catch (err) {
@@ -74,20 +66,20 @@ export const revertExternalCase: Case = {
               const msg = (err as Error).message.replace(/\s+/g, ' ')
               failures.push(/"message":"([^"]*)"/.exec(msg)?.[1] ?? msg.slice(0, 200))
               ctx.log(`rep ${i}: qmpd revert FAILED: ${msg.slice(0, 300)}`)
-              const st = bd!.daemon.vms.record('xr').runtime.state
-              if (st === 'running' || st === 'paused') await bd!.op('/v1/vms/xr/stop', { force: true })
-              await bd!.op('/v1/vms/xr/snapshots/c1/revert', {})
+              const st = bd.daemon.vms.record('xr').runtime.state
+              if (st === 'running' || st === 'paused') await bd.op('/v1/vms/xr/stop', { force: true })
+              await bd.op('/v1/vms/xr/snapshots/c1/revert', {})
             }
           },
           async () => {
             await alt.rawSide(300)
             const t1 = performance.now()
-            await raw!.quit()
+            await pair.raw.quit()
             const overlays = disks.map((d) => ({ id: d.id, file: join(rawDir, 'disks', `${d.id}-c1-r${i}.qcow2`) }))
             for (const [j, o] of overlays.entries()) await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', disks[j]!.file, '-F', 'qcow2', o.file])
-            raw = await rawRestore(join(rawDir, 'run'), 'rawxr', overlays, stateFile)
+            const restored = await rawRestore(join(rawDir, 'run'), 'rawxr', overlays, stateFile)
             r.push(performance.now() - t1)
-            alt.setRaw(raw)
+            pair.setRaw(restored)
           },
         )
         ctx.log(`rep ${i}: qmpd ${q.at(-1)?.toFixed(0)} ms, raw ${r.at(-1)?.toFixed(0)} ms`)
@@ -110,9 +102,6 @@ export const revertExternalCase: Case = {
           ctx.reps,
         ),
       ]
-    } finally {
-      await raw?.quit()
-      await bd?.close()
-    }
+    })
   },
 }

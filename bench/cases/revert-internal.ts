@@ -1,11 +1,9 @@
 // Revert to an internal checkpoint on a running VM: qmpd (POST snapshots/{snap}/revert) vs raw
 // QMP: stop, snapshot-load job (JOB_STATUS_CHANGE concluded, job-dismiss), cont — the same QEMU
 // steps qmpd takes.
-import { join } from 'node:path'
 import { bothSides, compare, type Case } from '../lib/case.ts'
-import { Alternator, qmpdGuest, rawGuest, WARMUP_MS } from '../lib/guestvm.ts'
-import { benchLogger, startBenchDaemon, type BenchDaemon } from '../lib/qmpd.ts'
-import { rawCont, rawDowntime, rawJob, type RawVm } from '../lib/raw.ts'
+import { WARMUP_MS, withGuestPair } from '../lib/guestvm.ts'
+import { rawCont, rawDowntime, rawJob } from '../lib/raw.ts'
 import { summarize } from '../lib/stats.ts'
 import { rawSnapshotSave } from './internal.ts'
 
@@ -13,13 +11,7 @@ export const revertInternalCase: Case = {
   name: 'revert-internal',
   title: 'revert to an internal checkpoint (snapshot-load in place)',
   async run(ctx) {
-    let bd: BenchDaemon | undefined
-    let raw: RawVm | undefined
-    try {
-      bd = await startBenchDaemon(join(ctx.work, 'state'), benchLogger(ctx.logLevel, ctx.logFile))
-      await qmpdGuest(bd, 'ir')
-      raw = await rawGuest(join(ctx.work, 'raw'), 'rawir')
-      const alt = new Alternator(bd, 'ir', raw)
+    return withGuestPair(ctx, 'ir', async ({ bd, raw, alt }) => {
       await alt.qmpdSide(WARMUP_MS)
       await bd.op('/v1/vms/ir/snapshots', { name: 'c1', kind: 'internal', memory: true })
       await alt.rawSide(WARMUP_MS)
@@ -35,19 +27,19 @@ export const revertInternalCase: Case = {
           async () => {
             await alt.qmpdSide(300)
             const t0 = performance.now()
-            const job = await bd!.op('/v1/vms/ir/snapshots/c1/revert', {})
+            const job = await bd.op('/v1/vms/ir/snapshots/c1/revert', {})
             q.push(performance.now() - t0)
             qDown.push(Number(job.result.downtimeMs))
             if (job.result.state !== 'running') throw new Error(`revert left the VM ${job.result.state}`)
           },
           async () => {
             await alt.rawSide(300)
-            const dt = rawDowntime(raw!.qmp)
+            const dt = rawDowntime(raw.qmp)
             const t1 = performance.now()
-            await raw!.qmp.cmd('stop')
+            await raw.qmp.cmd('stop')
             const id = `load-${i}`
-            await rawJob(raw!.qmp, id, () => raw!.qmp.cmd('snapshot-load', { 'job-id': id, tag: 'c1', vmstate: 'vda-f0', devices: ['vda-f0', 'vdb-f0'] }), { finalize: false })
-            await rawCont(raw!.qmp)
+            await rawJob(raw.qmp, id, () => raw.qmp.cmd('snapshot-load', { 'job-id': id, tag: 'c1', vmstate: 'vda-f0', devices: ['vda-f0', 'vdb-f0'] }), { finalize: false })
+            await rawCont(raw.qmp)
             r.push(performance.now() - t1)
             rDown.push(dt.end())
           },
@@ -67,9 +59,6 @@ export const revertInternalCase: Case = {
           { maxRatio: 1.1 },
         ),
       ]
-    } finally {
-      await raw?.quit()
-      await bd?.close()
-    }
+    })
   },
 }

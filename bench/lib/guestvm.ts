@@ -4,8 +4,8 @@ import { mkdirSync } from 'node:fs'
 import { join } from 'node:path'
 import type { ActiveDisk } from '../../src/vm/argv.ts'
 import { bootDisk, qcow2 } from './images.ts'
-import type { BenchDaemon } from './qmpd.ts'
-import { vmDir } from './qmpd.ts'
+import type { CaseContext } from './case.ts'
+import { benchLogger, startBenchDaemon, vmDir, type BenchDaemon } from './qmpd.ts'
 import { launchRaw, rawCont, vmDef, type RawVm } from './raw.ts'
 
 /** The configuration every single-VM case uses. */
@@ -98,3 +98,51 @@ export class Alternator {
     this.rawRunning = true
   }
 }
+
+/** What a one-guest case works with: see withGuestPair. */
+export interface GuestPair {
+  bd: BenchDaemon
+  /** The raw QEMU now (cases that replace it call setRaw). */
+  raw: RawVm
+  /** <work>/raw: the raw side's files; its disks are in rawDisks (under rawDir/disks). */
+  rawDir: string
+  rawDisks: Array<{ id: string; file: string }>
+  alt: Alternator
+  /** The raw side was replaced (a restore in a new QEMU, running): it is the one quit at the end. */
+  setRaw(raw: RawVm): void
+}
+
+/**
+ * The frame of the one-guest cases: a bench daemon with the standard guest `vm` running, a raw
+ * QEMU (`raw<vm>`) on its own standard disks beside it, and an Alternator over both. Both QEMUs
+ * and the daemon are stopped afterwards, also when `fn` fails.
+ */
+export async function withGuestPair<T>(ctx: CaseContext, vm: string, fn: (pair: GuestPair) => Promise<T>): Promise<T> {
+  let bd: BenchDaemon | undefined
+  let raw: RawVm | undefined
+  try {
+    bd = await startBenchDaemon(join(ctx.work, 'state'), benchLogger(ctx.logLevel, ctx.logFile))
+    await qmpdGuest(bd, vm)
+    const rawDir = join(ctx.work, 'raw')
+    const rawDisks = await standardDisks(join(rawDir, 'disks'))
+    raw = await rawGuest(rawDir, `raw${vm}`, rawDisks)
+    const alt = new Alternator(bd, vm, raw)
+    const pair: GuestPair = {
+      bd,
+      raw,
+      rawDir,
+      rawDisks,
+      alt,
+      setRaw(next) {
+        raw = next
+        pair.raw = next
+        alt.setRaw(next)
+      },
+    }
+    return await fn(pair)
+  } finally {
+    await raw?.quit()
+    await bd?.close()
+  }
+}
+
