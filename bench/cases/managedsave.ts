@@ -3,7 +3,7 @@
 // into a file (fsynced), quit; and spawn -incoming defer, migrate-incoming from the file, cont.
 import { rmSync } from 'node:fs'
 import { join } from 'node:path'
-import { bothSides, compare, withFailures, type Case } from '../lib/case.ts'
+import { bothSides, compare, noteFailure, withFailures, type Case } from '../lib/case.ts'
 import { WARMUP_MS, withGuestPair } from '../lib/guestvm.ts'
 import { serveToFile, waitEvent, type RawVm } from '../lib/raw.ts'
 import { summarize } from '../lib/stats.ts'
@@ -59,9 +59,7 @@ export const managedSaveCase: Case = {
               if (!started.result.restoredFromManagedSave) throw new Error(`start did not restore: ${JSON.stringify(started.result)}`)
             } catch (err) {
               // Counted as a failure, not timed; the VM is started again (untimed) for the next repetition.
-              const msg = (err as Error).message.replace(/\s+/g, ' ')
-              failures.push(/"message":"([^"]*)"/.exec(msg)?.[1] ?? msg.slice(0, 200))
-              ctx.log(`rep ${i}: qmpd restore FAILED: ${msg.slice(0, 300)}`)
+              noteFailure(ctx, failures, i, 'restore', err)
               const st = bd.daemon.vms.record('ms').runtime.state
               if (st === 'running' || st === 'paused') await bd.op('/v1/vms/ms/stop', { force: true })
               await bd.op('/v1/vms/ms/start')

@@ -4,7 +4,7 @@
 // from the state file, cont.
 import { join } from 'node:path'
 import type { ActiveDisk } from '../../src/vm/argv.ts'
-import { bothSides, compare, withFailures, type Case } from '../lib/case.ts'
+import { bothSides, compare, noteFailure, withFailures, type Case } from '../lib/case.ts'
 import { GUEST, WARMUP_MS, withGuestPair } from '../lib/guestvm.ts'
 import { run } from '../lib/images.ts'
 import { feedFile, launchRaw, rawCont, rmrf, vmDef, waitEvent, type RawVm } from '../lib/raw.ts'
@@ -63,9 +63,7 @@ export const revertExternalCase: Case = {
             } catch (err) {
               // A failed revert is a finding, not a number: count it, then get the VM running again
               // (untimed) so that the next repetition starts from the same place.
-              const msg = (err as Error).message.replace(/\s+/g, ' ')
-              failures.push(/"message":"([^"]*)"/.exec(msg)?.[1] ?? msg.slice(0, 200))
-              ctx.log(`rep ${i}: qmpd revert FAILED: ${msg.slice(0, 300)}`)
+              noteFailure(ctx, failures, i, 'revert', err)
               const st = bd.daemon.vms.record('xr').runtime.state
               if (st === 'running' || st === 'paused') await bd.op('/v1/vms/xr/stop', { force: true })
               await bd.op('/v1/vms/xr/snapshots/c1/revert', {})

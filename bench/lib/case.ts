@@ -101,6 +101,16 @@ export async function bothSides(i: number, qmpdSide: () => Promise<void>, baseli
 }
 
 /**
+ * Records a failed qmpd repetition: the error's message (qmpd's own `message` when the error
+ * carries an API answer) goes to `failures` for withFailures, and the whole of it to the log.
+ */
+export function noteFailure(ctx: CaseContext, failures: string[], rep: number, what: string, err: unknown): void {
+  const msg = (err as Error).message.replace(/\s+/g, ' ')
+  failures.push(/"message":"([^"]*)"/.exec(msg)?.[1] ?? msg.slice(0, 200))
+  ctx.log(`rep ${rep}: qmpd ${what} FAILED: ${msg.slice(0, 300)}`)
+}
+
+/**
  * Marks a row MISS when some repetitions of qmpd's operation failed: the timings are of the
  * successful ones only, and the note says how many failed and why.
  */
