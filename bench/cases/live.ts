@@ -5,7 +5,7 @@
 import { join } from 'node:path'
 import { bothSides, compare, type Case } from '../lib/case.ts'
 import { WARMUP_MS, withGuestPair } from '../lib/guestvm.ts'
-import { rawCont, rawDowntime, serveToFile, waitEvent, type RawVm } from '../lib/raw.ts'
+import { migrationEnd, rawCont, rawDowntime, serveToFile, type RawVm } from '../lib/raw.ts'
 import { summarize } from '../lib/stats.ts'
 
 const UNCAPPED = 2 ** 40
@@ -46,10 +46,10 @@ export async function rawCheckpoint(
     await qmp.cmd('transaction', { actions })
     opts.gen.vda++
     opts.gen.vdb++
-    const done = waitEvent(qmp, 'MIGRATION', (d) => ['completed', 'failed', 'cancelled'].includes(d.status))
+    const done = migrationEnd(qmp)
     await qmp.cmd('migrate', { uri: `unix:${sockName}` })
-    const ev = await done
-    if (ev.data.status !== 'completed') throw new Error(`raw migration ${ev.data.status}`)
+    const status = await done
+    if (status !== 'completed') throw new Error(`raw migration ${status}`)
     const bytes = await server.done()
     const st = await qmp.cmd('query-status')
     if (!st.running) await rawCont(qmp)

@@ -5,7 +5,7 @@ import { rmSync } from 'node:fs'
 import { join } from 'node:path'
 import { bothSides, compare, noteFailure, withFailures, type Case } from '../lib/case.ts'
 import { WARMUP_MS, withGuestPair } from '../lib/guestvm.ts'
-import { serveToFile, waitEvent, type RawVm } from '../lib/raw.ts'
+import { migrationEnd, serveToFile, type RawVm } from '../lib/raw.ts'
 import { summarize } from '../lib/stats.ts'
 import { rawRestore } from './revert-external.ts'
 
@@ -18,10 +18,10 @@ async function rawSave(raw: RawVm, file: string): Promise<number> {
     await qmp.cmd('stop')
     await qmp.cmd('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] })
     await qmp.cmd('migrate-set-parameters', { 'max-bandwidth': 2 ** 40 })
-    const done = waitEvent(qmp, 'MIGRATION', (d) => ['completed', 'failed', 'cancelled'].includes(d.status))
+    const done = migrationEnd(qmp)
     await qmp.cmd('migrate', { uri: 'unix:mig-out.sock' })
-    const ev = await done
-    if (ev.data.status !== 'completed') throw new Error(`raw save: migration ${ev.data.status}`)
+    const status = await done
+    if (status !== 'completed') throw new Error(`raw save: migration ${status}`)
     await server.done()
     await raw.quit()
     return performance.now() - t0

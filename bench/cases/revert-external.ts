@@ -7,7 +7,7 @@ import type { ActiveDisk } from '../../src/vm/argv.ts'
 import { bothSides, compare, noteFailure, withFailures, type Case } from '../lib/case.ts'
 import { GUEST, WARMUP_MS, withGuestPair } from '../lib/guestvm.ts'
 import { run } from '../lib/images.ts'
-import { feedFile, launchRaw, rawCont, rmrf, vmDef, waitEvent, type RawVm } from '../lib/raw.ts'
+import { feedFile, launchRaw, migrationEnd, rawCont, rmrf, vmDef, type RawVm } from '../lib/raw.ts'
 import { summarize } from '../lib/stats.ts'
 import { rawCheckpoint } from './live.ts'
 
@@ -17,12 +17,12 @@ export async function rawRestore(runDir: string, name: string, disks: Array<{ id
   const vm = await launchRaw(runDir, vmDef(name, GUEST.memoryMiB, disks), active, { incoming: true })
   try {
     await vm.qmp.cmd('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] })
-    const done = waitEvent(vm.qmp, 'MIGRATION', (d) => ['completed', 'failed', 'cancelled'].includes(d.status))
+    const done = migrationEnd(vm.qmp)
     await vm.qmp.cmd('migrate-incoming', { uri: 'unix:mig-in.sock' })
     const { sent, sock } = await feedFile(join(runDir, 'mig-in.sock'), file)
     try {
-      const ev = await done
-      if (ev.data.status !== 'completed') throw new Error(`raw incoming migration ${ev.data.status}`)
+      const status = await done
+      if (status !== 'completed') throw new Error(`raw incoming migration ${status}`)
       await sent
     } finally {
       sock.destroy()

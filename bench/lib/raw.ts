@@ -105,30 +105,10 @@ export async function launchRaw(dir: string, def: VmDefinition, disks: ActiveDis
   }
 }
 
-/** Resolves with the first event `name` whose data satisfies `pred`, registered before the caller's command. */
-export function waitEvent(qmp: RawQmp, name: string, pred: (data: any) => boolean, timeoutMs = 120_000): Promise<RawQmpEvent> {
-  return new Promise((resolve, reject) => {
-    const onEvent = (ev: RawQmpEvent): void => {
-      if (ev.event !== name || !pred(ev.data ?? {})) return
-      cleanup()
-      resolve(ev)
-    }
-    const onClose = (err: Error): void => {
-      cleanup()
-      reject(err)
-    }
-    const timer = setTimeout(() => {
-      cleanup()
-      reject(new Error(`timed out waiting for ${name}`))
-    }, timeoutMs)
-    const cleanup = (): void => {
-      clearTimeout(timer)
-      qmp.off('event', onEvent)
-      qmp.off('close', onClose)
-    }
-    qmp.on('event', onEvent)
-    qmp.on('close', onClose)
-  })
+/** The status (completed, failed or cancelled) of the next MIGRATION event that ends one; call before migrate. */
+export async function migrationEnd(qmp: RawQmp): Promise<string> {
+  const data = await qmp.waitEvent('MIGRATION', 120_000, (d) => ['completed', 'failed', 'cancelled'].includes(d.status))
+  return data.status
 }
 
 /**

@@ -71,13 +71,14 @@ export class RawQmp extends EventEmitter {
   }
 
   /**
-   * Resolves with the data of the next event called `name`, rejects after timeoutMs or on close.
-   * Only events arriving after the call count: call it before the command that causes the event.
+   * Resolves with the data of the next event called `name` (whose data satisfies `pred`, when
+   * given), rejects after timeoutMs or on close. Only events arriving after the call count: call
+   * it before the command that causes the event.
    */
-  waitEvent(name: string, timeoutMs: number): Promise<any> {
+  waitEvent(name: string, timeoutMs: number, pred?: (data: any) => boolean): Promise<any> {
     return new Promise((resolve, reject) => {
       const onEvent = (ev: RawQmpEvent): void => {
-        if (ev.event !== name) return
+        if (ev.event !== name || (pred && !pred(ev.data ?? {}))) return
         cleanup()
         resolve(ev.data ?? {})
       }
