@@ -19,6 +19,10 @@ import { SnapshotService, type SnapshotTestHooks } from './snapshot/service.ts'
 import { SnapshotRepo } from './store/snapshots.ts'
 import { BlockJobService } from './chain/service.ts'
 import { StateService } from './state/service.ts'
+import { registerStateRecovery } from './state/recovery.ts'
+import { JournalRepo } from './store/journal.ts'
+import { Journal } from './ops/journal.ts'
+import { Recovery } from './ops/recovery.ts'
 
 /** qmpd's version, reported by /healthz and the OpenAPI document. */
 export const VERSION = '0.1.0'
@@ -57,6 +61,9 @@ export async function startDaemon(
   const jobs = new JobManager(new JobRepo(db), bus, log.child({ component: 'jobs' }))
   const interrupted = jobs.recoverInterrupted()
   if (interrupted.length) log.warn({ jobs: interrupted.map((j) => j.id) }, 'jobs interrupted by the previous daemon marked failed')
+  const journalRepo = new JournalRepo(db)
+  const journal = new Journal(journalRepo)
+  const recovery = new Recovery(journalRepo, log.child({ component: 'recovery' }), (job, outcome) => jobs.noteRecovery(job, outcome))
   const paths = new PathPolicy(config.stateDir, config.allowedDirs)
   const qemuImg = new QemuImg(config.qemuImgBinary)
   const vms = new VmManager({ config, repo: new VmRepo(db), jobs, bus, paths, qemuImg, log })
@@ -72,12 +79,16 @@ export async function startDaemon(
   })
   vms.onDelete((vm, deleteStorage) => snapshots.forgetVm(vm, deleteStorage))
   const blockJobs = new BlockJobService({ vms, jobs, snapshots, paths, qemuImg, log: log.child({ component: 'blockjobs' }) })
-  const state = new StateService({ vms, jobs, paths, log: log.child({ component: 'state' }) })
+  const state = new StateService({ vms, jobs, paths, journal, log: log.child({ component: 'state' }) })
+  registerStateRecovery(recovery, { vms, journal: journalRepo })
   const busy = (vm: string, what: string): void => blockJobs.assertIdle(vm, what)
   snapshots.busyCheck = busy
   state.busyCheck = busy
   vms.busyCheck = busy
   await vms.init()
+  // Interrupted operations are finished or undone before anything else runs (every rule's
+  // decision table: docs/architecture.md).
+  await recovery.run()
   await snapshots.recover()
   let closed = false
   return {

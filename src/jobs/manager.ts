@@ -92,6 +92,23 @@ export class JobManager {
     return stale
   }
 
+  /**
+   * Records what crash recovery did with the operation an interrupted job ran: rolled forward,
+   * the job succeeded after all (its result says it was finished by recovery); rolled back, it
+   * stays failed (INTERRUPTED) and its error says what was undone.
+   */
+  noteRecovery(id: string, outcome: { action: 'forward' | 'back'; detail: string; result?: unknown }): void {
+    const job = this.repo.get(id)
+    if (!job || job.state !== 'failed' || job.error?.code !== 'INTERRUPTED') return
+    const done: Job =
+      outcome.action === 'forward'
+        ? { ...job, state: 'succeeded', result: { ...(isObject(outcome.result) ? outcome.result : {}), recovered: outcome.detail } }
+        : { ...job, error: { ...job.error, details: { ...job.error.details, recovery: outcome.detail } } }
+    if (outcome.action === 'forward') delete done.error
+    this.repo.save(done)
+    this.bus.emit({ type: 'job', vm: done.vm, job: { ...done } })
+  }
+
   /** Queues a job on its VM's queue and returns it (state queued). */
   submit<R>(spec: JobSpec<R>): Job {
     const job: Job = {
@@ -310,6 +327,10 @@ export class JobManager {
     this.bus.emit({ type: 'job', vm: live.job.vm, job: { ...live.job } })
     if (isFinal(live.job.state)) this.log.debug({ job: live.job.id, state: live.job.state }, 'job final')
   }
+}
+
+function isObject(v: unknown): v is Record<string, unknown> {
+  return typeof v === 'object' && v !== null && !Array.isArray(v)
 }
 
 /** The stored form of a job's error. */

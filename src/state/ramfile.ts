@@ -15,6 +15,14 @@ const STREAM_MAGIC = Buffer.from([0x51, 0x45, 0x56, 0x4d, 0x00, 0x00, 0x00, 0x03
 /** Migration runs at disk speed: QEMU's default cap is 32 MiB/s, far below a local file. 1 TiB/s = no cap. */
 const UNCAPPED_BANDWIDTH = 2 ** 40
 
+/**
+ * The name a RAM state file has while it is written: hidden, beside the final name, fixed so that
+ * crash recovery (which knows only the final name, from the journal) can find and remove it.
+ */
+export function partialName(file: string): string {
+  return join(dirname(file), `.${basename(file)}.partial`)
+}
+
 /** Where a RAM state transfer's unix socket is: `path` for qmpd, `qemuPath` as QEMU (with its cwd) sees it. */
 export interface StateSocket {
   path: string
@@ -49,7 +57,7 @@ export async function checkMigrationStream(file: string): Promise<number> {
 
 /** Options of saveRamState. */
 export interface SaveOptions {
-  /** The final file; written as <file>.partial-*, fsynced, then renamed. Must not exist. */
+  /** The final file; written as partialName(file), fsynced, then renamed. Must not exist. */
   file: string
   socket: StateSocket
   log: Logger
@@ -76,6 +84,8 @@ export interface SaveOptions {
    * If the fsync then fails, the save fails as a whole (the caller undoes what this did).
    */
   afterTransfer?: () => Promise<void>
+  /** Runs once QEMU has accepted `migrate` (the stream is under way): a crash test's fail point. */
+  onMigrating?: () => Promise<void>
 }
 
 /** What a save wrote and how it went. */
@@ -93,7 +103,10 @@ export interface SaveResult {
 export async function saveRamState(qmp: QmpClient, opts: SaveOptions): Promise<SaveResult> {
   const t0 = performance.now()
   const dir = dirname(opts.file)
-  const partial = join(dir, `.${basename(opts.file)}.partial-${randomBytes(4).toString('hex')}`)
+  const partial = partialName(opts.file)
+  // A partial file of this name can only be left by a save a crash interrupted (one save per
+  // file at a time: the VM's queue, and O_EXCL on the final name): it is never a whole stream.
+  await rm(partial, { force: true })
   const server = createServer()
   const short = shortSocketPath(opts.socket.path)
   let received: Promise<number> | undefined
@@ -136,6 +149,7 @@ export async function saveRamState(qmp: QmpClient, opts: SaveOptions): Promise<S
     await qmp.execute('migrate-set-parameters', { 'max-bandwidth': UNCAPPED_BANDWIDTH })
     await opts.beforeMigrate?.()
     await qmp.execute('migrate', { uri: `unix:${opts.socket.qemuPath}` })
+    await opts.onMigrating?.()
     if (opts.onProgress) {
       poll = setInterval(() => {
         qmp.execute('query-migrate').then(

@@ -10,7 +10,9 @@ import { VM_FILES } from '../vm/argv.ts'
 import { isAdopted, PathString } from '../vm/definition.ts'
 import { trackDowntime } from '../vm/downtime.ts'
 import type { VmManager } from '../vm/manager.ts'
+import type { Journal, Operation } from '../ops/journal.ts'
 import { checkMigrationStream, loadRamState, saveRamState, stateSocket } from './ramfile.ts'
+import { RESTORE_OP, SAVE_OP, type RestorePlan, type SavePlan } from './plans.ts'
 
 /** Body of POST /v1/vms/{vm}/save and /restore. */
 export const StateFileBody = z.strictObject({ file: PathString.describe('the RAM state file (relative paths are under the VM directory)') })
@@ -24,7 +26,7 @@ export class StateService {
   /** Refuses work on a VM whose disks a block job is busy with (set by the daemon). */
   busyCheck: (vm: string, what: string) => void = () => {}
 
-  constructor(private readonly deps: { vms: VmManager; jobs: JobManager; paths: PathPolicy; log: Logger }) {}
+  constructor(private readonly deps: { vms: VmManager; jobs: JobManager; paths: PathPolicy; journal: Journal; log: Logger }) {}
 
   /** The managed-save file of a VM. */
   managedSaveFile(vm: string): string {
@@ -41,8 +43,12 @@ export class StateService {
       op: 'managedsave',
       params: {},
       run: async (ctx) => {
-        const out = await this.saveAndQuit(vm, file, ctx)
-        this.deps.vms.markSaved(vm)
+        const o = this.begin(ctx, vm, { file, managed: true, wasRunning: this.deps.vms.record(vm).runtime.state === 'running' })
+        const out = await this.saveAndQuit(vm, file, ctx, o)
+        await o.step('mark-saved', () => this.deps.journal.repo.tx(() => {
+          this.deps.vms.markSaved(vm)
+          o.end()
+        }))
         return { ...out, state: 'saved' }
       },
     })
@@ -69,8 +75,12 @@ export class StateService {
       op: 'save',
       params: { file },
       run: async (ctx) => {
-        const out = await this.saveAndQuit(vm, file, ctx)
-        this.deps.vms.updateRuntime(vm, { createdFiles: [...this.deps.vms.record(vm).runtime.createdFiles, file] })
+        const o = this.begin(ctx, vm, { file, managed: false, wasRunning: this.deps.vms.record(vm).runtime.state === 'running' })
+        const out = await this.saveAndQuit(vm, file, ctx, o)
+        await o.step('record-file', () => this.deps.journal.repo.tx(() => {
+          this.deps.vms.updateRuntime(vm, { createdFiles: [...this.deps.vms.record(vm).runtime.createdFiles, file] })
+          o.end()
+        }))
         return { ...out, state: 'shutoff' }
       },
     })
@@ -92,13 +102,21 @@ export class StateService {
       op: 'restore',
       params: { file },
       run: async (ctx) => {
-        const qmp = await this.deps.vms.launchInJob(vm, ctx, { incoming: true })
+        const plan: RestorePlan = { file }
+        const o = this.deps.journal.begin({ vm, op: RESTORE_OP, job: ctx.id, body: plan, qemuPid: () => this.deps.vms.record(vm).runtime.pid })
         try {
-          const r = await loadRamState(qmp, { file, socket: stateSocket(this.deps.paths.vmDir(vm), true), log: ctx.log })
-          await this.deps.vms.contInJob(vm)
-          return { file, bytes: r.bytes, ms: r.ms, state: 'running' }
+          const qmp = await o.step('launch', () => this.deps.vms.launchInJob(vm, ctx, { incoming: true }))
+          try {
+            const r = await o.step('load-ram', () => loadRamState(qmp, { file, socket: stateSocket(this.deps.paths.vmDir(vm), true), log: ctx.log }))
+            await o.step('cont', () => this.deps.vms.contInJob(vm))
+            o.end()
+            return { file, bytes: r.bytes, ms: r.ms, state: 'running' }
+          } catch (err) {
+            await this.deps.vms.quitInJob(vm, ctx)
+            throw err
+          }
         } catch (err) {
-          await this.deps.vms.quitInJob(vm, ctx)
+          o.end()
           throw err
         }
       },
@@ -115,20 +133,47 @@ export class StateService {
     }
   }
 
-  /** Stops the guest, writes its RAM state to `file`, then quits QEMU. On failure the guest runs on. */
-  private async saveAndQuit(vm: string, file: string, ctx: JobContext): Promise<{ file: string; bytes: number; ms: number; downtimeMs: number }> {
+  /** Journals a save or managed save (the plan recovery reads: src/state/recovery.ts). */
+  private begin(ctx: JobContext, vm: string, plan: SavePlan): Operation {
+    return this.deps.journal.begin({ vm, op: SAVE_OP, job: ctx.id, body: plan, qemuPid: () => this.deps.vms.record(vm).runtime.pid })
+  }
+
+  /**
+   * Stops the guest, writes its RAM state to `file`, then quits QEMU. On failure the guest runs
+   * on and the journal entry ends (a failure the daemon lives through is undone here; a crash is
+   * recovery's).
+   */
+  private async saveAndQuit(vm: string, file: string, ctx: JobContext, o: Operation): Promise<{ file: string; bytes: number; ms: number; downtimeMs: number }> {
     const st = this.deps.vms.record(vm).runtime.state
-    if (st !== 'running' && st !== 'paused') throw new QmpdError('INVALID_STATE', `VM ${vm} is ${st}`, { vm, state: st })
+    if (st !== 'running' && st !== 'paused') {
+      o.end()
+      throw new QmpdError('INVALID_STATE', `VM ${vm} is ${st}`, { vm, state: st })
+    }
     const qmp = this.deps.vms.qmp(vm)
     const dt = trackDowntime(qmp)
-    if (st === 'running') await this.deps.vms.stopInJob(vm)
+    let saved = false
     try {
-      const r = await saveRamState(qmp, { file, socket: stateSocket(this.deps.paths.vmDir(vm), true), log: ctx.log, onProgress: (c, t) => ctx.setProgress(c, t) })
-      await this.deps.vms.quitInJob(vm, ctx)
+      if (st === 'running') await o.step('stop', () => this.deps.vms.stopInJob(vm))
+      const r = await o.step('save-ram', () =>
+        saveRamState(qmp, {
+          file,
+          socket: stateSocket(this.deps.paths.vmDir(vm), true),
+          log: ctx.log,
+          onProgress: (c, t) => ctx.setProgress(c, t),
+          onMigrating: () => o.point('save-ram.migrating'),
+        }),
+      )
+      saved = true
+      await o.step('quit', () => this.deps.vms.quitInJob(vm, ctx))
       return { file, bytes: r.bytes, ms: r.ms, downtimeMs: dt.end() }
     } catch (err) {
       dt.end()
-      if (st === 'running' && this.deps.vms.record(vm).runtime.state === 'paused') await this.deps.vms.contInJob(vm).catch(() => {})
+      // Once the file is whole, the save has happened: quitting is all that is left, and a
+      // failure of that is not undone (the next start or recovery finishes it).
+      if (!saved) {
+        if (st === 'running' && this.deps.vms.record(vm).runtime.state === 'paused') await this.deps.vms.contInJob(vm).catch(() => {})
+        o.end()
+      }
       throw err
     }
   }

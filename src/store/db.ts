@@ -58,6 +58,10 @@ const MIGRATIONS: string[] = [
      body TEXT NOT NULL,
      created_at TEXT NOT NULL
    );`,
+  // 3: the journal records each operation's job and the step it reached
+  `ALTER TABLE journal ADD COLUMN job TEXT;
+   ALTER TABLE journal ADD COLUMN step TEXT;
+   ALTER TABLE journal ADD COLUMN updated_at TEXT;`,
 ]
 
 /** Opens (creating when missing) the store at `file` in WAL mode and brings its schema up to date. */

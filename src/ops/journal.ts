@@ -1,0 +1,76 @@
+// The operation model: a journaled operation is a program of named steps. Each step is recorded
+// in the journal before it runs and passes a fail point before and after it, so a crash test can
+// stop the daemon at every boundary and recovery knows where an operation stood. What a step does
+// and how it is recovered belong to the service that owns the operation.
+import { randomUUID } from 'node:crypto'
+import type { JournalRepo } from '../store/journal.ts'
+import { failPoint } from './failpoints.ts'
+
+/** What an operation starts from. */
+export interface OperationSpec {
+  vm: string
+  /** The operation's journal name, also the first part of its fail points (e.g. `snapshot-create`). */
+  op: string
+  /** The qmpd job running it. */
+  job?: string
+  /** Its plan: everything recovery needs to finish or undo it (validated by the owner on read). */
+  body: unknown
+  /** The VM's QEMU PID at this moment, for kill-qemu fail points. */
+  qemuPid?: () => number | undefined
+}
+
+/** Starts journaled operations. */
+export class Journal {
+  constructor(readonly repo: JournalRepo) {}
+
+  /** Writes the operation's intent to the journal (before anything is touched) and returns it. */
+  begin(spec: OperationSpec): Operation {
+    const id = randomUUID()
+    this.repo.add({ id, vm: spec.vm, op: spec.op, ...(spec.job ? { job: spec.job } : {}), body: spec.body })
+    return new Operation(this.repo, id, spec)
+  }
+}
+
+/** One journaled operation in progress. */
+export class Operation {
+  private ended = false
+
+  constructor(
+    private readonly repo: JournalRepo,
+    readonly id: string,
+    private readonly spec: OperationSpec,
+  ) {}
+
+  /** The fail point name of a step boundary: `<op>.<step>.before|after`. */
+  pointName(step: string, when: 'before' | 'after'): string {
+    return `${this.spec.op}.${step}.${when}`
+  }
+
+  /**
+   * Runs one step: records it (and `body`, when the step learned something recovery needs, such
+   * as a file name it chose) in the journal, passes `<op>.<step>.before`, runs it, passes
+   * `<op>.<step>.after`.
+   */
+  async step<T>(name: string, fn: () => Promise<T> | T, opts: { body?: unknown } = {}): Promise<T> {
+    if (this.ended) throw new Error(`operation ${this.spec.op} already ended; step ${name} not run`)
+    this.repo.setStep(this.id, name, opts.body)
+    await failPoint(this.pointName(name, 'before'), { qemuPid: this.spec.qemuPid?.() })
+    const out = await fn()
+    await failPoint(this.pointName(name, 'after'), { qemuPid: this.spec.qemuPid?.() })
+    return out
+  }
+
+  /** A fail point inside a step (`<op>.<name>`), e.g. while a migration streams; no journal write. */
+  async point(name: string): Promise<void> {
+    await failPoint(`${this.spec.op}.${name}`, { qemuPid: this.spec.qemuPid?.() })
+  }
+
+  /**
+   * Ends the operation: its journal entry goes. Call it inside the SQLite transaction that
+   * commits the operation's metadata, so the two can never disagree, or after an undo.
+   */
+  end(): void {
+    this.ended = true
+    this.repo.done(this.id)
+  }
+}
