@@ -11,7 +11,8 @@ import { commitJob, driveQemuJob, streamJob } from '../jobs/qemu-job.ts'
 import type { QmpClient } from '../qmp/index.ts'
 import type { SnapshotService } from '../snapshot/service.ts'
 import { isAdopted, NAME_PATTERN, PathString } from '../vm/definition.ts'
-import { isRunningState, type VmManager } from '../vm/manager.ts'
+import type { VmManager } from '../vm/manager.ts'
+import { assertState, isRunningState } from '../vm/states.ts'
 
 const Speed = z.number().int().min(0).describe('bytes per second; 0 = unlimited')
 const LayerRef = z.string().min(1).max(4096).describe('an image file of the chain, or the name of a snapshot whose image it is')
@@ -92,35 +93,32 @@ export class BlockJobService {
   /** Queues a commit. */
   commit(vm: string, disk: string, input: CommitBody): Job {
     const body = CommitBody.parse(input)
-    this.precheck(vm, disk)
+    this.precheck(vm, disk, 'commit')
     return this.submit(vm, disk, 'commit', body, (ctx) => this.doCommit(vm, disk, body, ctx))
   }
 
   /** Queues a pull (block-stream into the active layer). */
   pull(vm: string, disk: string, input: PullBody): Job {
     const body = PullBody.parse(input)
-    this.precheck(vm, disk)
+    this.precheck(vm, disk, 'pull')
     return this.submit(vm, disk, 'pull', body, (ctx) => this.doPull(vm, disk, body, ctx))
   }
 
   /** Queues a copy (blockdev-mirror, or qemu-img convert when off). */
   copy(vm: string, disk: string, input: CopyBody): Job {
     const body = CopyBody.parse(input)
-    this.precheck(vm, disk)
+    this.precheck(vm, disk, 'copy')
     const dest = this.deps.paths.resolve(body.dest, this.deps.paths.vmDir(vm), 'dest')
     if (existsSync(dest)) throw new QmpdError('FILE_EXISTS', `${dest} exists; qmpd never overwrites a file`, { file: dest })
     if (body.shallow && body.format !== 'qcow2') throw new QmpdError('INVALID_INPUT', 'a shallow copy needs qcow2 (it keeps a backing file)', {})
     return this.submit(vm, disk, 'copy', { ...body, dest }, (ctx) => this.doCopy(vm, disk, { ...body, dest }, ctx))
   }
 
-  private precheck(vm: string, disk: string): void {
+  private precheck(vm: string, disk: string, op: 'commit' | 'pull' | 'copy'): void {
     const rec = this.deps.vms.record(vm)
     if (isAdopted(rec.definition)) throw new QmpdError('NOT_SUPPORTED', `VM ${vm} was adopted; qmpd runs block jobs only on VMs it defines`, { vm })
     if (!rec.runtime.disks.some((d) => d.id === disk)) throw new QmpdError('DISK_NOT_FOUND', `VM ${vm} has no disk ${disk}`, { vm, disk })
-    const st = rec.runtime.state
-    if (st === 'starting' || st === 'stopping' || st === 'unknown' || st === 'saved') {
-      throw new QmpdError('INVALID_STATE', `cannot run a block job on VM ${vm} while it is ${st}`, { vm, state: st })
-    }
+    assertState(vm, rec.runtime.state, op)
     this.assertIdle(vm, 'start another block job', disk)
     if (this.deps.jobs.busy(vm)) throw new QmpdError('BUSY', `VM ${vm} has operations queued or running; start the block job when they are done`, { vm })
   }

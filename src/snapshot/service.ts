@@ -17,9 +17,10 @@ import { QgaClient, withFrozenFilesystems } from '../qga/client.ts'
 import { loadRamState, saveRamState, stateSocket } from '../state/ramfile.ts'
 import type { ImageRow, SnapshotRepo } from '../store/snapshots.ts'
 import { VM_FILES } from '../vm/argv.ts'
-import { isAdopted, type VmDefinition, type VmRuntime } from '../vm/definition.ts'
+import { isAdopted, type VmDefinition, type VmRuntime, type VmState } from '../vm/definition.ts'
 import { trackDowntime } from '../vm/downtime.ts'
-import { isRunningState, type VmManager } from '../vm/manager.ts'
+import type { VmManager } from '../vm/manager.ts'
+import { assertState, isRunningState } from '../vm/states.ts'
 import { CreateSnapshotBody, RevertBody, type Snapshot, type SnapshotDisk } from './model.ts'
 
 /** A snapshot as the API shows it: the stored record plus its place in the tree and its size. */
@@ -152,23 +153,19 @@ export class SnapshotService {
   }
 
   /** Works out exactly what a creation will do; every refusal happens here. */
-  private plan(vm: string, body: CreateSnapshotBody, state: string): CreatePlan {
+  private plan(vm: string, body: CreateSnapshotBody, state: VmState): CreatePlan {
     const rec = this.deps.vms.record(vm)
     const def = rec.definition as VmDefinition
-    const live = isRunningState(state as never)
-    if (state === 'starting' || state === 'stopping' || state === 'unknown' || state === 'saved') {
-      throw new QmpdError('INVALID_STATE', `cannot snapshot VM ${vm} while it is ${state}`, { vm, state })
-    }
+    const live = isRunningState(state)
+    assertState(vm, state, 'snapshot-create')
     const memory = body.memory ?? live
-    if (memory && !live) {
-      throw new QmpdError('INVALID_STATE', `VM ${vm} is ${state}: a snapshot with memory needs a running or paused VM`, { vm, state })
-    }
+    if (memory) assertState(vm, state, 'snapshot-create-memory')
     if (body.live && !(body.kind === 'external' && memory)) {
       throw new QmpdError('INVALID_INPUT', 'live applies only to external snapshots with memory', {})
     }
     if (body.quiesce) {
       if (!def.guestAgent) throw new QmpdError('INVALID_STATE', `VM ${vm} has no guest agent (guestAgent: true): cannot quiesce`, { vm })
-      if (state !== 'running') throw new QmpdError('INVALID_STATE', `quiesce needs a running guest (VM ${vm} is ${state}): a stopped guest agent cannot freeze anything`, { vm, state })
+      assertState(vm, state, 'snapshot-create-quiesce')
       if (memory) throw new QmpdError('INVALID_INPUT', 'quiesce applies to disk-only snapshots (a checkpoint keeps RAM consistent by itself)', {})
     }
     if (body.vmstateFile && !(body.kind === 'external' && memory)) {
@@ -538,8 +535,7 @@ export class SnapshotService {
     if (isAdopted(rec.definition)) throw new QmpdError('NOT_SUPPORTED', `VM ${vm} was adopted`, { vm })
     this.busyCheck(vm, 'revert')
     const st = rec.runtime.state
-    if (st === 'saved') throw new QmpdError('INVALID_STATE', `VM ${vm} has a managed save; start it or discard the save (DELETE /v1/vms/${vm}/managedsave) before reverting`, { vm, state: st })
-    if (st === 'starting' || st === 'stopping' || st === 'unknown') throw new QmpdError('INVALID_STATE', `cannot revert VM ${vm} while it is ${st}`, { vm, state: st })
+    assertState(vm, st, 'snapshot-revert')
     return this.deps.jobs.submit({ vm, op: 'snapshot-revert', params: { snapshot: name, ...body }, run: (ctx) => this.doRevert(vm, s.name, body, ctx) })
   }
 
@@ -683,7 +679,7 @@ export class SnapshotService {
     this.busyCheck(vm, `delete snapshot ${name}`)
     const rec = this.deps.vms.record(vm)
     const st = rec.runtime.state
-    if (st === 'starting' || st === 'stopping' || st === 'unknown') throw new QmpdError('INVALID_STATE', `cannot delete snapshots of VM ${vm} while it is ${st}`, { vm, state: st })
+    assertState(vm, st, 'snapshot-delete')
     return this.deps.jobs.submit({ vm, op: 'snapshot-delete', params: { snapshot: name, ...opts }, run: (ctx) => this.doDelete(vm, name, opts, ctx) })
   }
 
