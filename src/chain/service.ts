@@ -1,17 +1,19 @@
-import { existsSync, rmSync } from 'node:fs'
+import { existsSync } from 'node:fs'
 import type { Logger } from 'pino'
 import { z } from 'zod'
 import { QmpdError } from '../errors.ts'
-import { liveChain, pruneDetachedNodes } from '../images/graph.ts'
+import { liveChain } from '../images/graph.ts'
 import type { PathPolicy } from '../images/paths.ts'
 import type { QemuImg } from '../images/qemu-img.ts'
 import type { JobContext, JobManager } from '../jobs/manager.ts'
 import type { Job } from '../jobs/model.ts'
-import { commitJob, driveQemuJob, streamJob } from '../jobs/qemu-job.ts'
 import type { QmpClient } from '../qmp/index.ts'
-import type { SnapshotService } from '../snapshot/service.ts'
+import type { SnapshotRepo } from '../store/snapshots.ts'
 import { isAdopted, NAME_PATTERN, PathString } from '../vm/definition.ts'
-import { isRunningState, type VmManager } from '../vm/manager.ts'
+import type { VmManager } from '../vm/manager.ts'
+import { assertState, isRunningState } from '../vm/states.ts'
+import { afterCommit, afterPull, commit, mirror, stream, type ChainDeps } from './editor.ts'
+import type { Layer } from './graph.ts'
 
 const Speed = z.number().int().min(0).describe('bytes per second; 0 = unlimited')
 const LayerRef = z.string().min(1).max(4096).describe('an image file of the chain, or the name of a snapshot whose image it is')
@@ -44,17 +46,13 @@ export const CopyBody = z.strictObject({
 })
 export type CopyBody = z.output<typeof CopyBody>
 
-interface Layer {
-  file: string
-  format: string
-  node?: string
-}
-
 /**
  * Backing-chain work on one disk: commit (merge layers down), pull (block-stream: copy backing
  * data up into the active layer) and copy (blockdev-mirror to a new file, with or without pivot);
- * live through QEMU block jobs, offline through qemu-img. Keeps the image graph and the snapshot
- * metadata in step with QEMU, and never changes what a snapshot or another branch reads.
+ * live through QEMU block jobs, offline through qemu-img, both done by the chain editor
+ * (editor.ts). This service validates requests, claims the disk, submits the job, gives it its
+ * controls (speed, pause, complete) and never lets a merge change what a snapshot or another
+ * branch reads (guardWrites).
  */
 export class BlockJobService {
   /** vm -> disk -> qmpd job id of the block job running on it. */
@@ -64,12 +62,18 @@ export class BlockJobService {
     private readonly deps: {
       vms: VmManager
       jobs: JobManager
-      snapshots: SnapshotService
+      /** The snapshot service, for its repository (the snapshot tree and the image graph). */
+      snapshots: { readonly repo: SnapshotRepo }
       paths: PathPolicy
       qemuImg: QemuImg
       log: Logger
     },
   ) {}
+
+  /** What the chain editor works with. */
+  private get editor(): ChainDeps {
+    return { vms: this.deps.vms, repo: this.deps.snapshots.repo, qemuImg: this.deps.qemuImg }
+  }
 
   /** The job id of a block job running on the disk (any disk when omitted), if there is one. */
   busy(vm: string, disk?: string): string | undefined {
@@ -92,35 +96,32 @@ export class BlockJobService {
   /** Queues a commit. */
   commit(vm: string, disk: string, input: CommitBody): Job {
     const body = CommitBody.parse(input)
-    this.precheck(vm, disk)
+    this.precheck(vm, disk, 'commit')
     return this.submit(vm, disk, 'commit', body, (ctx) => this.doCommit(vm, disk, body, ctx))
   }
 
   /** Queues a pull (block-stream into the active layer). */
   pull(vm: string, disk: string, input: PullBody): Job {
     const body = PullBody.parse(input)
-    this.precheck(vm, disk)
+    this.precheck(vm, disk, 'pull')
     return this.submit(vm, disk, 'pull', body, (ctx) => this.doPull(vm, disk, body, ctx))
   }
 
   /** Queues a copy (blockdev-mirror, or qemu-img convert when off). */
   copy(vm: string, disk: string, input: CopyBody): Job {
     const body = CopyBody.parse(input)
-    this.precheck(vm, disk)
+    this.precheck(vm, disk, 'copy')
     const dest = this.deps.paths.resolve(body.dest, this.deps.paths.vmDir(vm), 'dest')
     if (existsSync(dest)) throw new QmpdError('FILE_EXISTS', `${dest} exists; qmpd never overwrites a file`, { file: dest })
     if (body.shallow && body.format !== 'qcow2') throw new QmpdError('INVALID_INPUT', 'a shallow copy needs qcow2 (it keeps a backing file)', {})
     return this.submit(vm, disk, 'copy', { ...body, dest }, (ctx) => this.doCopy(vm, disk, { ...body, dest }, ctx))
   }
 
-  private precheck(vm: string, disk: string): void {
+  private precheck(vm: string, disk: string, op: 'commit' | 'pull' | 'copy'): void {
     const rec = this.deps.vms.record(vm)
     if (isAdopted(rec.definition)) throw new QmpdError('NOT_SUPPORTED', `VM ${vm} was adopted; qmpd runs block jobs only on VMs it defines`, { vm })
     if (!rec.runtime.disks.some((d) => d.id === disk)) throw new QmpdError('DISK_NOT_FOUND', `VM ${vm} has no disk ${disk}`, { vm, disk })
-    const st = rec.runtime.state
-    if (st === 'starting' || st === 'stopping' || st === 'unknown' || st === 'saved') {
-      throw new QmpdError('INVALID_STATE', `cannot run a block job on VM ${vm} while it is ${st}`, { vm, state: st })
-    }
+    assertState(vm, rec.runtime.state, op)
     this.assertIdle(vm, 'start another block job', disk)
     if (this.deps.jobs.busy(vm)) throw new QmpdError('BUSY', `VM ${vm} has operations queued or running; start the block job when they are done`, { vm })
   }
@@ -239,41 +240,37 @@ export class BlockJobService {
     const t0 = performance.now()
     const activeCommit = top === 0
     let pivoted = activeCommit
+    const jobId = `qmpd-commit-${ctx.id.slice(0, 8)}`
+    const waitForUser = activeCommit && !body.pivot
     if (qmp) {
-      const jobId = `qmpd-commit-${ctx.id.slice(0, 8)}`
-      const waitForUser = activeCommit && !body.pivot
       this.speedControls(ctx, qmp, jobId, { complete: waitForUser })
       if (body.speedBytesPerSec !== undefined) ctx.setSpeed(body.speedBytesPerSec)
-      try {
-        await commitJob(
-          qmp,
-          { jobId, device: layers[0]!.node!, top: layers[top]!.node!, base: layers[base]!.node!, ...(body.speedBytesPerSec ? { speed: body.speedBytesPerSec } : {}) },
-          {
-            log: ctx.log,
-            signal: ctx.signal,
-            onProgress: (c, t) => ctx.setProgress(c, t),
-            onReady: () => !waitForUser,
-            onStatus: this.phase(ctx, () => waitForUser),
-          },
-        )
-      } catch (err) {
-        if (err instanceof QmpdError && err.code === 'JOB_CANCELLED') pivoted = false
-        throw err
-      }
-      await pruneDetachedNodes(qmp, disk)
+    }
+    await commit(this.editor, {
+      disk,
+      ...(qmp ? { qmp } : {}),
+      layers,
+      top,
+      base,
+      job: {
+        jobId,
+        log: ctx.log,
+        signal: ctx.signal,
+        ...(body.speedBytesPerSec ? { speed: body.speedBytesPerSec } : {}),
+        onProgress: (c, t) => ctx.setProgress(c, t),
+        onReady: () => !waitForUser,
+        onStatus: this.phase(ctx, () => waitForUser),
+      },
+      progress: (p) => ctx.setProgress(p, 100),
+      // qemu-img commit does not touch the image above top: point it at base by hand (QEMU rewrites it itself).
+      above: { files: !qmp && top > 0 ? [layers[top - 1]!.file] : [] },
+    })
+    if (qmp) {
       // A commit cancelled after READY leaves the VM on its top layer, like QEMU does.
       const now = await liveChain(qmp, disk)
       pivoted = activeCommit && now[0]?.file === layers[base]!.file
-    } else {
-      await this.deps.qemuImg.runWithProgress(['commit', '-p', '-d', '-f', layers[top]!.format, '-b', layers[base]!.file, layers[top]!.file], (p) =>
-        ctx.setProgress(p, 100),
-      )
-      if (top > 0) {
-        // qemu-img commit does not touch the image above top: point it at base by hand; base now holds what top did.
-        await this.deps.qemuImg.rebase(layers[top - 1]!.file, { file: layers[base]!.file, format: layers[base]!.format }, { unsafe: true })
-      }
     }
-    const removed = this.afterMerge(vm, disk, layers, top, base, { activeMoved: pivoted, keep: body.keepMerged }, ctx)
+    const removed = afterCommit(this.editor, vm, disk, layers, top, base, { activeMoved: pivoted, keep: body.keepMerged }, ctx)
     return { top: layers[top]!.file, base: layers[base]!.file, pivoted, removed, ms: Math.round(performance.now() - t0) }
   }
 
@@ -282,182 +279,60 @@ export class BlockJobService {
     const base = body.base ? this.find(vm, disk, layers, body.base, 'base') : layers.length
     if (base <= 1) throw new QmpdError('INVALID_INPUT', `disk ${disk}: nothing between the active layer and ${body.base ?? 'the bottom'} to pull`, { disk })
     const t0 = performance.now()
+    const jobId = `qmpd-stream-${ctx.id.slice(0, 8)}`
     if (qmp) {
-      const jobId = `qmpd-stream-${ctx.id.slice(0, 8)}`
       this.speedControls(ctx, qmp, jobId, {})
       if (body.speedBytesPerSec !== undefined) ctx.setSpeed(body.speedBytesPerSec)
-      await streamJob(
-        qmp,
-        {
-          jobId,
-          device: layers[0]!.node!,
-          ...(base < layers.length ? { base: layers[base]!.node! } : {}),
-          ...(body.speedBytesPerSec ? { speed: body.speedBytesPerSec } : {}),
-        },
-        { log: ctx.log, signal: ctx.signal, onProgress: (c, t) => ctx.setProgress(c, t), onStatus: this.phase(ctx, () => false) },
-      )
-      await pruneDetachedNodes(qmp, disk)
-    } else {
-      const nb = base < layers.length ? layers[base]! : undefined
-      const args = ['rebase', '-p', '-f', layers[0]!.format, '-b', nb?.file ?? '']
-      if (nb) args.push('-F', nb.format)
-      await this.deps.qemuImg.runWithProgress([...args, layers[0]!.file], (p) => ctx.setProgress(p, 100))
     }
-    const removed = this.afterPull(vm, disk, layers, base, body.keepMerged, ctx)
+    await stream(this.editor, {
+      disk,
+      ...(qmp ? { qmp } : {}),
+      into: layers[0]!,
+      base: base < layers.length ? layers[base]! : null,
+      job: {
+        jobId,
+        log: ctx.log,
+        signal: ctx.signal,
+        ...(body.speedBytesPerSec ? { speed: body.speedBytesPerSec } : {}),
+        onProgress: (c, t) => ctx.setProgress(c, t),
+        onStatus: this.phase(ctx, () => false),
+      },
+      progress: (p) => ctx.setProgress(p, 100),
+    })
+    const removed = afterPull(this.editor, vm, disk, layers, base, body.keepMerged, ctx)
     return { into: layers[0]!.file, base: base < layers.length ? layers[base]!.file : null, removed, ms: Math.round(performance.now() - t0) }
   }
 
   private async doCopy(vm: string, disk: string, body: CopyBody, ctx: JobContext): Promise<unknown> {
     const { layers, qmp } = await this.chain(vm, disk)
-    const backing = body.shallow && layers.length > 1 ? layers[1]! : undefined
     const t0 = performance.now()
-    let pivoted = false
-    if (!qmp) {
-      try {
-        const args = ['convert', '-p', '-f', layers[0]!.format, '-O', body.format]
-        if (backing) args.push('-B', backing.file, '-F', backing.format)
-        await this.deps.qemuImg.runWithProgress([...args, layers[0]!.file, body.dest], (p) => ctx.setProgress(p, 100), ctx.signal)
-      } catch (err) {
-        rmSync(body.dest, { force: true })
-        throw err
-      }
-      if (body.pivot) this.switchActive(vm, disk, body.dest, body.format, backing?.file ?? null)
-      else this.deps.vms.updateRuntime(vm, { createdFiles: [...this.deps.vms.record(vm).runtime.createdFiles, body.dest] })
-      return { dest: body.dest, pivoted: body.pivot, ms: Math.round(performance.now() - t0) }
-    }
-    const size = (await qmp.execute('query-named-block-nodes', { flat: true })).find((n) => n['node-name'] === layers[0]!.node)?.image['virtual-size']
-    if (!size) throw new QmpdError('INTERNAL', `cannot read the size of disk ${disk}`, { disk })
-    // -u: the backing is open in QEMU; the size is given, so qemu-img need not open it.
-    const create = ['create', '-q', '-f', body.format]
-    if (backing) create.push('-u', '-b', backing.file, '-F', backing.format)
-    await this.deps.qemuImg.run([...create, body.dest, String(size)])
-    const node = `${disk}-copy${ctx.id.slice(0, 6)}`
     const jobId = `qmpd-copy-${ctx.id.slice(0, 8)}`
-    let added = false
-    let readySeen = false
-    try {
-      await qmp.execute('blockdev-add', {
-        driver: body.format,
-        'node-name': node,
-        file: { driver: 'file', filename: body.dest },
-        ...(body.format === 'qcow2' ? { backing: backing ? backing.node! : null } : {}),
-      } as never)
-      added = true
-      this.speedControls(ctx, qmp, jobId, { complete: !body.pivot })
-      if (body.speedBytesPerSec !== undefined) ctx.setSpeed(body.speedBytesPerSec)
-      // READY = synchronized: job-complete pivots to the copy; job-cancel after READY keeps a
-      // point-in-time copy and leaves the VM on its source.
-      await driveQemuJob(
-        qmp,
+    const { pivoted } = await mirror(this.editor, {
+      vm,
+      disk,
+      ...(qmp ? { qmp } : {}),
+      layers,
+      dest: body.dest,
+      format: body.format,
+      shallow: body.shallow,
+      pivot: body.pivot,
+      nodeSuffix: ctx.id.slice(0, 6),
+      job: {
         jobId,
-        () =>
-          qmp.execute('blockdev-mirror', {
-            'job-id': jobId,
-            device: layers[0]!.node!,
-            target: node,
-            sync: backing ? 'top' : 'full',
-            ...(body.speedBytesPerSec ? { speed: body.speedBytesPerSec } : {}),
-            'auto-finalize': false,
-            'auto-dismiss': false,
-          }),
-        {
-          log: ctx.log,
-          signal: ctx.signal,
-          onProgress: (c, t) => ctx.setProgress(c, t),
-          onReady: () => {
-            readySeen = true
-            return body.pivot
-          },
-          onStatus: this.phase(ctx, () => !body.pivot),
-        },
-      )
-      pivoted = (await liveChain(qmp, disk))[0]?.file === body.dest
-      if (pivoted) await pruneDetachedNodes(qmp, disk)
-    } catch (err) {
-      const keptCopy = readySeen && err instanceof QmpdError && err.code === 'JOB_CANCELLED'
-      if (!keptCopy) {
-        if (added) await qmp.execute('blockdev-del', { 'node-name': node }).catch(() => {})
-        rmSync(body.dest, { force: true })
-        throw err
-      }
-    }
-    if (pivoted) {
-      this.switchActive(vm, disk, body.dest, body.format, backing?.file ?? null)
-    } else {
-      // Cancelled after READY: the copy is a consistent image of the moment of the cancel.
-      await qmp.execute('blockdev-del', { 'node-name': node }).catch((err) => ctx.log.warn({ err }, 'blockdev-del of the copy failed'))
-      this.deps.vms.updateRuntime(vm, { createdFiles: [...this.deps.vms.record(vm).runtime.createdFiles, body.dest] })
-    }
+        log: ctx.log,
+        signal: ctx.signal,
+        ...(body.speedBytesPerSec ? { speed: body.speedBytesPerSec } : {}),
+        onProgress: (c, t) => ctx.setProgress(c, t),
+        onReady: () => body.pivot,
+        onStatus: this.phase(ctx, () => !body.pivot),
+      },
+      progress: (p) => ctx.setProgress(p, 100),
+      beforeJob: () => {
+        this.speedControls(ctx, qmp!, jobId, { complete: !body.pivot })
+        if (body.speedBytesPerSec !== undefined) ctx.setSpeed(body.speedBytesPerSec)
+      },
+    })
     return { dest: body.dest, pivoted, ms: Math.round(performance.now() - t0) }
-  }
-
-  /** The disk now runs on `file`: record it as the active layer and in the image graph. */
-  private switchActive(vm: string, disk: string, file: string, format: 'qcow2' | 'raw', backing: string | null): void {
-    const repo = this.deps.snapshots.repo
-    repo.tx(() => {
-      this.deps.snapshots.ensureBaseImages(vm)
-      repo.putImage({ vm, disk, file, format, backing, createdByQmpd: true })
-      const rt = this.deps.vms.record(vm).runtime
-      this.deps.vms.updateRuntime(vm, {
-        disks: rt.disks.map((d) => (d.id === disk ? { ...d, file, format, gen: d.gen + 1 } : d)),
-        createdFiles: [...rt.createdFiles, file],
-      })
-    })
-  }
-
-  /** Metadata after a commit of layers[top..base-1] into layers[base]; removes what nothing needs. */
-  private afterMerge(vm: string, disk: string, layers: Layer[], top: number, base: number, opts: { activeMoved: boolean; keep: boolean }, ctx: JobContext): string[] {
-    const repo = this.deps.snapshots.repo
-    const baseLayer = layers[base]!
-    repo.tx(() => {
-      this.deps.snapshots.ensureBaseImages(vm)
-      this.trackChain(vm, disk, layers)
-      if (top > 0) repo.putImage({ ...this.imageRow(vm, disk, layers[top - 1]!), backing: baseLayer.file })
-      if (opts.activeMoved) {
-        const rt = this.deps.vms.record(vm).runtime
-        this.deps.vms.updateRuntime(vm, {
-          disks: rt.disks.map((d) => (d.id === disk ? { ...d, file: baseLayer.file, format: baseLayer.format === 'raw' ? 'raw' : 'qcow2' } : d)),
-        })
-      }
-    })
-    if (opts.keep || (top === 0 && !opts.activeMoved)) return []
-    return layers.slice(top, base).filter((l) => this.deps.snapshots.removeIfUnneeded(vm, l.file, ctx)).map((l) => l.file)
-  }
-
-  /** Metadata after a pull into the active layer down to layers[base] (or everything). */
-  private afterPull(vm: string, disk: string, layers: Layer[], base: number, keep: boolean, ctx: JobContext): string[] {
-    const repo = this.deps.snapshots.repo
-    repo.tx(() => {
-      this.deps.snapshots.ensureBaseImages(vm)
-      this.trackChain(vm, disk, layers)
-      repo.putImage({ ...this.imageRow(vm, disk, layers[0]!), backing: base < layers.length ? layers[base]!.file : null })
-    })
-    if (keep) return []
-    return layers.slice(1, base).filter((l) => this.deps.snapshots.removeIfUnneeded(vm, l.file, ctx)).map((l) => l.file)
-  }
-
-  /** Makes sure every layer of the chain is in the image graph (chains built outside qmpd, too). */
-  private trackChain(vm: string, disk: string, layers: Layer[]): void {
-    const repo = this.deps.snapshots.repo
-    const known = new Set(repo.images(vm).map((i) => i.file))
-    layers.forEach((l, i) => {
-      if (!known.has(l.file)) {
-        repo.putImage({ vm, disk, file: l.file, format: l.format === 'raw' ? 'raw' : 'qcow2', backing: layers[i + 1]?.file ?? null, createdByQmpd: false })
-      }
-    })
-  }
-
-  private imageRow(vm: string, disk: string, l: Layer) {
-    return (
-      this.deps.snapshots.repo.images(vm).find((i) => i.file === l.file) ?? {
-        vm,
-        disk,
-        file: l.file,
-        format: (l.format === 'raw' ? 'raw' : 'qcow2') as 'raw' | 'qcow2',
-        backing: null,
-        createdByQmpd: false,
-      }
-    )
   }
 }
 

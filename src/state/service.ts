@@ -11,6 +11,7 @@ import { isAdopted, PathString } from '../vm/definition.ts'
 import { trackDowntime } from '../vm/downtime.ts'
 import type { VmManager } from '../vm/manager.ts'
 import type { Journal, Operation } from '../ops/journal.ts'
+import { assertState } from '../vm/states.ts'
 import { checkMigrationStream, loadRamState, saveRamState, stateSocket } from './ramfile.ts'
 import { RESTORE_OP, SAVE_OP, type RestorePlan, type SavePlan } from './plans.ts'
 
@@ -35,7 +36,7 @@ export class StateService {
 
   /** Queues a managed save: RAM to the VM's managed-save file, QEMU exits, state "saved". */
   managedSave(vm: string): Job {
-    this.precheck(vm, 'managed-save')
+    this.precheck(vm, 'managed-save', 'managedsave')
     const file = this.managedSaveFile(vm)
     if (existsSync(file)) throw new QmpdError('FILE_EXISTS', `VM ${vm} already has a managed save`, { vm, file })
     return this.deps.jobs.submit({
@@ -44,7 +45,7 @@ export class StateService {
       params: {},
       run: async (ctx) => {
         const o = this.begin(ctx, vm, { file, managed: true, wasRunning: this.deps.vms.record(vm).runtime.state === 'running' })
-        const out = await this.saveAndQuit(vm, file, ctx, o)
+        const out = await this.saveAndQuit(vm, file, 'managedsave', ctx, o)
         await o.step('mark-saved', () => this.deps.journal.repo.tx(() => {
           this.deps.vms.markSaved(vm)
           o.end()
@@ -58,7 +59,8 @@ export class StateService {
   discardManagedSave(vm: string): void {
     const rec = this.deps.vms.record(vm)
     const file = this.managedSaveFile(vm)
-    if (rec.runtime.state !== 'saved' || !existsSync(file)) throw new QmpdError('INVALID_STATE', `VM ${vm} has no managed save`, { vm })
+    assertState(vm, rec.runtime.state, 'managedsave-discard')
+    if (!existsSync(file)) throw new QmpdError('INVALID_STATE', `VM ${vm} has no managed save`, { vm })
     if (this.deps.jobs.busy(vm)) throw new QmpdError('BUSY', `VM ${vm} has queued or running jobs`, { vm })
     rmSync(file, { force: true })
     this.deps.vms.markShutoff(vm, 'managed save discarded')
@@ -67,7 +69,7 @@ export class StateService {
   /** Queues a save to a chosen file (like virsh save: the VM stops afterwards). */
   save(vm: string, input: { file: string }): Job {
     const { file: raw } = StateFileBody.parse(input)
-    this.precheck(vm, 'save')
+    this.precheck(vm, 'save', 'save')
     const file = this.deps.paths.resolve(raw, this.deps.paths.vmDir(vm), 'file')
     if (existsSync(file)) throw new QmpdError('FILE_EXISTS', `${file} exists; qmpd never overwrites a file`, { file })
     return this.deps.jobs.submit({
@@ -76,7 +78,7 @@ export class StateService {
       params: { file },
       run: async (ctx) => {
         const o = this.begin(ctx, vm, { file, managed: false, wasRunning: this.deps.vms.record(vm).runtime.state === 'running' })
-        const out = await this.saveAndQuit(vm, file, ctx, o)
+        const out = await this.saveAndQuit(vm, file, 'save', ctx, o)
         await o.step('record-file', () => this.deps.journal.repo.tx(() => {
           this.deps.vms.updateRuntime(vm, { createdFiles: [...this.deps.vms.record(vm).runtime.createdFiles, file] })
           o.end()
@@ -94,9 +96,8 @@ export class StateService {
     const file = this.deps.paths.resolve(raw, this.deps.paths.vmDir(vm), 'file')
     await checkMigrationStream(file)
     const st = rec.runtime.state
-    if (!this.deps.jobs.busy(vm) && st !== 'shutoff' && st !== 'crashed') {
-      throw new QmpdError('INVALID_STATE', `cannot restore into VM ${vm}: it is ${st} (needs shutoff)`, { vm, state: st })
-    }
+    // With jobs queued the state will change first: the job's launch checks again (as a start).
+    if (!this.deps.jobs.busy(vm)) assertState(vm, st, 'restore')
     return this.deps.jobs.submit({
       vm,
       op: 'restore',
@@ -123,14 +124,12 @@ export class StateService {
     })
   }
 
-  private precheck(vm: string, what: string): void {
+  private precheck(vm: string, what: string, op: 'save' | 'managedsave'): void {
     const rec = this.deps.vms.record(vm)
     if (isAdopted(rec.definition)) throw new QmpdError('NOT_SUPPORTED', `VM ${vm} was adopted; qmpd can ${what} only VMs it defines`, { vm })
     this.busyCheck(vm, what)
     const st = rec.runtime.state
-    if (!this.deps.jobs.busy(vm) && st !== 'running' && st !== 'paused') {
-      throw new QmpdError('INVALID_STATE', `cannot ${what} VM ${vm}: it is ${st} (needs running or paused)`, { vm, state: st })
-    }
+    if (!this.deps.jobs.busy(vm)) assertState(vm, st, op)
   }
 
   /** Journals a save or managed save (the plan recovery reads: src/state/recovery.ts). */
@@ -143,11 +142,13 @@ export class StateService {
    * on and the journal entry ends (a failure the daemon lives through is undone here; a crash is
    * recovery's).
    */
-  private async saveAndQuit(vm: string, file: string, ctx: JobContext, o: Operation): Promise<{ file: string; bytes: number; ms: number; downtimeMs: number }> {
+  private async saveAndQuit(vm: string, file: string, op: 'save' | 'managedsave', ctx: JobContext, o: Operation): Promise<{ file: string; bytes: number; ms: number; downtimeMs: number }> {
     const st = this.deps.vms.record(vm).runtime.state
-    if (st !== 'running' && st !== 'paused') {
+    try {
+      assertState(vm, st, op)
+    } catch (err) {
       o.end()
-      throw new QmpdError('INVALID_STATE', `VM ${vm} is ${st}`, { vm, state: st })
+      throw err
     }
     const qmp = this.deps.vms.qmp(vm)
     const dt = trackDowntime(qmp)

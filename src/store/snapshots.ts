@@ -1,4 +1,4 @@
-import { Snapshot } from '../snapshot/model.ts'
+import { Snapshot } from './snapshot-record.ts'
 import type { Db } from './db.ts'
 
 /** An image file qmpd knows of, with the file it is layered on. */

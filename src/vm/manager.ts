@@ -27,6 +27,10 @@ import { findQemuByArg, isAlive, procInfo, waitForExit } from './proc.ts'
 import { shortSocketPath } from './sockpath.ts'
 import { settlesWithin, sleep } from '../util.ts'
 import { loadRamState, stateSocket } from '../state/ramfile.ts'
+import { assertState, isRunningState, type VmOperation } from './states.ts'
+
+// Other code imported it from here before states.ts held it.
+export { isRunningState }
 
 /** One layer of a disk's backing chain, top first. */
 export interface ChainLayer {
@@ -264,9 +268,7 @@ export class VmManager {
   delete(name: string, opts: { deleteStorage?: boolean } = {}): void {
     const h = this.must(name)
     const { state } = h.rec.runtime
-    if (isRunningState(state) && !isAdopted(h.rec.definition)) {
-      throw new QmpdError('INVALID_STATE', `VM ${name} is ${state}; stop it first`, { vm: name, state })
-    }
+    if (!isAdopted(h.rec.definition)) assertState(name, state, 'vm-delete')
     if (this.deps.jobs.busy(name)) throw new QmpdError('BUSY', `VM ${name} has queued or running jobs`, { vm: name })
     this.busyCheck(name, 'delete the VM')
     if (h.qmp) void h.qmp.disconnect().catch(() => {})
@@ -293,7 +295,7 @@ export class VmManager {
     const h = this.must(name)
     if (isAdopted(h.rec.definition)) throw new QmpdError('INVALID_STATE', `VM ${name} was adopted; qmpd cannot start it`, { vm: name })
     this.busyCheck(name, 'start the VM')
-    this.expectStateToQueue(h, ['shutoff', 'crashed', 'saved'], 'start')
+    this.expectStateToQueue(h, 'start')
     return this.deps.jobs.submit({ vm: name, op: 'start', params: opts, run: (ctx) => this.doStart(h, ctx, opts) })
   }
 
@@ -301,20 +303,20 @@ export class VmManager {
   stop(name: string, opts: StopOptions = {}): Job {
     const h = this.must(name)
     this.busyCheck(name, 'stop the VM')
-    this.expectStateToQueue(h, ['running', 'paused', 'unknown'], 'stop')
+    this.expectStateToQueue(h, 'stop')
     return this.deps.jobs.submit({ vm: name, op: 'stop', params: opts, run: (ctx) => this.doStop(h, ctx, opts) })
   }
 
   /** Queues a pause (QMP stop). */
   pause(name: string): Job {
     const h = this.must(name)
-    this.expectStateToQueue(h, ['running'], 'pause')
+    this.expectStateToQueue(h, 'pause')
     return this.deps.jobs.submit({
       vm: name,
       op: 'pause',
       params: {},
       run: async () => {
-        this.expectState(h, ['running'], 'pause')
+        this.expectState(h, 'pause')
         await this.stopInJob(name)
         return { state: 'paused' }
       },
@@ -324,13 +326,13 @@ export class VmManager {
   /** Queues a resume (QMP cont). */
   resume(name: string): Job {
     const h = this.must(name)
-    this.expectStateToQueue(h, ['paused'], 'resume')
+    this.expectStateToQueue(h, 'resume')
     return this.deps.jobs.submit({
       vm: name,
       op: 'resume',
       params: {},
       run: async () => {
-        this.expectState(h, ['paused'], 'resume')
+        this.expectState(h, 'resume')
         const qmp = this.qmp(name)
         await qmp.execute('cont')
         this.setStateIfLive(h, qmp, 'running')
@@ -381,18 +383,13 @@ export class VmManager {
    * queue is idle: with jobs queued the state will change before this one runs, so the job checks
    * again when it starts (callers may queue stop, start, pause back to back).
    */
-  private expectStateToQueue(h: Handle, allowed: VmState[], op: string): void {
-    if (!this.deps.jobs.busy(h.name)) this.expectState(h, allowed, op)
+  private expectStateToQueue(h: Handle, op: VmOperation): void {
+    if (!this.deps.jobs.busy(h.name)) this.expectState(h, op)
   }
 
-  private expectState(h: Handle, allowed: VmState[], op: string): void {
-    const { state } = h.rec.runtime
-    if (!allowed.includes(state)) {
-      throw new QmpdError('INVALID_STATE', `cannot ${op} VM ${h.name}: it is ${state} (needs ${allowed.join(' or ')})`, {
-        vm: h.name,
-        state,
-      })
-    }
+  /** Refuses an operation the state table (states.ts) does not allow in the VM's state now. */
+  private expectState(h: Handle, op: VmOperation): void {
+    assertState(h.name, h.rec.runtime.state, op)
   }
 
   private setState(h: Handle, state: VmState, reason?: string, extra: Partial<VmRuntime> = {}): void {
@@ -593,7 +590,7 @@ export class VmManager {
   }
 
   private async doStart(h: Handle, ctx: JobContext, opts: StartOptions): Promise<unknown> {
-    this.expectState(h, ['shutoff', 'crashed', 'saved'], 'start')
+    this.expectState(h, 'start')
     const t0 = performance.now()
     const saved = h.rec.runtime.state === 'saved' ? join(this.deps.paths.vmDir(h.name), VM_FILES.managedSave) : undefined
     let restored: { bytes: number; ms: number } | undefined
@@ -638,7 +635,7 @@ export class VmManager {
   async launchInJob(name: string, ctx: JobContext, opts: { incoming?: boolean } = {}): Promise<QmpClient> {
     const h = this.must(name)
     if (isAdopted(h.rec.definition)) throw new QmpdError('INVALID_STATE', `VM ${name} was adopted; qmpd cannot start it`, { vm: name })
-    this.expectState(h, ['shutoff', 'crashed', 'saved'], 'start')
+    this.expectState(h, 'start')
     const def = h.rec.definition
     const dir = this.deps.paths.vmDir(h.name)
     mkdirSync(dir, { recursive: true, mode: 0o750 })
@@ -801,7 +798,7 @@ export class VmManager {
   }
 
   private async doStop(h: Handle, ctx: JobContext, opts: StopOptions): Promise<unknown> {
-    this.expectState(h, ['running', 'paused', 'unknown'], 'stop')
+    this.expectState(h, 'stop')
     const t0 = performance.now()
     const exited = h.exited ?? Promise.resolve()
     let method = 'quit'
@@ -869,11 +866,6 @@ export class VmManager {
       }),
     )
   }
-}
-
-/** True for states in which a QEMU process exists. */
-export function isRunningState(s: VmState): boolean {
-  return s === 'running' || s === 'paused' || s === 'stopping' || s === 'unknown'
 }
 
 function stateFromStatus(st: { status: string; running: boolean }): { state: VmState; reason?: string } {

@@ -1,0 +1,116 @@
+import { randomUUID } from 'node:crypto'
+import { existsSync } from 'node:fs'
+import { ensureBaseImages } from '../chain/graph.ts'
+import { QmpdError } from '../errors.ts'
+import type { JobContext } from '../jobs/manager.ts'
+import type { Job } from '../jobs/model.ts'
+import { isAdopted, type VmDefinition, type VmRuntime, type VmState } from '../vm/definition.ts'
+import { isRunningState } from '../vm/states.ts'
+import type { Live, SnapshotDeps } from './deps.ts'
+import { createExternal } from './external.ts'
+import { externalBytes, versionOf } from './files.ts'
+import { createInternal } from './internal.ts'
+import { CreateSnapshotBody, type Snapshot } from './model.ts'
+import { planCreate, type CreatePlan } from './plan.ts'
+import { getView } from './views.ts'
+
+/** Validates a creation request at once (4xx before any job) and queues it. */
+export function submitCreate(d: SnapshotDeps, busyCheck: (vm: string, what: string) => void, vm: string, input: CreateSnapshotBody): Job {
+  const body = CreateSnapshotBody.parse(input)
+  const rec = d.vms.record(vm)
+  if (isAdopted(rec.definition)) throw new QmpdError('NOT_SUPPORTED', `VM ${vm} was adopted; qmpd snapshots only VMs it defines`, { vm })
+  busyCheck(vm, 'take a snapshot')
+  const def = rec.definition
+  if (d.repo.get(vm, body.name)) throw new QmpdError('SNAPSHOT_EXISTS', `VM ${vm} already has a snapshot ${body.name}`, { vm, snapshot: body.name })
+  for (const id of Object.keys(body.disks ?? {})) {
+    if (!def.disks.some((x) => x.id === id)) throw new QmpdError('INVALID_INPUT', `VM ${vm} has no disk ${id}`, { vm, disk: id })
+  }
+  // Throws on anything wrong and changes nothing. With jobs queued ahead the VM's state will
+  // change before this one runs (start, then checkpoint): the job plans again when it starts.
+  const early = d.jobs.busy(vm) ? undefined : { plan: planFor(d, vm, body, rec.runtime.state), runtime: rec.runtime, version: d.repo.version(vm) }
+  return d.jobs.submit({ vm, op: 'snapshot-create', params: body, run: (ctx) => doCreate(d, vm, body, ctx, early) })
+}
+
+/** Plans a creation from the VM's record and files as they are now (see planCreate). */
+function planFor(d: SnapshotDeps, vm: string, body: CreateSnapshotBody, state: VmState): CreatePlan {
+  const rec = d.vms.record(vm)
+  return planCreate(
+    {
+      vm,
+      state,
+      definition: rec.definition as VmDefinition,
+      runtime: rec.runtime,
+      existing: d.repo.list(vm),
+      vmDir: d.paths.vmDir(vm),
+      resolve: (input, dir, field) => d.paths.resolve(input, dir, field),
+      exists: existsSync,
+    },
+    body,
+  )
+}
+
+async function doCreate(
+  d: SnapshotDeps,
+  vm: string,
+  body: CreateSnapshotBody,
+  ctx: JobContext,
+  early?: { plan: CreatePlan; runtime: VmRuntime; version: number },
+): Promise<unknown> {
+  // The VM may have changed while the job waited in the queue: unless neither its runtime
+  // record nor its snapshots changed since the request was checked, plan again from what is now.
+  const runtime = d.vms.record(vm).runtime
+  const state = runtime.state
+  const unchanged = early !== undefined && early.runtime === runtime && early.version === d.repo.version(vm)
+  if (!unchanged && d.repo.get(vm, body.name)) throw new QmpdError('SNAPSHOT_EXISTS', `VM ${vm} already has a snapshot ${body.name}`, { vm, snapshot: body.name })
+  const plan = unchanged ? early.plan : planFor(d, vm, body, state)
+  const s = plan.snapshot
+  const live: Live | undefined = isRunningState(state) ? { qmp: d.vms.qmp(vm), running: state === 'running' } : undefined
+  const t0 = performance.now()
+  const journalId = randomUUID()
+  d.repo.journalAdd(journalId, vm, 'snapshot-create', plan)
+  try {
+    const ram: { method?: Snapshot['ramMethod'] } = {}
+    let downtimeMs = 0
+    if (s.kind === 'internal') downtimeMs = await createInternal(d, vm, plan, live, ctx)
+    else downtimeMs = await createExternal(d, vm, plan, live, ctx, body, ram)
+    if (s.kind === 'internal' && s.memory) ram.method = 'snapshot-save'
+    const final: Snapshot = {
+      ...s,
+      downtimeMs,
+      ...(live ? { qemuVersion: versionOf(live.qmp) } : {}),
+      ...(ram.method ? { ramMethod: ram.method } : {}),
+    }
+    // The files it froze are final now: stat them (thread pool) while the metadata commits.
+    const size = s.kind === 'external' ? externalBytes(final) : undefined
+    size?.catch(() => {})
+    commitCreate(d, vm, plan, final, journalId)
+    ctx.log.info({ snapshot: s.name, kind: s.kind, memory: s.memory, downtimeMs }, 'snapshot created')
+    const view = await getView(d, vm, s.name, size)
+    return { snapshot: view, downtimeMs, ms: Math.round(performance.now() - t0) }
+  } catch (err) {
+    d.repo.journalDone(journalId)
+    throw err
+  }
+}
+
+/** Metadata for a created snapshot, all in one SQLite transaction with the journal entry's removal. */
+export function commitCreate(d: SnapshotDeps, vm: string, plan: CreatePlan, s: Snapshot, journalId: string): void {
+  d.repo.tx(() => {
+    d.repo.put(s)
+    if (plan.overlays.length > 0) {
+      const rt = d.vms.record(vm).runtime
+      ensureBaseImages(d, vm)
+      for (const o of plan.overlays) {
+        d.repo.putImage({ vm, disk: o.id, file: o.overlay, format: 'qcow2', backing: o.file, createdByQmpd: true })
+      }
+      const disks = rt.disks.map((disk) => {
+        const o = plan.overlays.find((x) => x.id === disk.id)
+        return o ? { ...disk, file: o.overlay, format: 'qcow2' as const, gen: disk.gen + 1 } : disk
+      })
+      d.vms.updateRuntime(vm, { disks, currentSnapshot: s.name })
+    } else {
+      d.vms.updateRuntime(vm, { currentSnapshot: s.name })
+    }
+    d.repo.journalDone(journalId)
+  })
+}

@@ -1,0 +1,176 @@
+import { existsSync, rmSync } from 'node:fs'
+import { commit, mergedInto, stream, streamedOut, usersOf } from '../chain/editor.ts'
+import { ensureBaseImages, formatOf } from '../chain/graph.ts'
+import { QmpdError } from '../errors.ts'
+import { liveChain, liveInternalSnapshots, topNodes, type LiveLayer } from '../images/graph.ts'
+import type { JobContext } from '../jobs/manager.ts'
+import type { Job } from '../jobs/model.ts'
+import { driveQemuJob } from '../jobs/qemu-job.ts'
+import type { QmpClient } from '../qmp/index.ts'
+import type { ImageRow } from '../store/snapshots.ts'
+import { assertState, isRunningState } from '../vm/states.ts'
+import { mustSnapshot, type SnapshotDeps } from './deps.ts'
+import type { Snapshot, SnapshotDisk } from './model.ts'
+
+/** What a delete does: children: the whole subtree; metadataOnly: forget, touch no file. */
+export type DeleteOptions = { children?: boolean; metadataOnly?: boolean }
+
+/** Validates and queues a delete (children: the whole subtree; metadataOnly: forget, touch no file). */
+export function submitDelete(deps: SnapshotDeps, busyCheck: (vm: string, what: string) => void, vm: string, name: string, opts: DeleteOptions): Job {
+  mustSnapshot(deps, vm, name)
+  busyCheck(vm, `delete snapshot ${name}`)
+  const rec = deps.vms.record(vm)
+  const st = rec.runtime.state
+  assertState(vm, st, 'snapshot-delete')
+  return deps.jobs.submit({ vm, op: 'snapshot-delete', params: { snapshot: name, ...opts }, run: (ctx) => doDelete(deps, vm, name, opts, ctx) })
+}
+
+async function doDelete(deps: SnapshotDeps, vm: string, name: string, opts: DeleteOptions, ctx: JobContext): Promise<unknown> {
+  mustSnapshot(deps, vm, name)
+  const order = opts.children ? subtreePostOrder(deps, vm, name) : [name]
+  const results: unknown[] = []
+  for (const n of order) {
+    const s = mustSnapshot(deps, vm, n)
+    const merges = opts.metadataOnly ? [] : await deleteData(deps, vm, s, ctx)
+    deps.repo.tx(() => {
+      for (const c of deps.repo.list(vm).filter((x) => x.parent === s.name)) {
+        const { parent: _drop, ...rest } = c
+        deps.repo.put(s.parent ? { ...rest, parent: s.parent } : rest)
+      }
+      deps.repo.delete(vm, s.name)
+      if (deps.vms.record(vm).runtime.currentSnapshot === s.name) {
+        const rt = deps.vms.record(vm).runtime
+        const { currentSnapshot: _c, ...rest } = rt
+        deps.vms.updateRuntime(vm, s.parent ? { ...rest, currentSnapshot: s.parent } : { ...rest, currentSnapshot: undefined })
+      }
+    })
+    results.push({ snapshot: n, merges })
+    ctx.log.info({ snapshot: n, merges, metadataOnly: !!opts.metadataOnly }, 'snapshot deleted')
+  }
+  return { deleted: order, details: results }
+}
+
+function subtreePostOrder(deps: SnapshotDeps, vm: string, name: string): string[] {
+  const all = deps.repo.list(vm)
+  const out: string[] = []
+  const walk = (n: string): void => {
+    for (const c of all.filter((s) => s.parent === n)) walk(c.name)
+    out.push(n)
+  }
+  walk(name)
+  return out
+}
+
+/** Removes a snapshot's data: internal tags, or its images merged out of every chain that uses them. */
+async function deleteData(deps: SnapshotDeps, vm: string, s: Snapshot, ctx: JobContext): Promise<string[]> {
+  const st = deps.vms.record(vm).runtime.state
+  const qmp = isRunningState(st) ? deps.vms.qmp(vm) : undefined
+  const done: string[] = []
+  if (s.kind === 'internal') {
+    const captured = s.disks.filter((d) => d.mode === 'internal')
+    if (qmp) {
+      const tags = await liveInternalSnapshots(qmp)
+      const present = captured.filter((d) => tags.get(d.file)?.some((t) => t.name === s.name))
+      if (present.length === 0) return done
+      const nodes = await topNodes(qmp, present.map((d) => d.id))
+      // Verified above: snapshot-delete of a missing tag would "succeed" silently.
+      const jobId = `qmpd-del-${ctx.id.slice(0, 8)}`
+      await driveQemuJob(qmp, jobId, () => qmp.execute('snapshot-delete', { 'job-id': jobId, tag: s.name, devices: present.map((d) => nodes.get(d.id)!) }), {
+        log: ctx.log,
+        manualFinalize: false,
+      })
+      done.push(...present.map((d) => `deleted tag ${s.name} in ${d.file}`))
+    } else {
+      for (const d of captured) {
+        const info = await deps.qemuImg.chain(d.file)
+        if (!info[0]?.snapshots?.some((t) => t.name === s.name)) continue
+        await deps.qemuImg.snapshot('delete', d.file, s.name)
+        done.push(`deleted tag ${s.name} in ${d.file}`)
+      }
+    }
+    return done
+  }
+  ensureBaseImages(deps, vm)
+  for (const d of s.disks.filter((x) => x.mode === 'external')) done.push(...(await mergeOut(deps, vm, s, d, qmp, ctx)))
+  if (s.vmstateFile) {
+    rmSync(s.vmstateFile, { force: true })
+    done.push(`removed ${s.vmstateFile}`)
+  }
+  return done
+}
+
+/**
+ * Takes image F (the snapshot's frozen image of one disk) out of every chain without changing
+ * what any chain reads: no child: remove it; one child C: commit C into F (cheap: C holds only
+ * what changed since), then C's users use F; several children (branches): stream F into each.
+ * The edits themselves are the chain editor's (src/chain/editor.ts).
+ */
+async function mergeOut(deps: SnapshotDeps, vm: string, s: Snapshot, d: SnapshotDisk, qmp: QmpClient | undefined, ctx: JobContext): Promise<string[]> {
+  const F = d.file
+  const images = deps.repo.images(vm).filter((i) => i.disk === d.id)
+  const img = images.find((i) => i.file === F)
+  const kids = images.filter((i) => i.backing === F && existsSync(i.file))
+  const live = qmp ? await liveChain(qmp, d.id) : []
+  const otherUsers = deps.repo.list(vm).filter((x) => x.name !== s.name && x.disks.some((y) => y.file === F && y.mode !== 'excluded'))
+  if (otherUsers.length > 0) return [`${F} is still the image of snapshot ${otherUsers[0]!.name}; kept`]
+  if (kids.length === 0) {
+    if (img?.createdByQmpd && !live.some((l) => l.file === F)) {
+      rmSync(F, { force: true })
+      deps.repo.deleteImage(vm, F)
+      return [`removed ${F}`]
+    }
+    return []
+  }
+  if (kids.length === 1) {
+    const C = kids[0]!
+    await commitInto(deps, vm, d.id, C, F, live, qmp, ctx)
+    return [`committed ${C.file} into ${F}`]
+  }
+  const backing = img?.backing ?? null
+  const backingFormat = images.find((i) => i.file === backing)?.format ?? 'qcow2'
+  for (const K of kids) await pullInto(deps, d.id, K, F, backing ? { file: backing, format: backingFormat } : null, live, qmp, ctx)
+  streamedOut(deps, vm, F, img, kids, backing)
+  return [`streamed ${F} into ${kids.map((k) => k.file).join(', ')}${img?.createdByQmpd ? ` and removed it` : ' (your original image is left in place)'}`]
+}
+
+/** Commits child C into F; afterwards every user of C uses F, and C is removed. */
+async function commitInto(deps: SnapshotDeps, vm: string, disk: string, C: ImageRow, F: string, live: LiveLayer[], qmp: QmpClient | undefined, ctx: JobContext): Promise<void> {
+  const ci = live.findIndex((l) => l.file === C.file)
+  const fi = live.findIndex((l) => l.file === F)
+  const inRunningChain = !!qmp && ci >= 0 && fi === ci + 1
+  if (!inRunningChain && ci >= 0) throw new QmpdError('INTERNAL', `${C.file} is in the running chain but ${F} is not right below it`, { disk })
+  // F now holds exactly what C held: only the headers of C's children need to change. QEMU
+  // rewrote the one in its running chain itself; every other branch is rebased here.
+  const fFormat = formatOf(deps.repo.images(vm), F)
+  const rewrittenByQemu = qmp && ci > 0 ? live[ci - 1]!.file : undefined
+  const above = { files: usersOf(deps, vm, C.file, rewrittenByQemu).map((i) => i.file), backing: { file: F, format: fFormat } }
+  const job = { jobId: `qmpd-commit-${disk}-${ctx.id.slice(0, 8)}`, log: ctx.log, onProgress: (c: number, t: number) => ctx.setProgress(c, t) }
+  if (inRunningChain) {
+    await commit(deps, { disk, qmp: qmp!, layers: live, top: ci, base: fi, job, above })
+  } else {
+    // Offline (or a branch QEMU does not run): C's image row and F stand for the chain.
+    await commit(deps, { disk, layers: [{ file: C.file, format: C.format }, { file: F, format: fFormat }], top: 0, base: 1, job, above })
+  }
+  mergedInto(deps, vm, C.file, F)
+}
+
+/** Streams F's data into child K so that K no longer needs F (K's backing becomes F's backing). */
+async function pullInto(
+  deps: SnapshotDeps,
+  disk: string,
+  K: ImageRow,
+  _F: string,
+  newBacking: { file: string; format: string } | null,
+  live: LiveLayer[],
+  qmp: QmpClient | undefined,
+  ctx: JobContext,
+): Promise<void> {
+  const ki = live.findIndex((l) => l.file === K.file)
+  const job = { jobId: `qmpd-stream-${disk}-${ctx.id.slice(0, 8)}`, log: ctx.log, onProgress: (c: number, t: number) => ctx.setProgress(c, t) }
+  if (qmp && ki >= 0) {
+    const base = newBacking ? live.find((l) => l.file === newBacking.file) : undefined
+    await stream(deps, { disk, qmp, into: live[ki]!, base: base ?? null, job })
+  } else {
+    await stream(deps, { disk, into: { file: K.file, format: K.format }, base: newBacking, job })
+  }
+}

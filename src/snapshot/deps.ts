@@ -1,0 +1,42 @@
+import type PQueue from 'p-queue'
+import type { Logger } from 'pino'
+import { QmpdError } from '../errors.ts'
+import type { PathPolicy } from '../images/paths.ts'
+import type { QemuImg } from '../images/qemu-img.ts'
+import type { JobManager } from '../jobs/manager.ts'
+import type { QmpClient, TransactionAction } from '../qmp/index.ts'
+import type { SnapshotRepo } from '../store/snapshots.ts'
+import type { VmManager } from '../vm/manager.ts'
+import type { Snapshot } from './model.ts'
+
+/** Hooks for tests to inject faults QEMU would not produce on demand; never reachable over HTTP. */
+export interface SnapshotTestHooks {
+  /** May append actions to the disk transaction (e.g. one that fails) or observe the guest before it is sent. */
+  transaction?: (actions: TransactionAction[]) => void | Promise<void>
+  /** false: behave as if userfaultfd write-protect were missing (exercises the pre-copy fallback). */
+  backgroundSnapshot?: boolean
+}
+
+/** What every snapshot module works with: SnapshotService's constructor deps. */
+export interface SnapshotDeps {
+  vms: VmManager
+  jobs: JobManager
+  repo: SnapshotRepo
+  paths: PathPolicy
+  qemuImg: QemuImg
+  /** Host-wide slots for disk-only snapshots switching disks in QEMU (config.parallelDiskSnapshots). */
+  diskSwitches: PQueue
+  log: Logger
+  hooks?: SnapshotTestHooks
+}
+
+/** The QEMU of a VM that runs (or is paused) while a snapshot is taken. */
+export type Live = { qmp: QmpClient; running: boolean }
+
+/** The stored snapshot (SNAPSHOT_NOT_FOUND when there is none; VM_NOT_FOUND for an unknown VM). */
+export function mustSnapshot(d: SnapshotDeps, vm: string, name: string): Snapshot {
+  d.vms.record(vm)
+  const s = d.repo.get(vm, name)
+  if (!s) throw new QmpdError('SNAPSHOT_NOT_FOUND', `VM ${vm} has no snapshot ${name}`, { vm, snapshot: name })
+  return s
+}

@@ -1,0 +1,126 @@
+import { existsSync, rmSync } from 'node:fs'
+import { ensureBaseImages, removeIfUnneeded } from '../chain/graph.ts'
+import { QmpdError } from '../errors.ts'
+import { topNodes } from '../images/graph.ts'
+import type { JobContext } from '../jobs/manager.ts'
+import type { Job } from '../jobs/model.ts'
+import { driveQemuJob } from '../jobs/qemu-job.ts'
+import { withReverter } from '../jobs/reverter.ts'
+import { loadRamState, stateSocket } from '../state/ramfile.ts'
+import { isAdopted } from '../vm/definition.ts'
+import { trackDowntime } from '../vm/downtime.ts'
+import { assertState, isRunningState } from '../vm/states.ts'
+import { mustSnapshot, type SnapshotDeps } from './deps.ts'
+import { reserveFile, uniqueFile, versionOf } from './files.ts'
+import { RevertBody, type Snapshot } from './model.ts'
+
+/** Validates and queues a revert. */
+export function submitRevert(deps: SnapshotDeps, busyCheck: (vm: string, what: string) => void, vm: string, name: string, input: RevertBody): Job {
+  const body = RevertBody.parse(input ?? {})
+  const s = mustSnapshot(deps, vm, name)
+  const rec = deps.vms.record(vm)
+  if (isAdopted(rec.definition)) throw new QmpdError('NOT_SUPPORTED', `VM ${vm} was adopted`, { vm })
+  busyCheck(vm, 'revert')
+  const st = rec.runtime.state
+  assertState(vm, st, 'snapshot-revert')
+  return deps.jobs.submit({ vm, op: 'snapshot-revert', params: { snapshot: name, ...body }, run: (ctx) => doRevert(deps, vm, s.name, body, ctx) })
+}
+
+async function doRevert(deps: SnapshotDeps, vm: string, name: string, body: RevertBody, ctx: JobContext): Promise<unknown> {
+  const s = mustSnapshot(deps, vm, name)
+  const target = body.state ?? (s.memory ? 'running' : 'shutoff')
+  const loadRam = s.memory && target !== 'shutoff'
+  const warnings: string[] = []
+  if (s.memory && !loadRam) warnings.push('reverted to shutoff: the snapshot\'s RAM state was not loaded, only its disks')
+  if (s.disks.every((d) => d.mode === 'excluded')) warnings.push('memory-only checkpoint: disks were not rolled back and may not match the restored RAM')
+  else if (s.disks.some((d) => d.mode === 'excluded')) warnings.push(`disks ${s.disks.filter((d) => d.mode === 'excluded').map((d) => d.id).join(', ')} were not part of the snapshot and were not rolled back`)
+  const t0 = performance.now()
+  let downtimeMs: number | undefined
+  if (s.kind === 'internal' && loadRam) {
+    downtimeMs = await revertInternalCheckpoint(deps, vm, s, target, ctx)
+  } else if (s.kind === 'internal') {
+    await deps.vms.quitInJob(vm, ctx)
+    for (const d of s.disks.filter((x) => x.mode === 'internal')) await deps.qemuImg.snapshot('apply', d.file, s.name)
+    deps.vms.updateRuntime(vm, { currentSnapshot: s.name })
+    await startAs(deps, vm, target, ctx)
+  } else {
+    await deps.vms.quitInJob(vm, ctx)
+    await switchToSnapshotImages(deps, vm, s, ctx)
+    if (loadRam) {
+      const qmp = await deps.vms.launchInJob(vm, ctx, { incoming: true })
+      const version = versionOf(qmp)
+      if (s.qemuVersion && version !== s.qemuVersion) warnings.push(`RAM state written by QEMU ${s.qemuVersion}, loaded into ${version}`)
+      await loadRamState(qmp, { file: s.vmstateFile!, socket: stateSocket(deps.paths.vmDir(vm), true), log: ctx.log })
+      if (target === 'running') await deps.vms.contInJob(vm)
+      else deps.vms.markPaused(vm)
+    } else {
+      await startAs(deps, vm, target, ctx)
+    }
+  }
+  const state = deps.vms.record(vm).runtime.state
+  ctx.log.info({ snapshot: name, state, warnings }, 'reverted')
+  return { snapshot: name, state, ms: Math.round(performance.now() - t0), ...(downtimeMs !== undefined ? { downtimeMs } : {}), warnings }
+}
+
+/** snapshot-load into a QEMU that runs (started paused first when the VM is off). */
+async function revertInternalCheckpoint(deps: SnapshotDeps, vm: string, s: Snapshot, target: 'running' | 'paused' | 'shutoff', ctx: JobContext): Promise<number> {
+  let st = deps.vms.record(vm).runtime.state
+  if (!isRunningState(st)) {
+    await deps.vms.launchInJob(vm, ctx)
+    st = 'paused'
+  }
+  const qmp = deps.vms.qmp(vm)
+  const captured = s.disks.filter((d) => d.mode === 'internal')
+  const nodes = await topNodes(qmp, captured.map((d) => d.id))
+  const dt = trackDowntime(qmp)
+  // Stop first so the guest never runs between the load and a requested 'paused'.
+  if (st === 'running') await deps.vms.stopInJob(vm)
+  const jobId = `qmpd-load-${ctx.id.slice(0, 8)}`
+  await driveQemuJob(
+    qmp,
+    jobId,
+    () => qmp.execute('snapshot-load', { 'job-id': jobId, tag: s.name, vmstate: nodes.get(s.vmstateDisk!)!, devices: captured.map((d) => nodes.get(d.id)!) }),
+    { log: ctx.log, onProgress: (c, t) => ctx.setProgress(c, t), manualFinalize: false },
+  )
+  deps.vms.updateRuntime(vm, { currentSnapshot: s.name })
+  if (target === 'running') await deps.vms.contInJob(vm)
+  else deps.vms.markPaused(vm)
+  return dt.end()
+}
+
+async function startAs(deps: SnapshotDeps, vm: string, target: 'running' | 'paused' | 'shutoff', ctx: JobContext): Promise<void> {
+  if (target === 'shutoff') return
+  await deps.vms.launchInJob(vm, ctx)
+  if (target === 'running') await deps.vms.contInJob(vm)
+}
+
+/**
+ * With QEMU stopped: a fresh overlay on the snapshot's image for every captured disk becomes the
+ * active layer; the layer that held the discarded state is removed unless something needs it.
+ */
+async function switchToSnapshotImages(deps: SnapshotDeps, vm: string, s: Snapshot, ctx: JobContext): Promise<void> {
+  const rt = deps.vms.record(vm).runtime
+  const dir = deps.paths.vmDir(vm)
+  const created: Array<{ id: string; file: string; backing: string; format: 'qcow2' | 'raw' }> = []
+  await withReverter(ctx.log, async (r) => {
+    for (const d of s.disks.filter((x) => x.mode === 'external')) {
+      if (!existsSync(d.file)) throw new QmpdError('INVALID_STATE', `snapshot ${s.name}: image ${d.file} of disk ${d.id} is missing`, { file: d.file })
+      const file = uniqueFile(dir, `${d.id}-${s.name}-r`, '.qcow2')
+      await reserveFile(file)
+      r.add(`remove ${file}`, () => rmSync(file, { force: true }))
+      await deps.qemuImg.create(file, 'qcow2', { backing: { file: d.file, format: d.format } })
+      created.push({ id: d.id, file, backing: d.file, format: d.format })
+    }
+  })
+  const old = rt.disks
+  deps.repo.tx(() => {
+    ensureBaseImages(deps, vm)
+    for (const c of created) deps.repo.putImage({ vm, disk: c.id, file: c.file, format: 'qcow2', backing: c.backing, createdByQmpd: true })
+    const disks = rt.disks.map((d) => {
+      const c = created.find((x) => x.id === d.id)
+      return c ? { ...d, file: c.file, format: 'qcow2' as const, gen: d.gen + 1 } : d
+    })
+    deps.vms.updateRuntime(vm, { disks, currentSnapshot: s.name })
+  })
+  for (const d of old) removeIfUnneeded(deps, vm, d.file, ctx)
+}
