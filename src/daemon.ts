@@ -20,6 +20,8 @@ import { SnapshotRepo } from './store/snapshots.ts'
 import { BlockJobService } from './chain/service.ts'
 import { StateService } from './state/service.ts'
 import { registerStateRecovery } from './state/recovery.ts'
+import { registerSnapshotRecovery } from './snapshot/recovery.ts'
+import type { SnapshotDeps } from './snapshot/deps.ts'
 import { JournalRepo } from './store/journal.ts'
 import { Journal } from './ops/journal.ts'
 import { Recovery } from './ops/recovery.ts'
@@ -67,17 +69,20 @@ export async function startDaemon(
   const paths = new PathPolicy(config.stateDir, config.allowedDirs)
   const qemuImg = new QemuImg(config.qemuImgBinary)
   const vms = new VmManager({ config, repo: new VmRepo(db), jobs, bus, paths, qemuImg, log })
-  const snapshots = new SnapshotService({
+  const snapshotDeps: SnapshotDeps = {
     vms,
     jobs,
     repo: new SnapshotRepo(db),
+    journal,
     paths,
     qemuImg,
     diskSwitches: new PQueue({ concurrency: config.parallelDiskSnapshots }),
     log: log.child({ component: 'snapshots' }),
     ...(testHooks.snapshots ? { hooks: testHooks.snapshots } : {}),
-  })
+  }
+  const snapshots = new SnapshotService(snapshotDeps)
   vms.onDelete((vm, deleteStorage) => snapshots.forgetVm(vm, deleteStorage))
+  registerSnapshotRecovery(recovery, snapshotDeps)
   const blockJobs = new BlockJobService({ vms, jobs, snapshots, paths, qemuImg, log: log.child({ component: 'blockjobs' }) })
   const state = new StateService({ vms, jobs, paths, journal, log: log.child({ component: 'state' }) })
   registerStateRecovery(recovery, { vms, journal: journalRepo })
@@ -89,7 +94,6 @@ export async function startDaemon(
   // Interrupted operations are finished or undone before anything else runs (every rule's
   // decision table: docs/architecture.md).
   await recovery.run()
-  await snapshots.recover()
   let closed = false
   return {
     config,

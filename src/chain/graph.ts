@@ -85,3 +85,22 @@ export function imageRow(g: GraphDeps, vm: string, disk: string, l: Layer): Imag
 export function formatOf(images: ImageRow[], file: string): 'qcow2' | 'raw' {
   return images.find((i) => i.file === file)?.format ?? 'qcow2'
 }
+
+/**
+ * Removes every image qmpd created that nothing needs any more (no snapshot, no active layer, no
+ * other image layered on it): what an operation a crash interrupted left between its metadata
+ * commit and its clean-up. Returns the files removed.
+ */
+export function removeGarbage(g: GraphDeps, vm: string, ctx: { log: Logger }): string[] {
+  const removed: string[] = []
+  for (let progress = true; progress; ) {
+    progress = false
+    for (const img of g.repo.images(vm)) {
+      if (removeIfUnneeded(g, vm, img.file, ctx)) {
+        removed.push(img.file)
+        progress = true
+      }
+    }
+  }
+  return removed
+}

@@ -1,9 +1,9 @@
-import { randomUUID } from 'node:crypto'
 import { existsSync } from 'node:fs'
 import { ensureBaseImages } from '../chain/graph.ts'
 import { QmpdError } from '../errors.ts'
 import type { JobContext } from '../jobs/manager.ts'
 import type { Job } from '../jobs/model.ts'
+import type { Operation } from '../ops/journal.ts'
 import { isAdopted, type VmDefinition, type VmRuntime, type VmState } from '../vm/definition.ts'
 import { isRunningState } from '../vm/states.ts'
 import type { Live, SnapshotDeps } from './deps.ts'
@@ -66,13 +66,13 @@ async function doCreate(
   const s = plan.snapshot
   const live: Live | undefined = isRunningState(state) ? { qmp: d.vms.qmp(vm), running: state === 'running' } : undefined
   const t0 = performance.now()
-  const journalId = randomUUID()
-  d.repo.journalAdd(journalId, vm, 'snapshot-create', plan)
+  const journalBody: CreateJournal = { plan, wasRunning: state === 'running' }
+  const o = d.journal.begin({ vm, op: CREATE_OP, job: ctx.id, body: journalBody, qemuPid: () => d.vms.record(vm).runtime.pid })
   try {
     const ram: { method?: Snapshot['ramMethod'] } = {}
     let downtimeMs = 0
-    if (s.kind === 'internal') downtimeMs = await createInternal(d, vm, plan, live, ctx)
-    else downtimeMs = await createExternal(d, vm, plan, live, ctx, body, ram)
+    if (s.kind === 'internal') downtimeMs = await createInternal(d, vm, plan, live, ctx, o)
+    else downtimeMs = await createExternal(d, vm, plan, live, ctx, body, ram, o)
     if (s.kind === 'internal' && s.memory) ram.method = 'snapshot-save'
     const final: Snapshot = {
       ...s,
@@ -83,18 +83,31 @@ async function doCreate(
     // The files it froze are final now: stat them (thread pool) while the metadata commits.
     const size = s.kind === 'external' ? externalBytes(final) : undefined
     size?.catch(() => {})
-    commitCreate(d, vm, plan, final, journalId)
+    await o.step('commit', () => commitCreate(d, vm, plan, final, () => o.end()))
     ctx.log.info({ snapshot: s.name, kind: s.kind, memory: s.memory, downtimeMs }, 'snapshot created')
     const view = await getView(d, vm, s.name, size)
     return { snapshot: view, downtimeMs, ms: Math.round(performance.now() - t0) }
   } catch (err) {
-    d.repo.journalDone(journalId)
+    // A failure the daemon lives through was undone step by step (Reverter); a crash is recovery's.
+    o.end()
     throw err
   }
 }
 
-/** Metadata for a created snapshot, all in one SQLite transaction with the journal entry's removal. */
-export function commitCreate(d: SnapshotDeps, vm: string, plan: CreatePlan, s: Snapshot, journalId: string): void {
+/** Journal name of a snapshot creation. */
+export const CREATE_OP = 'snapshot-create'
+
+/** What a creation's journal entry holds: its plan, and whether the guest ran before it began. */
+export interface CreateJournal {
+  plan: CreatePlan
+  wasRunning: boolean
+}
+
+/**
+ * Metadata for a created snapshot, all in one SQLite transaction with the end of its journal
+ * entry (`end`): the snapshot exists in the store exactly when its operation is over.
+ */
+export function commitCreate(d: SnapshotDeps, vm: string, plan: CreatePlan, s: Snapshot, end: () => void): void {
   d.repo.tx(() => {
     d.repo.put(s)
     if (plan.overlays.length > 0) {
@@ -111,6 +124,6 @@ export function commitCreate(d: SnapshotDeps, vm: string, plan: CreatePlan, s: S
     } else {
       d.vms.updateRuntime(vm, { currentSnapshot: s.name })
     }
-    d.repo.journalDone(journalId)
+    end()
   })
 }

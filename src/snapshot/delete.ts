@@ -5,6 +5,7 @@ import { QmpdError } from '../errors.ts'
 import { liveChain, liveInternalSnapshots, topNodes, type LiveLayer } from '../images/graph.ts'
 import type { JobContext } from '../jobs/manager.ts'
 import type { Job } from '../jobs/model.ts'
+import type { Operation } from '../ops/journal.ts'
 import { driveQemuJob } from '../jobs/qemu-job.ts'
 import type { QmpClient } from '../qmp/index.ts'
 import type { ImageRow } from '../store/snapshots.ts'
@@ -22,17 +23,45 @@ export function submitDelete(deps: SnapshotDeps, busyCheck: (vm: string, what: s
   const rec = deps.vms.record(vm)
   const st = rec.runtime.state
   assertState(vm, st, 'snapshot-delete')
-  return deps.jobs.submit({ vm, op: 'snapshot-delete', params: { snapshot: name, ...opts }, run: (ctx) => doDelete(deps, vm, name, opts, ctx) })
+  return deps.jobs.submit({ vm, op: DELETE_OP, params: { snapshot: name, ...opts }, run: (ctx) => doDelete(deps, vm, name, opts, ctx) })
+}
+
+/** Journal name of a snapshot delete. */
+export const DELETE_OP = 'snapshot-delete'
+
+/** What a delete's journal entry holds: its request, and the files its current step may remove. */
+export interface DeleteJournal extends DeleteOptions {
+  snapshot: string
+  remove?: string[]
+}
+
+/** Queues a delete again (crash recovery: a delete that began has merged data; it is finished). */
+export function rerunDelete(deps: SnapshotDeps, vm: string, j: DeleteJournal): Job {
+  const opts: DeleteOptions = { ...(j.children ? { children: true } : {}), ...(j.metadataOnly ? { metadataOnly: true } : {}) }
+  return deps.jobs.submit({ vm, op: DELETE_OP, params: { snapshot: j.snapshot, ...opts, recovery: true }, run: (ctx) => doDelete(deps, vm, j.snapshot, opts, ctx) })
 }
 
 async function doDelete(deps: SnapshotDeps, vm: string, name: string, opts: DeleteOptions, ctx: JobContext): Promise<unknown> {
   mustSnapshot(deps, vm, name)
+  const j: DeleteJournal = { snapshot: name, ...opts }
+  const o = deps.journal.begin({ vm, op: DELETE_OP, job: ctx.id, body: j, qemuPid: () => deps.vms.record(vm).runtime.pid })
+  try {
+    const out = await deleteSteps(deps, vm, name, opts, ctx, o, j)
+    o.end()
+    return out
+  } catch (err) {
+    o.end()
+    throw err
+  }
+}
+
+async function deleteSteps(deps: SnapshotDeps, vm: string, name: string, opts: DeleteOptions, ctx: JobContext, o: Operation, j: DeleteJournal): Promise<unknown> {
   const order = opts.children ? subtreePostOrder(deps, vm, name) : [name]
   const results: unknown[] = []
   for (const n of order) {
     const s = mustSnapshot(deps, vm, n)
-    const merges = opts.metadataOnly ? [] : await deleteData(deps, vm, s, ctx)
-    deps.repo.tx(() => {
+    const merges = opts.metadataOnly ? [] : await deleteData(deps, vm, s, ctx, o, j)
+    await o.step('forget', () => deps.repo.tx(() => {
       for (const c of deps.repo.list(vm).filter((x) => x.parent === s.name)) {
         const { parent: _drop, ...rest } = c
         deps.repo.put(s.parent ? { ...rest, parent: s.parent } : rest)
@@ -43,7 +72,7 @@ async function doDelete(deps: SnapshotDeps, vm: string, name: string, opts: Dele
         const { currentSnapshot: _c, ...rest } = rt
         deps.vms.updateRuntime(vm, s.parent ? { ...rest, currentSnapshot: s.parent } : { ...rest, currentSnapshot: undefined })
       }
-    })
+    }))
     results.push({ snapshot: n, merges })
     ctx.log.info({ snapshot: n, merges, metadataOnly: !!opts.metadataOnly }, 'snapshot deleted')
   }
@@ -62,7 +91,7 @@ function subtreePostOrder(deps: SnapshotDeps, vm: string, name: string): string[
 }
 
 /** Removes a snapshot's data: internal tags, or its images merged out of every chain that uses them. */
-async function deleteData(deps: SnapshotDeps, vm: string, s: Snapshot, ctx: JobContext): Promise<string[]> {
+async function deleteData(deps: SnapshotDeps, vm: string, s: Snapshot, ctx: JobContext, o: Operation, j: DeleteJournal): Promise<string[]> {
   const st = deps.vms.record(vm).runtime.state
   const qmp = isRunningState(st) ? deps.vms.qmp(vm) : undefined
   const done: string[] = []
@@ -75,25 +104,29 @@ async function deleteData(deps: SnapshotDeps, vm: string, s: Snapshot, ctx: JobC
       const nodes = await topNodes(qmp, present.map((d) => d.id))
       // Verified above: snapshot-delete of a missing tag would "succeed" silently.
       const jobId = `qmpd-del-${ctx.id.slice(0, 8)}`
-      await driveQemuJob(qmp, jobId, () => qmp.execute('snapshot-delete', { 'job-id': jobId, tag: s.name, devices: present.map((d) => nodes.get(d.id)!) }), {
-        log: ctx.log,
-        manualFinalize: false,
-      })
+      await o.step('tags', () =>
+        driveQemuJob(qmp, jobId, () => qmp.execute('snapshot-delete', { 'job-id': jobId, tag: s.name, devices: present.map((d) => nodes.get(d.id)!) }), {
+          log: ctx.log,
+          manualFinalize: false,
+        }),
+      )
       done.push(...present.map((d) => `deleted tag ${s.name} in ${d.file}`))
     } else {
-      for (const d of captured) {
-        const info = await deps.qemuImg.chain(d.file)
-        if (!info[0]?.snapshots?.some((t) => t.name === s.name)) continue
-        await deps.qemuImg.snapshot('delete', d.file, s.name)
-        done.push(`deleted tag ${s.name} in ${d.file}`)
-      }
+      await o.step('tags', async () => {
+        for (const d of captured) {
+          const info = await deps.qemuImg.chain(d.file)
+          if (!info[0]?.snapshots?.some((t) => t.name === s.name)) continue
+          await deps.qemuImg.snapshot('delete', d.file, s.name)
+          done.push(`deleted tag ${s.name} in ${d.file}`)
+        }
+      })
     }
     return done
   }
   ensureBaseImages(deps, vm)
-  for (const d of s.disks.filter((x) => x.mode === 'external')) done.push(...(await mergeOut(deps, vm, s, d, qmp, ctx)))
+  for (const d of s.disks.filter((x) => x.mode === 'external')) done.push(...(await mergeOut(deps, vm, s, d, qmp, ctx, o, j)))
   if (s.vmstateFile) {
-    rmSync(s.vmstateFile, { force: true })
+    await o.step('remove-ram', () => rmSync(s.vmstateFile!, { force: true }))
     done.push(`removed ${s.vmstateFile}`)
   }
   return done
@@ -105,7 +138,7 @@ async function deleteData(deps: SnapshotDeps, vm: string, s: Snapshot, ctx: JobC
  * what changed since), then C's users use F; several children (branches): stream F into each.
  * The edits themselves are the chain editor's (src/chain/editor.ts).
  */
-async function mergeOut(deps: SnapshotDeps, vm: string, s: Snapshot, d: SnapshotDisk, qmp: QmpClient | undefined, ctx: JobContext): Promise<string[]> {
+async function mergeOut(deps: SnapshotDeps, vm: string, s: Snapshot, d: SnapshotDisk, qmp: QmpClient | undefined, ctx: JobContext, o: Operation, j: DeleteJournal): Promise<string[]> {
   const F = d.file
   const images = deps.repo.images(vm).filter((i) => i.disk === d.id)
   const img = images.find((i) => i.file === F)
@@ -114,22 +147,29 @@ async function mergeOut(deps: SnapshotDeps, vm: string, s: Snapshot, d: Snapshot
   const otherUsers = deps.repo.list(vm).filter((x) => x.name !== s.name && x.disks.some((y) => y.file === F && y.mode !== 'excluded'))
   if (otherUsers.length > 0) return [`${F} is still the image of snapshot ${otherUsers[0]!.name}; kept`]
   if (kids.length === 0) {
-    if (img?.createdByQmpd && !live.some((l) => l.file === F)) {
-      rmSync(F, { force: true })
-      deps.repo.deleteImage(vm, F)
+    // A delete run again after a crash may meet F as the layer a commit already merged into: it
+    // is the active layer (or in use by QEMU) then, and stays.
+    const inUse = live.some((l) => l.file === F) || deps.vms.record(vm).runtime.disks.some((x) => x.file === F)
+    if (img?.createdByQmpd && !inUse) {
+      await o.step('remove', () => {
+        rmSync(F, { force: true })
+        deps.repo.deleteImage(vm, F)
+      }, { body: { ...j, remove: [F] } })
       return [`removed ${F}`]
     }
     return []
   }
   if (kids.length === 1) {
     const C = kids[0]!
-    await commitInto(deps, vm, d.id, C, F, live, qmp, ctx)
+    await o.step('commit', () => commitInto(deps, vm, d.id, C, F, live, qmp, ctx), { body: { ...j, remove: [C.file] } })
     return [`committed ${C.file} into ${F}`]
   }
   const backing = img?.backing ?? null
   const backingFormat = images.find((i) => i.file === backing)?.format ?? 'qcow2'
-  for (const K of kids) await pullInto(deps, d.id, K, F, backing ? { file: backing, format: backingFormat } : null, live, qmp, ctx)
-  streamedOut(deps, vm, F, img, kids, backing)
+  await o.step('stream', async () => {
+    for (const K of kids) await pullInto(deps, d.id, K, F, backing ? { file: backing, format: backingFormat } : null, live, qmp, ctx)
+    streamedOut(deps, vm, F, img, kids, backing)
+  }, { body: { ...j, ...(img?.createdByQmpd ? { remove: [F] } : {}) } })
   return [`streamed ${F} into ${kids.map((k) => k.file).join(', ')}${img?.createdByQmpd ? ` and removed it` : ' (your original image is left in place)'}`]
 }
 
@@ -137,6 +177,14 @@ async function mergeOut(deps: SnapshotDeps, vm: string, s: Snapshot, d: Snapshot
 async function commitInto(deps: SnapshotDeps, vm: string, disk: string, C: ImageRow, F: string, live: LiveLayer[], qmp: QmpClient | undefined, ctx: JobContext): Promise<void> {
   const ci = live.findIndex((l) => l.file === C.file)
   const fi = live.findIndex((l) => l.file === F)
+  if (qmp && ci < 0 && fi >= 0) {
+    // F is in the running chain and its only child C is not: QEMU already committed C into F
+    // (a delete run again after a crash). Only the records and the other branches' headers are left.
+    const aboveF = fi > 0 ? live[fi - 1]!.file : undefined
+    for (const u of usersOf(deps, vm, C.file, aboveF)) await deps.qemuImg.rebase(u.file, { file: F, format: formatOf(deps.repo.images(vm), F) }, { unsafe: true })
+    mergedInto(deps, vm, C.file, F)
+    return
+  }
   const inRunningChain = !!qmp && ci >= 0 && fi === ci + 1
   if (!inRunningChain && ci >= 0) throw new QmpdError('INTERNAL', `${C.file} is in the running chain but ${F} is not right below it`, { disk })
   // F now holds exactly what C held: only the headers of C's children need to change. QEMU

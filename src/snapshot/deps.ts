@@ -4,6 +4,7 @@ import { QmpdError } from '../errors.ts'
 import type { PathPolicy } from '../images/paths.ts'
 import type { QemuImg } from '../images/qemu-img.ts'
 import type { JobManager } from '../jobs/manager.ts'
+import type { Journal } from '../ops/journal.ts'
 import type { QmpClient, TransactionAction } from '../qmp/index.ts'
 import type { SnapshotRepo } from '../store/snapshots.ts'
 import type { VmManager } from '../vm/manager.ts'
@@ -22,6 +23,8 @@ export interface SnapshotDeps {
   vms: VmManager
   jobs: JobManager
   repo: SnapshotRepo
+  /** Every create, revert and delete is a journaled step program (src/ops/journal.ts). */
+  journal: Journal
   paths: PathPolicy
   qemuImg: QemuImg
   /** Host-wide slots for disk-only snapshots switching disks in QEMU (config.parallelDiskSnapshots). */

@@ -3,6 +3,7 @@ import { commit } from '../chain/editor.ts'
 import { liveChain, noteTopNodes, topNodes } from '../images/graph.ts'
 import type { JobContext } from '../jobs/manager.ts'
 import { withReverter } from '../jobs/reverter.ts'
+import type { Operation } from '../ops/journal.ts'
 import type { QmpClient, TransactionAction } from '../qmp/index.ts'
 import { saveRamState, stateSocket } from '../state/ramfile.ts'
 import { trackDowntime } from '../vm/downtime.ts'
@@ -29,22 +30,25 @@ export async function createExternal(
   ctx: JobContext,
   body: CreateSnapshotBody,
   ram: { method?: Snapshot['ramMethod'] },
+  op: Operation,
 ): Promise<number> {
   const s = plan.snapshot
   if (!live) {
-    await withReverter(ctx.log, async (r) => {
-      for (const o of plan.overlays) {
-        await reserveFile(o.overlay)
-        r.add(`remove ${o.overlay}`, () => rmSync(o.overlay, { force: true }))
-        await d.qemuImg.create(o.overlay, 'qcow2', { backing: { file: o.file, format: o.format } })
-      }
-    })
+    await op.step('overlays', () =>
+      withReverter(ctx.log, async (r) => {
+        for (const o of plan.overlays) {
+          await reserveFile(o.overlay)
+          r.add(`remove ${o.overlay}`, () => rmSync(o.overlay, { force: true }))
+          await d.qemuImg.create(o.overlay, 'qcow2', { backing: { file: o.file, format: o.format } })
+        }
+      }),
+    )
     return 0
   }
   const { qmp } = live
   return withReverter(ctx.log, async (r) => {
     // Reserve the names (O_EXCL): QEMU's blockdev-snapshot-sync would silently overwrite a file.
-    await reserveFiles(plan.overlays.map((o) => o.overlay), r)
+    await op.step('reserve', () => reserveFiles(plan.overlays.map((o) => o.overlay), r))
     const nodes = await topNodes(qmp, plan.overlays.map((o) => o.id))
     const gens = new Map(d.vms.record(vm).runtime.disks.map((x) => [x.id, x.gen]))
     const newNode = (disk: string): string => `${disk}-f${(gens.get(disk) ?? 0) + 1}`
@@ -62,7 +66,7 @@ export async function createExternal(
     const diskTransaction = async (): Promise<void> => {
       if (actions.length === 0) return
       const epoch = qmp.graphEpoch
-      await transaction(d, qmp, actions)
+      await op.step('transaction', () => transaction(d, qmp, actions))
       noteTopNodes(qmp, epoch, new Map(plan.overlays.map((o) => [o.id, newNode(o.id)])))
       r.add('merge the new overlays back', () => undoLiveOverlays(d, qmp, plan, ctx))
     }
@@ -70,7 +74,13 @@ export async function createExternal(
       await diskSwitch(d, vm, s, ctx, diskTransaction)
       return 0
     }
-    const ramFile = { file: s.vmstateFile!, socket: stateSocket(d.paths.vmDir(vm), true), log: ctx.log, onProgress: (c: number, t: number) => ctx.setProgress(c, t) }
+    const ramFile = {
+      file: s.vmstateFile!,
+      socket: stateSocket(d.paths.vmDir(vm), true),
+      log: ctx.log,
+      onProgress: (c: number, t: number) => ctx.setProgress(c, t),
+      onMigrating: () => op.point('save-ram.migrating'),
+    }
     const dt = trackDowntime(qmp)
     r.add('measure', () => dt.end())
     if (body.live && live.running) {
@@ -79,15 +89,17 @@ export async function createExternal(
         // writes RAM as it was at the stop: disks and RAM are from one instant. Migration
         // capabilities and parameters are set before the stop (saveRamState's beforeMigrate).
         ram.method = 'background-snapshot'
-        await saveRamState(qmp, {
-          ...ramFile,
-          background: true,
-          beforeMigrate: async () => {
-            await d.vms.stopInJob(vm)
-            r.add('resume the guest', () => qmp.execute('cont').catch(() => {}))
-            await diskTransaction()
-          },
-        })
+        await op.step('save-ram', () =>
+          saveRamState(qmp, {
+            ...ramFile,
+            background: true,
+            beforeMigrate: async () => {
+              await op.step('stop', () => d.vms.stopInJob(vm))
+              r.add('resume the guest', () => qmp.execute('cont').catch(() => {}))
+              await diskTransaction()
+            },
+          }),
+        )
         const st = await qmp.execute('query-status')
         if (!st.running) await d.vms.contInJob(vm)
         return dt.end()
@@ -95,35 +107,39 @@ export async function createExternal(
       ctx.log.info('background-snapshot unavailable (no userfaultfd write-protect); pre-copy with the disk switch in the final pause')
       ram.method = 'precopy'
       let downtimeMs = 0
-      await saveRamState(qmp, {
-        ...ramFile,
-        beforeSwitchover: diskTransaction,
-        afterTransfer: async () => {
-          await d.vms.contInJob(vm)
-          downtimeMs = dt.end()
-        },
-      })
+      await op.step('save-ram', () =>
+        saveRamState(qmp, {
+          ...ramFile,
+          beforeSwitchover: diskTransaction,
+          afterTransfer: async () => {
+            await d.vms.contInJob(vm)
+            downtimeMs = dt.end()
+          },
+        }),
+      )
       return downtimeMs
     }
     // Paused checkpoint: the guest stays stopped while RAM is written, then the disks switch, so
     // a failure of either leaves the other untouched.
     ram.method = 'paused'
     if (live.running) {
-      await d.vms.stopInJob(vm)
+      await op.step('stop', () => d.vms.stopInJob(vm))
       r.add('resume the guest', () => d.vms.contInJob(vm).catch(() => {}))
     }
     let downtimeMs = 0
-    await saveRamState(qmp, {
-      ...ramFile,
-      // RAM is all in the file (not yet flushed): switch the disks and let the guest go; the
-      // fsync that follows does not keep it paused.
-      afterTransfer: async () => {
-        await diskTransaction()
-        if (live.running) await d.vms.contInJob(vm)
-        else d.vms.markPaused(vm)
-        downtimeMs = dt.end()
-      },
-    })
+    await op.step('save-ram', () =>
+      saveRamState(qmp, {
+        ...ramFile,
+        // RAM is all in the file (not yet flushed): switch the disks and let the guest go; the
+        // fsync that follows does not keep it paused.
+        afterTransfer: async () => {
+          await diskTransaction()
+          if (live.running) await op.step('cont', () => d.vms.contInJob(vm))
+          else d.vms.markPaused(vm)
+          downtimeMs = dt.end()
+        },
+      }),
+    )
     return downtimeMs
   })
 }
@@ -146,7 +162,7 @@ async function backgroundSnapshotUsable(d: SnapshotDeps, qmp: QmpClient, ctx: Jo
 }
 
 /** Rolls the live overlays of a failed creation back: commit each into its backing and pivot. */
-async function undoLiveOverlays(d: SnapshotDeps, qmp: QmpClient, plan: CreatePlan, ctx: JobContext): Promise<void> {
+export async function undoLiveOverlays(d: SnapshotDeps, qmp: QmpClient, plan: CreatePlan, ctx: { id: string; log: JobContext['log'] }): Promise<void> {
   for (const o of plan.overlays) {
     const chain = await liveChain(qmp, o.id)
     if (chain[0]?.file !== o.overlay || !chain[1]) continue

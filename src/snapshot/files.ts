@@ -26,10 +26,10 @@ export async function reserveFiles(files: string[], r: { add(what: string, fn: (
 }
 
 /** The first `<dir>/<stem><n><ext>` that does not exist (n from 1). */
-export function uniqueFile(dir: string, stem: string, ext: string): string {
+export function uniqueFile(dir: string, stem: string, ext: string, taken: string[] = []): string {
   for (let i = 1; ; i++) {
     const f = join(dir, `${stem}${i}${ext}`)
-    if (!existsSync(f)) return f
+    if (!existsSync(f) && !taken.includes(f)) return f
   }
 }
 

@@ -1,38 +1,144 @@
-import { rmSync } from 'node:fs'
-import { liveChain } from '../images/graph.ts'
+// Crash recovery of snapshot create, revert and delete (decision table: docs/architecture.md,
+// "Crash recovery"). A creation is finished when QEMU and the files show it whole, else undone;
+// a revert and a delete are always finished: once begun they have discarded or merged data, so
+// they are run again from the start (each of their steps is safe to repeat).
+import { existsSync } from 'node:fs'
+import { rm } from 'node:fs/promises'
+import type { Logger } from 'pino'
+import { removeGarbage } from '../chain/graph.ts'
+import { liveChain, liveInternalSnapshots } from '../images/graph.ts'
+import type { Recovery, RecoveryOutcome } from '../ops/recovery.ts'
+import type { JournalEntry } from '../store/journal.ts'
+import { cancelOutgoingMigration } from '../state/migration.ts'
+import { partialName } from '../state/ramfile.ts'
 import { isRunningState } from '../vm/states.ts'
-import { commitCreate } from './create.ts'
+import { commitCreate, CREATE_OP, type CreateJournal } from './create.ts'
+import { DELETE_OP, rerunDelete, type DeleteJournal } from './delete.ts'
 import type { SnapshotDeps } from './deps.ts'
-import type { CreatePlan } from './plan.ts'
+import { deleteTagsLive } from './internal.ts'
+import { undoLiveOverlays } from './external.ts'
+import { REVERT_OP, rerunRevert, type RevertJournal } from './revert.ts'
+
+/** Registers the rules of snapshot-create, snapshot-revert and snapshot-delete. */
+export function registerSnapshotRecovery(recovery: Recovery, d: SnapshotDeps): void {
+  recovery.register(CREATE_OP, (e, log) => recoverCreate(d, e, e.body as CreateJournal, log))
+  recovery.register(REVERT_OP, (e, log) => recoverRevert(d, e, e.body as RevertJournal, log))
+  recovery.register(DELETE_OP, (e, log) => recoverDelete(d, e, e.body as DeleteJournal, log))
+}
 
 /**
- * Finishes or undoes creations a previous daemon left half-done (journal entries): when QEMU
- * already runs on the planned overlays the snapshot happened, so its metadata is written; else
- * the reserved overlay and state files are removed.
+ * A creation happened when every captured disk shows it (internal: the tag in each qcow2, with
+ * RAM in the vmstate disk for a checkpoint; external: QEMU runs on every planned overlay, or
+ * offline every overlay is a qcow2 on its planned backing) and, with memory, the RAM state file
+ * has its final name (renamed only once fsynced). Then its metadata is written (forward).
+ * Otherwise everything it made is undone (back): tags deleted; live overlays committed back into
+ * their backing and pivoted (the guest's writes since are kept); overlays of a QEMU that died
+ * committed back offline; files removed. Either way a guest that ran before runs again.
  */
-export async function recover(d: SnapshotDeps): Promise<void> {
-  for (const entry of d.repo.journalPending()) {
-    const plan = entry.body as CreatePlan
-    const log = d.log.child({ vm: entry.vm, journal: entry.id })
-    try {
-      const rec = d.vms.record(entry.vm)
-      let switched = false
-      if (isRunningState(rec.runtime.state) && plan.overlays.length > 0) {
-        const qmp = d.vms.qmp(entry.vm)
-        const chains = await Promise.all(plan.overlays.map((o) => liveChain(qmp, o.id)))
-        switched = chains.every((c, i) => c[0]?.file === plan.overlays[i]!.overlay)
-      }
-      if (switched) {
-        commitCreate(d, entry.vm, plan, plan.snapshot, entry.id)
-        log.warn({ snapshot: plan.snapshot.name }, 'recovered a snapshot whose metadata was not written before a crash')
-      } else {
-        for (const o of plan.overlays) rmSync(o.overlay, { force: true })
-        if (plan.snapshot.vmstateFile && !d.repo.get(entry.vm, plan.snapshot.name)) rmSync(plan.snapshot.vmstateFile, { force: true })
-        d.repo.journalDone(entry.id)
-        log.warn({ snapshot: plan.snapshot.name }, 'rolled back a snapshot creation interrupted by a crash')
-      }
-    } catch (err) {
-      log.error({ err }, 'could not recover journal entry; left for the next start')
+async function recoverCreate(d: SnapshotDeps, e: JournalEntry, j: CreateJournal, log: Logger): Promise<RecoveryOutcome> {
+  const { plan } = j
+  const s = plan.snapshot
+  const vm = e.vm
+  const ctx = { id: e.job ?? e.id, log }
+  const alive = isRunningState(d.vms.record(vm).runtime.state)
+  const qmp = alive ? d.vms.qmp(vm) : undefined
+  if (qmp) await cancelOutgoingMigration(qmp)
+  if (s.vmstateFile) await rm(partialName(s.vmstateFile), { force: true })
+  const captured = s.disks.filter((x) => x.mode !== 'excluded')
+  let whole: boolean
+  if (s.kind === 'internal') {
+    const tags = await tagsOf(d, captured.map((x) => x.file), qmp)
+    whole = captured.every((x) => tags.get(x.file)?.some((t) => t.name === s.name))
+    if (s.memory) whole &&= (tags.get(captured.find((x) => x.id === s.vmstateDisk)?.file ?? '')?.find((t) => t.name === s.name)?.vmStateSize ?? 0) > 0
+  } else {
+    if (qmp) {
+      const chains = await Promise.all(plan.overlays.map((o) => liveChain(qmp, o.id)))
+      whole = chains.every((c, i) => c[0]?.file === plan.overlays[i]!.overlay)
+    } else {
+      whole = s.vmState === 'shutoff' && (await Promise.all(plan.overlays.map((o) => backedBy(d, o.overlay, o.file)))).every(Boolean)
     }
+    if (s.memory) whole &&= existsSync(s.vmstateFile!)
+  }
+  if (whole) {
+    d.repo.tx(() => commitCreate(d, vm, plan, s, () => d.journal.repo.done(e.id)))
+    await resumeIfItRan(d, vm, j.wasRunning)
+    return { action: 'forward', detail: `snapshot ${s.name} was whole: recorded`, result: { snapshot: s.name } }
+  }
+  const undone: string[] = []
+  if (s.kind === 'internal') {
+    if (qmp) undone.push(...(await deleteTagsLive(qmp, s.name, captured.map((x) => x.file), ctx)))
+    else {
+      for (const x of captured) {
+        const info = await d.qemuImg.chain(x.file).catch(() => [])
+        if (!info[0]?.snapshots?.some((t) => t.name === s.name)) continue
+        await d.qemuImg.snapshot('delete', x.file, s.name)
+        undone.push(x.file)
+      }
+    }
+  } else {
+    if (qmp) await undoLiveOverlays(d, qmp, plan, ctx)
+    for (const o of plan.overlays) {
+      const known = d.repo.images(vm).some((i) => i.file === o.overlay) || d.vms.record(vm).runtime.disks.some((x) => x.file === o.overlay)
+      if (known) continue
+      // QEMU died after it switched to the overlay: the guest's last writes are in it. Merge them
+      // down into the image the store still names (a no-op for an overlay nobody wrote to).
+      if (!qmp && s.vmState !== 'shutoff' && (await backedBy(d, o.overlay, o.file))) await d.qemuImg.commit(o.overlay, o.file)
+      await rm(o.overlay, { force: true })
+      undone.push(o.overlay)
+    }
+    if (s.vmstateFile && !d.repo.list(vm).some((x) => x.vmstateFile === s.vmstateFile)) await rm(s.vmstateFile, { force: true })
+  }
+  await resumeIfItRan(d, vm, j.wasRunning)
+  return { action: 'back', detail: `snapshot ${s.name} was not whole: undone (${undone.join(', ') || 'nothing was made yet'})` }
+}
+
+/** A revert is run again as a new job (its files from the first try removed when unused). */
+async function recoverRevert(d: SnapshotDeps, e: JournalEntry, j: RevertJournal, log: Logger): Promise<RecoveryOutcome> {
+  await removeUnrecorded(d, e.vm, j.overlays ?? [])
+  removeGarbage(d, e.vm, { log })
+  if (!d.repo.get(e.vm, j.snapshot)) return { action: 'back', detail: `snapshot ${j.snapshot} no longer exists` }
+  const job = rerunRevert(d, e.vm, j)
+  return { action: 'back', detail: `the revert to ${j.snapshot} is run again as job ${job.id}` }
+}
+
+/** A delete is run again as a new job: what it merged stays merged, what is left is done. */
+async function recoverDelete(d: SnapshotDeps, e: JournalEntry, j: DeleteJournal, log: Logger): Promise<RecoveryOutcome> {
+  await removeUnrecorded(d, e.vm, j.remove ?? [])
+  removeGarbage(d, e.vm, { log })
+  if (!d.repo.get(e.vm, j.snapshot)) return { action: 'forward', detail: `snapshot ${j.snapshot} was deleted`, result: { deleted: [j.snapshot] } }
+  const job = rerunDelete(d, e.vm, j)
+  return { action: 'back', detail: `the delete of ${j.snapshot} is run again as job ${job.id}` }
+}
+
+/** Internal snapshot tags per file: from QEMU when it runs, else from qemu-img (-U). */
+async function tagsOf(d: SnapshotDeps, files: string[], qmp: Parameters<typeof liveInternalSnapshots>[0] | undefined) {
+  if (qmp) return liveInternalSnapshots(qmp)
+  const out = new Map<string, Array<{ name: string; vmStateSize: number }>>()
+  for (const f of files) {
+    const info = await d.qemuImg.chain(f, { forceShare: true }).catch(() => [])
+    out.set(f, (info[0]?.snapshots ?? []).map((t) => ({ name: t.name, vmStateSize: t['vm-state-size'] })))
+  }
+  return out
+}
+
+/** True when `file` is a qcow2 whose backing file is `backing`. */
+async function backedBy(d: SnapshotDeps, file: string, backing: string): Promise<boolean> {
+  if (!existsSync(file)) return false
+  const info = await d.qemuImg.chain(file, { forceShare: true }).catch(() => [])
+  return info[0]?.format === 'qcow2' && (info[0]['full-backing-filename'] ?? info[0]['backing-filename']) === backing
+}
+
+/** Removes files an interrupted operation created that no record names. */
+async function removeUnrecorded(d: SnapshotDeps, vm: string, files: string[]): Promise<void> {
+  const rt = d.vms.record(vm).runtime
+  for (const f of files) {
+    if (d.repo.images(vm).some((i) => i.file === f) || rt.disks.some((x) => x.file === f)) continue
+    await rm(f, { force: true })
   }
 }
+
+/** A guest that ran before an interrupted operation paused it runs again. */
+async function resumeIfItRan(d: SnapshotDeps, vm: string, wasRunning: boolean): Promise<void> {
+  if (wasRunning && d.vms.record(vm).runtime.state === 'paused') await d.vms.contInJob(vm)
+}
+

@@ -4,6 +4,7 @@ import { QmpdError } from '../errors.ts'
 import { topNodes } from '../images/graph.ts'
 import type { JobContext } from '../jobs/manager.ts'
 import type { Job } from '../jobs/model.ts'
+import type { Operation } from '../ops/journal.ts'
 import { driveQemuJob } from '../jobs/qemu-job.ts'
 import { withReverter } from '../jobs/reverter.ts'
 import { loadRamState, stateSocket } from '../state/ramfile.ts'
@@ -23,11 +24,41 @@ export function submitRevert(deps: SnapshotDeps, busyCheck: (vm: string, what: s
   busyCheck(vm, 'revert')
   const st = rec.runtime.state
   assertState(vm, st, 'snapshot-revert')
-  return deps.jobs.submit({ vm, op: 'snapshot-revert', params: { snapshot: name, ...body }, run: (ctx) => doRevert(deps, vm, s.name, body, ctx) })
+  return deps.jobs.submit({ vm, op: REVERT_OP, params: { snapshot: name, ...body }, run: (ctx) => doRevert(deps, vm, s.name, body, ctx) })
+}
+
+/** Journal name of a revert. */
+export const REVERT_OP = 'snapshot-revert'
+
+/** What a revert's journal entry holds: its request, and the overlays it is creating. */
+export interface RevertJournal {
+  snapshot: string
+  state?: RevertBody['state']
+  overlays?: string[]
+}
+
+/** Queues a revert again (crash recovery: a revert is always finished, never undone). */
+export function rerunRevert(deps: SnapshotDeps, vm: string, j: RevertJournal): Job {
+  const body: RevertBody = j.state ? { state: j.state } : {}
+  return deps.jobs.submit({ vm, op: REVERT_OP, params: { snapshot: j.snapshot, ...body, recovery: true }, run: (ctx) => doRevert(deps, vm, j.snapshot, body, ctx) })
 }
 
 async function doRevert(deps: SnapshotDeps, vm: string, name: string, body: RevertBody, ctx: JobContext): Promise<unknown> {
   const s = mustSnapshot(deps, vm, name)
+  const j: RevertJournal = { snapshot: name, ...(body.state ? { state: body.state } : {}) }
+  const o = deps.journal.begin({ vm, op: REVERT_OP, job: ctx.id, body: j, qemuPid: () => deps.vms.record(vm).runtime.pid })
+  try {
+    const out = await revertSteps(deps, vm, s, body, ctx, o, j)
+    o.end()
+    return out
+  } catch (err) {
+    o.end()
+    throw err
+  }
+}
+
+async function revertSteps(deps: SnapshotDeps, vm: string, s: Snapshot, body: RevertBody, ctx: JobContext, o: Operation, j: RevertJournal): Promise<unknown> {
+  const name = s.name
   const target = body.state ?? (s.memory ? 'running' : 'shutoff')
   const loadRam = s.memory && target !== 'shutoff'
   const warnings: string[] = []
@@ -37,24 +68,26 @@ async function doRevert(deps: SnapshotDeps, vm: string, name: string, body: Reve
   const t0 = performance.now()
   let downtimeMs: number | undefined
   if (s.kind === 'internal' && loadRam) {
-    downtimeMs = await revertInternalCheckpoint(deps, vm, s, target, ctx)
+    downtimeMs = await revertInternalCheckpoint(deps, vm, s, target, ctx, o)
   } else if (s.kind === 'internal') {
-    await deps.vms.quitInJob(vm, ctx)
-    for (const d of s.disks.filter((x) => x.mode === 'internal')) await deps.qemuImg.snapshot('apply', d.file, s.name)
-    deps.vms.updateRuntime(vm, { currentSnapshot: s.name })
-    await startAs(deps, vm, target, ctx)
+    await o.step('quit', () => deps.vms.quitInJob(vm, ctx))
+    await o.step('apply', async () => {
+      for (const d of s.disks.filter((x) => x.mode === 'internal')) await deps.qemuImg.snapshot('apply', d.file, s.name)
+    })
+    await o.step('commit', () => deps.vms.updateRuntime(vm, { currentSnapshot: s.name }))
+    await startAs(deps, vm, target, ctx, o)
   } else {
-    await deps.vms.quitInJob(vm, ctx)
-    await switchToSnapshotImages(deps, vm, s, ctx)
+    await o.step('quit', () => deps.vms.quitInJob(vm, ctx))
+    await switchToSnapshotImages(deps, vm, s, ctx, o, j)
     if (loadRam) {
-      const qmp = await deps.vms.launchInJob(vm, ctx, { incoming: true })
+      const qmp = await o.step('launch', () => deps.vms.launchInJob(vm, ctx, { incoming: true }))
       const version = versionOf(qmp)
       if (s.qemuVersion && version !== s.qemuVersion) warnings.push(`RAM state written by QEMU ${s.qemuVersion}, loaded into ${version}`)
-      await loadRamState(qmp, { file: s.vmstateFile!, socket: stateSocket(deps.paths.vmDir(vm), true), log: ctx.log })
-      if (target === 'running') await deps.vms.contInJob(vm)
+      await o.step('load-ram', () => loadRamState(qmp, { file: s.vmstateFile!, socket: stateSocket(deps.paths.vmDir(vm), true), log: ctx.log }))
+      if (target === 'running') await o.step('cont', () => deps.vms.contInJob(vm))
       else deps.vms.markPaused(vm)
     } else {
-      await startAs(deps, vm, target, ctx)
+      await startAs(deps, vm, target, ctx, o)
     }
   }
   const state = deps.vms.record(vm).runtime.state
@@ -63,10 +96,10 @@ async function doRevert(deps: SnapshotDeps, vm: string, name: string, body: Reve
 }
 
 /** snapshot-load into a QEMU that runs (started paused first when the VM is off). */
-async function revertInternalCheckpoint(deps: SnapshotDeps, vm: string, s: Snapshot, target: 'running' | 'paused' | 'shutoff', ctx: JobContext): Promise<number> {
+async function revertInternalCheckpoint(deps: SnapshotDeps, vm: string, s: Snapshot, target: 'running' | 'paused' | 'shutoff', ctx: JobContext, o: Operation): Promise<number> {
   let st = deps.vms.record(vm).runtime.state
   if (!isRunningState(st)) {
-    await deps.vms.launchInJob(vm, ctx)
+    await o.step('launch', () => deps.vms.launchInJob(vm, ctx))
     st = 'paused'
   }
   const qmp = deps.vms.qmp(vm)
@@ -74,46 +107,59 @@ async function revertInternalCheckpoint(deps: SnapshotDeps, vm: string, s: Snaps
   const nodes = await topNodes(qmp, captured.map((d) => d.id))
   const dt = trackDowntime(qmp)
   // Stop first so the guest never runs between the load and a requested 'paused'.
-  if (st === 'running') await deps.vms.stopInJob(vm)
+  if (st === 'running') await o.step('stop', () => deps.vms.stopInJob(vm))
   const jobId = `qmpd-load-${ctx.id.slice(0, 8)}`
-  await driveQemuJob(
-    qmp,
-    jobId,
-    () => qmp.execute('snapshot-load', { 'job-id': jobId, tag: s.name, vmstate: nodes.get(s.vmstateDisk!)!, devices: captured.map((d) => nodes.get(d.id)!) }),
-    { log: ctx.log, onProgress: (c, t) => ctx.setProgress(c, t), manualFinalize: false },
+  await o.step('snapshot-load', () =>
+    driveQemuJob(
+      qmp,
+      jobId,
+      () => qmp.execute('snapshot-load', { 'job-id': jobId, tag: s.name, vmstate: nodes.get(s.vmstateDisk!)!, devices: captured.map((d) => nodes.get(d.id)!) }),
+      { log: ctx.log, onProgress: (c, t) => ctx.setProgress(c, t), manualFinalize: false },
+    ),
   )
-  deps.vms.updateRuntime(vm, { currentSnapshot: s.name })
-  if (target === 'running') await deps.vms.contInJob(vm)
+  await o.step('commit', () => deps.vms.updateRuntime(vm, { currentSnapshot: s.name }))
+  if (target === 'running') await o.step('cont', () => deps.vms.contInJob(vm))
   else deps.vms.markPaused(vm)
   return dt.end()
 }
 
-async function startAs(deps: SnapshotDeps, vm: string, target: 'running' | 'paused' | 'shutoff', ctx: JobContext): Promise<void> {
+async function startAs(deps: SnapshotDeps, vm: string, target: 'running' | 'paused' | 'shutoff', ctx: JobContext, o: Operation): Promise<void> {
   if (target === 'shutoff') return
-  await deps.vms.launchInJob(vm, ctx)
-  if (target === 'running') await deps.vms.contInJob(vm)
+  await o.step('launch', () => deps.vms.launchInJob(vm, ctx))
+  if (target === 'running') await o.step('cont', () => deps.vms.contInJob(vm))
 }
 
 /**
  * With QEMU stopped: a fresh overlay on the snapshot's image for every captured disk becomes the
  * active layer; the layer that held the discarded state is removed unless something needs it.
  */
-async function switchToSnapshotImages(deps: SnapshotDeps, vm: string, s: Snapshot, ctx: JobContext): Promise<void> {
+async function switchToSnapshotImages(deps: SnapshotDeps, vm: string, s: Snapshot, ctx: JobContext, o: Operation, j: RevertJournal): Promise<void> {
   const rt = deps.vms.record(vm).runtime
   const dir = deps.paths.vmDir(vm)
+  const disks = s.disks.filter((x) => x.mode === 'external')
+  for (const d of disks) {
+    if (!existsSync(d.file)) throw new QmpdError('INVALID_STATE', `snapshot ${s.name}: image ${d.file} of disk ${d.id} is missing`, { file: d.file })
+  }
+  // The names go into the journal before any file exists: recovery removes the ones no record names.
+  const names = new Map<string, string>()
+  for (const d of disks) names.set(d.id, uniqueFile(dir, `${d.id}-${s.name}-r`, '.qcow2', [...names.values()]))
   const created: Array<{ id: string; file: string; backing: string; format: 'qcow2' | 'raw' }> = []
-  await withReverter(ctx.log, async (r) => {
-    for (const d of s.disks.filter((x) => x.mode === 'external')) {
-      if (!existsSync(d.file)) throw new QmpdError('INVALID_STATE', `snapshot ${s.name}: image ${d.file} of disk ${d.id} is missing`, { file: d.file })
-      const file = uniqueFile(dir, `${d.id}-${s.name}-r`, '.qcow2')
-      await reserveFile(file)
-      r.add(`remove ${file}`, () => rmSync(file, { force: true }))
-      await deps.qemuImg.create(file, 'qcow2', { backing: { file: d.file, format: d.format } })
-      created.push({ id: d.id, file, backing: d.file, format: d.format })
-    }
-  })
+  await o.step(
+    'overlays',
+    () =>
+      withReverter(ctx.log, async (r) => {
+        for (const d of disks) {
+          const file = names.get(d.id)!
+          await reserveFile(file)
+          r.add(`remove ${file}`, () => rmSync(file, { force: true }))
+          await deps.qemuImg.create(file, 'qcow2', { backing: { file: d.file, format: d.format } })
+          created.push({ id: d.id, file, backing: d.file, format: d.format })
+        }
+      }),
+    { body: { ...j, overlays: [...names.values()] } },
+  )
   const old = rt.disks
-  deps.repo.tx(() => {
+  await o.step('commit', () => deps.repo.tx(() => {
     ensureBaseImages(deps, vm)
     for (const c of created) deps.repo.putImage({ vm, disk: c.id, file: c.file, format: 'qcow2', backing: c.backing, createdByQmpd: true })
     const disks = rt.disks.map((d) => {
@@ -121,6 +167,8 @@ async function switchToSnapshotImages(deps: SnapshotDeps, vm: string, s: Snapsho
       return c ? { ...d, file: c.file, format: 'qcow2' as const, gen: d.gen + 1 } : d
     })
     deps.vms.updateRuntime(vm, { disks, currentSnapshot: s.name })
+  }))
+  await o.step('cleanup', () => {
+    for (const d of old) removeIfUnneeded(deps, vm, d.file, ctx)
   })
-  for (const d of old) removeIfUnneeded(deps, vm, d.file, ctx)
 }

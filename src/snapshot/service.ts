@@ -7,7 +7,6 @@ import { submitCreate } from './create.ts'
 import { submitDelete, type DeleteOptions } from './delete.ts'
 import type { SnapshotDeps } from './deps.ts'
 import type { CreateSnapshotBody, RevertBody } from './model.ts'
-import { recover } from './recovery.ts'
 import { submitRevert } from './revert.ts'
 import { getView, listViews, type SnapshotView } from './views.ts'
 
@@ -50,11 +49,6 @@ export class SnapshotService {
   /** Validates and queues a delete (children: the whole subtree; metadataOnly: forget, touch no file). */
   delete(vm: string, name: string, opts: DeleteOptions): Job {
     return submitDelete(this.deps, (v, what) => this.busyCheck(v, what), vm, name, opts)
-  }
-
-  /** Finishes or undoes creations a previous daemon left half-done (journal entries); see recovery.ts. */
-  recover(): Promise<void> {
-    return recover(this.deps)
   }
 
   /** Records the VM's original disk files as the roots of the image graph (created by the user). */
