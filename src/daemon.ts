@@ -19,6 +19,7 @@ import { SnapshotService, type SnapshotTestHooks } from './snapshot/service.ts'
 import { SnapshotRepo } from './store/snapshots.ts'
 import { BlockJobService } from './chain/service.ts'
 import { StateService } from './state/service.ts'
+import { VmChecker } from './ops/check.ts'
 
 /** qmpd's version, reported by /healthz and the OpenAPI document. */
 export const VERSION = '0.1.0'
@@ -34,6 +35,8 @@ export interface Daemon {
   snapshots: SnapshotService
   blockJobs: BlockJobService
   state: StateService
+  /** GET /v1/vms/{vm}/check: the store against QEMU and the files. */
+  checker: VmChecker
   /** Builds an HTTP app over this daemon's services; token undefined = no auth (unix socket). */
   app(opts?: { token?: string; sseMaxPendingBytes?: number }): Promise<FastifyInstance>
   /**
@@ -59,11 +62,14 @@ export async function startDaemon(
   if (interrupted.length) log.warn({ jobs: interrupted.map((j) => j.id) }, 'jobs interrupted by the previous daemon marked failed')
   const paths = new PathPolicy(config.stateDir, config.allowedDirs)
   const qemuImg = new QemuImg(config.qemuImgBinary)
-  const vms = new VmManager({ config, repo: new VmRepo(db), jobs, bus, paths, qemuImg, log })
+  const vmRepo = new VmRepo(db)
+  // One repository instance for every reader: it caches each VM's parsed snapshot list.
+  const snapshotRepo = new SnapshotRepo(db)
+  const vms = new VmManager({ config, repo: vmRepo, jobs, bus, paths, qemuImg, log })
   const snapshots = new SnapshotService({
     vms,
     jobs,
-    repo: new SnapshotRepo(db),
+    repo: snapshotRepo,
     paths,
     qemuImg,
     diskSwitches: new PQueue({ concurrency: config.parallelDiskSnapshots }),
@@ -77,6 +83,15 @@ export async function startDaemon(
   snapshots.busyCheck = busy
   state.busyCheck = busy
   vms.busyCheck = busy
+  const vmBusy = (vm: string): boolean => jobs.busy(vm) || blockJobs.busy(vm) !== undefined
+  const checker = new VmChecker({
+    vms,
+    snapshots: snapshotRepo,
+    qemuImg,
+    paths,
+    busy: vmBusy,
+    pendingJournal: (vm) => snapshotRepo.journalPending().filter((e) => e.vm === vm),
+  })
   await vms.init()
   await snapshots.recover()
   let closed = false
@@ -90,7 +105,8 @@ export async function startDaemon(
     snapshots,
     blockJobs,
     state,
-    app: (opts = {}) => buildApp({ services: { vms, jobs, bus, snapshots, blockJobs, state }, logger: log, version: VERSION, ...opts }),
+    checker,
+    app: (opts = {}) => buildApp({ services: { vms, jobs, bus, snapshots, blockJobs, state, checker }, logger: log, version: VERSION, ...opts }),
     async close(opts = {}) {
       if (closed) return
       closed = true
