@@ -20,6 +20,7 @@ import { SnapshotRepo } from './store/snapshots.ts'
 import { BlockJobService } from './chain/service.ts'
 import { StateService } from './state/service.ts'
 import { VmChecker } from './ops/check.ts'
+import { Reconciler } from './ops/reconcile.ts'
 
 /** qmpd's version, reported by /healthz and the OpenAPI document. */
 export const VERSION = '0.1.0'
@@ -37,6 +38,8 @@ export interface Daemon {
   state: StateService
   /** GET /v1/vms/{vm}/check: the store against QEMU and the files. */
   checker: VmChecker
+  /** Reconcile at start and POST /v1/vms/{vm}/repair. */
+  reconciler: Reconciler
   /** Builds an HTTP app over this daemon's services; token undefined = no auth (unix socket). */
   app(opts?: { token?: string; sseMaxPendingBytes?: number }): Promise<FastifyInstance>
   /**
@@ -92,8 +95,17 @@ export async function startDaemon(
     busy: vmBusy,
     pendingJournal: (vm) => snapshotRepo.journalPending().filter((e) => e.vm === vm),
   })
+  const reconciler = new Reconciler({ checker, vms, snapshots: snapshotRepo, jobs, busy: vmBusy, log: log.child({ component: 'reconcile' }) })
   await vms.init()
   await snapshots.recover()
+  // --- journal recovery call site (src/ops/recover*.ts) ---
+  // Recovery of every journaled operation goes here: after re-attach, before reconcile, so that
+  // an operation recovery finishes or undoes is not taken for a disagreement.
+  // --- end of journal recovery call site ---
+
+  // Before the HTTP server listens, so nothing else runs yet (ARCHITECTURE.md: "After a restart
+  // the store is reconciled with QEMU and the files before anything else runs").
+  await reconciler.reconcileAll(vmRepo.list().map((r) => r.name))
   let closed = false
   return {
     config,
@@ -106,7 +118,8 @@ export async function startDaemon(
     blockJobs,
     state,
     checker,
-    app: (opts = {}) => buildApp({ services: { vms, jobs, bus, snapshots, blockJobs, state, checker }, logger: log, version: VERSION, ...opts }),
+    reconciler,
+    app: (opts = {}) => buildApp({ services: { vms, jobs, bus, snapshots, blockJobs, state, checker, reconciler }, logger: log, version: VERSION, ...opts }),
     async close(opts = {}) {
       if (closed) return
       closed = true

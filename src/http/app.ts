@@ -14,6 +14,7 @@ import { eventRoutes } from './routes/events.ts'
 import type { BlockJobService } from '../chain/service.ts'
 import type { StateService } from '../state/service.ts'
 import type { VmChecker } from '../ops/check.ts'
+import type { Reconciler } from '../ops/reconcile.ts'
 import { errorBody, installErrorHandler } from './error-handler.ts'
 import { nextTurn } from '../util.ts'
 import { jobRoutes } from './routes/jobs.ts'
@@ -28,6 +29,7 @@ export interface Services {
   blockJobs: BlockJobService
   state: StateService
   checker: VmChecker
+  reconciler: Reconciler
 }
 
 /** Options of the HTTP app. */

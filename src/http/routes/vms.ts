@@ -21,7 +21,7 @@ const QmpBody = z.strictObject({
 
 /** /v1/vms: define, adopt, list, inspect, delete, start/stop/pause/resume, and the QMP escape hatch. */
 export const vmRoutes: FastifyPluginAsyncZod<{ services: Services }> = async (app, { services }) => {
-  const { vms, jobs, checker } = services
+  const { vms, jobs, checker, reconciler } = services
 
   app.post(
     '/v1/vms',
@@ -52,6 +52,20 @@ export const vmRoutes: FastifyPluginAsyncZod<{ services: Services }> = async (ap
       },
     },
     async (req) => checker.check(req.params.vm),
+  )
+
+  app.post(
+    '/v1/vms/:vm/repair',
+    {
+      schema: {
+        summary: 'Reconcile the VM now (as at daemon start); clears needs-repair when the check then passes; answers the check',
+        tags: ['vms'],
+        params: VmParams,
+        body: EmptyBody,
+        response: { 200: CheckReport, 404: ErrorBody, 409: ErrorBody },
+      },
+    },
+    async (req) => reconciler.repair(req.params.vm),
   )
 
   app.delete(
