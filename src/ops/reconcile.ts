@@ -39,10 +39,11 @@ export class Reconciler {
   /** Reconciles every VM (daemon start, before the HTTP server listens). Never throws. */
   async reconcileAll(names: string[]): Promise<void> {
     const todo = [...names]
+    const needRepair: string[] = []
     const worker = async (): Promise<void> => {
       for (let vm = todo.shift(); vm !== undefined; vm = todo.shift()) {
         try {
-          await this.reconcile(vm)
+          if ((await this.reconcile(vm)).needsRepair) needRepair.push(vm)
         } catch (err) {
           // Not flagged: nothing was learnt about the VM. Loud, so it is not a silent disagreement.
           this.deps.log.error({ vm, err }, 'reconcile: could not check the VM')
@@ -50,6 +51,8 @@ export class Reconciler {
       }
     }
     await Promise.all(Array.from({ length: START_CONCURRENCY }, worker))
+    if (needRepair.length > 0) this.deps.log.warn({ vms: needRepair.sort() }, 'reconcile: VMs that need repair (see GET /v1/vms/{vm}/check)')
+    else this.deps.log.info({ vms: names.length }, 'reconcile: store, QEMU and files agree')
   }
 
   /**
