@@ -25,6 +25,8 @@ import type { SnapshotDeps } from './snapshot/deps.ts'
 import { JournalRepo } from './store/journal.ts'
 import { Journal } from './ops/journal.ts'
 import { Recovery } from './ops/recovery.ts'
+import { VmChecker } from './ops/check.ts'
+import { Reconciler } from './ops/reconcile.ts'
 
 /** qmpd's version, reported by /healthz and the OpenAPI document. */
 export const VERSION = '0.1.0'
@@ -40,6 +42,10 @@ export interface Daemon {
   snapshots: SnapshotService
   blockJobs: BlockJobService
   state: StateService
+  /** GET /v1/vms/{vm}/check: the store against QEMU and the files. */
+  checker: VmChecker
+  /** Reconcile at start and POST /v1/vms/{vm}/repair. */
+  reconciler: Reconciler
   /** Builds an HTTP app over this daemon's services; token undefined = no auth (unix socket). */
   app(opts?: { token?: string; sseMaxPendingBytes?: number }): Promise<FastifyInstance>
   /**
@@ -68,11 +74,14 @@ export async function startDaemon(
   const recovery = new Recovery(journalRepo, log.child({ component: 'recovery' }), (job, outcome) => jobs.noteRecovery(job, outcome))
   const paths = new PathPolicy(config.stateDir, config.allowedDirs)
   const qemuImg = new QemuImg(config.qemuImgBinary)
-  const vms = new VmManager({ config, repo: new VmRepo(db), jobs, bus, paths, qemuImg, log })
+  const vmRepo = new VmRepo(db)
+  // One repository instance for every reader: it caches each VM's parsed snapshot list.
+  const snapshotRepo = new SnapshotRepo(db)
+  const vms = new VmManager({ config, repo: vmRepo, jobs, bus, paths, qemuImg, log })
   const snapshotDeps: SnapshotDeps = {
     vms,
     jobs,
-    repo: new SnapshotRepo(db),
+    repo: snapshotRepo,
     journal,
     paths,
     qemuImg,
@@ -90,10 +99,23 @@ export async function startDaemon(
   snapshots.busyCheck = busy
   state.busyCheck = busy
   vms.busyCheck = busy
+  const vmBusy = (vm: string): boolean => jobs.busy(vm) || blockJobs.busy(vm) !== undefined
+  const checker = new VmChecker({
+    vms,
+    snapshots: snapshotRepo,
+    qemuImg,
+    paths,
+    busy: vmBusy,
+    pendingJournal: (vm) => journalRepo.pending(vm),
+  })
+  const reconciler = new Reconciler({ checker, vms, snapshots: snapshotRepo, jobs, busy: vmBusy, log: log.child({ component: 'reconcile' }) })
   await vms.init()
   // Interrupted operations are finished or undone before anything else runs (every rule's
-  // decision table: docs/architecture.md).
+  // decision table: docs/architecture.md), then the store is reconciled with QEMU and the files
+  // (ARCHITECTURE.md: "After a restart the store is reconciled with QEMU and the files before
+  // anything else runs"): an operation recovery finished or undid is no disagreement.
   await recovery.run()
+  await reconciler.reconcileAll(vmRepo.list().map((r) => r.name))
   let closed = false
   return {
     config,
@@ -105,7 +127,9 @@ export async function startDaemon(
     snapshots,
     blockJobs,
     state,
-    app: (opts = {}) => buildApp({ services: { vms, jobs, bus, snapshots, blockJobs, state }, logger: log, version: VERSION, ...opts }),
+    checker,
+    reconciler,
+    app: (opts = {}) => buildApp({ services: { vms, jobs, bus, snapshots, blockJobs, state, checker, reconciler }, logger: log, version: VERSION, ...opts }),
     async close(opts = {}) {
       if (closed) return
       closed = true

@@ -13,6 +13,8 @@ import { chainRoutes } from './routes/chain.ts'
 import { eventRoutes } from './routes/events.ts'
 import type { BlockJobService } from '../chain/service.ts'
 import type { StateService } from '../state/service.ts'
+import type { VmChecker } from '../ops/check.ts'
+import type { Reconciler } from '../ops/reconcile.ts'
 import { errorBody, installErrorHandler } from './error-handler.ts'
 import { nextTurn } from '../util.ts'
 import { jobRoutes } from './routes/jobs.ts'
@@ -26,6 +28,8 @@ export interface Services {
   snapshots: SnapshotService
   blockJobs: BlockJobService
   state: StateService
+  checker: VmChecker
+  reconciler: Reconciler
 }
 
 /** Options of the HTTP app. */

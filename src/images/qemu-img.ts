@@ -61,6 +61,19 @@ export class QemuImg {
     return z.array(ImageInfo).parse(JSON.parse(out))
   }
 
+  /**
+   * One image alone, without opening its backing file (qemu-img info opens with
+   * BDRV_O_NO_BACKING): what its header says, `full-backing-filename` included. `forceShare`
+   * reads an image a QEMU has open (-U).
+   */
+  async info(file: string, opts: { forceShare?: boolean } = {}): Promise<ImageInfo> {
+    const args = ['info', '--output=json']
+    if (opts.forceShare) args.push('-U')
+    args.push(file)
+    const out = await this.run(args, { timeoutMs: 30_000 })
+    return ImageInfo.parse(JSON.parse(out))
+  }
+
   /** Internal snapshots offline: create (-c), apply (-a) or delete (-d) a tag in a qcow2. */
   async snapshot(op: 'create' | 'apply' | 'delete', file: string, tag: string): Promise<void> {
     const flag = { create: '-c', apply: '-a', delete: '-d' }[op]

@@ -108,5 +108,11 @@ export const VmRuntime = z.strictObject({
   currentSnapshot: z.string().optional(),
   /** Files qmpd created for this VM (removed by DELETE ?deleteStorage=true). */
   createdFiles: z.array(z.string()).default([]),
+  /**
+   * Set when the store, QEMU and the files disagree in a way reconcile (src/ops/reconcile.ts)
+   * could not resolve on its own: the VM needs an operator. Optional, so rows written before it
+   * existed still load.
+   */
+  repair: z.strictObject({ reason: z.string(), at: z.string() }).optional(),
 })
 export type VmRuntime = z.output<typeof VmRuntime>

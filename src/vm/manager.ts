@@ -62,6 +62,8 @@ export interface VmView {
   definition: StoredDefinition
   disks: DiskView[]
   exit?: VmRuntime['exit']
+  /** Set when the store disagrees with QEMU or the files in a way reconcile could not resolve. */
+  repair?: VmRuntime['repair']
   createdAt: string
   updatedAt: string
 }
@@ -242,6 +244,7 @@ export class VmManager {
       definition: h.rec.definition,
       disks: await this.diskViews(h),
       ...(rt.exit ? { exit: rt.exit } : {}),
+      ...(rt.repair ? { repair: rt.repair } : {}),
       createdAt: h.rec.createdAt,
       updatedAt: h.rec.updatedAt,
     }

@@ -1,4 +1,4 @@
-import { readFileSync, readdirSync } from 'node:fs'
+import { readFileSync, readdirSync, readlinkSync, realpathSync } from 'node:fs'
 import { constants } from 'node:os'
 
 /** What /proc says about a process. */
@@ -72,4 +72,30 @@ export async function waitForExit(pid: number, timeoutMs: number, startTime?: st
     await new Promise((r) => setTimeout(r, 20))
   }
   return true
+}
+
+/**
+ * PIDs of the live (not zombie) qemu-system processes whose working directory is `dir`: qmpd
+ * launches each QEMU with its VM directory as cwd, so this finds a VM's QEMU whatever the store
+ * says. Processes of other users whose cwd cannot be read are skipped.
+ */
+export function qemuPidsWithCwd(dir: string): number[] {
+  const out: number[] = []
+  let want: string
+  try {
+    want = realpathSync.native(dir) // the kernel reports the cwd with symlinks resolved
+  } catch {
+    return out // no directory, no process in it
+  }
+  for (const entry of readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue
+    try {
+      if (readlinkSync(`/proc/${entry}/cwd`) !== want) continue
+      const argv0 = readFileSync(`/proc/${entry}/cmdline`, 'utf8').split('\0')[0] ?? ''
+      if (argv0.includes('qemu-system') && isAlive(Number(entry))) out.push(Number(entry))
+    } catch {
+      // gone while we looked, or not ours to read
+    }
+  }
+  return out
 }

@@ -1,9 +1,10 @@
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod'
 import { z } from 'zod'
+import { CheckReport } from '../../ops/check-model.ts'
 import { AdoptDefinition, VmDefinition } from '../../vm/definition.ts'
 import type { Services } from '../app.ts'
 import { replyWithJob } from '../job-reply.ts'
-import { VmParams, WaitQuery } from '../schemas.ts'
+import { ErrorBody, VmParams, WaitQuery } from '../schemas.ts'
 
 const StartBody = z.strictObject({ paused: z.boolean().optional().describe('leave the guest paused after start') }).default({})
 const StopBody = z
@@ -20,7 +21,7 @@ const QmpBody = z.strictObject({
 
 /** /v1/vms: define, adopt, list, inspect, delete, start/stop/pause/resume, and the QMP escape hatch. */
 export const vmRoutes: FastifyPluginAsyncZod<{ services: Services }> = async (app, { services }) => {
-  const { vms, jobs } = services
+  const { vms, jobs, checker, reconciler } = services
 
   app.post(
     '/v1/vms',
@@ -38,6 +39,33 @@ export const vmRoutes: FastifyPluginAsyncZod<{ services: Services }> = async (ap
 
   app.get('/v1/vms/:vm', { schema: { summary: 'One VM, with its disks\' backing chains as QEMU reports them', tags: ['vms'], params: VmParams } }, async (req) =>
     vms.view(req.params.vm),
+  )
+
+  app.get(
+    '/v1/vms/:vm/check',
+    {
+      schema: {
+        summary: 'Compare the store with QEMU and the files for one VM (read-only; problems say what repair would do)',
+        tags: ['vms'],
+        params: VmParams,
+        response: { 200: CheckReport, 404: ErrorBody },
+      },
+    },
+    async (req) => checker.check(req.params.vm),
+  )
+
+  app.post(
+    '/v1/vms/:vm/repair',
+    {
+      schema: {
+        summary: 'Reconcile the VM now (as at daemon start); clears needs-repair when the check then passes; answers the check',
+        tags: ['vms'],
+        params: VmParams,
+        body: EmptyBody,
+        response: { 200: CheckReport, 404: ErrorBody, 409: ErrorBody },
+      },
+    },
+    async (req) => reconciler.repair(req.params.vm),
   )
 
   app.delete(
