@@ -9,10 +9,10 @@ export type OrphanKind =
 
 /**
  * Temporary names qmpd itself makes in a VM directory: RAM state being written
- * (`.<file>.partial-<hex>`, state/ramfile.ts), RAM state transfer sockets (`mig-<hex>.sock`) and a
+ * (`.<file>.partial`, state/ramfile.ts partialName; older daemons added `-<hex>`), RAM state transfer sockets (`mig-<hex>.sock`) and a
  * restored managed save on its way out.
  */
-const TEMPORARY: RegExp[] = [/^\..+\.partial-[^/]+$/, /^mig-[^/]+\.sock$/, new RegExp(`^${VM_FILES.restoredSave.replace(/\./g, '\\.')}$`)]
+const TEMPORARY: RegExp[] = [/^\..+\.partial(-[^/]+)?$/, /^mig-[^/]+\.sock$/, new RegExp(`^${VM_FILES.restoredSave.replace(/\./g, '\\.')}$`)]
 
 /** Names of the images and RAM state files qmpd creates (overlays, revert layers, checkpoints). */
 const IMAGE_OR_STATE = /\.(qcow2|vmstate)$/

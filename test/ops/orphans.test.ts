@@ -9,6 +9,7 @@ const kind = (name: string) => orphanKind(name, `${dir}/${name}`, referenced)
 t.test('temporary files of qmpd are orphans whatever references them', async (t) => {
   t.equal(kind('.cp2.vmstate.partial-1a2b3c4d'), 'temporary')
   t.equal(kind('.x.vmstate.partial-1234'), 'temporary')
+  t.equal(kind('.x.vmstate.partial'), 'temporary')
   t.equal(kind('mig-abcd.sock'), 'temporary')
   t.equal(kind('managed.save.restored'), 'temporary')
 })
