@@ -21,6 +21,7 @@ import { BlockJobService } from './chain/service.ts'
 import { StateService } from './state/service.ts'
 import { registerStateRecovery } from './state/recovery.ts'
 import { registerSnapshotRecovery } from './snapshot/recovery.ts'
+import { registerChainRecovery } from './chain/recovery.ts'
 import type { SnapshotDeps } from './snapshot/deps.ts'
 import { JournalRepo } from './store/journal.ts'
 import { Journal } from './ops/journal.ts'
@@ -92,7 +93,8 @@ export async function startDaemon(
   const snapshots = new SnapshotService(snapshotDeps)
   vms.onDelete((vm, deleteStorage) => snapshots.forgetVm(vm, deleteStorage))
   registerSnapshotRecovery(recovery, snapshotDeps)
-  const blockJobs = new BlockJobService({ vms, jobs, snapshots, paths, qemuImg, log: log.child({ component: 'blockjobs' }) })
+  const blockJobs = new BlockJobService({ vms, jobs, snapshots, paths, qemuImg, journal, log: log.child({ component: 'blockjobs' }) })
+  registerChainRecovery(recovery, { vms, repo: snapshotRepo, qemuImg, vmDir: (vm) => paths.vmDir(vm) })
   const state = new StateService({ vms, jobs, paths, journal, log: log.child({ component: 'state' }) })
   registerStateRecovery(recovery, { vms, journal: journalRepo })
   const busy = (vm: string, what: string): void => blockJobs.assertIdle(vm, what)
@@ -106,7 +108,8 @@ export async function startDaemon(
     qemuImg,
     paths,
     busy: vmBusy,
-    pendingJournal: (vm) => journalRepo.pending(vm),
+    // An entry whose job still runs is an operation in flight, not one a crash interrupted.
+    pendingJournal: (vm) => journalRepo.pending(vm).filter((e) => !e.job || !jobs.isLive(e.job)),
   })
   const reconciler = new Reconciler({ checker, vms, snapshots: snapshotRepo, jobs, busy: vmBusy, log: log.child({ component: 'reconcile' }) })
   await vms.init()

@@ -7,6 +7,7 @@ import type { PathPolicy } from '../images/paths.ts'
 import type { QemuImg } from '../images/qemu-img.ts'
 import type { JobContext, JobManager } from '../jobs/manager.ts'
 import type { Job } from '../jobs/model.ts'
+import type { Journal, Operation } from '../ops/journal.ts'
 import type { QmpClient } from '../qmp/index.ts'
 import type { SnapshotRepo } from '../store/snapshots.ts'
 import { isAdopted, NAME_PATTERN, PathString } from '../vm/definition.ts'
@@ -14,6 +15,7 @@ import type { VmManager } from '../vm/manager.ts'
 import { assertState, isRunningState } from '../vm/states.ts'
 import { afterCommit, afterPull, commit, mirror, stream, type ChainDeps } from './editor.ts'
 import type { Layer } from './graph.ts'
+import type { ChainJournal } from './recovery.ts'
 
 const Speed = z.number().int().min(0).describe('bytes per second; 0 = unlimited')
 const LayerRef = z.string().min(1).max(4096).describe('an image file of the chain, or the name of a snapshot whose image it is')
@@ -66,9 +68,23 @@ export class BlockJobService {
       snapshots: { readonly repo: SnapshotRepo }
       paths: PathPolicy
       qemuImg: QemuImg
+      journal: Journal
       log: Logger
     },
   ) {}
+
+  /**
+   * Runs a block job's work as a journaled operation (op = the job's kind): recovery
+   * (chain/recovery.ts) reads from QEMU's graph and the files whether it finished.
+   */
+  private async journaled<T>(vm: string, ctx: JobContext, body: ChainJournal, fn: (o: Operation) => Promise<T>): Promise<T> {
+    const o = this.deps.journal.begin({ vm, op: body.job, job: ctx.id, body, qemuPid: () => this.deps.vms.record(vm).runtime.pid })
+    try {
+      return await fn(o)
+    } finally {
+      o.end()
+    }
+  }
 
   /** What the chain editor works with. */
   private get editor(): ChainDeps {
@@ -246,7 +262,9 @@ export class BlockJobService {
       this.speedControls(ctx, qmp, jobId, { complete: waitForUser })
       if (body.speedBytesPerSec !== undefined) ctx.setSpeed(body.speedBytesPerSec)
     }
-    await commit(this.editor, {
+    const plan: ChainJournal = { job: 'commit', disk, layers: layers.map((l) => ({ file: l.file, format: l.format })), top, base, live: !!qmp, keepMerged: body.keepMerged }
+    return this.journaled(vm, ctx, plan, async (o) => {
+    await o.step('block-job', () => commit(this.editor, {
       disk,
       ...(qmp ? { qmp } : {}),
       layers,
@@ -264,14 +282,15 @@ export class BlockJobService {
       progress: (p) => ctx.setProgress(p, 100),
       // qemu-img commit does not touch the image above top: point it at base by hand (QEMU rewrites it itself).
       above: { files: !qmp && top > 0 ? [layers[top - 1]!.file] : [] },
-    })
+    }))
     if (qmp) {
       // A commit cancelled after READY leaves the VM on its top layer, like QEMU does.
       const now = await liveChain(qmp, disk)
       pivoted = activeCommit && now[0]?.file === layers[base]!.file
     }
-    const removed = afterCommit(this.editor, vm, disk, layers, top, base, { activeMoved: pivoted, keep: body.keepMerged }, ctx)
+    const removed = await o.step('record', () => afterCommit(this.editor, vm, disk, layers, top, base, { activeMoved: pivoted, keep: body.keepMerged }, ctx))
     return { top: layers[top]!.file, base: layers[base]!.file, pivoted, removed, ms: Math.round(performance.now() - t0) }
+    })
   }
 
   private async doPull(vm: string, disk: string, body: PullBody, ctx: JobContext): Promise<unknown> {
@@ -284,7 +303,9 @@ export class BlockJobService {
       this.speedControls(ctx, qmp, jobId, {})
       if (body.speedBytesPerSec !== undefined) ctx.setSpeed(body.speedBytesPerSec)
     }
-    await stream(this.editor, {
+    const plan: ChainJournal = { job: 'pull', disk, layers: layers.map((l) => ({ file: l.file, format: l.format })), top: 0, base, live: !!qmp, keepMerged: body.keepMerged }
+    return this.journaled(vm, ctx, plan, async (o) => {
+    await o.step('block-job', () => stream(this.editor, {
       disk,
       ...(qmp ? { qmp } : {}),
       into: layers[0]!,
@@ -298,16 +319,28 @@ export class BlockJobService {
         onStatus: this.phase(ctx, () => false),
       },
       progress: (p) => ctx.setProgress(p, 100),
-    })
-    const removed = afterPull(this.editor, vm, disk, layers, base, body.keepMerged, ctx)
+    }))
+    const removed = await o.step('record', () => afterPull(this.editor, vm, disk, layers, base, body.keepMerged, ctx))
     return { into: layers[0]!.file, base: base < layers.length ? layers[base]!.file : null, removed, ms: Math.round(performance.now() - t0) }
+    })
   }
 
   private async doCopy(vm: string, disk: string, body: CopyBody, ctx: JobContext): Promise<unknown> {
     const { layers, qmp } = await this.chain(vm, disk)
     const t0 = performance.now()
     const jobId = `qmpd-copy-${ctx.id.slice(0, 8)}`
-    const { pivoted } = await mirror(this.editor, {
+    const plan: ChainJournal = {
+      job: 'copy',
+      disk,
+      layers: layers.map((l) => ({ file: l.file, format: l.format })),
+      top: 0,
+      base: body.shallow && layers.length > 1 ? 1 : layers.length,
+      live: !!qmp,
+      keepMerged: false,
+      dest: body.dest,
+      format: body.format,
+    }
+    const { pivoted } = await this.journaled(vm, ctx, plan, (o) => o.step('block-job', () => mirror(this.editor, {
       vm,
       disk,
       ...(qmp ? { qmp } : {}),
@@ -331,7 +364,7 @@ export class BlockJobService {
         this.speedControls(ctx, qmp!, jobId, { complete: !body.pivot })
         if (body.speedBytesPerSec !== undefined) ctx.setSpeed(body.speedBytesPerSec)
       },
-    })
+    })))
     return { dest: body.dest, pivoted, ms: Math.round(performance.now() - t0) }
   }
 }

@@ -144,6 +144,11 @@ export class JobManager {
     return this.repo.list(filter).map((j) => this.get(j.id) ?? j)
   }
 
+  /** True while the job is queued or running in this daemon. */
+  isLive(id: string): boolean {
+    return this.live.has(id)
+  }
+
   /** True while the VM has a queued or running job. */
   busy(vm: string): boolean {
     const q = this.queues.get(vm)
