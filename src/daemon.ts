@@ -19,6 +19,7 @@ import { SnapshotService, type SnapshotTestHooks } from './snapshot/service.ts'
 import { SnapshotRepo } from './store/snapshots.ts'
 import { BlockJobService } from './chain/service.ts'
 import { StateService } from './state/service.ts'
+import { lockStateDir } from './lock.ts'
 
 /** qmpd's version, reported by /healthz and the OpenAPI document. */
 export const VERSION = '0.1.0'
@@ -44,13 +45,33 @@ export interface Daemon {
   close(opts?: { drainTimeoutMs?: number }): Promise<void>
 }
 
-/** Creates the state directory, opens the store, recovers interrupted jobs and re-attaches to QEMUs. */
+/**
+ * Creates the state directory, takes it for this process (BUSY when another daemon has it), opens
+ * the store, recovers interrupted jobs and re-attaches to QEMUs.
+ */
 export async function startDaemon(
   config: Config,
   log: Logger = pino({ level: config.logLevel }),
   testHooks: { snapshots?: SnapshotTestHooks } = {},
 ): Promise<Daemon> {
   mkdirSync(config.stateDir, { recursive: true, mode: 0o750 })
+  // Before the store is opened: a second daemon on the same directory would serve the same VMs
+  // without their QMP connections, and re-attach would fight the first one for every QEMU.
+  const lock = await lockStateDir(config.stateDir)
+  try {
+    return await openDaemon(config, log, testHooks, lock.release)
+  } catch (err) {
+    await lock.release()
+    throw err
+  }
+}
+
+async function openDaemon(
+  config: Config,
+  log: Logger,
+  testHooks: { snapshots?: SnapshotTestHooks },
+  releaseLock: () => Promise<void>,
+): Promise<Daemon> {
   mkdirSync(join(config.stateDir, 'vms'), { recursive: true, mode: 0o750 })
   const db = openDb(join(config.stateDir, 'qmpd.db'))
   const bus = new EventBus()
@@ -97,6 +118,7 @@ export async function startDaemon(
       if (!(await settlesWithin(jobs.drain(), opts.drainTimeoutMs ?? 10_000))) log.warn('jobs still running at shutdown; leaving them to QEMU')
       await vms.close()
       db.close()
+      await releaseLock()
     },
   }
 }
