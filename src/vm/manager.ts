@@ -96,7 +96,7 @@ const QueryStatus = z.looseObject({ status: z.string(), running: z.boolean() })
 
 /** How long QEMU gets to create its QMP socket after spawn. */
 const START_CONNECT_TIMEOUT_MS = 30_000
-/** How long QEMU gets to exit after `quit` before SIGKILL. */
+/** How long QEMU gets to exit after `quit` before SIGKILL (Config.quitTimeoutMs overrides it). */
 const QUIT_TIMEOUT_MS = 10_000
 /** How long the process may linger after its QMP socket closed before we call it hung. */
 const EXIT_AFTER_EOF_TIMEOUT_MS = 5_000
@@ -122,6 +122,10 @@ export class VmManager {
       log: Logger
     },
   ) {}
+
+  private get quitTimeoutMs(): number {
+    return this.deps.config.quitTimeoutMs ?? QUIT_TIMEOUT_MS
+  }
 
   /** Loads every VM from the store and re-attaches to the QEMU processes that still run. */
   async init(): Promise<void> {
@@ -808,35 +812,64 @@ export class VmManager {
     if (!opts.force && h.qmp) {
       const timeoutMs = (opts.timeoutSec ?? 60) * 1000
       this.setState(h, 'stopping')
-      await h.qmp.execute('system_powerdown')
-      method = 'powerdown'
-      const done = await settlesWithin(exited, timeoutMs)
-      if (!done) {
-        ctx.log.info({ timeoutMs }, 'guest ignored the powerdown; quitting QEMU')
-        method = 'powerdown+quit'
+      try {
+        await h.qmp.execute('system_powerdown')
+        method = 'powerdown'
+        if (!(await settlesWithin(exited, timeoutMs))) {
+          ctx.log.info({ timeoutMs }, 'guest ignored the powerdown; quitting QEMU')
+          method = 'powerdown+quit'
+        }
+      } catch (err) {
+        // A QEMU that cannot take a powerdown (wedged, or its monitor gone) is quit or killed below.
+        ctx.log.warn({ err }, 'system_powerdown failed; quitting QEMU')
       }
     }
     if (isRunningState(h.rec.runtime.state)) {
       h.expectingExit = true
-      if (h.qmp) {
-        await h.qmp.execute('quit').catch((err: unknown) => {
-          if (!(err instanceof QmpDisconnectedError)) throw err
+      let done = false
+      const qmp = h.qmp
+      if (qmp) {
+        // Not awaited by itself: a wedged QEMU (stopped, or its vCPUs asleep in a userfaultfd
+        // after a failed background snapshot) never answers, and `quit` must not be what the kill
+        // waits for. The kill comes when the process has not exited within the quit timeout.
+        qmp.execute('quit').catch((err: unknown) => {
+          if (!(err instanceof QmpDisconnectedError)) ctx.log.warn({ err }, 'quit failed')
         })
+        done = await settlesWithin(exited, this.quitTimeoutMs)
       }
-      const pid = h.rec.runtime.pid
-      const done = await settlesWithin(exited, QUIT_TIMEOUT_MS)
-      if (!done && pid) {
-        method += '+kill'
-        ctx.log.warn({ pid }, 'QEMU did not quit; SIGKILL')
-        process.kill(pid, 'SIGKILL')
-        if (!h.child) {
-          await waitForExit(pid, QUIT_TIMEOUT_MS)
-          this.onExit(h, procInfo(pid)?.exit ?? { code: null, signal: 'SIGKILL' })
+      if (!done) {
+        method = qmp ? `${method}+kill` : 'kill'
+        if (!(await this.killQemu(h, ctx, qmp ? 'QEMU did not exit after quit; SIGKILL' : 'no QMP connection to QEMU; SIGKILL'))) {
+          throw new QmpdError('INVALID_STATE', `VM ${h.name}: no QMP connection and no known PID; qmpd cannot stop its QEMU`, { vm: h.name })
         }
-        await exited
       }
     }
     return { method, state: h.rec.runtime.state, ms: Math.round(performance.now() - t0) }
+  }
+
+  /**
+   * SIGKILLs the VM's QEMU by its recorded PID (checked against its start time, so a reused PID is
+   * never hit) and waits until it has exited and onExit has recorded it. False when no PID is known.
+   */
+  private async killQemu(h: Handle, ctx: JobContext, why: string): Promise<boolean> {
+    const { pid, pidStartTime } = h.rec.runtime
+    if (!pid) return false
+    const exited = h.exited ?? Promise.resolve()
+    if (isAlive(pid, pidStartTime)) {
+      ctx.log.warn({ pid }, why)
+      try {
+        process.kill(pid, 'SIGKILL')
+      } catch {
+        // exited in the meantime
+      }
+    }
+    if (!h.child) {
+      // Not our child (re-attached): no 'exit' event will come; /proc tells when it is gone.
+      await waitForExit(pid, this.quitTimeoutMs + 10_000, pidStartTime)
+      this.onExit(h, procInfo(pid)?.exit ?? { code: null, signal: 'SIGKILL' })
+    }
+    await exited
+    return true
   }
 
   private async diskViews(h: Handle): Promise<DiskView[]> {
