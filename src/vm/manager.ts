@@ -27,6 +27,7 @@ import { findQemuByArg, isAlive, procInfo, waitForExit } from './proc.ts'
 import { shortSocketPath } from './sockpath.ts'
 import { settlesWithin, sleep } from '../util.ts'
 import { loadRamState, stateSocket } from '../state/ramfile.ts'
+import { endStrayQemus } from './stray.ts'
 
 /** One layer of a disk's backing chain, top first. */
 export interface ChainLayer {
@@ -533,7 +534,23 @@ export class VmManager {
       return
     }
     if (!isRunningState(rt.state) && rt.state !== 'starting') return
-    if (!rt.pid || !isAlive(rt.pid, rt.pidStartTime)) {
+    // 'starting' never has a PID of its own (launch records it with the state that follows), so
+    // whatever PID it carries is an old run's.
+    if (rt.state === 'starting' || !rt.pid || !isAlive(rt.pid, rt.pidStartTime)) {
+      const dir = this.deps.paths.vmDir(h.name)
+      const strays = await endStrayQemus(dir, h.log)
+      if (rt.state === 'starting' || strays.length > 0) {
+        // The previous daemon died between spawning QEMU and recording it (start, revert,
+        // restore). Nothing ran in that QEMU but a RAM load at most; a managed save it was
+        // restoring from is still in place (it goes only after a successful restore) and stays.
+        const next = { ...h.rec.runtime }
+        delete next.pid
+        delete next.pidStartTime
+        h.rec.runtime = next
+        if (existsSync(join(dir, VM_FILES.managedSave))) this.setState(h, 'saved', 'managed save')
+        else this.setState(h, 'shutoff', 'QEMU start interrupted by a daemon crash')
+        return
+      }
       const info = rt.pid ? procInfo(rt.pid) : undefined
       const exit = info?.exit ?? { code: null, signal: null }
       const next = { ...rt, exit: { ...exit, at: new Date().toISOString() } }

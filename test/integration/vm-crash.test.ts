@@ -1,8 +1,13 @@
-// Crash robustness of the VM process layer against real QEMU: a wedged QEMU.
+// Crash robustness of the VM process layer against real QEMU: a wedged QEMU, and a QEMU left by
+// a daemon that died while launching it.
+import { spawn } from 'node:child_process'
+import { existsSync } from 'node:fs'
 import { join } from 'node:path'
-import t from 'tap'
+import t, { type Test } from 'tap'
+import { VmRepo } from '../../src/store/vms.ts'
+import { buildArgv } from '../../src/vm/argv.ts'
 import { isAlive, waitForExit } from '../../src/vm/proc.ts'
-import { defineGuestVm, eventually, op, startTestDaemon, type TestDaemon } from '../helpers/daemon.ts'
+import { defineGuestVm, eventually, guestCounters, op, startTestDaemon, type TestDaemon } from '../helpers/daemon.ts'
 import { requireQemu } from '../helpers/qemu.ts'
 
 t.before(() => {
@@ -10,6 +15,14 @@ t.before(() => {
 })
 
 const QUIT_TIMEOUT_MS = 2_000
+
+/** Kills (by PID) a process this test started, when the test ends. */
+function reapAtEnd(t: Test, pid: number): void {
+  t.teardown(async () => {
+    if (isAlive(pid)) process.kill(pid, 'SIGKILL')
+    await waitForExit(pid, 5000)
+  })
+}
 
 async function vm(td: TestDaemon, name: string): Promise<any> {
   return (await td.api('GET', `/v1/vms/${name}`)).body
@@ -48,4 +61,60 @@ t.test('a stop without a QMP connection (state unknown) kills the recorded QEMU 
   t.match(job.result, { method: 'kill', state: 'shutoff' })
   t.notOk(isAlive(pid), 'the QEMU process is gone')
   t.match(await vm(td, 'mute'), { state: 'shutoff', reason: 'destroyed' })
+})
+
+/** Spawns qemu-system-x86_64 with the VM's own argv in its directory, as an interrupted launch would have. */
+async function spawnLikeLaunch(t: Test, td: TestDaemon, name: string, opts: { incoming?: boolean } = {}): Promise<number> {
+  const rec = td.daemon.vms.record(name)
+  const dir = join(td.stateDir, 'vms', name)
+  const argv = buildArgv(rec.definition as any, { accel: 'tcg', disks: rec.runtime.disks, ...opts })
+  const child = spawn('qemu-system-x86_64', argv, { cwd: dir, detached: true, stdio: 'ignore' })
+  child.unref()
+  const pid = child.pid!
+  reapAtEnd(t, pid)
+  const up = await eventually(() => existsSync(join(dir, 'qemu.pid')) && existsSync(join(dir, 'qmp.sock')), 10_000)
+  if (!up) throw new Error('QEMU did not come up')
+  return pid
+}
+
+t.test('a QEMU launched by a start the daemon did not live to record is ended at the next start; the VM is shutoff', async (t) => {
+  const stateDir = t.testdir()
+  const first = await startTestDaemon(t, { stateDir })
+  await defineGuestVm(first, 'orphan')
+  const repo = new VmRepo(first.daemon.db)
+  const rt = { ...first.daemon.vms.record('orphan').runtime, state: 'starting' as const }
+  repo.updateRuntime('orphan', rt)
+  const pid = await spawnLikeLaunch(t, first, 'orphan')
+  await first.close()
+  t.ok(isAlive(pid), 'the stray QEMU runs')
+
+  const second = await startTestDaemon(t, { stateDir })
+  t.notOk(isAlive(pid), 'the next daemon ended it before serving')
+  t.match(await vm(second, 'orphan'), { state: 'shutoff', reason: 'QEMU start interrupted by a daemon crash' })
+  t.equal((await op(second, 'orphan', 'start')).state, 'succeeded', 'the images are free: it starts')
+  t.ok(await eventually(async () => (await guestCounters(second, 'orphan')).counter > 0))
+})
+
+t.test('an interrupted start from a managed save keeps the save: saved, and the next start restores it', async (t) => {
+  const stateDir = t.testdir()
+  const first = await startTestDaemon(t, { stateDir })
+  await defineGuestVm(first, 'msorphan')
+  await op(first, 'msorphan', 'start')
+  t.ok(await eventually(async () => (await guestCounters(first, 'msorphan')).counter > 50))
+  await op(first, 'msorphan', 'managedsave')
+  const save = join(stateDir, 'vms', 'msorphan', 'managed.save')
+  t.ok(existsSync(save))
+  // What the start from the managed save had done when the daemon died: state 'starting', QEMU
+  // spawned waiting for the incoming stream, no PID recorded.
+  new VmRepo(first.daemon.db).updateRuntime('msorphan', { ...first.daemon.vms.record('msorphan').runtime, state: 'starting' })
+  const pid = await spawnLikeLaunch(t, first, 'msorphan', { incoming: true })
+  await first.close()
+
+  const second = await startTestDaemon(t, { stateDir })
+  t.notOk(isAlive(pid), 'the stray QEMU is gone')
+  t.match(await vm(second, 'msorphan'), { state: 'saved', reason: 'managed save' })
+  t.ok(existsSync(save), 'the managed save is still there')
+  const started = await op(second, 'msorphan', 'start', { paused: true })
+  t.match(started.result, { restoredFromManagedSave: true })
+  t.ok((await guestCounters(second, 'msorphan')).counter > 50, 'the guest comes back from the save')
 })
