@@ -14,7 +14,7 @@ import { JobManager } from './jobs/manager.ts'
 import { openDb, type Db } from './store/db.ts'
 import { JobRepo } from './store/jobs.ts'
 import { VmRepo } from './store/vms.ts'
-import { VmManager } from './vm/manager.ts'
+import { VmManager, type VmTestHooks } from './vm/manager.ts'
 import { SnapshotService, type SnapshotTestHooks } from './snapshot/service.ts'
 import { SnapshotRepo } from './store/snapshots.ts'
 import { BlockJobService } from './chain/service.ts'
@@ -52,7 +52,7 @@ export interface Daemon {
 export async function startDaemon(
   config: Config,
   log: Logger = pino({ level: config.logLevel }),
-  testHooks: { snapshots?: SnapshotTestHooks } = {},
+  testHooks: { snapshots?: SnapshotTestHooks; vms?: VmTestHooks } = {},
 ): Promise<Daemon> {
   mkdirSync(config.stateDir, { recursive: true, mode: 0o750 })
   // Before the store is opened: a second daemon on the same directory would serve the same VMs
@@ -69,7 +69,7 @@ export async function startDaemon(
 async function openDaemon(
   config: Config,
   log: Logger,
-  testHooks: { snapshots?: SnapshotTestHooks },
+  testHooks: { snapshots?: SnapshotTestHooks; vms?: VmTestHooks },
   releaseLock: () => Promise<void>,
 ): Promise<Daemon> {
   mkdirSync(join(config.stateDir, 'vms'), { recursive: true, mode: 0o750 })
@@ -80,7 +80,7 @@ async function openDaemon(
   if (interrupted.length) log.warn({ jobs: interrupted.map((j) => j.id) }, 'jobs interrupted by the previous daemon marked failed')
   const paths = new PathPolicy(config.stateDir, config.allowedDirs)
   const qemuImg = new QemuImg(config.qemuImgBinary)
-  const vms = new VmManager({ config, repo: new VmRepo(db), jobs, bus, paths, qemuImg, log })
+  const vms = new VmManager({ config, repo: new VmRepo(db), jobs, bus, paths, qemuImg, log, ...(testHooks.vms ? { hooks: testHooks.vms } : {}) })
   const snapshots = new SnapshotService({
     vms,
     jobs,

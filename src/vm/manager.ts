@@ -75,6 +75,12 @@ export interface StopOptions {
   timeoutSec?: number
 }
 
+/** Test hooks of the VM manager (crash tests); never set in production. */
+export interface VmTestHooks {
+  /** Runs right after QEMU was spawned, while the VM is 'starting' and before qmpd connects to it. */
+  afterSpawn?: (vm: string, pid: number) => void | Promise<void>
+}
+
 /** In-memory side of one VM: its QMP connection, its child process and exit bookkeeping. */
 interface Handle {
   name: string
@@ -121,6 +127,7 @@ export class VmManager {
       paths: PathPolicy
       qemuImg: QemuImg
       log: Logger
+      hooks?: VmTestHooks
     },
   ) {}
 
@@ -495,8 +502,15 @@ export class VmManager {
       return
     }
     if (h.rec.runtime.state === 'starting') {
-      // QEMU gave up before its monitor came up (bad image, bad argument): launch() reports why.
-      this.setState(h, 'shutoff', 'failed to start', { exit: { ...how, at: new Date().toISOString() } })
+      const exit = { ...how, at: new Date().toISOString() }
+      if (how.signal && !h.expectingExit) {
+        // A signal qmpd did not send (kill -9 by someone, the OOM killer) is a crash, not a
+        // configuration QEMU refused: the definition may be fine and the next start may work.
+        this.setState(h, 'crashed', `QEMU killed by ${how.signal} during start`, { exit })
+      } else {
+        // QEMU gave up before its monitor came up (bad image, bad argument): launch() reports why.
+        this.setState(h, 'shutoff', 'failed to start', { exit })
+      }
       h.child = undefined
       h.markExited?.()
       return
@@ -787,6 +801,7 @@ export class VmManager {
     })
     child.unref()
     try {
+      if (child.pid && this.deps.hooks?.afterSpawn) await this.deps.hooks.afterSpawn(h.name, child.pid)
       const qmp = await Promise.race([spawnError, this.connectWhenReady(socket, h, () => exitInfo !== undefined)])
       const pid = child.pid!
       this.setState(h, 'paused', argv.includes('-incoming') ? 'inmigrate' : 'prelaunch', { pid, pidStartTime: procInfo(pid)?.startTime })
@@ -800,6 +815,8 @@ export class VmManager {
       if (h.rec.runtime.state === 'starting') this.setState(h, 'shutoff', 'failed to start')
       const e = toQmpdError(err)
       if (e.code === 'QEMU_NOT_FOUND') throw e
+      // onExit made it a crash: something outside qmpd killed QEMU; the log tail would not say so.
+      if (h.rec.runtime.state === 'crashed') throw new QmpdError('QEMU_START_FAILED', h.rec.runtime.reason ?? 'QEMU crashed during start', { log: logPath }, { cause: err })
       const tail = readTail(logPath, logStart)
       throw new QmpdError('QEMU_START_FAILED', `QEMU did not start: ${tail || e.message}`, { log: logPath }, { cause: err })
     }

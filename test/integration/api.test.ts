@@ -106,7 +106,7 @@ t.test('QEMU refusing to start reports its own message', async (t) => {
   t.equal(res.status, 502)
   t.equal(res.body.error.code, 'QEMU_START_FAILED')
   t.match(res.body.error.message, /qcow2/i)
-  t.equal((await td.api('GET', '/v1/vms/liar')).body.state, 'shutoff')
+  t.match((await td.api('GET', '/v1/vms/liar')).body, { state: 'shutoff', reason: 'failed to start' }, 'an exit with a code is no crash')
 })
 
 t.test('the QMP escape hatch passes commands and QEMU\'s errors through', async (t) => {

@@ -1,5 +1,5 @@
-// Crash robustness of the VM process layer against real QEMU: a wedged QEMU, and a QEMU left by
-// a daemon that died while launching it.
+// Crash robustness of the VM process layer against real QEMU: a wedged QEMU, a QEMU left by a
+// daemon that died while launching it, and a QEMU killed while it starts.
 import { spawn } from 'node:child_process'
 import { existsSync } from 'node:fs'
 import { join } from 'node:path'
@@ -117,4 +117,29 @@ t.test('an interrupted start from a managed save keeps the save: saved, and the 
   const started = await op(second, 'msorphan', 'start', { paused: true })
   t.match(started.result, { restoredFromManagedSave: true })
   t.ok((await guestCounters(second, 'msorphan')).counter > 50, 'the guest comes back from the save')
+})
+
+t.test('QEMU killed by a signal while it starts is crashed, not "failed to start"; the next start works', async (t) => {
+  let killDuringStart = true
+  const td = await startTestDaemon(t, {
+    hooks: {
+      vms: {
+        afterSpawn: async (_vm, pid) => {
+          if (!killDuringStart) return
+          process.kill(pid, 'SIGKILL')
+          await waitForExit(pid, 5000)
+        },
+      },
+    },
+  })
+  await defineGuestVm(td, 'shot')
+  const res = await td.api('POST', '/v1/vms/shot/start?wait=true')
+  t.equal(res.status, 502)
+  t.equal(res.body.error.code, 'QEMU_START_FAILED')
+  t.equal(res.body.error.message, 'QEMU killed by SIGKILL during start')
+  const v = await vm(td, 'shot')
+  t.match(v, { state: 'crashed', reason: 'QEMU killed by SIGKILL during start', exit: { signal: 'SIGKILL', code: null } })
+  killDuringStart = false
+  t.equal((await op(td, 'shot', 'start')).state, 'succeeded')
+  t.equal((await vm(td, 'shot')).state, 'running')
 })
