@@ -27,6 +27,7 @@ import { findQemuByArg, isAlive, procInfo, waitForExit } from './proc.ts'
 import { shortSocketPath } from './sockpath.ts'
 import { settlesWithin, sleep } from '../util.ts'
 import { loadRamState, stateSocket } from '../state/ramfile.ts'
+import { cancelStaleMigration, contAfterMigration } from './migration.ts'
 import { endStrayQemus } from './stray.ts'
 
 /** One layer of a disk's backing chain, top first. */
@@ -578,6 +579,10 @@ export class VmManager {
     this.armExit(h)
     const qmp = await this.connect(rt.qmpSocket, h.log)
     this.attach(h, qmp)
+    // A save, managed save or checkpoint the previous daemon was streaming: its receiver died
+    // with it. Cancel before reading the run state (the cancel may change it); whether the guest
+    // runs again is for the recovery of that operation to decide, not for re-attach.
+    await cancelStaleMigration(qmp, h.log)
     const st = stateFromStatus(QueryStatus.parse(await qmp.execute('query-status')))
     this.setState(h, st.state, st.reason)
     await this.endOrphanedJobs(h, qmp)
@@ -704,23 +709,15 @@ export class VmManager {
 
   /**
    * Resumes the guest (QMP cont) from inside a job. Right after a migration completes QEMU may still
-   * answer "Migration is not finalized yet" (it finishes in a bottom half): retry briefly.
+   * answer "Migration is not finalized yet" (it finishes in a bottom half): retry briefly. The
+   * recovery of an operation a daemon crash interrupted calls it too, once re-attach has cancelled
+   * the migration the operation left (a guest wedged by a failed background snapshot under QEMU
+   * 7.2 does not come back this way: see cancelStaleMigration in ./migration.ts).
    */
   async contInJob(name: string): Promise<void> {
     const h = this.must(name)
     const qmp = this.qmp(name)
-    for (let attempt = 0; ; attempt++) {
-      try {
-        await qmp.execute('cont')
-        break
-      } catch (err) {
-        if (attempt < 50 && err instanceof QmpdError && /not finalized/i.test(err.message)) {
-          await sleep(10)
-          continue
-        }
-        throw err
-      }
-    }
+    await contAfterMigration(qmp)
     this.setStateIfLive(h, qmp, 'running')
   }
 
