@@ -1,6 +1,6 @@
 // One daemon per state directory: the lock refuses a second one and dies with its holder, even by SIGKILL.
 import { spawn, type ChildProcess } from 'node:child_process'
-import { realpathSync } from 'node:fs'
+import { realpathSync, rmSync } from 'node:fs'
 import { join } from 'node:path'
 import { pino } from 'pino'
 import t from 'tap'
@@ -50,6 +50,8 @@ t.test('a second daemon on the same state directory is refused until the first c
 t.test('a daemon killed with SIGKILL leaves no lock behind; qmpd serve refuses a busy directory', async (t) => {
   const stateDir = t.testdir()
   const sock = join('/tmp', `qmpd-lock-${process.pid}.sock`)
+  // A daemon killed with SIGKILL cannot remove its listening socket's file.
+  t.teardown(() => rmSync(sock, { force: true }))
   const first = await serve(stateDir, sock)
   t.teardown(() => {
     if (first.child.exitCode === null && first.child.signalCode === null) first.child.kill('SIGKILL')
