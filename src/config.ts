@@ -23,6 +23,11 @@ export interface Config {
    * daemon's event loop) responsive without slowing the burst down.
    */
   parallelDiskSnapshots: number
+  /**
+   * How long a stopping QEMU gets to exit after `quit` before qmpd sends SIGKILL (default 10 s).
+   * Not taken from the environment: tests shorten it to exercise a wedged QEMU.
+   */
+  quitTimeoutMs?: number
 }
 
 /** The default state directory: $XDG_STATE_HOME/qmpd, else ~/.local/state/qmpd. */
@@ -45,6 +50,7 @@ export function makeConfig(over: Partial<Config> = {}, env: NodeJS.ProcessEnv = 
     logLevel: over.logLevel ?? env['QMPD_LOG_LEVEL'] ?? 'info',
     parallelDiskSnapshots: over.parallelDiskSnapshots ?? parseCount(env['QMPD_PARALLEL_DISK_SNAPSHOTS'], 'QMPD_PARALLEL_DISK_SNAPSHOTS') ?? 2 * availableParallelism(),
     ...(token ? { token } : {}),
+    ...(over.quitTimeoutMs !== undefined ? { quitTimeoutMs: over.quitTimeoutMs } : {}),
   }
 }
 

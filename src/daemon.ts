@@ -14,7 +14,7 @@ import { JobManager } from './jobs/manager.ts'
 import { openDb, type Db } from './store/db.ts'
 import { JobRepo } from './store/jobs.ts'
 import { VmRepo } from './store/vms.ts'
-import { VmManager } from './vm/manager.ts'
+import { VmManager, type VmTestHooks } from './vm/manager.ts'
 import { SnapshotService, type SnapshotTestHooks } from './snapshot/service.ts'
 import { SnapshotRepo } from './store/snapshots.ts'
 import { BlockJobService } from './chain/service.ts'
@@ -28,6 +28,7 @@ import { Journal } from './ops/journal.ts'
 import { Recovery } from './ops/recovery.ts'
 import { VmChecker } from './ops/check.ts'
 import { Reconciler } from './ops/reconcile.ts'
+import { lockStateDir } from './lock.ts'
 
 /** qmpd's version, reported by /healthz and the OpenAPI document. */
 export const VERSION = '0.1.0'
@@ -57,13 +58,33 @@ export interface Daemon {
   close(opts?: { drainTimeoutMs?: number }): Promise<void>
 }
 
-/** Creates the state directory, opens the store, recovers interrupted jobs and re-attaches to QEMUs. */
+/**
+ * Creates the state directory, takes it for this process (BUSY when another daemon has it), opens
+ * the store, recovers interrupted jobs and re-attaches to QEMUs.
+ */
 export async function startDaemon(
   config: Config,
   log: Logger = pino({ level: config.logLevel }),
-  testHooks: { snapshots?: SnapshotTestHooks } = {},
+  testHooks: { snapshots?: SnapshotTestHooks; vms?: VmTestHooks } = {},
 ): Promise<Daemon> {
   mkdirSync(config.stateDir, { recursive: true, mode: 0o750 })
+  // Before the store is opened: a second daemon on the same directory would serve the same VMs
+  // without their QMP connections, and re-attach would fight the first one for every QEMU.
+  const lock = await lockStateDir(config.stateDir)
+  try {
+    return await openDaemon(config, log, testHooks, lock.release)
+  } catch (err) {
+    await lock.release()
+    throw err
+  }
+}
+
+async function openDaemon(
+  config: Config,
+  log: Logger,
+  testHooks: { snapshots?: SnapshotTestHooks; vms?: VmTestHooks },
+  releaseLock: () => Promise<void>,
+): Promise<Daemon> {
   mkdirSync(join(config.stateDir, 'vms'), { recursive: true, mode: 0o750 })
   const db = openDb(join(config.stateDir, 'qmpd.db'))
   const bus = new EventBus()
@@ -78,7 +99,7 @@ export async function startDaemon(
   const vmRepo = new VmRepo(db)
   // One repository instance for every reader: it caches each VM's parsed snapshot list.
   const snapshotRepo = new SnapshotRepo(db)
-  const vms = new VmManager({ config, repo: vmRepo, jobs, bus, paths, qemuImg, log })
+  const vms = new VmManager({ config, repo: vmRepo, jobs, bus, paths, qemuImg, log, ...(testHooks.vms ? { hooks: testHooks.vms } : {}) })
   const snapshotDeps: SnapshotDeps = {
     vms,
     jobs,
@@ -139,6 +160,7 @@ export async function startDaemon(
       if (!(await settlesWithin(jobs.drain(), opts.drainTimeoutMs ?? 10_000))) log.warn('jobs still running at shutdown; leaving them to QEMU')
       await vms.close()
       db.close()
+      await releaseLock()
     },
   }
 }

@@ -31,6 +31,8 @@ import { assertState, isRunningState, type VmOperation } from './states.ts'
 
 // Other code imported it from here before states.ts held it.
 export { isRunningState }
+import { cancelStaleMigration, contAfterMigration } from './migration.ts'
+import { endStrayQemus } from './stray.ts'
 
 /** One layer of a disk's backing chain, top first. */
 export interface ChainLayer {
@@ -80,6 +82,12 @@ export interface StopOptions {
   timeoutSec?: number
 }
 
+/** Test hooks of the VM manager (crash tests); never set in production. */
+export interface VmTestHooks {
+  /** Runs right after QEMU was spawned, while the VM is 'starting' and before qmpd connects to it. */
+  afterSpawn?: (vm: string, pid: number) => void | Promise<void>
+}
+
 /** In-memory side of one VM: its QMP connection, its child process and exit bookkeeping. */
 interface Handle {
   name: string
@@ -102,7 +110,7 @@ const QueryStatus = z.looseObject({ status: z.string(), running: z.boolean() })
 
 /** How long QEMU gets to create its QMP socket after spawn. */
 const START_CONNECT_TIMEOUT_MS = 30_000
-/** How long QEMU gets to exit after `quit` before SIGKILL. */
+/** How long QEMU gets to exit after `quit` before SIGKILL (Config.quitTimeoutMs overrides it). */
 const QUIT_TIMEOUT_MS = 10_000
 /** How long the process may linger after its QMP socket closed before we call it hung. */
 const EXIT_AFTER_EOF_TIMEOUT_MS = 5_000
@@ -126,8 +134,13 @@ export class VmManager {
       paths: PathPolicy
       qemuImg: QemuImg
       log: Logger
+      hooks?: VmTestHooks
     },
   ) {}
+
+  private get quitTimeoutMs(): number {
+    return this.deps.config.quitTimeoutMs ?? QUIT_TIMEOUT_MS
+  }
 
   /** Loads every VM from the store and re-attaches to the QEMU processes that still run. */
   async init(): Promise<void> {
@@ -490,8 +503,15 @@ export class VmManager {
       return
     }
     if (h.rec.runtime.state === 'starting') {
-      // QEMU gave up before its monitor came up (bad image, bad argument): launch() reports why.
-      this.setState(h, 'shutoff', 'failed to start', { exit: { ...how, at: new Date().toISOString() } })
+      const exit = { ...how, at: new Date().toISOString() }
+      if (how.signal && !h.expectingExit) {
+        // A signal qmpd did not send (kill -9 by someone, the OOM killer) is a crash, not a
+        // configuration QEMU refused: the definition may be fine and the next start may work.
+        this.setState(h, 'crashed', `QEMU killed by ${how.signal} during start`, { exit })
+      } else {
+        // QEMU gave up before its monitor came up (bad image, bad argument): launch() reports why.
+        this.setState(h, 'shutoff', 'failed to start', { exit })
+      }
       h.child = undefined
       h.markExited?.()
       return
@@ -529,7 +549,23 @@ export class VmManager {
       return
     }
     if (!isRunningState(rt.state) && rt.state !== 'starting') return
-    if (!rt.pid || !isAlive(rt.pid, rt.pidStartTime)) {
+    // 'starting' never has a PID of its own (launch records it with the state that follows), so
+    // whatever PID it carries is an old run's.
+    if (rt.state === 'starting' || !rt.pid || !isAlive(rt.pid, rt.pidStartTime)) {
+      const dir = this.deps.paths.vmDir(h.name)
+      const strays = await endStrayQemus(dir, h.log)
+      if (rt.state === 'starting' || strays.length > 0) {
+        // The previous daemon died between spawning QEMU and recording it (start, revert,
+        // restore). Nothing ran in that QEMU but a RAM load at most; a managed save it was
+        // restoring from is still in place (it goes only after a successful restore) and stays.
+        const next = { ...h.rec.runtime }
+        delete next.pid
+        delete next.pidStartTime
+        h.rec.runtime = next
+        if (existsSync(join(dir, VM_FILES.managedSave))) this.setState(h, 'saved', 'managed save')
+        else this.setState(h, 'shutoff', 'QEMU start interrupted by a daemon crash')
+        return
+      }
       const info = rt.pid ? procInfo(rt.pid) : undefined
       const exit = info?.exit ?? { code: null, signal: null }
       const next = { ...rt, exit: { ...exit, at: new Date().toISOString() } }
@@ -543,6 +579,10 @@ export class VmManager {
     this.armExit(h)
     const qmp = await this.connect(rt.qmpSocket, h.log)
     this.attach(h, qmp)
+    // A save, managed save or checkpoint the previous daemon was streaming: its receiver died
+    // with it. Cancel before reading the run state (the cancel may change it); whether the guest
+    // runs again is for the recovery of that operation to decide, not for re-attach.
+    await cancelStaleMigration(qmp, h.log)
     const st = stateFromStatus(QueryStatus.parse(await qmp.execute('query-status')))
     this.setState(h, st.state, st.reason)
     await this.endOrphanedJobs(h, qmp)
@@ -669,23 +709,15 @@ export class VmManager {
 
   /**
    * Resumes the guest (QMP cont) from inside a job. Right after a migration completes QEMU may still
-   * answer "Migration is not finalized yet" (it finishes in a bottom half): retry briefly.
+   * answer "Migration is not finalized yet" (it finishes in a bottom half): retry briefly. The
+   * recovery of an operation a daemon crash interrupted calls it too, once re-attach has cancelled
+   * the migration the operation left (a guest wedged by a failed background snapshot under QEMU
+   * 7.2 does not come back this way: see cancelStaleMigration in ./migration.ts).
    */
   async contInJob(name: string): Promise<void> {
     const h = this.must(name)
     const qmp = this.qmp(name)
-    for (let attempt = 0; ; attempt++) {
-      try {
-        await qmp.execute('cont')
-        break
-      } catch (err) {
-        if (attempt < 50 && err instanceof QmpdError && /not finalized/i.test(err.message)) {
-          await sleep(10)
-          continue
-        }
-        throw err
-      }
-    }
+    await contAfterMigration(qmp)
     this.setStateIfLive(h, qmp, 'running')
   }
 
@@ -766,6 +798,7 @@ export class VmManager {
     })
     child.unref()
     try {
+      if (child.pid && this.deps.hooks?.afterSpawn) await this.deps.hooks.afterSpawn(h.name, child.pid)
       const qmp = await Promise.race([spawnError, this.connectWhenReady(socket, h, () => exitInfo !== undefined)])
       const pid = child.pid!
       this.setState(h, 'paused', argv.includes('-incoming') ? 'inmigrate' : 'prelaunch', { pid, pidStartTime: procInfo(pid)?.startTime })
@@ -779,6 +812,8 @@ export class VmManager {
       if (h.rec.runtime.state === 'starting') this.setState(h, 'shutoff', 'failed to start')
       const e = toQmpdError(err)
       if (e.code === 'QEMU_NOT_FOUND') throw e
+      // onExit made it a crash: something outside qmpd killed QEMU; the log tail would not say so.
+      if (h.rec.runtime.state === 'crashed') throw new QmpdError('QEMU_START_FAILED', h.rec.runtime.reason ?? 'QEMU crashed during start', { log: logPath }, { cause: err })
       const tail = readTail(logPath, logStart)
       throw new QmpdError('QEMU_START_FAILED', `QEMU did not start: ${tail || e.message}`, { log: logPath }, { cause: err })
     }
@@ -808,35 +843,64 @@ export class VmManager {
     if (!opts.force && h.qmp) {
       const timeoutMs = (opts.timeoutSec ?? 60) * 1000
       this.setState(h, 'stopping')
-      await h.qmp.execute('system_powerdown')
-      method = 'powerdown'
-      const done = await settlesWithin(exited, timeoutMs)
-      if (!done) {
-        ctx.log.info({ timeoutMs }, 'guest ignored the powerdown; quitting QEMU')
-        method = 'powerdown+quit'
+      try {
+        await h.qmp.execute('system_powerdown')
+        method = 'powerdown'
+        if (!(await settlesWithin(exited, timeoutMs))) {
+          ctx.log.info({ timeoutMs }, 'guest ignored the powerdown; quitting QEMU')
+          method = 'powerdown+quit'
+        }
+      } catch (err) {
+        // A QEMU that cannot take a powerdown (wedged, or its monitor gone) is quit or killed below.
+        ctx.log.warn({ err }, 'system_powerdown failed; quitting QEMU')
       }
     }
     if (isRunningState(h.rec.runtime.state)) {
       h.expectingExit = true
-      if (h.qmp) {
-        await h.qmp.execute('quit').catch((err: unknown) => {
-          if (!(err instanceof QmpDisconnectedError)) throw err
+      let done = false
+      const qmp = h.qmp
+      if (qmp) {
+        // Not awaited by itself: a wedged QEMU (stopped, or its vCPUs asleep in a userfaultfd
+        // after a failed background snapshot) never answers, and `quit` must not be what the kill
+        // waits for. The kill comes when the process has not exited within the quit timeout.
+        qmp.execute('quit').catch((err: unknown) => {
+          if (!(err instanceof QmpDisconnectedError)) ctx.log.warn({ err }, 'quit failed')
         })
+        done = await settlesWithin(exited, this.quitTimeoutMs)
       }
-      const pid = h.rec.runtime.pid
-      const done = await settlesWithin(exited, QUIT_TIMEOUT_MS)
-      if (!done && pid) {
-        method += '+kill'
-        ctx.log.warn({ pid }, 'QEMU did not quit; SIGKILL')
-        process.kill(pid, 'SIGKILL')
-        if (!h.child) {
-          await waitForExit(pid, QUIT_TIMEOUT_MS)
-          this.onExit(h, procInfo(pid)?.exit ?? { code: null, signal: 'SIGKILL' })
+      if (!done) {
+        method = qmp ? `${method}+kill` : 'kill'
+        if (!(await this.killQemu(h, ctx, qmp ? 'QEMU did not exit after quit; SIGKILL' : 'no QMP connection to QEMU; SIGKILL'))) {
+          throw new QmpdError('INVALID_STATE', `VM ${h.name}: no QMP connection and no known PID; qmpd cannot stop its QEMU`, { vm: h.name })
         }
-        await exited
       }
     }
     return { method, state: h.rec.runtime.state, ms: Math.round(performance.now() - t0) }
+  }
+
+  /**
+   * SIGKILLs the VM's QEMU by its recorded PID (checked against its start time, so a reused PID is
+   * never hit) and waits until it has exited and onExit has recorded it. False when no PID is known.
+   */
+  private async killQemu(h: Handle, ctx: JobContext, why: string): Promise<boolean> {
+    const { pid, pidStartTime } = h.rec.runtime
+    if (!pid) return false
+    const exited = h.exited ?? Promise.resolve()
+    if (isAlive(pid, pidStartTime)) {
+      ctx.log.warn({ pid }, why)
+      try {
+        process.kill(pid, 'SIGKILL')
+      } catch {
+        // exited in the meantime
+      }
+    }
+    if (!h.child) {
+      // Not our child (re-attached): no 'exit' event will come; /proc tells when it is gone.
+      await waitForExit(pid, this.quitTimeoutMs + 10_000, pidStartTime)
+      this.onExit(h, procInfo(pid)?.exit ?? { code: null, signal: 'SIGKILL' })
+    }
+    await exited
+    return true
   }
 
   private async diskViews(h: Handle): Promise<DiskView[]> {

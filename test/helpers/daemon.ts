@@ -9,6 +9,7 @@ import { makeConfig, type Config } from '../../src/config.ts'
 import { startDaemon, type Daemon } from '../../src/daemon.ts'
 import type { Job } from '../../src/jobs/model.ts'
 import type { SnapshotTestHooks } from '../../src/snapshot/service.ts'
+import type { VmTestHooks } from '../../src/vm/manager.ts'
 import { isAlive, waitForExit } from '../../src/vm/proc.ts'
 import { GUEST_COUNTER_ADDR, makeGuestDisk, parseCounters, type GuestCounters } from './guest.ts'
 
@@ -55,7 +56,7 @@ export async function reapQemus(): Promise<void> {
 /** Starts a daemon on `stateDir` (default: a fresh t.testdir()); registers teardown. */
 export async function startTestDaemon(
   t: Test,
-  opts: { stateDir?: string; config?: Partial<Config>; token?: string; hooks?: { snapshots?: SnapshotTestHooks } } = {},
+  opts: { stateDir?: string; config?: Partial<Config>; token?: string; hooks?: { snapshots?: SnapshotTestHooks; vms?: VmTestHooks } } = {},
 ): Promise<TestDaemon> {
   const stateDir = opts.stateDir ?? t.testdir()
   const config = makeConfig({ stateDir, accel: 'tcg', ...opts.config }, {})

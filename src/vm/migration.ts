@@ -1,0 +1,72 @@
+import type { Logger } from 'pino'
+import { QmpdError } from '../errors.ts'
+import type { QmpClient } from '../qmp/index.ts'
+import { sleep } from '../util.ts'
+
+/** query-migrate statuses of an outgoing migration that still runs (qapi/migration.json MigrationStatus). */
+const ACTIVE_MIGRATION = new Set(['setup', 'active', 'pre-switchover', 'device', 'cancelling', 'postcopy-active', 'postcopy-paused', 'wait-unplug'])
+
+/** How long a cancelled migration may take to reach 'cancelled' (its thread must notice). */
+const CANCEL_TIMEOUT_MS = 10_000
+
+/** What cancelStaleMigration found and left. */
+export interface StaleMigration {
+  /** The status query-migrate reported first. */
+  found: string
+  /** The status once it was cancelled (or 'cancelling' if QEMU did not get there in time). */
+  now: string
+  /** Whether it was a background-snapshot migration: under QEMU 7.2 its guest may be wedged (see below). */
+  background: boolean
+}
+
+/**
+ * Ends an outgoing migration a dead daemon left in QEMU (a save, a managed save or a checkpoint
+ * streams to a unix socket the daemon served): migrate_cancel, then waits (bounded) until it is
+ * cancelled or failed. Returns undefined when no migration runs. It does not resume the guest:
+ * the recovery of the interrupted operation decides that (contAfterMigration).
+ *
+ * QEMU 7.2 un-protects guest RAM after a background-snapshot only when the migration completes
+ * (ram_write_tracking_stop in bg_migration_completion; moved to every ending in QEMU 8.1, commit
+ * 3a8b81f2e6 "migration: stop tracking ram writes when cancelling background migration"). A
+ * background snapshot that failed or was cancelled therefore leaves every vCPU that writes a page
+ * not yet saved asleep in handle_userfault for good: QEMU reports 'running', `cont` changes
+ * nothing, and `stop` or `quit` never return (they wait for the vCPUs). Only SIGKILL ends such
+ * a QEMU; the result says `background: true` so the caller can tell.
+ */
+export async function cancelStaleMigration(qmp: QmpClient, log: Logger): Promise<StaleMigration | undefined> {
+  const info = await qmp.execute('query-migrate')
+  const found = info.status
+  if (!found || !ACTIVE_MIGRATION.has(found)) return undefined
+  const caps = await qmp.execute('query-migrate-capabilities').catch(() => [])
+  const background = caps.some((c) => c.capability === 'background-snapshot' && c.state)
+  if (found !== 'cancelling') await qmp.execute('migrate_cancel')
+  let now = found
+  for (const deadline = Date.now() + CANCEL_TIMEOUT_MS; ; ) {
+    now = (await qmp.execute('query-migrate')).status ?? 'none'
+    if (!ACTIVE_MIGRATION.has(now) || Date.now() > deadline) break
+    await sleep(20)
+  }
+  log.warn({ found, now, background }, 'cancelled an outgoing migration left by the previous daemon')
+  return { found, now, background }
+}
+
+/**
+ * Resumes a guest (QMP cont) after a migration ended. Right after a migration completes or is
+ * cancelled QEMU may still answer "Migration is not finalized yet" (it finishes in a bottom half):
+ * retry briefly. It cannot revive a guest wedged by a failed background snapshot under QEMU 7.2
+ * (see cancelStaleMigration): cont answers and the vCPUs stay asleep.
+ */
+export async function contAfterMigration(qmp: QmpClient): Promise<void> {
+  for (let attempt = 0; ; attempt++) {
+    try {
+      await qmp.execute('cont')
+      return
+    } catch (err) {
+      if (attempt < 50 && err instanceof QmpdError && /not finalized/i.test(err.message)) {
+        await sleep(10)
+        continue
+      }
+      throw err
+    }
+  }
+}
