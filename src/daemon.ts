@@ -22,6 +22,7 @@ import { StateService } from './state/service.ts'
 import { registerStateRecovery } from './state/recovery.ts'
 import { registerSnapshotRecovery } from './snapshot/recovery.ts'
 import { registerChainRecovery } from './chain/recovery.ts'
+import { registerVmRecovery } from './vm/recovery.ts'
 import type { SnapshotDeps } from './snapshot/deps.ts'
 import { JournalRepo } from './store/journal.ts'
 import { Journal } from './ops/journal.ts'
@@ -99,7 +100,7 @@ async function openDaemon(
   const vmRepo = new VmRepo(db)
   // One repository instance for every reader: it caches each VM's parsed snapshot list.
   const snapshotRepo = new SnapshotRepo(db)
-  const vms = new VmManager({ config, repo: vmRepo, jobs, bus, paths, qemuImg, log, ...(testHooks.vms ? { hooks: testHooks.vms } : {}) })
+  const vms = new VmManager({ config, repo: vmRepo, jobs, bus, paths, qemuImg, journal, log, ...(testHooks.vms ? { hooks: testHooks.vms } : {}) })
   const snapshotDeps: SnapshotDeps = {
     vms,
     jobs,
@@ -112,7 +113,8 @@ async function openDaemon(
     ...(testHooks.snapshots ? { hooks: testHooks.snapshots } : {}),
   }
   const snapshots = new SnapshotService(snapshotDeps)
-  vms.onDelete((vm, deleteStorage) => snapshots.forgetVm(vm, deleteStorage))
+  vms.onDelete({ files: (vm) => snapshots.filesOf(vm), forget: (vm) => snapshots.forgetVm(vm) })
+  registerVmRecovery(recovery, { vms, vmDir: (vm) => paths.vmDir(vm), forget: (vm) => vms.forget(vm) })
   registerSnapshotRecovery(recovery, snapshotDeps)
   const blockJobs = new BlockJobService({ vms, jobs, snapshots, paths, qemuImg, journal, log: log.child({ component: 'blockjobs' }) })
   registerChainRecovery(recovery, { vms, repo: snapshotRepo, qemuImg, vmDir: (vm) => paths.vmDir(vm) })

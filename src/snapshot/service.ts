@@ -72,11 +72,12 @@ export class SnapshotService {
   }
 
   /** Forgets every snapshot of a deleted VM; with deleteStorage also removes the files qmpd made for them. */
-  forgetVm(vm: string, deleteStorage: boolean): void {
-    if (deleteStorage) {
-      for (const img of this.deps.repo.images(vm)) if (img.createdByQmpd) rmSync(img.file, { force: true })
-      for (const s of this.deps.repo.list(vm)) if (s.vmstateFile) rmSync(s.vmstateFile, { force: true })
-    }
+  forgetVm(vm: string): void {
     this.deps.repo.deleteAllFor(vm)
+  }
+
+  /** The files qmpd made for a VM's snapshots: the images it created and the RAM state files. */
+  filesOf(vm: string): string[] {
+    return [...this.deps.repo.images(vm).filter((i) => i.createdByQmpd).map((i) => i.file), ...this.deps.repo.list(vm).flatMap((s) => (s.vmstateFile ? [s.vmstateFile] : []))]
   }
 }

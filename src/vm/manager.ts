@@ -33,6 +33,8 @@ import { assertState, isRunningState, type VmOperation } from './states.ts'
 export { isRunningState }
 import { cancelStaleMigration, contAfterMigration } from './migration.ts'
 import { endStrayQemus } from './stray.ts'
+import type { Journal } from '../ops/journal.ts'
+import { START_OP, VM_DELETE_OP, type StartJournal, type VmDeleteJournal } from './plans.ts'
 
 /** One layer of a disk's backing chain, top first. */
 export interface ChainLayer {
@@ -68,6 +70,12 @@ export interface VmView {
   repair?: VmRuntime['repair']
   createdAt: string
   updatedAt: string
+}
+
+/** What other services do when a VM is deleted: the files they made for it, and forgetting their records of it. */
+export interface DeleteHook {
+  files(vm: string): string[]
+  forget(vm: string): void
 }
 
 /** Options of the start operation. */
@@ -121,7 +129,7 @@ const EXIT_AFTER_EOF_TIMEOUT_MS = 5_000
  */
 export class VmManager {
   private readonly handles = new Map<string, Handle>()
-  private readonly deleteHooks: Array<(vm: string, deleteStorage: boolean) => void> = []
+  private readonly deleteHooks: DeleteHook[] = []
   /** Refuses stopping a VM whose disks a block job is busy with (set by the daemon). */
   busyCheck: (vm: string, what: string) => void = () => {}
 
@@ -133,6 +141,8 @@ export class VmManager {
       bus: EventBus
       paths: PathPolicy
       qemuImg: QemuImg
+      /** Starts are journaled (a start from a managed save must never lose it): vm/recovery.ts. */
+      journal: Journal
       log: Logger
       hooks?: VmTestHooks
     },
@@ -146,7 +156,9 @@ export class VmManager {
   async init(): Promise<void> {
     for (const rec of this.deps.repo.list()) {
       const h = this.handleFor(rec)
-      await rm(join(this.deps.paths.vmDir(rec.name), VM_FILES.restoredSave), { force: true }).catch((err: unknown) =>
+      // A start a crash interrupted may still need it (its recovery puts it back): keep it then.
+      const needed = this.deps.journal.repo.pending(rec.name).some((e) => e.op === START_OP)
+      if (!needed) await rm(join(this.deps.paths.vmDir(rec.name), VM_FILES.restoredSave), { force: true }).catch((err: unknown) =>
         h.log.warn({ err }, 'could not delete a restored managed save'),
       )
       try {
@@ -276,34 +288,50 @@ export class VmManager {
   }
 
   /** Registers code to run when a VM is deleted, before its directory is cleaned (snapshot metadata, files). */
-  onDelete(hook: (vm: string, deleteStorage: boolean) => void): void {
+  onDelete(hook: DeleteHook): void {
     this.deleteHooks.push(hook)
   }
 
   /** DELETE /v1/vms/{vm}: only when QEMU is not running; deleteStorage also removes files qmpd created. */
-  delete(name: string, opts: { deleteStorage?: boolean } = {}): void {
+  async delete(name: string, opts: { deleteStorage?: boolean } = {}): Promise<void> {
     const h = this.must(name)
     const { state } = h.rec.runtime
     if (!isAdopted(h.rec.definition)) assertState(name, state, 'vm-delete')
     if (this.deps.jobs.busy(name)) throw new QmpdError('BUSY', `VM ${name} has queued or running jobs`, { vm: name })
     this.busyCheck(name, 'delete the VM')
+    const deleteStorage = !!opts.deleteStorage && !isAdopted(h.rec.definition)
+    const dir = this.deps.paths.vmDir(name)
+    // Every file goes into the journal first: once the records are gone nothing else names them.
+    const files = deleteStorage
+      ? [...new Set([...this.deleteHooks.flatMap((hook) => hook.files(name)), ...h.rec.runtime.createdFiles, ...Object.values(VM_FILES).map((f) => join(dir, f))])]
+      : []
+    const plan: VmDeleteJournal = { files, dir, deleteStorage }
+    const o = this.deps.journal.begin({ vm: name, op: VM_DELETE_OP, body: plan })
     if (h.qmp) void h.qmp.disconnect().catch(() => {})
     h.qmp = undefined
-    for (const hook of this.deleteHooks) hook(name, !!opts.deleteStorage && !isAdopted(h.rec.definition))
-    this.deps.repo.delete(name)
+    await o.step('forget', () => this.forget(name))
+    await o.step('remove-files', () => {
+      for (const f of files) rmSync(f, { force: true })
+      if (deleteStorage) {
+        try {
+          rmdirSync(dir) // only when nothing of the user's is left in it
+        } catch {
+          /* not empty or absent: keep it */
+        }
+      }
+    })
+    o.end()
+    h.log.info({ deleteStorage }, 'vm deleted')
+  }
+
+  /** Forgets a VM's records (its row and, through the delete hooks, its snapshots and images) in one transaction. */
+  forget(name: string): void {
+    this.deps.journal.repo.tx(() => {
+      for (const hook of this.deleteHooks) hook.forget(name)
+      this.deps.repo.delete(name)
+    })
     this.handles.delete(name)
     this.deps.jobs.dropQueue(name)
-    if (opts.deleteStorage && !isAdopted(h.rec.definition)) {
-      const dir = this.deps.paths.vmDir(name)
-      for (const f of h.rec.runtime.createdFiles) rmSync(f, { force: true })
-      for (const f of Object.values(VM_FILES)) rmSync(join(dir, f), { force: true })
-      try {
-        rmdirSync(dir) // only when nothing of the user's is left in it
-      } catch {
-        /* not empty or absent: keep it */
-      }
-    }
-    h.log.info({ deleteStorage: !!opts.deleteStorage }, 'vm deleted')
   }
 
   /** Queues a start: spawn QEMU (-S), connect QMP, then cont unless `paused`. */
@@ -637,22 +665,28 @@ export class VmManager {
     const t0 = performance.now()
     const saved = h.rec.runtime.state === 'saved' ? join(this.deps.paths.vmDir(h.name), VM_FILES.managedSave) : undefined
     let restored: { bytes: number; ms: number } | undefined
-    if (saved) {
-      // Restore the managed save; its file goes only once the restore has succeeded.
-      const qmp = await this.launchInJob(h.name, ctx, { incoming: true })
-      try {
-        restored = await loadRamState(qmp, { file: saved, socket: stateSocket(this.deps.paths.vmDir(h.name), true), log: ctx.log })
-      } catch (err) {
-        await this.quitInJob(h.name, ctx)
-        this.setState(h, 'saved', 'managed save (the last restore failed)')
-        throw err
+    const plan: StartJournal = { managed: saved !== undefined, paused: !!opts.paused }
+    const o = this.deps.journal.begin({ vm: h.name, op: START_OP, job: ctx.id, body: plan, qemuPid: () => h.rec.runtime.pid })
+    try {
+      if (saved) {
+        // Restore the managed save; its file goes only once the restore has succeeded.
+        const qmp = await o.step('launch', () => this.launchInJob(h.name, ctx, { incoming: true }))
+        try {
+          restored = await o.step('load-ram', () => loadRamState(qmp, { file: saved, socket: stateSocket(this.deps.paths.vmDir(h.name), true), log: ctx.log }))
+        } catch (err) {
+          await this.quitInJob(h.name, ctx)
+          this.setState(h, 'saved', 'managed save (the last restore failed)')
+          throw err
+        }
+        await o.step('discard-save', () => this.discardRestoredSave(h, saved))
+      } else {
+        await o.step('launch', () => this.launchInJob(h.name, ctx))
       }
-      await this.discardRestoredSave(h, saved)
-    } else {
-      await this.launchInJob(h.name, ctx)
+      if (!opts.paused) await o.step('cont', () => this.contInJob(h.name))
+      else if (saved) this.markPaused(h.name)
+    } finally {
+      o.end()
     }
-    if (!opts.paused) await this.contInJob(h.name)
-    else if (saved) this.markPaused(h.name)
     return {
       pid: h.rec.runtime.pid,
       state: h.rec.runtime.state,

@@ -79,7 +79,7 @@ export const vmRoutes: FastifyPluginAsyncZod<{ services: Services }> = async (ap
       },
     },
     async (req, reply) => {
-      vms.delete(req.params.vm, { deleteStorage: req.query.deleteStorage })
+      await vms.delete(req.params.vm, { deleteStorage: req.query.deleteStorage })
       return reply.code(204).send()
     },
   )
