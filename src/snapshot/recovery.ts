@@ -9,8 +9,8 @@ import { removeGarbage } from '../chain/graph.ts'
 import { liveChain, liveInternalSnapshots } from '../images/graph.ts'
 import type { Recovery, RecoveryOutcome } from '../ops/recovery.ts'
 import type { JournalEntry } from '../store/journal.ts'
-import { cancelOutgoingMigration } from '../state/migration.ts'
-import { partialName } from '../state/ramfile.ts'
+import { finishReceivedState, partialName } from '../state/ramfile.ts'
+import { cancelStaleMigration } from '../vm/migration.ts'
 import { isRunningState } from '../vm/states.ts'
 import { commitCreate, CREATE_OP, type CreateJournal } from './create.ts'
 import { DELETE_OP, rerunDelete, type DeleteJournal } from './delete.ts'
@@ -42,7 +42,9 @@ async function recoverCreate(d: SnapshotDeps, e: JournalEntry, j: CreateJournal,
   const ctx = { id: e.job ?? e.id, log }
   const alive = isRunningState(d.vms.record(vm).runtime.state)
   const qmp = alive ? d.vms.qmp(vm) : undefined
-  if (qmp) await cancelOutgoingMigration(qmp)
+  if (qmp) await cancelStaleMigration(qmp, log)
+  // The receiver outlives the daemon: a stream QEMU sent whole is the RAM state file now.
+  const ramWhole = s.vmstateFile ? await finishReceivedState(qmp, s.vmstateFile) : false
   if (s.vmstateFile) await rm(partialName(s.vmstateFile), { force: true })
   const captured = s.disks.filter((x) => x.mode !== 'excluded')
   let whole: boolean
@@ -57,7 +59,7 @@ async function recoverCreate(d: SnapshotDeps, e: JournalEntry, j: CreateJournal,
     } else {
       whole = s.vmState === 'shutoff' && (await Promise.all(plan.overlays.map((o) => backedBy(d, o.overlay, o.file)))).every(Boolean)
     }
-    if (s.memory) whole &&= existsSync(s.vmstateFile!)
+    if (s.memory) whole &&= ramWhole
   }
   if (whole) {
     d.repo.tx(() => commitCreate(d, vm, plan, s, () => d.journal.repo.done(e.id)))

@@ -1,13 +1,16 @@
 import { randomBytes } from 'node:crypto'
-import { createReadStream, createWriteStream } from 'node:fs'
+import { spawn } from 'node:child_process'
+import { createReadStream } from 'node:fs'
+import { fileURLToPath } from 'node:url'
 import { open, rename, rm, stat } from 'node:fs/promises'
-import { connect, createServer, type Socket } from 'node:net'
+import { connect, type Socket } from 'node:net'
 import { basename, dirname, join } from 'node:path'
 import { pipeline } from 'node:stream/promises'
 import type { Logger } from 'pino'
 import { QmpdError } from '../errors.ts'
 import type { QmpClient } from '../qmp/index.ts'
 import { shortSocketPath } from '../vm/sockpath.ts'
+import { settlesWithin } from '../util.ts'
 
 /** QEMU_VM_FILE_MAGIC ("QEVM") and QEMU_VM_FILE_VERSION, the first 8 bytes of a migration stream (migration/savevm.c). */
 const STREAM_MAGIC = Buffer.from([0x51, 0x45, 0x56, 0x4d, 0x00, 0x00, 0x00, 0x03])
@@ -107,38 +110,17 @@ export async function saveRamState(qmp: QmpClient, opts: SaveOptions): Promise<S
   // A partial file of this name can only be left by a save a crash interrupted (one save per
   // file at a time: the VM's queue, and O_EXCL on the final name): it is never a whole stream.
   await rm(partial, { force: true })
-  const server = createServer()
-  const short = shortSocketPath(opts.socket.path)
-  let received: Promise<number> | undefined
+  const receiver = startReceiver(opts.socket.path, partial)
   let writeError: QmpdError | undefined
-  let conn: Socket | undefined
-  const connected = new Promise<void>((resolve) => {
-    server.once('connection', (sock) => {
-      conn = sock
-      server.close()
-      const out = createWriteStream(partial, { flags: 'wx', mode: 0o600 })
-      received = pipeline(sock, out).then(
-        () => out.bytesWritten,
-        (err: NodeJS.ErrnoException) => {
-          // The file cannot take the stream (ENOSPC, EIO): stop QEMU sending at once.
-          writeError = new QmpdError('IO_ERROR', `writing ${opts.file} failed: ${err.message}`, { file: opts.file, errno: err.code })
-          qmp.execute('migrate_cancel').catch(() => {})
-          throw writeError
-        },
-      )
-      // Observed here so that a failure before anyone awaits it is never an unhandled rejection.
-      received.catch(() => {})
-      resolve()
-    })
+  receiver.failed.then((msg) => {
+    // The file cannot take the stream (ENOSPC, EIO): stop QEMU sending at once.
+    writeError = new QmpdError('IO_ERROR', `writing ${opts.file} failed: ${msg}`, { file: opts.file })
+    qmp.execute('migrate_cancel').catch(() => {})
   })
   const events = qmp.events({ names: ['MIGRATION'] })
   let poll: NodeJS.Timeout | undefined
   try {
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', reject)
-      server.listen(short.path, () => resolve())
-    })
-    short.release()
+    await receiver.listening
     await qmp.execute('migrate-set-capabilities', {
       capabilities: [
         { capability: 'events', state: true },
@@ -167,36 +149,119 @@ export async function saveRamState(qmp: QmpClient, opts: SaveOptions): Promise<S
       } else if (status === 'completed') {
         break
       } else if (status === 'failed' || status === 'cancelled') {
+        // A write error of the receiver is what made QEMU fail: let its report arrive first.
+        await settlesWithin(receiver.exited, 2000)
         if (writeError) throw writeError
         const info = await qmp.execute('query-migrate').catch(() => undefined)
         throw new QmpdError('QMP_COMMAND_FAILED', `saving RAM state failed: ${info?.['error-desc'] ?? status}`, { status })
       }
     }
-    await connected
-    const bytes = await received!
+    const bytes = await Promise.race([receiver.received, receiver.failed.then(() => Promise.reject(writeError))])
     await opts.afterTransfer?.()
-    const fh = await open(partial, 'r+')
-    try {
-      await fh.sync()
-    } finally {
-      await fh.close()
-    }
+    await Promise.race([receiver.synced, receiver.failed.then(() => Promise.reject(writeError))])
     await rename(partial, opts.file)
     await fsyncDir(dir)
     return { bytes, ms: Math.round(performance.now() - t0) }
   } catch (err) {
     await qmp.execute('migrate_cancel').catch(() => {})
-    conn?.destroy()
-    await received?.catch(() => {})
+    await receiver.end()
     await rm(partial, { force: true })
     throw err
   } finally {
     if (poll) clearInterval(poll)
-    short.release()
     await events.return?.()
-    server.close()
     await rm(opts.socket.path, { force: true })
   }
+}
+
+/** A receiver process (receiver.mjs) and what it has reported. */
+interface Receiver {
+  listening: Promise<void>
+  /** The stream ended: its byte count (every byte is in the file, not yet flushed). */
+  received: Promise<number>
+  /** The file is fsynced. */
+  synced: Promise<void>
+  /** Resolves with the receiver's error, if it fails (never rejects). */
+  failed: Promise<string>
+  /** Resolves once the receiver process has exited (and every line it wrote was read). */
+  exited: Promise<unknown>
+  /** Ends the receiver if it still runs, and waits for it. */
+  end(): Promise<void>
+}
+
+const RECEIVER = fileURLToPath(new URL('./receiver.mjs', import.meta.url))
+
+/**
+ * Starts the receiver of one save in the socket's directory. It runs in a session of its own
+ * and is not waited for by the daemon's event loop: if the daemon dies, the stream still ends
+ * and the next daemon finds the file (see receiver.mjs).
+ */
+function startReceiver(socketPath: string, partial: string): Receiver {
+  const child = spawn(process.execPath, [RECEIVER, basename(socketPath), partial], { cwd: dirname(socketPath), detached: true, stdio: ['ignore', 'pipe', 'pipe'] })
+  child.unref()
+  const lines: Array<(line: string) => void> = []
+  let buf = ''
+  let stderr = ''
+  child.stdout!.setEncoding('utf8').on('data', (d: string) => {
+    buf += d
+    for (let i = buf.indexOf('\n'); i >= 0; i = buf.indexOf('\n')) {
+      const line = buf.slice(0, i)
+      buf = buf.slice(i + 1)
+      for (const l of lines) l(line)
+    }
+  })
+  child.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr += d))
+  for (const stream of [child.stdout, child.stderr] as unknown as Array<{ unref?: () => void }>) stream.unref?.()
+  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)))
+  const on = (prefix: string): Promise<string> =>
+    new Promise((resolve) => lines.push((l) => l.startsWith(prefix) && resolve(l.slice(prefix.length).trim())))
+  const failed = Promise.race([
+    on('error'),
+    exited.then((code) => (code === 0 ? new Promise<string>(() => {}) : `the receiver exited with ${code}: ${stderr.trim().slice(-500)}`)),
+  ])
+  const orFail = <T>(p: Promise<T>): Promise<T> => Promise.race([p, failed.then((m) => Promise.reject(new QmpdError('IO_ERROR', m)))])
+  return {
+    listening: orFail(on('listening').then(() => undefined)),
+    received: on('received').then(Number),
+    synced: on('synced').then(() => undefined),
+    failed,
+    exited: Promise.all([exited, new Promise((resolve) => child.stdout!.once('close', resolve))]),
+    async end() {
+      if (child.exitCode === null && child.signalCode === null) {
+        child.kill('SIGKILL')
+        await exited
+      }
+    },
+  }
+}
+
+/**
+ * After a crash: when `file` is missing but its partial file holds a stream that QEMU reports it
+ * sent whole (its last outgoing migration completed; the receiver, which outlives the daemon,
+ * has written and fsynced it), the partial file is the RAM state: it is fsynced again and given
+ * its final name. Returns whether `file` is whole now. `qmp` is undefined when QEMU is gone: then
+ * nothing says the stream was whole.
+ */
+export async function finishReceivedState(qmp: QmpClient | undefined, file: string): Promise<boolean> {
+  const partial = partialName(file)
+  const have = async (f: string) => stat(f).then((s) => s.size > 0, () => false)
+  if (await have(file)) return true
+  if (!qmp || !(await have(partial))) return false
+  if ((await qmp.execute('query-migrate')).status !== 'completed') return false
+  try {
+    await checkMigrationStream(partial)
+  } catch {
+    return false
+  }
+  const fh = await open(partial, 'r+')
+  try {
+    await fh.sync()
+  } finally {
+    await fh.close()
+  }
+  await rename(partial, file)
+  await fsyncDir(dirname(file))
+  return true
 }
 
 /** Options of loadRamState. */

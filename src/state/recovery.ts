@@ -8,9 +8,9 @@ import type { JobContext } from '../jobs/manager.ts'
 import type { Recovery } from '../ops/recovery.ts'
 import type { JournalRepo } from '../store/journal.ts'
 import { isRunningState, type VmManager } from '../vm/manager.ts'
-import { cancelOutgoingMigration } from './migration.ts'
+import { cancelStaleMigration } from '../vm/migration.ts'
 import { RESTORE_OP, RestorePlan, SAVE_OP, SavePlan } from './plans.ts'
-import { partialName } from './ramfile.ts'
+import { finishReceivedState, partialName } from './ramfile.ts'
 
 /** What the rules use. */
 export interface StateRecoveryDeps {
@@ -30,9 +30,10 @@ export function registerStateRecovery(recovery: Recovery, deps: StateRecoveryDep
  * file goes, the migration QEMU may still run is cancelled, and a guest that ran before runs again.
  */
 async function recoverSave(deps: StateRecoveryDeps, vm: string, plan: SavePlan, log: Logger) {
-  await rm(partialName(plan.file), { force: true })
   const alive = isRunningState(deps.vms.record(vm).runtime.state)
-  if (existsSync(plan.file)) {
+  const whole = await finishReceivedState(alive ? deps.vms.qmp(vm) : undefined, plan.file)
+  await rm(partialName(plan.file), { force: true })
+  if (whole && existsSync(plan.file)) {
     if (alive) await deps.vms.quitInJob(vm, { log } as JobContext)
     deps.journal.tx(() => {
       if (plan.managed) deps.vms.markSaved(vm)
@@ -45,8 +46,8 @@ async function recoverSave(deps: StateRecoveryDeps, vm: string, plan: SavePlan, 
   let detail = `no whole ${plan.file}: the save was undone`
   if (alive) {
     const qmp = deps.vms.qmp(vm)
-    const ended = await cancelOutgoingMigration(qmp)
-    if (ended) detail += ` (migration cancelled: ${ended})`
+    const ended = await cancelStaleMigration(qmp, log)
+    if (ended) detail += ` (migration cancelled: ${ended.now})`
     if (plan.wasRunning && deps.vms.record(vm).runtime.state === 'paused') {
       await deps.vms.contInJob(vm)
       detail += '; the guest runs again'

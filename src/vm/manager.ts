@@ -610,7 +610,7 @@ export class VmManager {
     // A save, managed save or checkpoint the previous daemon was streaming: its receiver died
     // with it. Cancel before reading the run state (the cancel may change it); whether the guest
     // runs again is for the recovery of that operation to decide, not for re-attach.
-    await cancelStaleMigration(qmp, h.log)
+    await cancelStaleMigration(qmp, h.log, this.deps.paths.vmDir(h.name))
     const st = stateFromStatus(QueryStatus.parse(await qmp.execute('query-status')))
     this.setState(h, st.state, st.reason)
     await this.endOrphanedJobs(h, qmp)

@@ -2,9 +2,16 @@ import type { Logger } from 'pino'
 import { QmpdError } from '../errors.ts'
 import type { QmpClient } from '../qmp/index.ts'
 import { sleep } from '../util.ts'
+import { endReceivers, receiversIn, waitForReceivers } from './receivers.ts'
 
 /** query-migrate statuses of an outgoing migration that still runs (qapi/migration.json MigrationStatus). */
 const ACTIVE_MIGRATION = new Set(['setup', 'active', 'pre-switchover', 'device', 'cancelling', 'postcopy-active', 'postcopy-paused', 'wait-unplug'])
+
+/** Statuses in which QEMU streams on without the daemon (pre-switchover waits for it). */
+const SELF_RUNNING = new Set(['setup', 'active', 'device'])
+
+/** How long re-attach lets a stream whose receiver survived the daemon run to its end. */
+const RECEIVER_WAIT_MS = 120_000
 
 /** How long a cancelled migration may take to reach 'cancelled' (its thread must notice). */
 const CANCEL_TIMEOUT_MS = 10_000
@@ -33,10 +40,26 @@ export interface StaleMigration {
  * nothing, and `stop` or `quit` never return (they wait for the vCPUs). Only SIGKILL ends such
  * a QEMU; the result says `background: true` so the caller can tell.
  */
-export async function cancelStaleMigration(qmp: QmpClient, log: Logger): Promise<StaleMigration | undefined> {
-  const info = await qmp.execute('query-migrate')
-  const found = info.status
+export async function cancelStaleMigration(qmp: QmpClient, log: Logger, vmDir?: string): Promise<StaleMigration | undefined> {
+  let found = (await qmp.execute('query-migrate')).status
   if (!found || !ACTIVE_MIGRATION.has(found)) return undefined
+  // The stream's receiver is a process of its own (state/receiver.mjs) that outlived the daemon:
+  // while it runs and QEMU streams on its own (not waiting for the daemon in pre-switchover),
+  // let the stream end. A completed background snapshot releases the guest's RAM; a cancelled
+  // one would wedge it under QEMU 7.2 (below).
+  if (vmDir !== undefined) {
+    for (const deadline = Date.now() + RECEIVER_WAIT_MS; SELF_RUNNING.has(found ?? '') && receiversIn(vmDir).length > 0 && Date.now() < deadline; ) {
+      await sleep(20)
+      found = (await qmp.execute('query-migrate')).status
+    }
+    // Ended (completed or failed): the receiver writes the stream's tail and fsyncs, then exits.
+    if (!found || !ACTIVE_MIGRATION.has(found)) await waitForReceivers(vmDir, RECEIVER_WAIT_MS)
+    await endReceivers(vmDir)
+    if (!found || !ACTIVE_MIGRATION.has(found)) {
+      log.warn({ status: found }, 'an outgoing migration left by the previous daemon ran to its end')
+      return undefined
+    }
+  }
   const caps = await qmp.execute('query-migrate-capabilities').catch(() => [])
   const background = caps.some((c) => c.capability === 'background-snapshot' && c.state)
   if (found !== 'cancelling') await qmp.execute('migrate_cancel')
