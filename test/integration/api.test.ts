@@ -87,7 +87,7 @@ t.test('a missing disk file or QEMU binary fails the start with a clear error; t
   t.equal(res.body.job.state, 'failed')
   t.equal((await td.api('GET', '/v1/vms/nobin')).body.state, 'shutoff')
 
-  const td2 = await startTestDaemon(t, { stateDir: `${t.testdir()}-2` }) // one daemon per state directory
+  const td2 = await startTestDaemon(t, { stateDir: join(t.testdir(), 'second') }) // one daemon per state directory
   await td2.api('POST', '/v1/vms', { name: 'nodisk', disks: [{ id: 'vda', file: 'missing.qcow2' }] })
   const r2 = await td2.api('POST', '/v1/vms/nodisk/start?wait=true')
   t.equal(r2.status, 409)

@@ -106,7 +106,7 @@ t.test('bad snapshot requests are refused with a clear status and change nothing
   t.match(mem.body.error.message, /running or paused/)
 
   // Internal needs qcow2: a raw disk is named.
-  const td2 = await startTestDaemon(t, { stateDir: `${t.testdir()}-2` }) // one daemon per state directory
+  const td2 = await startTestDaemon(t, { stateDir: join(t.testdir(), 'second') }) // one daemon per state directory
   await defineGuestVm(td2, 'raw', { disks: 1, format: 'raw' })
   const raw = await td2.api('POST', '/v1/vms/raw/snapshots', { name: 'r', kind: 'internal' })
   t.equal(raw.status, 409)
