@@ -9,7 +9,7 @@ import { saveRamState, stateSocket } from '../state/ramfile.ts'
 import { trackDowntime } from '../vm/downtime.ts'
 import type { Live, SnapshotDeps } from './deps.ts'
 import { diskSwitch, transaction } from './disk-switch.ts'
-import { reserveFile, reserveFiles } from './files.ts'
+import { qemuGone, reserveFile, reserveFiles } from './files.ts'
 import type { CreateSnapshotBody, Snapshot } from './model.ts'
 import type { CreatePlan } from './plan.ts'
 
@@ -68,7 +68,12 @@ export async function createExternal(
       const epoch = qmp.graphEpoch
       await op.step('transaction', () => transaction(d, qmp, actions))
       noteTopNodes(qmp, epoch, new Map(plan.overlays.map((o) => [o.id, newNode(o.id)])))
-      r.add('merge the new overlays back', () => undoLiveOverlays(d, qmp, plan, ctx))
+      r.add('merge the new overlays back', async () => {
+        if (!qemuGone(d, vm)) return undoLiveOverlays(d, qmp, plan, ctx)
+        // QEMU died after the switch: the guest's last writes are in the overlays. Merge them
+        // down offline into the images the store still names before the overlays are removed.
+        for (const o of plan.overlays) await d.qemuImg.commit(o.overlay, o.file).catch((err: unknown) => ctx.log.warn({ err, overlay: o.overlay }, 'offline merge back failed'))
+      })
     }
     if (!s.memory) {
       await diskSwitch(d, vm, s, ctx, diskTransaction)

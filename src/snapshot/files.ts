@@ -3,6 +3,8 @@ import { stat } from 'node:fs/promises'
 import { join } from 'node:path'
 import { QmpdError } from '../errors.ts'
 import type { QmpClient } from '../qmp/index.ts'
+import { isAlive } from '../vm/proc.ts'
+import type { SnapshotDeps } from './deps.ts'
 import type { Snapshot } from './model.ts'
 
 /** Creates an empty file, failing if it exists: claims a name before QEMU or qemu-img writes it. */
@@ -55,4 +57,14 @@ export async function fileBytes(file: string): Promise<number> {
 export function versionOf(qmp: QmpClient): string {
   const v = qmp.greeting?.version.qemu
   return v ? `${v.major}.${v.minor}.${v.micro}` : 'unknown'
+}
+
+/**
+ * True when the VM's QEMU is gone (killed, crashed): an undo then works on the files offline,
+ * since nothing holds the images any more. Read from /proc, not from the VM's recorded state,
+ * which the exit handler may not have updated yet.
+ */
+export function qemuGone(d: SnapshotDeps, vm: string): boolean {
+  const rt = d.vms.record(vm).runtime
+  return !rt.pid || !isAlive(rt.pid, rt.pidStartTime)
 }

@@ -7,6 +7,7 @@ import type { QmpClient, TransactionAction } from '../qmp/index.ts'
 import { trackDowntime } from '../vm/downtime.ts'
 import type { Live, SnapshotDeps } from './deps.ts'
 import { diskSwitch, transaction } from './disk-switch.ts'
+import { qemuGone } from './files.ts'
 import type { CreatePlan } from './plan.ts'
 
 /**
@@ -43,7 +44,15 @@ export async function createInternal(d: SnapshotDeps, vm: string, plan: CreatePl
   await o.step('snapshot-save', () => withReverter(ctx.log, async (r) => {
   // A snapshot-save that fails part-way may leave the tag in some disks (QEMU does not remove
   // it): undo removes whatever tag of this name is there, so a retry of the name can succeed.
-  r.add('delete tags left by a failed snapshot-save', () => deleteTagsLive(live.qmp, s.name, captured.map((x) => x.file), ctx))
+  r.add('delete tags left by a failed snapshot-save', async () => {
+    if (!qemuGone(d, vm)) return deleteTagsLive(live.qmp, s.name, captured.map((x) => x.file), ctx)
+    // QEMU died during the save: the images are free, and qemu-img removes what it left.
+    for (const x of captured) {
+      const info = await d.qemuImg.chain(x.file).catch(() => [])
+      if (info[0]?.snapshots?.some((t) => t.name === s.name)) await d.qemuImg.snapshot('delete', x.file, s.name)
+    }
+    return []
+  })
   await driveQemuJob(
     live.qmp,
     jobId,

@@ -113,9 +113,11 @@ export async function saveRamState(qmp: QmpClient, opts: SaveOptions): Promise<S
   const receiver = startReceiver(opts.socket.path, partial)
   let writeError: QmpdError | undefined
   receiver.failed.then((msg) => {
-    // The file cannot take the stream (ENOSPC, EIO): stop QEMU sending at once.
+    // The file cannot take the stream (ENOSPC, EIO): stop QEMU sending at once, unless it is a
+    // background snapshot: QEMU 7.2 never releases the guest's RAM from one that does not
+    // complete (the receiver drains the rest of it instead).
     writeError = new QmpdError('IO_ERROR', `writing ${opts.file} failed: ${msg}`, { file: opts.file })
-    qmp.execute('migrate_cancel').catch(() => {})
+    if (!opts.background) qmp.execute('migrate_cancel').catch(() => {})
   })
   const events = qmp.events({ names: ['MIGRATION'] })
   let poll: NodeJS.Timeout | undefined
@@ -147,6 +149,7 @@ export async function saveRamState(qmp: QmpClient, opts: SaveOptions): Promise<S
         await opts.beforeSwitchover!()
         await qmp.execute('migrate-continue', { state: 'pre-switchover' })
       } else if (status === 'completed') {
+        if (writeError) throw writeError
         break
       } else if (status === 'failed' || status === 'cancelled') {
         // A write error of the receiver is what made QEMU fail: let its report arrive first.
@@ -163,8 +166,11 @@ export async function saveRamState(qmp: QmpClient, opts: SaveOptions): Promise<S
     await fsyncDir(dir)
     return { bytes, ms: Math.round(performance.now() - t0) }
   } catch (err) {
-    await qmp.execute('migrate_cancel').catch(() => {})
-    await receiver.end()
+    // (A background snapshot still streaming is let run to its end for the reason above; the
+    // receiver drains it.)
+    if (!opts.background || (await qmp.execute('query-migrate').catch(() => undefined))?.status !== 'active') await qmp.execute('migrate_cancel').catch(() => {})
+    if (!opts.background) await receiver.end()
+    else await settlesWithin(receiver.exited, 60_000).then((done) => (done ? undefined : receiver.end()))
     await rm(partial, { force: true })
     throw err
   } finally {
