@@ -166,11 +166,12 @@ export async function saveRamState(qmp: QmpClient, opts: SaveOptions): Promise<S
     await fsyncDir(dir)
     return { bytes, ms: Math.round(performance.now() - t0) }
   } catch (err) {
-    // (A background snapshot still streaming is let run to its end for the reason above; the
-    // receiver drains it.)
-    if (!opts.background || (await qmp.execute('query-migrate').catch(() => undefined))?.status !== 'active') await qmp.execute('migrate_cancel').catch(() => {})
-    if (!opts.background) await receiver.end()
-    else await settlesWithin(receiver.exited, 60_000).then((done) => (done ? undefined : receiver.end()))
+    // A background snapshot still streaming is let run to its end for the reason above (the
+    // receiver drains it); anything else is cancelled and its receiver ended at once.
+    const status = await qmp.execute('query-migrate').then((m) => m.status, () => undefined)
+    const streaming = !!opts.background && status !== undefined && ['setup', 'active', 'device'].includes(status)
+    if (!streaming) await qmp.execute('migrate_cancel').catch(() => {})
+    if (!streaming || !(await settlesWithin(receiver.exited, 60_000))) await receiver.end()
     await rm(partial, { force: true })
     throw err
   } finally {
