@@ -5,14 +5,16 @@ import { mkdir } from 'node:fs/promises'
 import { join } from 'node:path'
 import { promisify } from 'node:util'
 import type { Test } from 'tap'
-import { defineGuestVm, eventually, guestCounters, op, type TestDaemon } from '../helpers/daemon.ts'
-import { makeGuestDisk } from '../helpers/guest.ts'
-import { snap } from '../helpers/snap.ts'
+import { defineGuestVm, eventually, guestCounters, op, type TestDaemon } from './daemon.ts'
+import { makeGuestDisk } from './guest.ts'
+import { snap } from './snap.ts'
 
 const run = promisify(execFile)
 
 /** One operation of the matrix. */
 export interface Scenario {
+  /** Which test file runs it: test/ops/crash-<family>.test.ts. */
+  family?: string
   name: string
   vm: string
   /** The journal name of the operation (the first part of its fail points). */
@@ -252,3 +254,13 @@ export const SCENARIOS: Scenario[] = [
     after: (t, td) => usable(t, td, 'rs'),
   },
 ]
+
+/** The test file a scenario belongs to, from its journal name. */
+export function familyOf(sc: Scenario): string {
+  if (sc.family) return sc.family
+  if (sc.op === 'snapshot-create') return 'create'
+  if (sc.op === 'snapshot-revert') return 'revert'
+  if (sc.op === 'snapshot-delete') return 'delete'
+  if (sc.op === 'commit' || sc.op === 'pull' || sc.op === 'copy') return 'chain'
+  return 'state'
+}

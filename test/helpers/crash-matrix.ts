@@ -1,4 +1,4 @@
-// The crash matrix: every journaled operation is run once with every fail point traced, then once
+// The crash matrix (run by test/ops/crash-*.test.ts, one file per family of operations): every journaled operation is run once with every fail point traced, then once
 // per point with the daemon SIGKILLed there (and once with the VM's QEMU killed there). A fresh
 // daemon on the same state directory must then: serve, and have ended the job failed
 // (INTERRUPTED) or succeeded; find store, QEMU and files in agreement (GET …/check); revert every
@@ -7,16 +7,12 @@
 // test:crash) runs every point of every operation; otherwise the riskiest points of each.
 import { existsSync, readFileSync } from 'node:fs'
 import { join } from 'node:path'
-import t, { type Test } from 'tap'
+import type { Test } from 'tap'
 import type { FailAction } from '../../src/ops/failpoints.ts'
-import { qemusUnder, reapQemusUnder, revertExact, snapshotRefs, startChildDaemon } from '../helpers/crash.ts'
-import { startTestDaemon, type TestDaemon } from '../helpers/daemon.ts'
-import { requireQemu } from '../helpers/qemu.ts'
-import { SCENARIOS, type Scenario } from './scenarios.ts'
-
-t.before(() => {
-  requireQemu(t)
-})
+import { qemusUnder, reapQemusUnder, revertExact, snapshotRefs, startChildDaemon } from './crash.ts'
+import type { Scenario } from './crash-scenarios.ts'
+import { startTestDaemon, type TestDaemon } from './daemon.ts'
+import { requireQemu } from './qemu.ts'
 
 const FULL = process.env['QMPD_CRASH_FULL'] === '1'
 const ONLY = process.env['QMPD_CRASH_ONLY']
@@ -116,17 +112,27 @@ function createdFiles(td: TestDaemon, vm: string): string[] {
 
 const riskiest = (sc: Scenario, points: string[]): string[] => (FULL ? points : points.filter((p) => sc.risky.some((r) => p.startsWith(`${sc.op}.${r}`))))
 
-for (const sc of SCENARIOS) {
-  if (ONLY && !new RegExp(ONLY).test(sc.name)) continue
-  t.test(sc.name, async (t) => {
-    const points = await tracePoints(t, sc)
-    t.ok(points.length >= 2, `${sc.name} passes fail points (${points.join(', ')})`)
-    for (const point of riskiest(sc, points)) {
-      await t.test(`daemon killed at ${point}`, (t) => trial(t, sc, point, 'kill-daemon'))
-    }
-    for (const point of FULL ? points : riskiest(sc, points).slice(0, 1)) {
-      await t.test(`QEMU killed at ${point}`, (t) => trial(t, sc, point, 'kill-qemu'))
-    }
+/**
+ * Runs the matrix of `scenarios` as subtests of `t`: QMPD_CRASH_FULL=1 (npm run test:crash) every
+ * fail point, with the daemon and with QEMU killed at each; otherwise the scenario's riskiest
+ * points with the daemon killed and the first of them with QEMU killed. QMPD_CRASH_ONLY=REGEX
+ * narrows to the scenarios whose name matches.
+ */
+export function runMatrix(t: Test, scenarios: Scenario[]): void {
+  t.before(() => {
+    requireQemu(t)
   })
+  for (const sc of scenarios) {
+    if (ONLY && !new RegExp(ONLY).test(sc.name)) continue
+    t.test(sc.name, async (t) => {
+      const points = await tracePoints(t, sc)
+      t.ok(points.length >= 2, `${sc.name} passes fail points (${points.join(', ')})`)
+      for (const point of riskiest(sc, points)) {
+        await t.test(`daemon killed at ${point}`, (t) => trial(t, sc, point, 'kill-daemon'))
+      }
+      for (const point of FULL ? points : riskiest(sc, points).slice(0, 1)) {
+        await t.test(`QEMU killed at ${point}`, (t) => trial(t, sc, point, 'kill-qemu'))
+      }
+    })
+  }
 }
-
