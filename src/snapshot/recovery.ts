@@ -99,8 +99,7 @@ async function recoverRevert(d: SnapshotDeps, e: JournalEntry, j: RevertJournal,
   await removeUnrecorded(d, e.vm, j.overlays ?? [])
   removeGarbage(d, e.vm, { log })
   if (!d.repo.get(e.vm, j.snapshot)) return { action: 'back', detail: `snapshot ${j.snapshot} no longer exists` }
-  const job = rerunRevert(d, e.vm, j)
-  return { action: 'back', detail: `the revert to ${j.snapshot} is run again as job ${job.id}` }
+  return finishRerun(d, rerunRevert(d, e.vm, j).id, `the revert to ${j.snapshot}`)
 }
 
 /** A delete is run again as a new job: what it merged stays merged, what is left is done. */
@@ -108,9 +107,21 @@ async function recoverDelete(d: SnapshotDeps, e: JournalEntry, j: DeleteJournal,
   await removeUnrecorded(d, e.vm, j.remove ?? [])
   removeGarbage(d, e.vm, { log })
   if (!d.repo.get(e.vm, j.snapshot)) return { action: 'forward', detail: `snapshot ${j.snapshot} was deleted`, result: { deleted: [j.snapshot] } }
-  const job = rerunDelete(d, e.vm, j)
-  return { action: 'back', detail: `the delete of ${j.snapshot} is run again as job ${job.id}` }
+  return finishRerun(d, rerunDelete(d, e.vm, j).id, `the delete of ${j.snapshot}`)
 }
+
+/**
+ * Waits for an operation run again to end: recovery is over (and reconcile may look at the VM)
+ * only once it is. A re-run that fails leaves the entry for the next start (and the VM flagged).
+ */
+async function finishRerun(d: SnapshotDeps, jobId: string, what: string): Promise<RecoveryOutcome> {
+  const job = await d.jobs.wait(jobId, RERUN_TIMEOUT_MS)
+  if (job.state !== 'succeeded') throw new Error(`${what}, run again as job ${jobId}, ended ${job.state}: ${job.error?.message ?? 'still running'}`)
+  return { action: 'forward', detail: `${what} was run again as job ${jobId}`, result: job.result }
+}
+
+/** How long recovery waits for a revert or delete it runs again (a delete may commit gigabytes). */
+const RERUN_TIMEOUT_MS = 30 * 60_000
 
 /** Internal snapshot tags per file: from QEMU when it runs, else from qemu-img (-U). */
 async function tagsOf(d: SnapshotDeps, files: string[], qmp: Parameters<typeof liveInternalSnapshots>[0] | undefined) {
