@@ -96,11 +96,16 @@ function http(socketPath: string, method: string, path: string, body?: unknown):
 
 /** QEMU processes (not zombies) whose cwd lies under `dir`. */
 export function qemusUnder(dir: string): number[] {
+  return processesUnder(dir, 'qemu-system')
+}
+
+/** Live processes whose command line contains `needle` and whose cwd lies under `dir`. */
+function processesUnder(dir: string, needle: string): number[] {
   const out: number[] = []
   for (const e of readdirSync('/proc')) {
     if (!/^\d+$/.test(e)) continue
     try {
-      if (!readFileSync(`/proc/${e}/cmdline`, 'utf8').includes('qemu-system')) continue
+      if (!readFileSync(`/proc/${e}/cmdline`, 'utf8').includes(needle)) continue
       const cwd = readlinkSync(`/proc/${e}/cwd`)
       if ((cwd === dir || cwd.startsWith(`${dir}/`)) && isAlive(Number(e))) out.push(Number(e))
     } catch {
@@ -110,9 +115,9 @@ export function qemusUnder(dir: string): number[] {
   return out
 }
 
-/** Kills, by PID, every QEMU running under `dir` (the test's own state directory). */
+/** Kills, by PID, every QEMU (and RAM-state receiver) running under `dir` (the test's own state directory). */
 export async function reapQemusUnder(dir: string): Promise<void> {
-  for (const pid of qemusUnder(dir)) {
+  for (const pid of [...qemusUnder(dir), ...processesUnder(dir, 'receiver.mjs')]) {
     try {
       process.kill(pid, 'SIGKILL')
     } catch {
