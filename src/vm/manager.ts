@@ -33,6 +33,7 @@ import { assertState, isRunningState, type VmOperation } from './states.ts'
 export { isRunningState }
 import { cancelStaleMigration, contAfterMigration } from './migration.ts'
 import { endStrayQemus } from './stray.ts'
+import { endReceivers } from './receivers.ts'
 import type { Journal } from '../ops/journal.ts'
 import { START_OP, VM_DELETE_OP, type StartJournal, type VmDeleteJournal } from './plans.ts'
 
@@ -576,12 +577,17 @@ export class VmManager {
       }
       return
     }
-    if (!isRunningState(rt.state) && rt.state !== 'starting') return
+    if (!isRunningState(rt.state) && rt.state !== 'starting') {
+      await endReceivers(this.deps.paths.vmDir(h.name))
+      return
+    }
     // 'starting' never has a PID of its own (launch records it with the state that follows), so
     // whatever PID it carries is an old run's.
     if (rt.state === 'starting' || !rt.pid || !isAlive(rt.pid, rt.pidStartTime)) {
       const dir = this.deps.paths.vmDir(h.name)
       const strays = await endStrayQemus(dir, h.log)
+      // No QEMU: a RAM-state receiver left waiting for its stream will never get it.
+      await endReceivers(dir)
       if (rt.state === 'starting' || strays.length > 0) {
         // The previous daemon died between spawning QEMU and recording it (start, revert,
         // restore). Nothing ran in that QEMU but a RAM load at most; a managed save it was

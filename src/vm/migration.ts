@@ -42,7 +42,11 @@ export interface StaleMigration {
  */
 export async function cancelStaleMigration(qmp: QmpClient, log: Logger, vmDir?: string): Promise<StaleMigration | undefined> {
   let found = (await qmp.execute('query-migrate')).status
-  if (!found || !ACTIVE_MIGRATION.has(found)) return undefined
+  if (!found || !ACTIVE_MIGRATION.has(found)) {
+    // A receiver the dead daemon started for a stream that never began waits for ever: end it.
+    if (vmDir !== undefined) await endReceivers(vmDir)
+    return undefined
+  }
   // The stream's receiver is a process of its own (state/receiver.mjs) that outlived the daemon:
   // while it runs and QEMU streams on its own (not waiting for the daemon in pre-switchover),
   // let the stream end. A completed background snapshot releases the guest's RAM; a cancelled
