@@ -77,13 +77,8 @@ export class BlockJobService {
    * Runs a block job's work as a journaled operation (op = the job's kind): recovery
    * (chain/recovery.ts) reads from QEMU's graph and the files whether it finished.
    */
-  private async journaled<T>(vm: string, ctx: JobContext, body: ChainJournal, fn: (o: Operation) => Promise<T>): Promise<T> {
-    const o = this.deps.journal.begin({ vm, op: body.job, job: ctx.id, body, qemuPid: () => this.deps.vms.record(vm).runtime.pid })
-    try {
-      return await fn(o)
-    } finally {
-      o.end()
-    }
+  private journaled<T>(vm: string, ctx: JobContext, body: ChainJournal, fn: (o: Operation) => Promise<T>): Promise<T> {
+    return this.deps.journal.run({ vm, op: body.job, job: ctx.id, body, qemuPid: () => this.deps.vms.record(vm).runtime.pid }, fn)
   }
 
   /** What the chain editor works with. */

@@ -23,6 +23,19 @@ export interface OperationSpec {
 export class Journal {
   constructor(readonly repo: JournalRepo) {}
 
+  /**
+   * Runs an operation whose entry ends when it does, succeeded or failed (a failure the daemon
+   * lives through was undone by the operation's own Reverter; only a crash leaves the entry).
+   */
+  async run<T>(spec: OperationSpec, fn: (o: Operation) => Promise<T>): Promise<T> {
+    const o = this.begin(spec)
+    try {
+      return await fn(o)
+    } finally {
+      o.end()
+    }
+  }
+
   /** Writes the operation's intent to the journal (before anything is touched) and returns it. */
   begin(spec: OperationSpec): Operation {
     const id = randomUUID()
@@ -70,6 +83,7 @@ export class Operation {
    * commits the operation's metadata, so the two can never disagree, or after an undo.
    */
   end(): void {
+    if (this.ended) return
     this.ended = true
     this.repo.done(this.id)
   }

@@ -44,15 +44,7 @@ export function rerunDelete(deps: SnapshotDeps, vm: string, j: DeleteJournal): J
 async function doDelete(deps: SnapshotDeps, vm: string, name: string, opts: DeleteOptions, ctx: JobContext): Promise<unknown> {
   mustSnapshot(deps, vm, name)
   const j: DeleteJournal = { snapshot: name, ...opts }
-  const o = deps.journal.begin({ vm, op: DELETE_OP, job: ctx.id, body: j, qemuPid: () => deps.vms.record(vm).runtime.pid })
-  try {
-    const out = await deleteSteps(deps, vm, name, opts, ctx, o, j)
-    o.end()
-    return out
-  } catch (err) {
-    o.end()
-    throw err
-  }
+  return deps.journal.run({ vm, op: DELETE_OP, job: ctx.id, body: j, qemuPid: () => deps.vms.record(vm).runtime.pid }, (o) => deleteSteps(deps, vm, name, opts, ctx, o, j))
 }
 
 async function deleteSteps(deps: SnapshotDeps, vm: string, name: string, opts: DeleteOptions, ctx: JobContext, o: Operation, j: DeleteJournal): Promise<unknown> {

@@ -46,15 +46,7 @@ export function rerunRevert(deps: SnapshotDeps, vm: string, j: RevertJournal): J
 async function doRevert(deps: SnapshotDeps, vm: string, name: string, body: RevertBody, ctx: JobContext): Promise<unknown> {
   const s = mustSnapshot(deps, vm, name)
   const j: RevertJournal = { snapshot: name, ...(body.state ? { state: body.state } : {}) }
-  const o = deps.journal.begin({ vm, op: REVERT_OP, job: ctx.id, body: j, qemuPid: () => deps.vms.record(vm).runtime.pid })
-  try {
-    const out = await revertSteps(deps, vm, s, body, ctx, o, j)
-    o.end()
-    return out
-  } catch (err) {
-    o.end()
-    throw err
-  }
+  return deps.journal.run({ vm, op: REVERT_OP, job: ctx.id, body: j, qemuPid: () => deps.vms.record(vm).runtime.pid }, (o) => revertSteps(deps, vm, s, body, ctx, o, j))
 }
 
 async function revertSteps(deps: SnapshotDeps, vm: string, s: Snapshot, body: RevertBody, ctx: JobContext, o: Operation, j: RevertJournal): Promise<unknown> {

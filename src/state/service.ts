@@ -104,22 +104,17 @@ export class StateService {
       params: { file },
       run: async (ctx) => {
         const plan: RestorePlan = { file }
-        const o = this.deps.journal.begin({ vm, op: RESTORE_OP, job: ctx.id, body: plan, qemuPid: () => this.deps.vms.record(vm).runtime.pid })
-        try {
+        return this.deps.journal.run({ vm, op: RESTORE_OP, job: ctx.id, body: plan, qemuPid: () => this.deps.vms.record(vm).runtime.pid }, async (o) => {
           const qmp = await o.step('launch', () => this.deps.vms.launchInJob(vm, ctx, { incoming: true }))
           try {
             const r = await o.step('load-ram', () => loadRamState(qmp, { file, socket: stateSocket(this.deps.paths.vmDir(vm), true), log: ctx.log }))
             await o.step('cont', () => this.deps.vms.contInJob(vm))
-            o.end()
             return { file, bytes: r.bytes, ms: r.ms, state: 'running' }
           } catch (err) {
             await this.deps.vms.quitInJob(vm, ctx)
             throw err
           }
-        } catch (err) {
-          o.end()
-          throw err
-        }
+        })
       },
     })
   }
