@@ -22,6 +22,8 @@ export class CheckRun {
   readonly findings: Finding[] = []
   readonly counts: CheckReport['checked'] = { processes: 0, disks: 0, images: 0, snapshots: 0, files: 0, journal: 0, qemuJobs: 0 }
   readonly graph: ReadonlyMap<string, ImageRow>
+  /** Every layer of every disk's chain as QEMU or the headers have it: in use, never an orphan. */
+  readonly chainFiles = new Set<string>()
   private readonly infos = new Map<string, Promise<ImageInfo>>()
 
   constructor(

@@ -65,6 +65,7 @@ async function checkDisk(run: CheckRun, d: { id: string; file: string; format: '
       return
     }
   }
+  for (const l of chain) run.chainFiles.add(l.file)
   compareWithGraph(run, d.id, chain)
 }
 

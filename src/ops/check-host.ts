@@ -172,6 +172,7 @@ function referencedFiles(run: CheckRun): Set<string> {
   if (def.initrd) out.add(def.initrd)
   for (const d of run.rec.runtime.disks) out.add(d.file)
   for (const f of run.rec.runtime.createdFiles) out.add(f)
+  for (const f of run.chainFiles) out.add(f)
   for (const i of run.images) {
     out.add(i.file)
     if (i.backing) out.add(i.backing)
