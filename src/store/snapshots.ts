@@ -11,7 +11,7 @@ export interface ImageRow {
   createdByQmpd: boolean
 }
 
-/** Repository of the snapshot tree, the image graph behind it and the operation journal. */
+/** Repository of the snapshot tree and the image graph behind it (the journal is store/journal.ts). */
 export class SnapshotRepo {
   /**
    * Parsed snapshot lists per VM, as read from SQLite. Every write through this repository drops
@@ -89,7 +89,6 @@ export class SnapshotRepo {
     this.touch(vm)
     this.db.prepare('DELETE FROM snapshots WHERE vm = ?').run(vm)
     this.db.prepare('DELETE FROM images WHERE vm = ?').run(vm)
-    this.db.prepare('DELETE FROM journal WHERE vm = ?').run(vm)
   }
 
   images(vm: string): ImageRow[] {
@@ -114,20 +113,5 @@ export class SnapshotRepo {
 
   deleteImage(vm: string, file: string): void {
     this.db.prepare('DELETE FROM images WHERE vm = ? AND file = ?').run(vm, file)
-  }
-
-  /** Records the intent of a multi-step operation before it touches QEMU or files. */
-  journalAdd(id: string, vm: string, op: string, body: unknown): void {
-    this.db.prepare('INSERT INTO journal (id, vm, op, body, created_at) VALUES (?, ?, ?, ?, ?)').run(id, vm, op, JSON.stringify(body), new Date().toISOString())
-  }
-
-  journalDone(id: string): void {
-    this.db.prepare('DELETE FROM journal WHERE id = ?').run(id)
-  }
-
-  journalPending(): Array<{ id: string; vm: string; op: string; body: unknown }> {
-    return (this.db.prepare('SELECT id, vm, op, body FROM journal ORDER BY created_at').all() as Array<{ id: string; vm: string; op: string; body: string }>).map(
-      (r) => ({ ...r, body: JSON.parse(r.body) }),
-    )
   }
 }

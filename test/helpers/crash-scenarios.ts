@@ -21,6 +21,8 @@ export interface Scenario {
   op: string
   /** The qmpd job op that runs it (none: the operation acts at once, like deleting a VM). */
   jobOp?: string
+  /** The operation runs on a VM that is off (no QEMU to kill at its steps). */
+  offline?: boolean
   /** The operation removes the VM itself. */
   removesVm?: boolean
   /** Steps whose points are tried on every CI run (all are under QMPD_CRASH_FULL=1). */
@@ -91,6 +93,7 @@ async function usable(t: Test, td: TestDaemon, vm: string): Promise<void> {
 
 const create = (name: string, vm: string, pre: Array<Record<string, unknown>>, body: Record<string, unknown>, risky: string[], stopped = false): Scenario => ({
   name,
+  offline: stopped,
   vm,
   op: 'snapshot-create',
   jobOp: 'snapshot-create',
@@ -136,6 +139,7 @@ const deleteOf = (name: string, vm: string, pre: Array<Record<string, unknown>>,
 
 const chainJob = (name: string, vm: string, job: 'commit' | 'pull' | 'copy', body: Record<string, unknown>, risky: string[], stopped = false): Scenario => ({
   name,
+  offline: stopped,
   vm,
   op: job,
   jobOp: job,
@@ -171,9 +175,9 @@ export const SCENARIOS: Scenario[] = [
     await op(td, 'deb', 'snapshots/s0/revert', { state: 'running' })
     await countOn(td, 'deb')
   }),
-  deleteOf('delete middle external snapshot, offline', 'deo', [EXT('s0'), EXT('s1'), EXT('s2')], 's1', ['commit', 'forget'], async (td) => {
+  { ...deleteOf('delete middle external snapshot, offline', 'deo', [EXT('s0'), EXT('s1'), EXT('s2')], 's1', ['commit', 'forget'], async (td) => {
     await op(td, 'deo', 'stop', { force: true })
-  }),
+  }), offline: true },
   chainJob('active commit with pivot', 'bca', 'commit', {}, ['block-job', 'pivot', 'record']),
   chainJob('intermediate commit', 'bci', 'commit', { top: 'mid.qcow2' }, ['block-job', 'record']),
   chainJob('pull', 'bpl', 'pull', {}, ['block-job', 'record']),
@@ -199,6 +203,7 @@ export const SCENARIOS: Scenario[] = [
     op: 'vm-delete',
     risky: ['forget', 'remove-files'],
     removesVm: true,
+    offline: true,
     setup: async (td) => {
       await runningWith(td, 'dv', [EXT('s0', true)])
       await op(td, 'dv', 'stop', { force: true })
