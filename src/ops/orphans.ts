@@ -14,8 +14,14 @@ export type OrphanKind =
  */
 const TEMPORARY: RegExp[] = [/^\..+\.partial(-[^/]+)?$/, /^mig-[^/]+\.sock$/, new RegExp(`^${VM_FILES.restoredSave.replace(/\./g, '\\.')}$`)]
 
-/** Names of the images and RAM state files qmpd creates (overlays, revert layers, checkpoints). */
-const IMAGE_OR_STATE = /\.(qcow2|vmstate)$/
+/**
+ * Names of the images and RAM state files qmpd creates by default: overlays `<disk>-<snapshot>.qcow2`
+ * and revert layers `<disk>-<snapshot>-r<N>.qcow2` (a disk id is [a-z][a-z0-9]{0,15}), RAM state
+ * `<snapshot>.vmstate`. Only these can be qmpd's leftovers: a file a user named (a disk, a layer
+ * of a chain built outside qmpd that a commit or copy left unused) is the user's to keep, and a
+ * file a user named for an operation that crashed is removed by that operation's recovery.
+ */
+const IMAGE_OR_STATE = /^([a-z][a-z0-9]{0,15}-[A-Za-z0-9][A-Za-z0-9._-]*\.qcow2|[A-Za-z0-9][A-Za-z0-9._-]*\.vmstate)$/
 
 /**
  * Classifies one entry of a VM directory: an orphan kind, or undefined when it is not an orphan.

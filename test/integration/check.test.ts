@@ -103,11 +103,11 @@ t.test('offline disagreements are detected; repair fixes what is certain and fla
   // Temporary files of qmpd's naming, an image nobody references, and a file of a test's own.
   writeFileSync(join(dir, '.x.vmstate.partial-1234'), 'half a RAM file')
   writeFileSync(join(dir, 'mig-abcd.sock'), '')
-  writeFileSync(join(dir, 'stray.qcow2'), '')
+  writeFileSync(join(dir, 'vda-stray.qcow2'), '')
   writeFileSync(join(dir, 'pmem-7.bin'), '')
   let r = await check(td, 'off')
   t.same(codes(r), ['ORPHAN_FILE', 'ORPHAN_FILE', 'ORPHAN_FILE'])
-  t.same(r.problems.map((p: any) => p.actual).sort(), [join(dir, '.x.vmstate.partial-1234'), join(dir, 'mig-abcd.sock'), join(dir, 'stray.qcow2')])
+  t.same(r.problems.map((p: any) => p.actual).sort(), [join(dir, '.x.vmstate.partial-1234'), join(dir, 'mig-abcd.sock'), join(dir, 'vda-stray.qcow2')])
   t.match(r.problems.find((p: any) => p.actual.endsWith('.sock')).repair, /^removes /)
 
   // The RAM state file of an external checkpoint deleted.
@@ -133,7 +133,7 @@ t.test('offline disagreements are detected; repair fixes what is certain and fla
   const after = await repair(td, 'off')
   t.notOk(existsSync(join(dir, '.x.vmstate.partial-1234')), 'partial RAM file removed')
   t.notOk(existsSync(join(dir, 'mig-abcd.sock')), 'socket removed')
-  t.ok(existsSync(join(dir, 'stray.qcow2')), 'an unattributed image is never deleted')
+  t.ok(existsSync(join(dir, 'vda-stray.qcow2')), 'an unattributed image is never deleted')
   t.ok(existsSync(join(dir, 'pmem-7.bin')))
   t.equal(after.state, 'shutoff', 'saved without a file became shutoff')
   t.equal(after.ok, false)

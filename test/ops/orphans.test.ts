@@ -19,6 +19,11 @@ t.test('images and RAM state files are orphans only when nothing references them
   t.equal(kind('cp1.vmstate'), undefined)
   t.equal(kind('vda-s1.qcow2'), 'unreferenced')
   t.equal(kind('cp2.vmstate'), 'unreferenced')
+  t.equal(kind('vdb-s1-r2.qcow2'), 'unreferenced')
+})
+
+t.test("an image a user named is the user's, referenced or not (a layer a commit or copy left unused)", async (t) => {
+  for (const name of ['base.qcow2', 'mid.qcow2', 'disk0.qcow2', 'My-Disk.qcow2']) t.equal(kind(name), undefined, name)
 })
 
 t.test('files of any other naming are never orphans', async (t) => {
