@@ -47,6 +47,8 @@ export class Journal {
 /** One journaled operation in progress. */
 export class Operation {
   private ended = false
+  /** The steps begun so far, in order. */
+  readonly begun: string[] = []
 
   constructor(
     private readonly repo: JournalRepo,
@@ -67,6 +69,7 @@ export class Operation {
   async step<T>(name: string, fn: () => Promise<T> | T, opts: { body?: unknown } = {}): Promise<T> {
     if (this.ended) throw new Error(`operation ${this.spec.op} already ended; step ${name} not run`)
     this.repo.setStep(this.id, name, opts.body)
+    this.begun.push(name)
     await failPoint(this.pointName(name, 'before'), { qemuPid: this.spec.qemuPid?.() })
     const out = await fn()
     await failPoint(this.pointName(name, 'after'), { qemuPid: this.spec.qemuPid?.() })

@@ -1,7 +1,7 @@
 import { existsSync, rmSync } from 'node:fs'
 import { commit, mergedInto, stream, streamedOut, usersOf } from '../chain/editor.ts'
 import { ensureBaseImages, formatOf } from '../chain/graph.ts'
-import { QmpdError } from '../errors.ts'
+import { QmpdError, toQmpdError } from '../errors.ts'
 import { liveChain, liveInternalSnapshots, topNodes, type LiveLayer } from '../images/graph.ts'
 import type { JobContext } from '../jobs/manager.ts'
 import type { Job } from '../jobs/model.ts'
@@ -11,6 +11,8 @@ import type { QmpClient } from '../qmp/index.ts'
 import type { ImageRow } from '../store/snapshots.ts'
 import { assertState, isRunningState } from '../vm/states.ts'
 import { mustSnapshot, type SnapshotDeps } from './deps.ts'
+import { qemuGone } from './files.ts'
+import { sleep } from '../util.ts'
 import type { Snapshot, SnapshotDisk } from './model.ts'
 
 /** What a delete does: children: the whole subtree; metadataOnly: forget, touch no file. */
@@ -44,7 +46,31 @@ export function rerunDelete(deps: SnapshotDeps, vm: string, j: DeleteJournal): J
 async function doDelete(deps: SnapshotDeps, vm: string, name: string, opts: DeleteOptions, ctx: JobContext): Promise<unknown> {
   mustSnapshot(deps, vm, name)
   const j: DeleteJournal = { snapshot: name, ...opts }
-  return deps.journal.run({ vm, op: DELETE_OP, job: ctx.id, body: j, qemuPid: () => deps.vms.record(vm).runtime.pid }, (o) => deleteSteps(deps, vm, name, opts, ctx, o, j))
+  const o = deps.journal.begin({ vm, op: DELETE_OP, job: ctx.id, body: j, qemuPid: () => deps.vms.record(vm).runtime.pid })
+  try {
+    const out = await deleteSteps(deps, vm, name, opts, ctx, o, j)
+    o.end()
+    return out
+  } catch (err) {
+    if (o.begun.length === 0) {
+      o.end()
+      throw err
+    }
+    // Part of the data is merged already (a commit into a frozen image cannot be undone): the
+    // delete is finished, never left half-done. Typically QEMU died under it; the rest is then
+    // done offline. Should that fail too, the entry stays for recovery at the next start (and
+    // the check reports it).
+    ctx.log.warn({ err }, 'snapshot delete failed part-way; finishing it')
+    await settleQemu(deps, vm)
+    const out = await deleteSteps(deps, vm, name, opts, ctx, o, j)
+    o.end()
+    return { ...(out as object), finishedAfter: toQmpdError(err).message }
+  }
+}
+
+/** Waits (bounded) until a QEMU that died is recorded as gone, so the next steps work offline. */
+async function settleQemu(deps: SnapshotDeps, vm: string): Promise<void> {
+  for (let i = 0; i < 200 && isRunningState(deps.vms.record(vm).runtime.state) && qemuGone(deps, vm); i++) await sleep(50)
 }
 
 async function deleteSteps(deps: SnapshotDeps, vm: string, name: string, opts: DeleteOptions, ctx: JobContext, o: Operation, j: DeleteJournal): Promise<unknown> {
