@@ -9,13 +9,19 @@ export type FailAction = 'kill-daemon' | 'kill-qemu'
 
 /** The environment a crash test sets on the daemon it starts. */
 export const FAILPOINT_ENV = {
-  /** The one fail point to arm, e.g. `snapshot-create.transaction.after`. */
+  /**
+   * The one fail point to arm, e.g. `snapshot-create.transaction.after`; `NAME#N` arms its N-th
+   * pass (a step that runs once per disk passes the same point once per disk).
+   */
   point: 'QMPD_FAILPOINT',
   /** kill-daemon (default: SIGKILL the daemon itself) or kill-qemu (SIGKILL the VM's QEMU, go on). */
   action: 'QMPD_FAILPOINT_ACTION',
-  /** A file every fail point passed is appended to, one name a line (how a test finds the points). */
+  /** A file every fail point passed is appended to, one a line: `NAME`, then `NAME#2`, `NAME#3`… */
   trace: 'QMPD_FAILPOINT_TRACE',
 } as const
+
+/** How often each point was passed in this process (only counted while fail points are in use). */
+const passes = new Map<string, number>()
 
 /** What the point knows about the VM, for kill-qemu. */
 export interface FailContext {
@@ -32,8 +38,13 @@ export interface FailContext {
 export async function failPoint(name: string, ctx: FailContext = {}): Promise<void> {
   const env = process.env
   const trace = env[FAILPOINT_ENV.trace]
-  if (trace) appendFileSync(trace, `${name}\n`)
-  if (env[FAILPOINT_ENV.point] !== name) return
+  const armed = env[FAILPOINT_ENV.point]
+  if (!trace && !armed) return
+  const n = (passes.get(name) ?? 0) + 1
+  passes.set(name, n)
+  const here = n === 1 ? name : `${name}#${n}`
+  if (trace) appendFileSync(trace, `${here}\n`)
+  if (armed !== here) return
   const action = (env[FAILPOINT_ENV.action] ?? 'kill-daemon') as FailAction
   if (action === 'kill-qemu') {
     if (ctx.qemuPid === undefined) return
