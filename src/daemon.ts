@@ -49,6 +49,8 @@ export interface Daemon {
   checker: VmChecker
   /** Reconcile at start and POST /v1/vms/{vm}/repair. */
   reconciler: Reconciler
+  /** The store's repositories, for tests and tools that read what was committed (never write through them). */
+  repos: { snapshots: SnapshotRepo; journal: JournalRepo }
   /** Builds an HTTP app over this daemon's services; token undefined = no auth (unix socket). */
   app(opts?: { token?: string; sseMaxPendingBytes?: number }): Promise<FastifyInstance>
   /**
@@ -73,7 +75,7 @@ export async function startDaemon(
   // without their QMP connections, and re-attach would fight the first one for every QEMU.
   const lock = await lockStateDir(config.stateDir)
   try {
-    return await openDaemon(config, log, testHooks, lock.release)
+    return await openDaemon(config, log, testHooks, () => lock.release())
   } catch (err) {
     await lock.release()
     throw err
@@ -155,6 +157,7 @@ async function openDaemon(
     state,
     checker,
     reconciler,
+    repos: { snapshots: snapshotRepo, journal: journalRepo },
     app: (opts = {}) => buildApp({ services: { vms, jobs, bus, snapshots, blockJobs, state, checker, reconciler }, logger: log, version: VERSION, ...opts }),
     async close(opts = {}) {
       if (closed) return

@@ -1,3 +1,4 @@
+import { z } from 'zod'
 import { Snapshot } from './snapshot-record.ts'
 import type { Db } from './db.ts'
 
@@ -10,6 +11,16 @@ export interface ImageRow {
   backing: string | null
   createdByQmpd: boolean
 }
+
+/** An images row as SQLite holds it (migration 2's columns). */
+const ImageDbRow = z.strictObject({
+  vm: z.string(),
+  disk: z.string(),
+  file: z.string(),
+  format: z.enum(['qcow2', 'raw']),
+  backing: z.string().nullable(),
+  created_by_qmpd: z.union([z.literal(0), z.literal(1)]),
+})
 
 /** Repository of the snapshot tree, the image graph behind it and the operation journal. */
 export class SnapshotRepo {
@@ -92,15 +103,18 @@ export class SnapshotRepo {
     this.db.prepare('DELETE FROM journal WHERE vm = ?').run(vm)
   }
 
+  /**
+   * The VM's image rows, validated (CONVENTIONS #10).
+   * @throws ZodError when a row does not fit the schema (a store written by something else).
+   */
   images(vm: string): ImageRow[] {
-    return (this.db.prepare('SELECT * FROM images WHERE vm = ?').all(vm) as Array<Record<string, unknown>>).map((r) => ({
-      vm: String(r['vm']),
-      disk: String(r['disk']),
-      file: String(r['file']),
-      format: r['format'] === 'raw' ? 'raw' : 'qcow2',
-      backing: r['backing'] === null ? null : String(r['backing']),
-      createdByQmpd: r['created_by_qmpd'] === 1,
-    }))
+    return this.db
+      .prepare('SELECT * FROM images WHERE vm = ?')
+      .all(vm)
+      .map((raw) => {
+        const r = ImageDbRow.parse(raw)
+        return { vm: r.vm, disk: r.disk, file: r.file, format: r.format, backing: r.backing, createdByQmpd: r.created_by_qmpd === 1 }
+      })
   }
 
   putImage(img: ImageRow): void {
@@ -114,20 +128,5 @@ export class SnapshotRepo {
 
   deleteImage(vm: string, file: string): void {
     this.db.prepare('DELETE FROM images WHERE vm = ? AND file = ?').run(vm, file)
-  }
-
-  /** Records the intent of a multi-step operation before it touches QEMU or files. */
-  journalAdd(id: string, vm: string, op: string, body: unknown): void {
-    this.db.prepare('INSERT INTO journal (id, vm, op, body, created_at) VALUES (?, ?, ?, ?, ?)').run(id, vm, op, JSON.stringify(body), new Date().toISOString())
-  }
-
-  journalDone(id: string): void {
-    this.db.prepare('DELETE FROM journal WHERE id = ?').run(id)
-  }
-
-  journalPending(): Array<{ id: string; vm: string; op: string; body: unknown }> {
-    return (this.db.prepare('SELECT id, vm, op, body FROM journal ORDER BY created_at').all() as Array<{ id: string; vm: string; op: string; body: string }>).map(
-      (r) => ({ ...r, body: JSON.parse(r.body) }),
-    )
   }
 }
