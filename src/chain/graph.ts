@@ -74,7 +74,7 @@ export function imageRow(g: GraphDeps, vm: string, disk: string, l: Layer): Imag
       vm,
       disk,
       file: l.file,
-      format: (l.format === 'raw' ? 'raw' : 'qcow2') as 'raw' | 'qcow2',
+      format: (l.format === 'raw' ? 'raw' : 'qcow2'),
       backing: null,
       createdByQmpd: false,
     }

@@ -167,7 +167,7 @@ export class BlockJobService {
 
   private mark(vm: string, disk: string, id: string): void {
     let m = this.active.get(vm)
-    if (!m) this.active.set(vm, (m = new Map()))
+    if (!m) this.active.set(vm, (m = new Map<string, string>()))
     m.set(disk, id)
   }
 

@@ -74,7 +74,7 @@ function flattenIssues(issues: Issue[]): Array<{ path: string; message: string }
 export function installErrorHandler(app: FastifyInstance): void {
   app.setErrorHandler((err: FastifyError, req: FastifyRequest, reply: FastifyReply) => {
     if (hasZodFastifySchemaValidationErrors(err)) {
-      const issues = flattenIssues(err.validation as Issue[])
+      const issues = flattenIssues(err.validation)
       const where = err.validationContext ?? 'request'
       const message = `invalid ${where}: ` + issues.map((i) => `${i.path || '/'} ${i.message}`).join('; ')
       return reply.code(400).send(errorBody('INVALID_INPUT', message, { issues }))

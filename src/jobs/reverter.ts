@@ -6,11 +6,11 @@ import type { Logger } from 'pino'
  * keeps going when one undo fails (logged), so as much as possible is put back.
  */
 export class Reverter {
-  private undos: Array<{ what: string; fn: () => Promise<unknown> | unknown }> = []
+  private undos: Array<{ what: string; fn: () => unknown }> = []
 
   constructor(private readonly log: Logger) {}
 
-  add(what: string, fn: () => Promise<unknown> | unknown): void {
+  add(what: string, fn: () => unknown): void {
     this.undos.push({ what, fn })
   }
 

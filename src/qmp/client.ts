@@ -83,7 +83,8 @@ export interface ExecuteOptions {
 export type ExecuteRest<C extends CommandName> =
   CommandArgs<C> extends undefined
     ? [args?: undefined, opts?: ExecuteOptions]
-    : {} extends CommandArgs<C>
+    : // eslint-disable-next-line @typescript-eslint/no-empty-object-type -- `{} extends T` is true exactly when every member of T is optional
+      {} extends CommandArgs<C>
       ? [args?: CommandArgs<C>, opts?: ExecuteOptions]
       : [args: CommandArgs<C>, opts?: ExecuteOptions]
 
@@ -349,6 +350,7 @@ export class QmpClient extends EventEmitter<QmpClientEventMap> {
    */
   execute<C extends CommandName>(command: C, ...rest: ExecuteRest<C>): Promise<CommandReturn<C>> {
     const [args, opts] = rest as [Record<string, unknown> | undefined, ExecuteOptions | undefined]
+    // eslint-disable-next-line @typescript-eslint/no-unnecessary-type-assertion -- tsc needs it (the rule misjudges this generic)
     return this.send(command, args, opts, replySchemas[command] as z.ZodType | undefined) as Promise<CommandReturn<C>>
   }
 
@@ -713,6 +715,7 @@ export class QmpClient extends EventEmitter<QmpClientEventMap> {
       for (const s of [...this.subscribers]) s.offer(e)
     }
     this.safeEmit('event', e)
+    // eslint-disable-next-line @typescript-eslint/no-unnecessary-type-assertion -- tsc needs it (the rule misjudges this generic)
     this.safeEmit(name, e as never)
   }
 
@@ -798,6 +801,7 @@ export class QmpClient extends EventEmitter<QmpClientEventMap> {
    * remaining listeners. rawListeners() keeps once() wrappers, which unregister themselves.
    */
   private safeEmit<K extends keyof QmpClientEventMap>(name: K, ...args: QmpClientEventMap[K]): void {
+    // eslint-disable-next-line @typescript-eslint/no-unnecessary-type-assertion -- tsc needs it (the rule misjudges this generic)
     const listeners = this.rawListeners(name as never) as Array<(...a: unknown[]) => unknown>
     for (const l of listeners) {
       try {
@@ -927,7 +931,7 @@ class EventIterator<N extends EventName> implements AsyncIterableIterator<QmpEve
     }
     if (this.done) return Promise.resolve({ value: undefined, done: true })
     if (this.error !== undefined) {
-      const err = this.error
+      const err: unknown = this.error
       this.finish()
       return Promise.reject(err)
     }

@@ -841,6 +841,6 @@ export const replySchemas: { readonly [C in CommandName]?: z.ZodType<CommandRetu
   'query-migrate': z.looseObject({
     status: z.enum(MIGRATION_STATUSES).optional(),
     'error-desc': z.string().optional(),
-  }) as unknown as z.ZodType<MigrationInfo>,
+  }),
   'human-monitor-command': z.string(),
 }

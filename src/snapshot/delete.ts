@@ -194,7 +194,7 @@ async function commitInto(deps: SnapshotDeps, vm: string, disk: string, C: Image
   const above = { files: usersOf(deps, vm, C.file, rewrittenByQemu).map((i) => i.file), backing: { file: F, format: fFormat } }
   const job = { jobId: `qmpd-commit-${disk}-${ctx.id.slice(0, 8)}`, log: ctx.log, onProgress: (c: number, t: number) => ctx.setProgress(c, t) }
   if (inRunningChain) {
-    await commit(deps, { disk, qmp: qmp!, layers: live, top: ci, base: fi, job, above })
+    await commit(deps, { disk, qmp: qmp, layers: live, top: ci, base: fi, job, above })
   } else {
     // Offline (or a branch QEMU does not run): C's image row and F stand for the chain.
     await commit(deps, { disk, layers: [{ file: C.file, format: C.format }, { file: F, format: fFormat }], top: 0, base: 1, job, above })

@@ -31,7 +31,7 @@ async function quiesced<T>(d: SnapshotDeps, vm: string, s: Snapshot, ctx: JobCon
   try {
     return await withFrozenFilesystems(qga, fn, ctx.log)
   } finally {
-    qga.close()
+    await qga.close()
   }
 }
 

@@ -1,4 +1,3 @@
-import { rmSync } from 'node:fs'
 import type { Logger } from 'pino'
 import { ensureBaseImages, neededFiles, removeIfUnneeded } from '../chain/graph.ts'
 import type { Job } from '../jobs/model.ts'

@@ -25,7 +25,7 @@ function countQueryBlock(qmp: QmpClient): () => number {
   qmp.execute = ((command: string, ...rest: unknown[]) => {
     if (command === 'query-block') n++
     return (execute as (c: string, ...r: unknown[]) => Promise<unknown>)(command, ...rest)
-  }) as typeof qmp.execute
+  })
   return () => n
 }
 
@@ -64,7 +64,10 @@ async function startQemu(t: TapLike, extra: string[] = []): Promise<Qemu> {
   const spawnError = new Promise<never>((_, reject) => child.once('error', reject))
   spawnError.catch(() => {})
   const pid = child.pid
-  if (pid === undefined) throw await spawnError
+  if (pid === undefined) {
+    await spawnError
+    throw new Error('spawn gave no pid')
+  }
   t.teardown(async () => {
     if (child.exitCode === null && child.signalCode === null) {
       process.kill(pid, 'SIGKILL')
