@@ -1,6 +1,7 @@
 import { z } from 'zod'
 import { Snapshot } from './snapshot-record.ts'
 import type { Db } from './db.ts'
+import { transaction } from './tx.ts'
 
 /** An image file qmpd knows of, with the file it is layered on. */
 export interface ImageRow {
@@ -38,7 +39,7 @@ export class SnapshotRepo {
   /** Runs fn in one SQLite transaction: metadata changes commit together or not at all. */
   tx<T>(fn: () => T): T {
     try {
-      return this.db.transaction(fn)()
+      return transaction(this.db, fn)
     } catch (err) {
       this.lists.clear()
       for (const vm of this.versions.keys()) this.touch(vm)

@@ -398,9 +398,21 @@ export class VmManager {
   /** Persists a new runtime for the VM (used by the services above this one). */
   updateRuntime(name: string, patch: Partial<VmRuntime>): VmRuntime {
     const h = this.must(name)
-    h.rec.runtime = { ...h.rec.runtime, ...patch }
-    this.deps.repo.updateRuntime(name, h.rec.runtime)
+    this.writeRuntime(h, { ...h.rec.runtime, ...patch })
     return h.rec.runtime
+  }
+
+  /**
+   * Stores a runtime, then mirrors it in memory. Inside a SnapshotRepo/JournalRepo transaction the
+   * store write may still roll back: the previous runtime is put back then, so record() never
+   * shows what the store does not hold.
+   */
+  private writeRuntime(h: Handle, next: VmRuntime): void {
+    const prev = h.rec.runtime
+    this.deps.repo.updateRuntime(h.name, next, () => {
+      if (h.rec.runtime === next) h.rec.runtime = prev
+    })
+    h.rec.runtime = next
   }
 
   // ---- internals ----
@@ -441,8 +453,7 @@ export class VmManager {
     const next: VmRuntime = { ...prev, ...extra, state }
     if (reason) next.reason = reason
     else delete next.reason
-    h.rec.runtime = next
-    this.deps.repo.updateRuntime(h.name, next)
+    this.writeRuntime(h, next)
     if (prev.state !== state || prev.reason !== next.reason) {
       h.log.info({ state, reason }, 'vm state')
       this.deps.bus.emit({ type: 'vm', vm: h.name, state, ...(reason ? { reason } : {}) })
