@@ -42,7 +42,7 @@ export const extSnapCase: Case = {
         } finally {
           if (command === 'transaction') qemuMs.push(performance.now() - t0)
         }
-      })
+      }) as typeof qmp.execute
       await alt.qmpdSide(WARMUP_MS)
       await bd.op('/v1/vms/xs/snapshots', { name: 'warm', kind: 'external', memory: false })
       qemuMs.length = 0
