@@ -110,22 +110,19 @@ export class BlockJobService {
   }
 
   /** Queues a commit. */
-  commit(vm: string, disk: string, input: CommitBody): Job {
-    const body = CommitBody.parse(input)
+  commit(vm: string, disk: string, body: CommitBody): Job {
     this.precheck(vm, disk, 'commit')
     return this.submit(vm, disk, 'commit', body, (ctx) => this.doCommit(vm, disk, body, ctx))
   }
 
   /** Queues a pull (block-stream into the active layer). */
-  pull(vm: string, disk: string, input: PullBody): Job {
-    const body = PullBody.parse(input)
+  pull(vm: string, disk: string, body: PullBody): Job {
     this.precheck(vm, disk, 'pull')
     return this.submit(vm, disk, 'pull', body, (ctx) => this.doPull(vm, disk, body, ctx))
   }
 
   /** Queues a copy (blockdev-mirror, or qemu-img convert when off). */
-  copy(vm: string, disk: string, input: CopyBody): Job {
-    const body = CopyBody.parse(input)
+  copy(vm: string, disk: string, body: CopyBody): Job {
     this.precheck(vm, disk, 'copy')
     const dest = this.deps.paths.resolve(body.dest, this.deps.paths.vmDir(vm), 'dest')
     if (existsSync(dest)) throw new QmpdError('FILE_EXISTS', `${dest} exists; qmpd never overwrites a file`, { file: dest })

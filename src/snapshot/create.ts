@@ -9,13 +9,12 @@ import type { Live, SnapshotDeps } from './deps.ts'
 import { createExternal } from './external.ts'
 import { externalBytes, versionOf } from './files.ts'
 import { createInternal } from './internal.ts'
-import { CreateSnapshotBody, type Snapshot } from './model.ts'
+import type { CreateSnapshotBody, Snapshot } from './model.ts'
 import { planCreate, type CreatePlan } from './plan.ts'
 import { getView } from './views.ts'
 
-/** Validates a creation request at once (4xx before any job) and queues it. */
-export function submitCreate(d: SnapshotDeps, busyCheck: (vm: string, what: string) => void, vm: string, input: CreateSnapshotBody): Job {
-  const body = CreateSnapshotBody.parse(input)
+/** Checks a creation request (already validated by the HTTP layer) at once, 4xx before any job, and queues it. */
+export function submitCreate(d: SnapshotDeps, busyCheck: (vm: string, what: string) => void, vm: string, body: CreateSnapshotBody): Job {
   const rec = d.vms.record(vm)
   if (isAdopted(rec.definition)) throw new QmpdError('NOT_SUPPORTED', `VM ${vm} was adopted; qmpd snapshots only VMs it defines`, { vm })
   busyCheck(vm, 'take a snapshot')

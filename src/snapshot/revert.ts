@@ -13,11 +13,10 @@ import { trackDowntime } from '../vm/downtime.ts'
 import { assertState, isRunningState } from '../vm/states.ts'
 import { mustSnapshot, type SnapshotDeps } from './deps.ts'
 import { reserveFile, uniqueFile, versionOf } from './files.ts'
-import { RevertBody, type Snapshot } from './model.ts'
+import type { RevertBody, Snapshot } from './model.ts'
 
-/** Validates and queues a revert. */
-export function submitRevert(deps: SnapshotDeps, busyCheck: (vm: string, what: string) => void, vm: string, name: string, input: RevertBody): Job {
-  const body = RevertBody.parse(input ?? {})
+/** Checks a revert (its body already validated by the HTTP layer) and queues it. */
+export function submitRevert(deps: SnapshotDeps, busyCheck: (vm: string, what: string) => void, vm: string, name: string, body: RevertBody): Job {
   const s = mustSnapshot(deps, vm, name)
   const rec = deps.vms.record(vm)
   if (isAdopted(rec.definition)) throw new QmpdError('NOT_SUPPORTED', `VM ${vm} was adopted`, { vm })

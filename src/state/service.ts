@@ -17,6 +17,7 @@ import { RESTORE_OP, SAVE_OP, type RestorePlan, type SavePlan } from './plans.ts
 
 /** Body of POST /v1/vms/{vm}/save and /restore. */
 export const StateFileBody = z.strictObject({ file: PathString.describe('the RAM state file (relative paths are under the VM directory)') })
+export type StateFileBody = z.output<typeof StateFileBody>
 
 /**
  * VM state without disks (virsh save/restore/managedsave): RAM and device state to a plain QEMU
@@ -67,8 +68,8 @@ export class StateService {
   }
 
   /** Queues a save to a chosen file (like virsh save: the VM stops afterwards). */
-  save(vm: string, input: { file: string }): Job {
-    const { file: raw } = StateFileBody.parse(input)
+  save(vm: string, body: StateFileBody): Job {
+    const raw = body.file
     this.precheck(vm, 'save', 'save')
     const file = this.deps.paths.resolve(raw, this.deps.paths.vmDir(vm), 'file')
     if (existsSync(file)) throw new QmpdError('FILE_EXISTS', `${file} exists; qmpd never overwrites a file`, { file })
@@ -89,8 +90,8 @@ export class StateService {
   }
 
   /** Queues a restore from a file (like virsh restore); the file is checked before anything is touched. */
-  async restore(vm: string, input: { file: string }): Promise<Job> {
-    const { file: raw } = StateFileBody.parse(input)
+  async restore(vm: string, body: StateFileBody): Promise<Job> {
+    const raw = body.file
     const rec = this.deps.vms.record(vm)
     if (isAdopted(rec.definition)) throw new QmpdError('NOT_SUPPORTED', `VM ${vm} was adopted`, { vm })
     const file = this.deps.paths.resolve(raw, this.deps.paths.vmDir(vm), 'file')
