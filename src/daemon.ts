@@ -103,6 +103,7 @@ async function openDaemon(
   // One repository instance for every reader: it caches each VM's parsed snapshot list.
   const snapshotRepo = new SnapshotRepo(db)
   const vms = new VmManager({ config, repo: vmRepo, jobs, bus, paths, qemuImg, journal, log, ...(testHooks.vms ? { hooks: testHooks.vms } : {}) })
+  jobs.explainFailures((vm, err) => vms.explainJobError(vm, err))
   const snapshotDeps: SnapshotDeps = {
     vms,
     jobs,

@@ -8,6 +8,8 @@ export type ErrorCode =
   | 'INVALID_INPUT'
   | 'INVALID_PATH'
   | 'UNAUTHORIZED'
+  /** No such route (the HTTP layer's 404 for an unknown path). */
+  | 'NOT_FOUND'
   | 'VM_NOT_FOUND'
   | 'VM_EXISTS'
   | 'JOB_NOT_FOUND'

@@ -7,6 +7,7 @@ export const STATUS_BY_CODE: Record<ErrorCode, number> = {
   INVALID_INPUT: 400,
   INVALID_PATH: 400,
   UNAUTHORIZED: 401,
+  NOT_FOUND: 404,
   VM_NOT_FOUND: 404,
   JOB_NOT_FOUND: 404,
   SNAPSHOT_NOT_FOUND: 404,
@@ -96,6 +97,6 @@ export function installErrorHandler(app: FastifyInstance): void {
     return reply.code(500).send(errorBody('INTERNAL', err.message))
   })
   app.setNotFoundHandler((req, reply) => {
-    reply.code(404).send(errorBody('NOT_FOUND', `no route ${req.method} ${req.url.split('?')[0]}`))
+    return reply.code(404).send(errorBody('NOT_FOUND' satisfies ErrorCode, `no route ${req.method} ${req.url.split('?')[0]}`))
   })
 }

@@ -68,11 +68,21 @@ export class JobManager {
   private readonly queues = new Map<string, PQueue>()
   private readonly live = new Map<string, Live>()
 
+  private explain: ((vm: string, err: QmpdError) => Promise<QmpdError>) | undefined
+
   constructor(
     private readonly repo: JobRepo,
     private readonly bus: EventBus,
     private readonly log: Logger,
   ) {}
+
+  /**
+   * Sets who may restate a job's error from what happened to its VM meanwhile (VmManager: a lost
+   * QMP connection whose QEMU crashed becomes VM_CRASHED). Called once, at daemon start.
+   */
+  explainFailures(fn: (vm: string, err: QmpdError) => Promise<QmpdError>): void {
+    this.explain = fn
+  }
 
   /**
    * Marks jobs that a previous daemon left queued or running as failed (INTERRUPTED). Called once at
@@ -308,8 +318,9 @@ export class JobManager {
       log.info({ ms: Math.round(performance.now() - t0) }, 'job succeeded')
       this.finish(live, 'succeeded', result)
     } catch (err) {
-      const e = toQmpdError(err)
+      let e = toQmpdError(err)
       const cancelled = live.abort.signal.aborted && (e.code === 'JOB_CANCELLED' || err === live.abort.signal.reason)
+      if (!cancelled && this.explain) e = await this.explain(live.job.vm, e).catch(() => e)
       log.warn({ err: e, ms: Math.round(performance.now() - t0) }, cancelled ? 'job cancelled' : 'job failed')
       this.finish(live, cancelled ? 'cancelled' : 'failed', undefined, jobError(e))
     }

@@ -395,6 +395,21 @@ export class VmManager {
     return this.qmp(name).executeUnchecked(execute, args)
   }
 
+  /**
+   * A job's error restated from the VM's fate: a QMP connection lost under the job because QEMU
+   * crashed (killed, or exited on its own) is VM_CRASHED, with the crash's reason. Waits a little
+   * for the exit to be seen: the socket's EOF arrives before the process is reaped.
+   */
+  async explainJobError(name: string, err: QmpdError): Promise<QmpdError> {
+    if (err.code !== 'QMP_DISCONNECTED') return err
+    const h = this.handles.get(name)
+    if (!h) return err
+    if (h.exited && isRunningState(h.rec.runtime.state)) await settlesWithin(h.exited, EXIT_AFTER_EOF_TIMEOUT_MS)
+    const { state, reason } = h.rec.runtime
+    if (state !== 'crashed') return err
+    return new QmpdError('VM_CRASHED', `QEMU of VM ${name} crashed during the job: ${reason ?? 'exited'}`, { vm: name, reason }, { cause: err })
+  }
+
   /** Persists a new runtime for the VM (used by the services above this one). */
   updateRuntime(name: string, patch: Partial<VmRuntime>): VmRuntime {
     const h = this.must(name)
