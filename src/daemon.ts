@@ -1,3 +1,5 @@
+// Wires the store, services, recovery and HTTP app together at start and takes them down at stop;
+// holds no operation logic.
 import { randomBytes } from 'node:crypto'
 import { chmodSync, existsSync, mkdirSync, readFileSync, renameSync, writeFileSync, openSync, fsyncSync, closeSync } from 'node:fs'
 import { join } from 'node:path'

@@ -1,3 +1,5 @@
+// The image graph qmpd keeps (images table): which files are needed and which may be deleted; reads
+// QEMU never, SQL only through SnapshotRepo.
 import { rmSync } from 'node:fs'
 import type { Logger } from 'pino'
 import type { ImageRow, SnapshotRepo } from '../store/snapshots.ts'

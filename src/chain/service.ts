@@ -1,3 +1,5 @@
+// BlockJobService: submits and runs block jobs (commit, pull, copy) on a disk; trusts bodies the
+// HTTP layer validated, holds no SQL.
 import { existsSync } from 'node:fs'
 import type { Logger } from 'pino'
 import { z } from 'zod'

@@ -1,3 +1,5 @@
+// Builds the fastify app: auth, validation, routes, OpenAPI; never builds a QMP message or touches
+// the store.
 import { timingSafeEqual } from 'node:crypto'
 import fastifySwagger from '@fastify/swagger'
 import fastifySwaggerUi from '@fastify/swagger-ui'

@@ -1,3 +1,4 @@
+// The one place error codes become HTTP statuses and error bodies; raises nothing itself.
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import { hasZodFastifySchemaValidationErrors, isResponseSerializationError } from 'fastify-type-provider-zod'
 import { type ErrorCode, QmpdError } from '../errors.ts'

@@ -1,3 +1,5 @@
+// A disk's live chain and nodes as QEMU has them now (query-block, query-named-block-nodes); never
+// trusts stored node names.
 import { QmpdError } from '../errors.ts'
 import type { QmpClient } from '../qmp/index.ts'
 

@@ -1,3 +1,5 @@
+// The path policy: resolves and confines files to the state dir and allowed dirs; touches no file
+// content.
 import { lstatSync, readlinkSync, realpathSync } from 'node:fs'
 import { basename, dirname, isAbsolute, join, normalize, relative, resolve, sep } from 'node:path'
 import { QmpdError } from '../errors.ts'

@@ -1,3 +1,5 @@
+// Runs qemu-img (create, info, snapshot, commit, rebase, convert) for offline image work; knows
+// nothing of VMs.
 import { execFile, spawn } from 'node:child_process'
 import { z } from 'zod'
 import { QmpdError } from '../errors.ts'

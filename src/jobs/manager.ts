@@ -1,3 +1,5 @@
+// JobManager: per-VM and per-disk queues, job history, controls and waiters; knows nothing of what
+// a job does.
 import { randomUUID } from 'node:crypto'
 import PQueue from 'p-queue'
 import type { Logger } from 'pino'

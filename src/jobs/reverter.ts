@@ -1,3 +1,5 @@
+// The Reverter: undo steps in reverse order when a multi-step change fails; knows nothing of what
+// it undoes.
 import type { Logger } from 'pino'
 
 /**

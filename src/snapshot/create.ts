@@ -1,3 +1,5 @@
+// Snapshot creation as a journaled step program (plan, switch disks, save RAM, commit); the HTTP
+// layer validated its input.
 import { existsSync } from 'node:fs'
 import { ensureBaseImages } from '../chain/graph.ts'
 import { QmpdError } from '../errors.ts'

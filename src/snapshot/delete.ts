@@ -1,3 +1,5 @@
+// Snapshot deletion as a journaled step program (merge external images, drop tags, forget); no
+// HTTP.
 import { existsSync, rmSync } from 'node:fs'
 import { commit, mergedInto, stream, streamedOut, usersOf } from '../chain/editor.ts'
 import { ensureBaseImages, formatOf } from '../chain/graph.ts'

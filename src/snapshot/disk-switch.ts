@@ -1,3 +1,5 @@
+// The disk step of a snapshot: QMP transaction, optionally with guest filesystems frozen; no
+// journal writes.
 import { join } from 'node:path'
 import { QmpdError } from '../errors.ts'
 import type { JobContext } from '../jobs/manager.ts'

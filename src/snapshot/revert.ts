@@ -1,3 +1,4 @@
+// Snapshot revert as a journaled step program; the HTTP layer validated its input.
 import { existsSync, rmSync } from 'node:fs'
 import { ensureBaseImages, removeIfUnneeded } from '../chain/graph.ts'
 import { QmpdError } from '../errors.ts'

@@ -1,3 +1,5 @@
+// SnapshotService: the public face of snapshots (create, list, revert, delete, recover); delegates
+// the work.
 import type { Logger } from 'pino'
 import { ensureBaseImages, neededFiles, removeIfUnneeded } from '../chain/graph.ts'
 import type { Job } from '../jobs/model.ts'

@@ -1,3 +1,5 @@
+// RAM state files: save a migration stream to a file through a receiver process, check one, load
+// one; no VM records.
 import { randomBytes } from 'node:crypto'
 import { spawn } from 'node:child_process'
 import { createReadStream } from 'node:fs'

@@ -1,3 +1,5 @@
+// StateService: save, restore and managed save as journaled jobs; the HTTP layer validated its
+// input.
 import { existsSync, rmSync } from 'node:fs'
 import { join } from 'node:path'
 import type { Logger } from 'pino'

@@ -1,3 +1,4 @@
+// SnapshotRepo: the snapshots and images tables, rows validated when read; SQL only.
 import { z } from 'zod'
 import { Snapshot } from './snapshot-record.ts'
 import type { Db } from './db.ts'

@@ -1,3 +1,4 @@
+// VmRepo: the vms table (definitions and runtime), rows validated when read; SQL only.
 import { z } from 'zod'
 import { StoredDefinition, VmRuntime } from '../vm/definition.ts'
 import type { Db } from './db.ts'

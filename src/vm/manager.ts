@@ -1,3 +1,5 @@
+// VmManager: VM definitions, QEMU processes, QMP sessions and run states, kept equal to the store;
+// no snapshot logic.
 import { spawn, type ChildProcess } from 'node:child_process'
 import { rename, rm } from 'node:fs/promises'
 import { accessSync, constants as fsc, existsSync, mkdirSync, openSync, closeSync, readFileSync, rmSync, rmdirSync, statSync } from 'node:fs'

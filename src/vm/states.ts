@@ -1,3 +1,5 @@
+// The table of which VM states each operation accepts and leaves; the one place such refusals are
+// made.
 import { QmpdError } from '../errors.ts'
 import type { VmState } from './definition.ts'
 
