@@ -1,7 +1,5 @@
-/**
- * The one error tree of qmpd. Every error that crosses a layer is a QmpdError with a stable
- * `code`; src/http/error-handler.ts alone maps codes to HTTP statuses.
- */
+// The one error tree of qmpd. Every error that crosses a layer is a QmpdError with a stable
+// `code`; src/http/error-handler.ts alone maps codes to HTTP statuses. Raises nothing itself.
 
 /** Stable error codes. Clients may switch on them; never rename one. */
 export type ErrorCode =

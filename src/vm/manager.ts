@@ -791,7 +791,6 @@ export class VmManager {
     if (h.qmp === qmp) this.setState(h, state, reason)
   }
 
-  /** Marks the VM paused (used after a job stopped the guest itself). */
   /**
    * Pauses the guest from inside a job (QMP stop) and records it. Its STOP event costs no
    * query-status round trip, which QEMU would otherwise answer before the job's next command,
@@ -809,6 +808,7 @@ export class VmManager {
     this.setStateIfLive(h, qmp, 'paused', 'paused')
   }
 
+  /** Marks the VM paused (used after a job stopped the guest itself). */
   markPaused(name: string, reason = 'paused'): void {
     this.setState(this.must(name), 'paused', reason)
   }
