@@ -70,7 +70,7 @@ export class JobManager {
   private readonly queues = new Map<string, PQueue>()
   private readonly live = new Map<string, Live>()
 
-  private explain: ((vm: string, err: QmpdError) => Promise<QmpdError>) | undefined
+  private explain: ((vm: string, err: QmpdError) => QmpdError | Promise<QmpdError>) | undefined
 
   constructor(
     private readonly repo: JobRepo,
@@ -82,7 +82,7 @@ export class JobManager {
    * Sets who may restate a job's error from what happened to its VM meanwhile (VmManager: a lost
    * QMP connection whose QEMU crashed becomes VM_CRASHED). Called once, at daemon start.
    */
-  explainFailures(fn: (vm: string, err: QmpdError) => Promise<QmpdError>): void {
+  explainFailures(fn: (vm: string, err: QmpdError) => QmpdError | Promise<QmpdError>): void {
     this.explain = fn
   }
 
@@ -322,7 +322,12 @@ export class JobManager {
     } catch (err) {
       let e = toQmpdError(err)
       const cancelled = live.abort.signal.aborted && (e.code === 'JOB_CANCELLED' || err === live.abort.signal.reason)
-      if (!cancelled && this.explain) e = await this.explain(live.job.vm, e).catch(() => e)
+      if (!cancelled && this.explain) {
+        // Synchronous unless QEMU is gone and its exit not yet recorded: a job failed by the
+        // daemon's own shutdown must be stored before the store closes.
+        const explained = this.explain(live.job.vm, e)
+        e = explained instanceof Promise ? await explained.catch(() => e) : explained
+      }
       log.warn({ err: e, ms: Math.round(performance.now() - t0) }, cancelled ? 'job cancelled' : 'job failed')
       this.finish(live, cancelled ? 'cancelled' : 'failed', undefined, jobError(e))
     }

@@ -277,12 +277,18 @@ export class VmManager {
     }
   }
 
-  /** The record of a VM (throws VM_NOT_FOUND). */
+  /**
+   * The record of a VM (throws VM_NOT_FOUND).
+   * @throws QmpdError VM_NOT_FOUND.
+   */
   record(name: string): VmRecord {
     return this.must(name).rec
   }
 
-  /** The live QMP client of a running VM, for other services (snapshots, block jobs). */
+  /**
+   * The live QMP client of a running VM, for other services (snapshots, block jobs).
+   * @throws QmpdError VM_NOT_FOUND; INVALID_STATE when no QEMU runs.
+   */
   qmp(name: string): QmpClient {
     const h = this.must(name)
     if (!h.qmp) throw new QmpdError('INVALID_STATE', `VM ${name} is ${h.rec.runtime.state}: no QEMU to talk to`, { vm: name, state: h.rec.runtime.state })
@@ -294,7 +300,10 @@ export class VmManager {
     this.deleteHooks.push(hook)
   }
 
-  /** DELETE /v1/vms/{vm}: only when QEMU is not running; deleteStorage also removes files qmpd created. */
+  /**
+   * DELETE /v1/vms/{vm}: only when QEMU is not running; deleteStorage also removes files qmpd created.
+   * @throws QmpdError VM_NOT_FOUND; INVALID_STATE while QEMU runs; BUSY while jobs are queued or running.
+   */
   async delete(name: string, opts: { deleteStorage?: boolean } = {}): Promise<void> {
     const h = this.must(name)
     const { state } = h.rec.runtime
@@ -400,16 +409,22 @@ export class VmManager {
   /**
    * A job's error restated from the VM's fate: a QMP connection lost under the job because QEMU
    * crashed (killed, or exited on its own) is VM_CRASHED, with the crash's reason. Waits a little
-   * for the exit to be seen: the socket's EOF arrives before the process is reaped.
+   * for the exit to be recorded only when QEMU is already gone (the socket's EOF arrives before the
+   * exit is handled); answers at once otherwise, so a job ended by the daemon's own shutdown (QEMU
+   * still runs) is recorded before the store closes.
    */
-  async explainJobError(name: string, err: QmpdError): Promise<QmpdError> {
+  explainJobError(name: string, err: QmpdError): QmpdError | Promise<QmpdError> {
     if (err.code !== 'QMP_DISCONNECTED') return err
     const h = this.handles.get(name)
     if (!h) return err
-    if (h.exited && isRunningState(h.rec.runtime.state)) await settlesWithin(h.exited, EXIT_AFTER_EOF_TIMEOUT_MS)
-    const { state, reason } = h.rec.runtime
-    if (state !== 'crashed') return err
-    return new QmpdError('VM_CRASHED', `QEMU of VM ${name} crashed during the job: ${reason ?? 'exited'}`, { vm: name, reason }, { cause: err })
+    const crashed = (): QmpdError => {
+      const { state, reason } = h.rec.runtime
+      if (state !== 'crashed') return err
+      return new QmpdError('VM_CRASHED', `QEMU of VM ${name} crashed during the job: ${reason ?? 'exited'}`, { vm: name, reason }, { cause: err })
+    }
+    const pid = h.rec.runtime.pid
+    if (!isRunningState(h.rec.runtime.state) || pid === undefined || isAlive(pid, h.rec.runtime.pidStartTime) || !h.exited) return crashed()
+    return settlesWithin(h.exited, EXIT_AFTER_EOF_TIMEOUT_MS).then(crashed)
   }
 
   /** Persists a new runtime for the VM (used by the services above this one). */
