@@ -1,6 +1,7 @@
 // Snapshot creation as a journaled step program (plan, switch disks, save RAM, commit); the HTTP
 // layer validated its input.
 import { existsSync } from 'node:fs'
+import { z } from 'zod'
 import { ensureBaseImages } from '../chain/graph.ts'
 import { QmpdError } from '../errors.ts'
 import type { JobContext } from '../jobs/manager.ts'
@@ -14,6 +15,7 @@ import { createInternal } from './internal.ts'
 import type { CreateSnapshotBody, Snapshot } from './model.ts'
 import { planCreate, type CreatePlan } from './plan.ts'
 import { getView } from './views.ts'
+import { Snapshot as SnapshotRecord } from '../store/snapshot-record.ts'
 
 /** Checks a creation request (already validated by the HTTP layer) at once, 4xx before any job, and queues it. */
 export function submitCreate(d: SnapshotDeps, busyCheck: (vm: string, what: string) => void, vm: string, body: CreateSnapshotBody): Job {
@@ -102,6 +104,15 @@ export interface CreateJournal {
   plan: CreatePlan
   wasRunning: boolean
 }
+
+/** CreateJournal as read back from the journal (recovery parses with it instead of casting). */
+export const CreateJournal = z.strictObject({
+  plan: z.strictObject({
+    snapshot: SnapshotRecord,
+    overlays: z.array(z.strictObject({ id: z.string(), file: z.string(), format: z.enum(['qcow2', 'raw']), overlay: z.string() })),
+  }),
+  wasRunning: z.boolean(),
+}) satisfies z.ZodType<CreateJournal>
 
 /**
  * Metadata for a created snapshot, all in one SQLite transaction with the end of its journal

@@ -1,6 +1,7 @@
 // Snapshot deletion as a journaled step program (merge external images, drop tags, forget); no
 // HTTP.
 import { existsSync, rmSync } from 'node:fs'
+import { z } from 'zod'
 import { commit, mergedInto, stream, streamedOut, usersOf } from '../chain/editor.ts'
 import { ensureBaseImages, formatOf } from '../chain/graph.ts'
 import { QmpdError } from '../errors.ts'
@@ -36,6 +37,14 @@ export interface DeleteJournal extends DeleteOptions {
   snapshot: string
   remove?: string[]
 }
+
+/** DeleteJournal as read back from the journal. */
+export const DeleteJournal = z.strictObject({
+  snapshot: z.string(),
+  remove: z.array(z.string()).optional(),
+  children: z.boolean().optional(),
+  metadataOnly: z.boolean().optional(),
+}) satisfies z.ZodType<DeleteJournal>
 
 /** Queues a delete again (crash recovery: a delete that began has merged data; it is finished). */
 export function rerunDelete(deps: SnapshotDeps, vm: string, j: DeleteJournal): Job {

@@ -1,5 +1,6 @@
 // Snapshot revert as a journaled step program; the HTTP layer validated its input.
 import { existsSync, rmSync } from 'node:fs'
+import { z } from 'zod'
 import { ensureBaseImages, removeIfUnneeded } from '../chain/graph.ts'
 import { QmpdError } from '../errors.ts'
 import { topNodes } from '../images/graph.ts'
@@ -36,6 +37,13 @@ export interface RevertJournal {
   state?: RevertBody['state']
   overlays?: string[]
 }
+
+/** RevertJournal as read back from the journal. */
+export const RevertJournal = z.strictObject({
+  snapshot: z.string(),
+  state: z.enum(['running', 'paused', 'shutoff']).optional(),
+  overlays: z.array(z.string()).optional(),
+}) satisfies z.ZodType<RevertJournal>
 
 /** Queues a revert again (crash recovery: a revert is always finished, never undone). */
 export function rerunRevert(deps: SnapshotDeps, vm: string, j: RevertJournal): Job {
