@@ -81,7 +81,10 @@ export class TimeoutError extends QmpdError {
   }
 }
 
-/** Wraps anything thrown into a QmpdError, keeping the original as cause. */
+/**
+ * Wraps anything thrown into a QmpdError, keeping the original as cause.
+ * @throws nothing: it returns the QmpdError to throw (JOB_CANCELLED for an AbortError, INTERNAL for anything else).
+ */
 export function toQmpdError(err: unknown): QmpdError {
   if (err instanceof QmpdError) return err
   if (err instanceof Error && err.name === 'AbortError') {

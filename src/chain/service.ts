@@ -111,19 +111,28 @@ export class BlockJobService {
     }
   }
 
-  /** Queues a commit. */
+  /**
+   * Queues a commit.
+   * @throws QmpdError VM_NOT_FOUND, NOT_SUPPORTED, DISK_NOT_FOUND, INVALID_STATE or BUSY, before any job is made.
+   */
   commit(vm: string, disk: string, body: CommitBody): Job {
     this.precheck(vm, disk, 'commit')
     return this.submit(vm, disk, 'commit', body, (ctx) => this.doCommit(vm, disk, body, ctx))
   }
 
-  /** Queues a pull (block-stream into the active layer). */
+  /**
+   * Queues a pull (block-stream into the active layer).
+   * @throws QmpdError VM_NOT_FOUND, NOT_SUPPORTED, DISK_NOT_FOUND, INVALID_STATE or BUSY, before any job is made.
+   */
   pull(vm: string, disk: string, body: PullBody): Job {
     this.precheck(vm, disk, 'pull')
     return this.submit(vm, disk, 'pull', body, (ctx) => this.doPull(vm, disk, body, ctx))
   }
 
-  /** Queues a copy (blockdev-mirror, or qemu-img convert when off). */
+  /**
+   * Queues a copy (blockdev-mirror, or qemu-img convert when off).
+   * @throws QmpdError VM_NOT_FOUND, NOT_SUPPORTED, DISK_NOT_FOUND, INVALID_INPUT, INVALID_PATH, FILE_EXISTS, INVALID_STATE or BUSY, before any job is made.
+   */
   copy(vm: string, disk: string, body: CopyBody): Job {
     this.precheck(vm, disk, 'copy')
     const dest = this.deps.paths.resolve(body.dest, this.deps.paths.vmDir(vm), 'dest')

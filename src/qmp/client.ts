@@ -283,6 +283,7 @@ export class QmpClient extends EventEmitter<QmpClientEventMap> {
    * 'idle' and the promise rejects with QmpdError('QMP_CONNECT_FAILED') whose cause says why.
    * QEMU serves one QMP client per socket: a second client gets no greeting until the first
    * leaves, so it fails by timeout.
+   * @throws QmpdError QMP_CONNECT_FAILED when the socket, greeting or negotiation fails; INVALID_STATE when not idle.
    */
   async connect(address: QmpAddress, opts: ConnectOptions = {}): Promise<QmpGreeting> {
     if (this._state !== 'idle') {
@@ -347,6 +348,8 @@ export class QmpClient extends EventEmitter<QmpClientEventMap> {
    * replies listed in commands.ts replySchemas). Only in 'running'; otherwise rejects at once
    * with QmpDisconnectedError. Rejects with QmpCommandError for a QMP error reply, TimeoutError
    * after the command's timeout (timeouts.ts), QmpDisconnectedError if the session ends first.
+   * @throws QmpCommandError (QMP_COMMAND_FAILED) for an error reply; QmpdError QMP_PROTOCOL_ERROR for a reply its schema refuses.
+   * @throws QmpDisconnectedError (QMP_DISCONNECTED) when not running or the session ends; TimeoutError (TIMEOUT).
    */
   execute<C extends CommandName>(command: C, ...rest: ExecuteRest<C>): Promise<CommandReturn<C>> {
     const [args, opts] = rest as [Record<string, unknown> | undefined, ExecuteOptions | undefined]
@@ -357,6 +360,7 @@ export class QmpClient extends EventEmitter<QmpClientEventMap> {
   /**
    * Escape hatch for a command absent from the typed map: sent as is, the reply is returned
    * unvalidated. Same state, error and timeout rules as execute().
+   * @throws QmpCommandError, QmpDisconnectedError, TimeoutError as execute().
    */
   executeUnchecked(command: string, args?: Record<string, unknown>, opts?: ExecuteOptions): Promise<unknown> {
     return this.send(command, args, opts)

@@ -69,7 +69,10 @@ export class StateService {
     this.deps.vms.markShutoff(vm, 'managed save discarded')
   }
 
-  /** Queues a save to a chosen file (like virsh save: the VM stops afterwards). */
+  /**
+   * Queues a save to a chosen file (like virsh save: the VM stops afterwards).
+   * @throws QmpdError VM_NOT_FOUND, INVALID_STATE, INVALID_PATH, FILE_EXISTS or BUSY, before any job is made.
+   */
   save(vm: string, body: StateFileBody): Job {
     const raw = body.file
     this.precheck(vm, 'save', 'save')
@@ -91,7 +94,10 @@ export class StateService {
     })
   }
 
-  /** Queues a restore from a file (like virsh restore); the file is checked before anything is touched. */
+  /**
+   * Queues a restore from a file (like virsh restore); the file is checked before anything is touched.
+   * @throws QmpdError VM_NOT_FOUND, INVALID_STATE, INVALID_PATH, NOT_SUPPORTED, INVALID_INPUT (not a RAM state file) or BUSY, before any job is made.
+   */
   async restore(vm: string, body: StateFileBody): Promise<Job> {
     const raw = body.file
     const rec = this.deps.vms.record(vm)
