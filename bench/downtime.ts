@@ -38,7 +38,7 @@ async function main(): Promise<void> {
       await makeGuestDisk(join(dir, 'a.qcow2'), { format: 'qcow2', sizeMiB: 256, boot: true, stampMiB: 48 })
       await makeGuestDisk(join(dir, 'b.qcow2'), { format: 'qcow2', sizeMiB: 256, boot: false })
       const call = async (method: 'POST' | 'GET', url: string, body?: unknown) => {
-        const r = await app.inject({ method, url, ...(body ? { payload: body as object } : {}) })
+        const r = await app.inject({ method, url, ...(body ? { payload: body } : {}) })
         if (r.statusCode >= 300) throw new Error(`${url}: ${r.body}`)
         return r.json()
       }

@@ -1,3 +1,5 @@
+// Daemon-wide settings from flags and environment, resolved once at start; reads nothing else at
+// run time.
 import { availableParallelism, homedir } from 'node:os'
 import { join, resolve } from 'node:path'
 

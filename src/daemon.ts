@@ -1,3 +1,5 @@
+// Wires the store, services, recovery and HTTP app together at start and takes them down at stop;
+// holds no operation logic.
 import { randomBytes } from 'node:crypto'
 import { chmodSync, existsSync, mkdirSync, readFileSync, renameSync, writeFileSync, openSync, fsyncSync, closeSync } from 'node:fs'
 import { join } from 'node:path'
@@ -49,6 +51,8 @@ export interface Daemon {
   checker: VmChecker
   /** Reconcile at start and POST /v1/vms/{vm}/repair. */
   reconciler: Reconciler
+  /** The store's repositories, for tests and tools that read what was committed (never write through them). */
+  repos: { snapshots: SnapshotRepo; journal: JournalRepo }
   /** Builds an HTTP app over this daemon's services; token undefined = no auth (unix socket). */
   app(opts?: { token?: string; sseMaxPendingBytes?: number }): Promise<FastifyInstance>
   /**
@@ -73,7 +77,7 @@ export async function startDaemon(
   // without their QMP connections, and re-attach would fight the first one for every QEMU.
   const lock = await lockStateDir(config.stateDir)
   try {
-    return await openDaemon(config, log, testHooks, lock.release)
+    return await openDaemon(config, log, testHooks, () => lock.release())
   } catch (err) {
     await lock.release()
     throw err
@@ -101,6 +105,7 @@ async function openDaemon(
   // One repository instance for every reader: it caches each VM's parsed snapshot list.
   const snapshotRepo = new SnapshotRepo(db)
   const vms = new VmManager({ config, repo: vmRepo, jobs, bus, paths, qemuImg, journal, log, ...(testHooks.vms ? { hooks: testHooks.vms } : {}) })
+  jobs.explainFailures((vm, err) => vms.explainJobError(vm, err))
   const snapshotDeps: SnapshotDeps = {
     vms,
     jobs,
@@ -155,6 +160,7 @@ async function openDaemon(
     state,
     checker,
     reconciler,
+    repos: { snapshots: snapshotRepo, journal: journalRepo },
     app: (opts = {}) => buildApp({ services: { vms, jobs, bus, snapshots, blockJobs, state, checker, reconciler }, logger: log, version: VERSION, ...opts }),
     async close(opts = {}) {
       if (closed) return

@@ -1,13 +1,13 @@
-/**
- * The one error tree of qmpd. Every error that crosses a layer is a QmpdError with a stable
- * `code`; src/http/error-handler.ts alone maps codes to HTTP statuses.
- */
+// The one error tree of qmpd. Every error that crosses a layer is a QmpdError with a stable
+// `code`; src/http/error-handler.ts alone maps codes to HTTP statuses. Raises nothing itself.
 
 /** Stable error codes. Clients may switch on them; never rename one. */
 export type ErrorCode =
   | 'INVALID_INPUT'
   | 'INVALID_PATH'
   | 'UNAUTHORIZED'
+  /** No such route (the HTTP layer's 404 for an unknown path). */
+  | 'NOT_FOUND'
   | 'VM_NOT_FOUND'
   | 'VM_EXISTS'
   | 'JOB_NOT_FOUND'
@@ -81,7 +81,10 @@ export class TimeoutError extends QmpdError {
   }
 }
 
-/** Wraps anything thrown into a QmpdError, keeping the original as cause. */
+/**
+ * Wraps anything thrown into a QmpdError, keeping the original as cause.
+ * @throws nothing: it returns the QmpdError to throw (JOB_CANCELLED for an AbortError, INTERNAL for anything else).
+ */
 export function toQmpdError(err: unknown): QmpdError {
   if (err instanceof QmpdError) return err
   if (err instanceof Error && err.name === 'AbortError') {

@@ -1,3 +1,4 @@
+// Takes the state directory for this daemon (abstract unix socket lock); no other start-up work.
 import { createHash } from 'node:crypto'
 import { realpathSync } from 'node:fs'
 import { connect, createServer, type Server } from 'node:net'

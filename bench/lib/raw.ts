@@ -140,7 +140,6 @@ export function rawDowntime(qmp: RawQmp): { end(): number } {
  * creates the job; the listener is registered before it.
  */
 export async function rawJob(qmp: RawQmp, id: string, issue: () => Promise<unknown>, opts: { finalize: boolean }): Promise<void> {
-  let error: string | undefined
   await new Promise<void>((resolve, reject) => {
     const onEvent = (ev: RawQmpEvent): void => {
       if (ev.event !== 'JOB_STATUS_CHANGE' || ev.data?.id !== id) return
@@ -165,7 +164,7 @@ export async function rawJob(qmp: RawQmp, id: string, issue: () => Promise<unkno
     issue().catch(fail)
   })
   const jobs = (await qmp.cmd('query-jobs')) as Array<{ id: string; error?: string }>
-  error = jobs.find((j) => j.id === id)?.error
+  const error = jobs.find((j) => j.id === id)?.error
   await qmp.cmd('job-dismiss', { id })
   if (error) throw new Error(`QEMU job ${id}: ${error}`)
 }

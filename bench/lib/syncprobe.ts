@@ -29,6 +29,7 @@ export class SyncProbe {
   }
 
   private timed<F extends (...args: any[]) => any>(name: string, fn: F, self: unknown): F {
+    // eslint-disable-next-line @typescript-eslint/no-this-alias -- the wrapper needs its own `this` (the wrapped object's)
     const probe = this
     return function (this: unknown, ...args: any[]) {
       const t0 = performance.now()
@@ -45,6 +46,7 @@ export class SyncProbe {
     const anyDb = db as any
     const prepare = anyDb.prepare
     const transaction = anyDb.transaction
+    // eslint-disable-next-line @typescript-eslint/no-this-alias -- as in timed()
     const probe = this
     anyDb.prepare = function (sql: string) {
       const t0 = performance.now()
@@ -72,7 +74,7 @@ export class SyncProbe {
       if (typeof orig !== 'function') continue
       const wrapped = this.timed(`fs.${name}`, orig, fs)
       // realpathSync.native is a property of the function; keep it reachable.
-      if (orig.native) (wrapped as any).native = orig.native
+      if (orig.native) (wrapped).native = orig.native
       fs[name] = wrapped
       this.undo.push(() => {
         fs[name] = orig

@@ -1,3 +1,5 @@
+// Backing-chain edits (commit, pull, copy) as steps on QEMU or qemu-img, with their image-graph
+// updates; no HTTP, no job queueing.
 import { existsSync, rmSync } from 'node:fs'
 import type { Logger } from 'pino'
 import { QmpdError } from '../errors.ts'

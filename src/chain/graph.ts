@@ -1,3 +1,5 @@
+// The image graph qmpd keeps (images table): which files are needed and which may be deleted; reads
+// QEMU never, SQL only through SnapshotRepo.
 import { rmSync } from 'node:fs'
 import type { Logger } from 'pino'
 import type { ImageRow, SnapshotRepo } from '../store/snapshots.ts'
@@ -74,7 +76,7 @@ export function imageRow(g: GraphDeps, vm: string, disk: string, l: Layer): Imag
       vm,
       disk,
       file: l.file,
-      format: (l.format === 'raw' ? 'raw' : 'qcow2') as 'raw' | 'qcow2',
+      format: (l.format === 'raw' ? 'raw' : 'qcow2'),
       backing: null,
       createdByQmpd: false,
     }

@@ -5,6 +5,7 @@
 import { existsSync } from 'node:fs'
 import { rm } from 'node:fs/promises'
 import type { Logger } from 'pino'
+import { z } from 'zod'
 import { liveChain, pruneDetachedNodes } from '../images/graph.ts'
 import { endQemuImgOn } from '../images/orphan-jobs.ts'
 import type { QemuImg } from '../images/qemu-img.ts'
@@ -30,12 +31,25 @@ export interface ChainJournal {
   format?: 'qcow2' | 'raw'
 }
 
+/** ChainJournal as read back from the journal. */
+export const ChainJournal = z.strictObject({
+  job: z.enum(['commit', 'pull', 'copy']),
+  disk: z.string(),
+  layers: z.array(z.strictObject({ file: z.string(), format: z.string() })),
+  top: z.number().int(),
+  base: z.number().int(),
+  live: z.boolean(),
+  keepMerged: z.boolean(),
+  dest: z.string().optional(),
+  format: z.enum(['qcow2', 'raw']).optional(),
+}) satisfies z.ZodType<ChainJournal>
+
 /** What the rules use. */
 type RecoveryDeps = ChainDeps & { vms: VmManager; qemuImg: QemuImg; vmDir: (vm: string) => string }
 
 /** Registers the rules of commit, pull and copy. */
 export function registerChainRecovery(recovery: Recovery, d: RecoveryDeps): void {
-  for (const op of ['commit', 'pull', 'copy'] as const) recovery.register(op, (e, log) => recoverChain(d, e, e.body as ChainJournal, log))
+  for (const op of ['commit', 'pull', 'copy'] as const) recovery.register(op, (e, log) => recoverChain(d, e, ChainJournal.parse(e.body), log))
 }
 
 async function recoverChain(d: RecoveryDeps, e: JournalEntry, j: ChainJournal, log: Logger): Promise<RecoveryOutcome> {

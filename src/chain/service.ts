@@ -1,3 +1,5 @@
+// BlockJobService: submits and runs block jobs (commit, pull, copy) on a disk; trusts bodies the
+// HTTP layer validated, holds no SQL.
 import { existsSync } from 'node:fs'
 import type { Logger } from 'pino'
 import { z } from 'zod'
@@ -104,23 +106,29 @@ export class BlockJobService {
     }
   }
 
-  /** Queues a commit. */
-  commit(vm: string, disk: string, input: CommitBody): Job {
-    const body = CommitBody.parse(input)
+  /**
+   * Queues a commit.
+   * @throws QmpdError VM_NOT_FOUND, NOT_SUPPORTED, DISK_NOT_FOUND, INVALID_STATE or BUSY, before any job is made.
+   */
+  commit(vm: string, disk: string, body: CommitBody): Job {
     this.precheck(vm, disk, 'commit')
     return this.submit(vm, disk, 'commit', body, (ctx) => this.doCommit(vm, disk, body, ctx))
   }
 
-  /** Queues a pull (block-stream into the active layer). */
-  pull(vm: string, disk: string, input: PullBody): Job {
-    const body = PullBody.parse(input)
+  /**
+   * Queues a pull (block-stream into the active layer).
+   * @throws QmpdError VM_NOT_FOUND, NOT_SUPPORTED, DISK_NOT_FOUND, INVALID_STATE or BUSY, before any job is made.
+   */
+  pull(vm: string, disk: string, body: PullBody): Job {
     this.precheck(vm, disk, 'pull')
     return this.submit(vm, disk, 'pull', body, (ctx) => this.doPull(vm, disk, body, ctx))
   }
 
-  /** Queues a copy (blockdev-mirror, or qemu-img convert when off). */
-  copy(vm: string, disk: string, input: CopyBody): Job {
-    const body = CopyBody.parse(input)
+  /**
+   * Queues a copy (blockdev-mirror, or qemu-img convert when off).
+   * @throws QmpdError VM_NOT_FOUND, NOT_SUPPORTED, DISK_NOT_FOUND, INVALID_INPUT, INVALID_PATH, FILE_EXISTS, INVALID_STATE or BUSY, before any job is made.
+   */
+  copy(vm: string, disk: string, body: CopyBody): Job {
     this.precheck(vm, disk, 'copy')
     const dest = this.deps.paths.resolve(body.dest, this.deps.paths.vmDir(vm), 'dest')
     if (existsSync(dest)) throw new QmpdError('FILE_EXISTS', `${dest} exists; qmpd never overwrites a file`, { file: dest })
@@ -162,7 +170,7 @@ export class BlockJobService {
 
   private mark(vm: string, disk: string, id: string): void {
     let m = this.active.get(vm)
-    if (!m) this.active.set(vm, (m = new Map()))
+    if (!m) this.active.set(vm, (m = new Map<string, string>()))
     m.set(disk, id)
   }
 

@@ -1,3 +1,5 @@
+// The qmpd command line: parses flags into a Config and starts the daemon; no daemon logic of its
+// own.
 import { parseArgs } from 'node:util'
 import { makeConfig, parseCount } from '../config.ts'
 import { startDaemon, VERSION } from '../daemon.ts'

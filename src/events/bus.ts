@@ -1,3 +1,5 @@
+// The in-process event bus (jobs, VM states, QEMU events) that GET /v1/events reads; listeners must
+// not block.
 import { EventEmitter } from 'node:events'
 import type { Job } from '../jobs/model.ts'
 import type { VmState } from '../vm/definition.ts'

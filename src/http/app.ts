@@ -1,3 +1,5 @@
+// Builds the fastify app: auth, validation, routes, OpenAPI; never builds a QMP message or touches
+// the store.
 import { timingSafeEqual } from 'node:crypto'
 import fastifySwagger from '@fastify/swagger'
 import fastifySwaggerUi from '@fastify/swagger-ui'
@@ -49,6 +51,7 @@ const PUBLIC_PREFIXES = ['/healthz', '/docs', '/openapi.json']
 /** Builds the fastify app (routes, validation, OpenAPI, auth). Never listens: see server.ts. */
 export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
   const app = Fastify({
+    // eslint-disable-next-line @typescript-eslint/no-unnecessary-type-assertion -- tsc needs it: pino's Logger is not fastify's logger type
     loggerInstance: opts.logger.child({ component: 'http' }) as FastifyBaseLogger,
     bodyLimit: 1024 * 1024,
   }).withTypeProvider<ZodTypeProvider>()

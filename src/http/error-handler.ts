@@ -1,3 +1,4 @@
+// The one place error codes become HTTP statuses and error bodies; raises nothing itself.
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import { hasZodFastifySchemaValidationErrors, isResponseSerializationError } from 'fastify-type-provider-zod'
 import { type ErrorCode, QmpdError } from '../errors.ts'
@@ -7,6 +8,7 @@ export const STATUS_BY_CODE: Record<ErrorCode, number> = {
   INVALID_INPUT: 400,
   INVALID_PATH: 400,
   UNAUTHORIZED: 401,
+  NOT_FOUND: 404,
   VM_NOT_FOUND: 404,
   JOB_NOT_FOUND: 404,
   SNAPSHOT_NOT_FOUND: 404,
@@ -74,7 +76,7 @@ function flattenIssues(issues: Issue[]): Array<{ path: string; message: string }
 export function installErrorHandler(app: FastifyInstance): void {
   app.setErrorHandler((err: FastifyError, req: FastifyRequest, reply: FastifyReply) => {
     if (hasZodFastifySchemaValidationErrors(err)) {
-      const issues = flattenIssues(err.validation as Issue[])
+      const issues = flattenIssues(err.validation)
       const where = err.validationContext ?? 'request'
       const message = `invalid ${where}: ` + issues.map((i) => `${i.path || '/'} ${i.message}`).join('; ')
       return reply.code(400).send(errorBody('INVALID_INPUT', message, { issues }))
@@ -96,6 +98,6 @@ export function installErrorHandler(app: FastifyInstance): void {
     return reply.code(500).send(errorBody('INTERNAL', err.message))
   })
   app.setNotFoundHandler((req, reply) => {
-    reply.code(404).send(errorBody('NOT_FOUND', `no route ${req.method} ${req.url.split('?')[0]}`))
+    return reply.code(404).send(errorBody('NOT_FOUND' satisfies ErrorCode, `no route ${req.method} ${req.url.split('?')[0]}`))
   })
 }

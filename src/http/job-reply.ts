@@ -1,3 +1,4 @@
+// How a route answers with a job (202 + Location, or ?wait=true); no job logic.
 import type { FastifyReply } from 'fastify'
 import type { JobManager } from '../jobs/manager.ts'
 import { isFinal, type Job } from '../jobs/model.ts'

@@ -1,3 +1,4 @@
+// zod schemas shared by the routes (params, queries, replies); no logic.
 import { z } from 'zod'
 import { Name } from '../vm/definition.ts'
 

@@ -1,3 +1,4 @@
+// Listens on TCP or a unix socket for the app; knows nothing of the routes.
 import { chmodSync, rmSync } from 'node:fs'
 import type { FastifyInstance } from 'fastify'
 import { QmpdError } from '../errors.ts'

@@ -1,3 +1,5 @@
+// A disk's live chain and nodes as QEMU has them now (query-block, query-named-block-nodes); never
+// trusts stored node names.
 import { QmpdError } from '../errors.ts'
 import type { QmpClient } from '../qmp/index.ts'
 
@@ -14,6 +16,7 @@ const FORMAT_DRIVERS = new Set(['qcow2', 'raw', 'qed', 'vmdk', 'vpc', 'vdi'])
  * The disk's backing chain as QEMU has it now, top first, with the node name of every layer.
  * Always read afresh: block jobs and snapshots insert and remove nodes, and layers QEMU opened
  * from a backing-file header get generated names (#blockNNN).
+ * @throws QmpdError DISK_NOT_FOUND when QEMU has no such disk; INTERNAL when a layer has no node; the QMP errors of execute().
  */
 export async function liveChain(qmp: QmpClient, diskId: string): Promise<LiveLayer[]> {
   const [blocks, nodes] = await Promise.all([qmp.execute('query-block'), qmp.execute('query-named-block-nodes', { flat: true })])
@@ -86,6 +89,7 @@ const topCache = new WeakMap<QmpClient, { epoch: number; nodes: ReadonlyMap<stri
  * one query-block (no query-named-block-nodes, which grows quadratically with the chain) and kept
  * until the client sends a command that may change the graph (QmpClient.graphEpoch), so a
  * series of snapshots costs no query at all.
+ * @throws QmpdError DISK_NOT_FOUND when QEMU has no such disk; the QMP errors of execute().
  */
 export async function topNodes(qmp: QmpClient, diskIds: string[]): Promise<Map<string, string>> {
   let known = topCache.get(qmp)

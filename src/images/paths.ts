@@ -1,3 +1,5 @@
+// The path policy: resolves and confines files to the state dir and allowed dirs; touches no file
+// content.
 import { lstatSync, readlinkSync, realpathSync } from 'node:fs'
 import { basename, dirname, isAbsolute, join, normalize, relative, resolve, sep } from 'node:path'
 import { QmpdError } from '../errors.ts'
@@ -24,6 +26,7 @@ export class PathPolicy {
   /**
    * Resolves a user-supplied path: relative paths are taken relative to `baseDir` (a VM's directory).
    * Rejects NUL bytes, `..` segments and anything outside the allowed roots, before any file is touched.
+   * @throws QmpdError INVALID_PATH for a path outside the allowed roots (symlinks resolved).
    */
   resolve(input: string, baseDir: string, field = 'path'): string {
     if (input.length === 0) throw new QmpdError('INVALID_PATH', `${field} is empty`, { field })

@@ -1,3 +1,5 @@
+// Runs qemu-img (create, info, snapshot, commit, rebase, convert) for offline image work; knows
+// nothing of VMs.
 import { execFile, spawn } from 'node:child_process'
 import { z } from 'zod'
 import { QmpdError } from '../errors.ts'
@@ -24,7 +26,10 @@ export type ImageInfo = z.output<typeof ImageInfo>
 export class QemuImg {
   constructor(private readonly binary = 'qemu-img') {}
 
-  /** Runs qemu-img; rejects with QEMU_IMG_FAILED carrying its stderr, or QEMU_NOT_FOUND. */
+  /**
+   * Runs qemu-img; rejects with QEMU_IMG_FAILED carrying its stderr, or QEMU_NOT_FOUND.
+   * @throws QmpdError QEMU_IMG_FAILED with qemu-img's stderr; QEMU_NOT_FOUND when the binary is missing.
+   */
   run(args: string[], opts: { timeoutMs?: number; signal?: AbortSignal } = {}): Promise<string> {
     return new Promise((resolve, reject) => {
       execFile(
@@ -43,7 +48,10 @@ export class QemuImg {
     })
   }
 
-  /** Creates an image; with a backing file the size defaults to the backing file's. */
+  /**
+   * Creates an image; with a backing file the size defaults to the backing file's.
+   * @throws QmpdError QEMU_IMG_FAILED or QEMU_NOT_FOUND, as run().
+   */
   async create(file: string, format: 'qcow2' | 'raw', opts: { sizeBytes?: number; backing?: { file: string; format: string } }): Promise<void> {
     const args = ['create', '-q', '-f', format]
     if (opts.backing) args.push('-b', opts.backing.file, '-F', opts.backing.format)
@@ -80,7 +88,10 @@ export class QemuImg {
     await this.run(['snapshot', '-q', flag, tag, file])
   }
 
-  /** Commits `top` into its backing file `base` (must be top's direct backing). `top` keeps its data (-d). */
+  /**
+   * Commits `top` into its backing file `base` (must be top's direct backing). `top` keeps its data (-d).
+   * @throws QmpdError QEMU_IMG_FAILED or QEMU_NOT_FOUND, as run().
+   */
   async commit(top: string, base: string): Promise<void> {
     await this.run(['commit', '-q', '-d', '-b', base, top])
   }

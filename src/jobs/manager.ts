@@ -1,3 +1,5 @@
+// JobManager: per-VM and per-disk queues, job history, controls and waiters; knows nothing of what
+// a job does.
 import { randomUUID } from 'node:crypto'
 import PQueue from 'p-queue'
 import type { Logger } from 'pino'
@@ -68,11 +70,21 @@ export class JobManager {
   private readonly queues = new Map<string, PQueue>()
   private readonly live = new Map<string, Live>()
 
+  private explain: ((vm: string, err: QmpdError) => QmpdError | Promise<QmpdError>) | undefined
+
   constructor(
     private readonly repo: JobRepo,
     private readonly bus: EventBus,
     private readonly log: Logger,
   ) {}
+
+  /**
+   * Sets who may restate a job's error from what happened to its VM meanwhile (VmManager: a lost
+   * QMP connection whose QEMU crashed becomes VM_CRASHED). Called once, at daemon start.
+   */
+  explainFailures(fn: (vm: string, err: QmpdError) => QmpdError | Promise<QmpdError>): void {
+    this.explain = fn
+  }
 
   /**
    * Marks jobs that a previous daemon left queued or running as failed (INTERRUPTED). Called once at
@@ -308,8 +320,14 @@ export class JobManager {
       log.info({ ms: Math.round(performance.now() - t0) }, 'job succeeded')
       this.finish(live, 'succeeded', result)
     } catch (err) {
-      const e = toQmpdError(err)
+      let e = toQmpdError(err)
       const cancelled = live.abort.signal.aborted && (e.code === 'JOB_CANCELLED' || err === live.abort.signal.reason)
+      if (!cancelled && this.explain) {
+        // Synchronous unless QEMU is gone and its exit not yet recorded: a job failed by the
+        // daemon's own shutdown must be stored before the store closes.
+        const explained = this.explain(live.job.vm, e)
+        e = explained instanceof Promise ? await explained.catch(() => e) : explained
+      }
       log.warn({ err: e, ms: Math.round(performance.now() - t0) }, cancelled ? 'job cancelled' : 'job failed')
       this.finish(live, cancelled ? 'cancelled' : 'failed', undefined, jobError(e))
     }

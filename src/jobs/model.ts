@@ -1,3 +1,4 @@
+// The job record and its states as stored and shown; no behaviour.
 import { z } from 'zod'
 
 /** Job states. queued, running, ready (a block job waiting for complete) and paused are live; the rest are final. */

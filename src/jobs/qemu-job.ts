@@ -1,3 +1,5 @@
+// Drives one QEMU job to its end (events, error, dismiss) under an AbortSignal; no qmpd job
+// bookkeeping.
 import type { Logger } from 'pino'
 import { QmpdError } from '../errors.ts'
 import type { QmpClient } from '../qmp/index.ts'

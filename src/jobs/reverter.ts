@@ -1,3 +1,5 @@
+// The Reverter: undo steps in reverse order when a multi-step change fails; knows nothing of what
+// it undoes.
 import type { Logger } from 'pino'
 
 /**
@@ -6,11 +8,11 @@ import type { Logger } from 'pino'
  * keeps going when one undo fails (logged), so as much as possible is put back.
  */
 export class Reverter {
-  private undos: Array<{ what: string; fn: () => Promise<unknown> | unknown }> = []
+  private undos: Array<{ what: string; fn: () => unknown }> = []
 
   constructor(private readonly log: Logger) {}
 
-  add(what: string, fn: () => Promise<unknown> | unknown): void {
+  add(what: string, fn: () => unknown): void {
     this.undos.push({ what, fn })
   }
 

@@ -1,3 +1,4 @@
+// What one check reads from QEMU and the files, read once per check; changes nothing.
 import type { ImageInfo, QemuImg } from '../images/qemu-img.ts'
 import type { BlockDeviceInfo, BlockInfo, JobInfo, MigrationInfo } from '../qmp/commands.ts'
 import type { ImageRow } from '../store/snapshots.ts'

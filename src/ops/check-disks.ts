@@ -1,3 +1,4 @@
+// The check's disk findings (store against QEMU's chains and the image headers); changes nothing.
 import { existsSync } from 'node:fs'
 import { toQmpdError } from '../errors.ts'
 import { deviceId } from '../images/graph.ts'

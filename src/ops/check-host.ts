@@ -1,3 +1,4 @@
+// The check's process and migration findings (store against /proc and QEMU); changes nothing.
 import { existsSync, readdirSync } from 'node:fs'
 import { join } from 'node:path'
 import { OWN_JOB_PREFIX } from '../qmp/index.ts'

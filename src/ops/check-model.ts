@@ -1,3 +1,4 @@
+// The check's report and problem codes (not error codes); no behaviour.
 import { z } from 'zod'
 import { VmState } from '../vm/definition.ts'
 

@@ -1,3 +1,4 @@
+// The check's snapshot findings (tags, files, tree); changes nothing.
 import { existsSync } from 'node:fs'
 import { toQmpdError } from '../errors.ts'
 import { checkMigrationStream } from '../state/ramfile.ts'

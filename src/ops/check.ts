@@ -1,3 +1,4 @@
+// VmChecker: GET /v1/vms/{vm}/check, the store against QEMU and the files; reports, never repairs.
 import { toQmpdError } from '../errors.ts'
 import type { PathPolicy } from '../images/paths.ts'
 import type { QemuImg } from '../images/qemu-img.ts'

@@ -1,3 +1,4 @@
+// Says why a file in a VM directory counts as an orphan (no record accounts for it); deletes nothing.
 import { VM_FILES } from '../vm/argv.ts'
 
 /** Why a file in a VM directory counts as an orphan. */

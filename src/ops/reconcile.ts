@@ -1,3 +1,5 @@
+// Reconciler: brings the store in line with QEMU and the files at start and on repair; never
+// touches a guest.
 import { rm } from 'node:fs/promises'
 import type { Logger } from 'pino'
 import { QmpdError } from '../errors.ts'

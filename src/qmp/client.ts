@@ -83,7 +83,8 @@ export interface ExecuteOptions {
 export type ExecuteRest<C extends CommandName> =
   CommandArgs<C> extends undefined
     ? [args?: undefined, opts?: ExecuteOptions]
-    : {} extends CommandArgs<C>
+    : // eslint-disable-next-line @typescript-eslint/no-empty-object-type -- `{} extends T` is true exactly when every member of T is optional
+      {} extends CommandArgs<C>
       ? [args?: CommandArgs<C>, opts?: ExecuteOptions]
       : [args: CommandArgs<C>, opts?: ExecuteOptions]
 
@@ -282,6 +283,7 @@ export class QmpClient extends EventEmitter<QmpClientEventMap> {
    * 'idle' and the promise rejects with QmpdError('QMP_CONNECT_FAILED') whose cause says why.
    * QEMU serves one QMP client per socket: a second client gets no greeting until the first
    * leaves, so it fails by timeout.
+   * @throws QmpdError QMP_CONNECT_FAILED when the socket, greeting or negotiation fails; INVALID_STATE when not idle.
    */
   async connect(address: QmpAddress, opts: ConnectOptions = {}): Promise<QmpGreeting> {
     if (this._state !== 'idle') {
@@ -346,15 +348,19 @@ export class QmpClient extends EventEmitter<QmpClientEventMap> {
    * replies listed in commands.ts replySchemas). Only in 'running'; otherwise rejects at once
    * with QmpDisconnectedError. Rejects with QmpCommandError for a QMP error reply, TimeoutError
    * after the command's timeout (timeouts.ts), QmpDisconnectedError if the session ends first.
+   * @throws QmpCommandError (QMP_COMMAND_FAILED) for an error reply; QmpdError QMP_PROTOCOL_ERROR for a reply its schema refuses.
+   * @throws QmpDisconnectedError (QMP_DISCONNECTED) when not running or the session ends; TimeoutError (TIMEOUT).
    */
   execute<C extends CommandName>(command: C, ...rest: ExecuteRest<C>): Promise<CommandReturn<C>> {
     const [args, opts] = rest as [Record<string, unknown> | undefined, ExecuteOptions | undefined]
+    // eslint-disable-next-line @typescript-eslint/no-unnecessary-type-assertion -- tsc needs it (the rule misjudges this generic)
     return this.send(command, args, opts, replySchemas[command] as z.ZodType | undefined) as Promise<CommandReturn<C>>
   }
 
   /**
    * Escape hatch for a command absent from the typed map: sent as is, the reply is returned
    * unvalidated. Same state, error and timeout rules as execute().
+   * @throws QmpCommandError, QmpDisconnectedError, TimeoutError as execute().
    */
   executeUnchecked(command: string, args?: Record<string, unknown>, opts?: ExecuteOptions): Promise<unknown> {
     return this.send(command, args, opts)
@@ -713,6 +719,7 @@ export class QmpClient extends EventEmitter<QmpClientEventMap> {
       for (const s of [...this.subscribers]) s.offer(e)
     }
     this.safeEmit('event', e)
+    // eslint-disable-next-line @typescript-eslint/no-unnecessary-type-assertion -- tsc needs it (the rule misjudges this generic)
     this.safeEmit(name, e as never)
   }
 
@@ -798,6 +805,7 @@ export class QmpClient extends EventEmitter<QmpClientEventMap> {
    * remaining listeners. rawListeners() keeps once() wrappers, which unregister themselves.
    */
   private safeEmit<K extends keyof QmpClientEventMap>(name: K, ...args: QmpClientEventMap[K]): void {
+    // eslint-disable-next-line @typescript-eslint/no-unnecessary-type-assertion -- tsc needs it (the rule misjudges this generic)
     const listeners = this.rawListeners(name as never) as Array<(...a: unknown[]) => unknown>
     for (const l of listeners) {
       try {
@@ -927,7 +935,7 @@ class EventIterator<N extends EventName> implements AsyncIterableIterator<QmpEve
     }
     if (this.done) return Promise.resolve({ value: undefined, done: true })
     if (this.error !== undefined) {
-      const err = this.error
+      const err: unknown = this.error
       this.finish()
       return Promise.reject(err)
     }

@@ -1,22 +1,24 @@
+// Snapshot creation as a journaled step program (plan, switch disks, save RAM, commit); the HTTP
+// layer validated its input.
 import { existsSync } from 'node:fs'
+import { z } from 'zod'
 import { ensureBaseImages } from '../chain/graph.ts'
 import { QmpdError } from '../errors.ts'
 import type { JobContext } from '../jobs/manager.ts'
 import type { Job } from '../jobs/model.ts'
-import type { Operation } from '../ops/journal.ts'
 import { isAdopted, type VmDefinition, type VmRuntime, type VmState } from '../vm/definition.ts'
 import { isRunningState } from '../vm/states.ts'
 import type { Live, SnapshotDeps } from './deps.ts'
 import { createExternal } from './external.ts'
 import { externalBytes, versionOf } from './files.ts'
 import { createInternal } from './internal.ts'
-import { CreateSnapshotBody, type Snapshot } from './model.ts'
+import type { CreateSnapshotBody, Snapshot } from './model.ts'
 import { planCreate, type CreatePlan } from './plan.ts'
 import { getView } from './views.ts'
+import { Snapshot as SnapshotRecord } from '../store/snapshot-record.ts'
 
-/** Validates a creation request at once (4xx before any job) and queues it. */
-export function submitCreate(d: SnapshotDeps, busyCheck: (vm: string, what: string) => void, vm: string, input: CreateSnapshotBody): Job {
-  const body = CreateSnapshotBody.parse(input)
+/** Checks a creation request (already validated by the HTTP layer) at once, 4xx before any job, and queues it. */
+export function submitCreate(d: SnapshotDeps, busyCheck: (vm: string, what: string) => void, vm: string, body: CreateSnapshotBody): Job {
   const rec = d.vms.record(vm)
   if (isAdopted(rec.definition)) throw new QmpdError('NOT_SUPPORTED', `VM ${vm} was adopted; qmpd snapshots only VMs it defines`, { vm })
   busyCheck(vm, 'take a snapshot')
@@ -102,6 +104,15 @@ export interface CreateJournal {
   plan: CreatePlan
   wasRunning: boolean
 }
+
+/** CreateJournal as read back from the journal (recovery parses with it instead of casting). */
+export const CreateJournal = z.strictObject({
+  plan: z.strictObject({
+    snapshot: SnapshotRecord,
+    overlays: z.array(z.strictObject({ id: z.string(), file: z.string(), format: z.enum(['qcow2', 'raw']), overlay: z.string() })),
+  }),
+  wasRunning: z.boolean(),
+}) satisfies z.ZodType<CreateJournal>
 
 /**
  * Metadata for a created snapshot, all in one SQLite transaction with the end of its journal

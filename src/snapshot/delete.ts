@@ -1,4 +1,7 @@
+// Snapshot deletion as a journaled step program (merge external images, drop tags, forget); no
+// HTTP.
 import { existsSync, rmSync } from 'node:fs'
+import { z } from 'zod'
 import { commit, mergedInto, stream, streamedOut, usersOf } from '../chain/editor.ts'
 import { ensureBaseImages, formatOf } from '../chain/graph.ts'
 import { QmpdError, toQmpdError } from '../errors.ts'
@@ -36,6 +39,14 @@ export interface DeleteJournal extends DeleteOptions {
   snapshot: string
   remove?: string[]
 }
+
+/** DeleteJournal as read back from the journal. */
+export const DeleteJournal = z.strictObject({
+  snapshot: z.string(),
+  remove: z.array(z.string()).optional(),
+  children: z.boolean().optional(),
+  metadataOnly: z.boolean().optional(),
+}) satisfies z.ZodType<DeleteJournal>
 
 /** Queues a delete again (crash recovery: a delete that began has merged data; it is finished). */
 export function rerunDelete(deps: SnapshotDeps, vm: string, j: DeleteJournal): Job {
@@ -212,7 +223,7 @@ async function commitInto(deps: SnapshotDeps, vm: string, disk: string, C: Image
   const above = { files: usersOf(deps, vm, C.file, rewrittenByQemu).map((i) => i.file), backing: { file: F, format: fFormat } }
   const job = { jobId: `qmpd-commit-${disk}-${ctx.id.slice(0, 8)}`, log: ctx.log, onProgress: (c: number, t: number) => ctx.setProgress(c, t) }
   if (inRunningChain) {
-    await commit(deps, { disk, qmp: qmp!, layers: live, top: ci, base: fi, job, above })
+    await commit(deps, { disk, qmp: qmp, layers: live, top: ci, base: fi, job, above })
   } else {
     // Offline (or a branch QEMU does not run): C's image row and F stand for the chain.
     await commit(deps, { disk, layers: [{ file: C.file, format: C.format }, { file: F, format: fFormat }], top: 0, base: 1, job, above })

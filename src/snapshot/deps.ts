@@ -1,3 +1,5 @@
+// What the snapshot code depends on, and test hooks no HTTP request can reach; no behaviour of its
+// own.
 import type PQueue from 'p-queue'
 import type { Logger } from 'pino'
 import { QmpdError } from '../errors.ts'

@@ -1,3 +1,5 @@
+// The disk step of a snapshot: QMP transaction, optionally with guest filesystems frozen; no
+// journal writes.
 import { join } from 'node:path'
 import { QmpdError } from '../errors.ts'
 import type { JobContext } from '../jobs/manager.ts'
@@ -31,7 +33,7 @@ async function quiesced<T>(d: SnapshotDeps, vm: string, s: Snapshot, ctx: JobCon
   try {
     return await withFrozenFilesystems(qga, fn, ctx.log)
   } finally {
-    qga.close()
+    await qga.close()
   }
 }
 

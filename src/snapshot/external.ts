@@ -1,3 +1,4 @@
+// External snapshots: overlays and RAM state files, live or offline; no journal writes of its own.
 import { rmSync } from 'node:fs'
 import { commit } from '../chain/editor.ts'
 import { liveChain, noteTopNodes, topNodes } from '../images/graph.ts'

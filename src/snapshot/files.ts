@@ -1,3 +1,4 @@
+// File names and reservations for snapshot files (O_EXCL, unique names); never overwrites a file.
 import { closeSync, existsSync, open as fsOpen, rmSync } from 'node:fs'
 import { stat } from 'node:fs/promises'
 import { join } from 'node:path'

@@ -1,3 +1,5 @@
+// Internal snapshots: tags in the qcow2s (transaction, snapshot-save, qemu-img); no journal writes
+// of its own.
 import { topNodes } from '../images/graph.ts'
 import type { JobContext } from '../jobs/manager.ts'
 import { driveQemuJob } from '../jobs/qemu-job.ts'

@@ -1,3 +1,4 @@
+// Request bodies of the snapshot routes (zod); no behaviour.
 import { z } from 'zod'
 import { Name, PathString } from '../vm/definition.ts'
 

@@ -1,3 +1,5 @@
+// Plans a snapshot creation from the VM and the request, refusing what cannot work; pure, touches
+// nothing.
 import { QmpdError } from '../errors.ts'
 import type { VmDefinition, VmRuntime, VmState } from '../vm/definition.ts'
 import { assertState, isRunningState } from '../vm/states.ts'

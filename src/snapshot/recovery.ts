@@ -12,18 +12,18 @@ import type { JournalEntry } from '../store/journal.ts'
 import { finishReceivedState, partialName } from '../state/ramfile.ts'
 import { cancelStaleMigration } from '../vm/migration.ts'
 import { isRunningState } from '../vm/states.ts'
-import { commitCreate, CREATE_OP, type CreateJournal } from './create.ts'
-import { DELETE_OP, rerunDelete, type DeleteJournal } from './delete.ts'
+import { commitCreate, CREATE_OP, CreateJournal } from './create.ts'
+import { DELETE_OP, rerunDelete, DeleteJournal } from './delete.ts'
 import type { SnapshotDeps } from './deps.ts'
 import { deleteTagsLive } from './internal.ts'
 import { undoLiveOverlays } from './external.ts'
-import { REVERT_OP, rerunRevert, type RevertJournal } from './revert.ts'
+import { REVERT_OP, rerunRevert, RevertJournal } from './revert.ts'
 
 /** Registers the rules of snapshot-create, snapshot-revert and snapshot-delete. */
 export function registerSnapshotRecovery(recovery: Recovery, d: SnapshotDeps): void {
-  recovery.register(CREATE_OP, (e, log) => recoverCreate(d, e, e.body as CreateJournal, log))
-  recovery.register(REVERT_OP, (e, log) => recoverRevert(d, e, e.body as RevertJournal, log))
-  recovery.register(DELETE_OP, (e, log) => recoverDelete(d, e, e.body as DeleteJournal, log))
+  recovery.register(CREATE_OP, (e, log) => recoverCreate(d, e, CreateJournal.parse(e.body), log))
+  recovery.register(REVERT_OP, (e, log) => recoverRevert(d, e, RevertJournal.parse(e.body), log))
+  recovery.register(DELETE_OP, (e, log) => recoverDelete(d, e, DeleteJournal.parse(e.body), log))
 }
 
 /**

@@ -1,4 +1,6 @@
+// Snapshot revert as a journaled step program; the HTTP layer validated its input.
 import { existsSync, rmSync } from 'node:fs'
+import { z } from 'zod'
 import { ensureBaseImages, removeIfUnneeded } from '../chain/graph.ts'
 import { QmpdError } from '../errors.ts'
 import { topNodes } from '../images/graph.ts'
@@ -13,11 +15,10 @@ import { trackDowntime } from '../vm/downtime.ts'
 import { assertState, isRunningState } from '../vm/states.ts'
 import { mustSnapshot, type SnapshotDeps } from './deps.ts'
 import { reserveFile, uniqueFile, versionOf } from './files.ts'
-import { RevertBody, type Snapshot } from './model.ts'
+import type { RevertBody, Snapshot } from './model.ts'
 
-/** Validates and queues a revert. */
-export function submitRevert(deps: SnapshotDeps, busyCheck: (vm: string, what: string) => void, vm: string, name: string, input: RevertBody): Job {
-  const body = RevertBody.parse(input ?? {})
+/** Checks a revert (its body already validated by the HTTP layer) and queues it. */
+export function submitRevert(deps: SnapshotDeps, busyCheck: (vm: string, what: string) => void, vm: string, name: string, body: RevertBody): Job {
   const s = mustSnapshot(deps, vm, name)
   const rec = deps.vms.record(vm)
   if (isAdopted(rec.definition)) throw new QmpdError('NOT_SUPPORTED', `VM ${vm} was adopted`, { vm })
@@ -36,6 +37,13 @@ export interface RevertJournal {
   state?: RevertBody['state']
   overlays?: string[]
 }
+
+/** RevertJournal as read back from the journal. */
+export const RevertJournal = z.strictObject({
+  snapshot: z.string(),
+  state: z.enum(['running', 'paused', 'shutoff']).optional(),
+  overlays: z.array(z.string()).optional(),
+}) satisfies z.ZodType<RevertJournal>
 
 /** Queues a revert again (crash recovery: a revert is always finished, never undone). */
 export function rerunRevert(deps: SnapshotDeps, vm: string, j: RevertJournal): Job {

@@ -1,4 +1,5 @@
-import { rmSync } from 'node:fs'
+// SnapshotService: the public face of snapshots (create, list, revert, delete, recover); delegates
+// the work.
 import type { Logger } from 'pino'
 import { ensureBaseImages, neededFiles, removeIfUnneeded } from '../chain/graph.ts'
 import type { Job } from '../jobs/model.ts'
@@ -36,17 +37,26 @@ export class SnapshotService {
     return getView(this.deps, vm, name, externalSize)
   }
 
-  /** Validates a creation request at once (4xx before any job) and queues it. */
+  /**
+   * Validates a creation request at once (4xx before any job) and queues it.
+   * @throws QmpdError VM_NOT_FOUND, SNAPSHOT_EXISTS, INVALID_INPUT, INVALID_STATE, INVALID_PATH, FILE_EXISTS, NOT_SUPPORTED or BUSY, before any job is made.
+   */
   create(vm: string, input: CreateSnapshotBody): Job {
     return submitCreate(this.deps, (v, what) => this.busyCheck(v, what), vm, input)
   }
 
-  /** Validates and queues a revert. */
+  /**
+   * Validates and queues a revert.
+   * @throws QmpdError VM_NOT_FOUND, SNAPSHOT_NOT_FOUND, INVALID_STATE, NOT_SUPPORTED or BUSY, before any job is made.
+   */
   revert(vm: string, name: string, input: RevertBody): Job {
     return submitRevert(this.deps, (v, what) => this.busyCheck(v, what), vm, name, input)
   }
 
-  /** Validates and queues a delete (children: the whole subtree; metadataOnly: forget, touch no file). */
+  /**
+   * Validates and queues a delete (children: the whole subtree; metadataOnly: forget, touch no file).
+   * @throws QmpdError VM_NOT_FOUND, SNAPSHOT_NOT_FOUND, INVALID_STATE, INVALID_INPUT or BUSY, before any job is made.
+   */
   delete(vm: string, name: string, opts: DeleteOptions): Job {
     return submitDelete(this.deps, (v, what) => this.busyCheck(v, what), vm, name, opts)
   }

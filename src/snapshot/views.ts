@@ -1,3 +1,4 @@
+// Snapshots as the API shows them (tree place, sizes); reads only.
 import { liveInternalSnapshots } from '../images/graph.ts'
 import { isRunningState } from '../vm/states.ts'
 import { mustSnapshot, type SnapshotDeps } from './deps.ts'

@@ -1,3 +1,5 @@
+// RAM state files: save a migration stream to a file through a receiver process, check one, load
+// one; no VM records.
 import { randomBytes } from 'node:crypto'
 import { spawn } from 'node:child_process'
 import { createReadStream } from 'node:fs'
@@ -112,7 +114,9 @@ export async function saveRamState(qmp: QmpClient, opts: SaveOptions): Promise<S
   await rm(partial, { force: true })
   const receiver = startReceiver(opts.socket.path, partial)
   let writeError: QmpdError | undefined
-  receiver.failed.then((msg) => {
+  // Not awaited on purpose: a listener, not a step. `failed` resolves only if the receiver
+  // cannot write, never rejects, and the steps below race against it.
+  void receiver.failed.then((msg) => {
     // The file cannot take the stream (ENOSPC, EIO): stop QEMU sending at once, unless it is a
     // background snapshot: QEMU 7.2 never releases the guest's RAM from one that does not
     // complete (the receiver drains the rest of it instead).
@@ -159,9 +163,9 @@ export async function saveRamState(qmp: QmpClient, opts: SaveOptions): Promise<S
         throw new QmpdError('QMP_COMMAND_FAILED', `saving RAM state failed: ${info?.['error-desc'] ?? status}`, { status })
       }
     }
-    const bytes = await Promise.race([receiver.received, receiver.failed.then(() => Promise.reject(writeError))])
+    const bytes = await Promise.race([receiver.received, receiver.failed.then((m) => Promise.reject(writeError ?? new QmpdError('IO_ERROR', m)))])
     await opts.afterTransfer?.()
-    await Promise.race([receiver.synced, receiver.failed.then(() => Promise.reject(writeError))])
+    await Promise.race([receiver.synced, receiver.failed.then((m) => Promise.reject(writeError ?? new QmpdError('IO_ERROR', m)))])
     await rename(partial, opts.file)
     await fsyncDir(dir)
     return { bytes, ms: Math.round(performance.now() - t0) }
@@ -209,7 +213,7 @@ function startReceiver(socketPath: string, partial: string): Receiver {
   const lines: Array<(line: string) => void> = []
   let buf = ''
   let stderr = ''
-  child.stdout!.setEncoding('utf8').on('data', (d: string) => {
+  child.stdout.setEncoding('utf8').on('data', (d: string) => {
     buf += d
     for (let i = buf.indexOf('\n'); i >= 0; i = buf.indexOf('\n')) {
       const line = buf.slice(0, i)
@@ -217,7 +221,7 @@ function startReceiver(socketPath: string, partial: string): Receiver {
       for (const l of lines) l(line)
     }
   })
-  child.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr += d))
+  child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d))
   for (const stream of [child.stdout, child.stderr] as unknown as Array<{ unref?: () => void }>) stream.unref?.()
   const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)))
   const on = (prefix: string): Promise<string> =>
@@ -232,7 +236,7 @@ function startReceiver(socketPath: string, partial: string): Receiver {
     received: on('received').then(Number),
     synced: on('synced').then(() => undefined),
     failed,
-    exited: Promise.all([exited, new Promise((resolve) => child.stdout!.once('close', resolve))]),
+    exited: Promise.all([exited, new Promise((resolve) => child.stdout.once('close', resolve))]),
     async end() {
       if (child.exitCode === null && child.signalCode === null) {
         child.kill('SIGKILL')

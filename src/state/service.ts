@@ -1,3 +1,5 @@
+// StateService: save, restore and managed save as journaled jobs; the HTTP layer validated its
+// input.
 import { existsSync, rmSync } from 'node:fs'
 import { join } from 'node:path'
 import type { Logger } from 'pino'
@@ -17,6 +19,7 @@ import { RESTORE_OP, SAVE_OP, type RestorePlan, type SavePlan } from './plans.ts
 
 /** Body of POST /v1/vms/{vm}/save and /restore. */
 export const StateFileBody = z.strictObject({ file: PathString.describe('the RAM state file (relative paths are under the VM directory)') })
+export type StateFileBody = z.output<typeof StateFileBody>
 
 /**
  * VM state without disks (virsh save/restore/managedsave): RAM and device state to a plain QEMU
@@ -66,9 +69,12 @@ export class StateService {
     this.deps.vms.markShutoff(vm, 'managed save discarded')
   }
 
-  /** Queues a save to a chosen file (like virsh save: the VM stops afterwards). */
-  save(vm: string, input: { file: string }): Job {
-    const { file: raw } = StateFileBody.parse(input)
+  /**
+   * Queues a save to a chosen file (like virsh save: the VM stops afterwards).
+   * @throws QmpdError VM_NOT_FOUND, INVALID_STATE, INVALID_PATH, FILE_EXISTS or BUSY, before any job is made.
+   */
+  save(vm: string, body: StateFileBody): Job {
+    const raw = body.file
     this.precheck(vm, 'save', 'save')
     const file = this.deps.paths.resolve(raw, this.deps.paths.vmDir(vm), 'file')
     if (existsSync(file)) throw new QmpdError('FILE_EXISTS', `${file} exists; qmpd never overwrites a file`, { file })
@@ -88,9 +94,12 @@ export class StateService {
     })
   }
 
-  /** Queues a restore from a file (like virsh restore); the file is checked before anything is touched. */
-  async restore(vm: string, input: { file: string }): Promise<Job> {
-    const { file: raw } = StateFileBody.parse(input)
+  /**
+   * Queues a restore from a file (like virsh restore); the file is checked before anything is touched.
+   * @throws QmpdError VM_NOT_FOUND, INVALID_STATE, INVALID_PATH, NOT_SUPPORTED, INVALID_INPUT (not a RAM state file) or BUSY, before any job is made.
+   */
+  async restore(vm: string, body: StateFileBody): Promise<Job> {
+    const raw = body.file
     const rec = this.deps.vms.record(vm)
     if (isAdopted(rec.definition)) throw new QmpdError('NOT_SUPPORTED', `VM ${vm} was adopted`, { vm })
     const file = this.deps.paths.resolve(raw, this.deps.paths.vmDir(vm), 'file')

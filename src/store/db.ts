@@ -1,3 +1,4 @@
+// Opens the SQLite store and applies its numbered migrations; the only schema definition.
 import Database from 'better-sqlite3'
 import { mkdirSync } from 'node:fs'
 import { dirname } from 'node:path'
@@ -71,7 +72,11 @@ export function openDb(file: string): Db {
   db.pragma('journal_mode = WAL')
   // NORMAL is durable across a process crash in WAL mode; only a power loss can drop the last commits.
   db.pragma('synchronous = NORMAL')
-  db.pragma('foreign_keys = ON')
+  // No foreign keys, on purpose: jobs stay as history after their VM is deleted, and a VM
+  // delete's journal entry must outlive the VM's row until its files are gone. The rows that do
+  // belong to a VM (snapshots, images) go in the same transaction as the VM row (VmManager.forget
+  // and its delete hooks). better-sqlite3 turns enforcement on by default: say it is off.
+  db.pragma('foreign_keys = OFF')
   db.pragma('busy_timeout = 5000')
   migrate(db)
   cacheStatements(db)

@@ -1,3 +1,4 @@
+// JobRepo: the jobs table (job history), rows validated when read; SQL only.
 import { z } from 'zod'
 import { Job, JobError, JobProgress, JobState } from '../jobs/model.ts'
 import type { Db } from './db.ts'

@@ -2,6 +2,7 @@
 // Only SQL lives here; what an entry means and how it is recovered is src/ops and each service.
 import { z } from 'zod'
 import type { Db } from './db.ts'
+import { transaction } from './tx.ts'
 
 /** One journal row: an operation that has begun and not yet ended (committed or undone). */
 export interface JournalEntry {
@@ -34,7 +35,7 @@ export class JournalRepo {
 
   /** Runs fn in one SQLite transaction (an operation's metadata and the end of its entry). */
   tx<T>(fn: () => T): T {
-    return this.db.transaction(fn)()
+    return transaction(this.db, fn)
   }
 
   /** Records an operation's intent before it touches QEMU or files. */

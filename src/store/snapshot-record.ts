@@ -1,3 +1,4 @@
+// The snapshot record as stored (zod); no behaviour.
 import { z } from 'zod'
 
 /** How one disk took part in a snapshot. */

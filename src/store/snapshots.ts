@@ -1,5 +1,8 @@
+// SnapshotRepo: the snapshots and images tables, rows validated when read; SQL only.
+import { z } from 'zod'
 import { Snapshot } from './snapshot-record.ts'
 import type { Db } from './db.ts'
+import { transaction } from './tx.ts'
 
 /** An image file qmpd knows of, with the file it is layered on. */
 export interface ImageRow {
@@ -10,6 +13,16 @@ export interface ImageRow {
   backing: string | null
   createdByQmpd: boolean
 }
+
+/** An images row as SQLite holds it (migration 2's columns). */
+const ImageDbRow = z.strictObject({
+  vm: z.string(),
+  disk: z.string(),
+  file: z.string(),
+  format: z.enum(['qcow2', 'raw']),
+  backing: z.string().nullable(),
+  created_by_qmpd: z.union([z.literal(0), z.literal(1)]),
+})
 
 /** Repository of the snapshot tree and the image graph behind it (the journal is store/journal.ts). */
 export class SnapshotRepo {
@@ -27,7 +40,7 @@ export class SnapshotRepo {
   /** Runs fn in one SQLite transaction: metadata changes commit together or not at all. */
   tx<T>(fn: () => T): T {
     try {
-      return this.db.transaction(fn)()
+      return transaction(this.db, fn)
     } catch (err) {
       this.lists.clear()
       for (const vm of this.versions.keys()) this.touch(vm)
@@ -91,15 +104,18 @@ export class SnapshotRepo {
     this.db.prepare('DELETE FROM images WHERE vm = ?').run(vm)
   }
 
+  /**
+   * The VM's image rows, validated (CONVENTIONS #10).
+   * @throws ZodError when a row does not fit the schema (a store written by something else).
+   */
   images(vm: string): ImageRow[] {
-    return (this.db.prepare('SELECT * FROM images WHERE vm = ?').all(vm) as Array<Record<string, unknown>>).map((r) => ({
-      vm: String(r['vm']),
-      disk: String(r['disk']),
-      file: String(r['file']),
-      format: r['format'] === 'raw' ? 'raw' : 'qcow2',
-      backing: r['backing'] === null ? null : String(r['backing']),
-      createdByQmpd: r['created_by_qmpd'] === 1,
-    }))
+    return this.db
+      .prepare('SELECT * FROM images WHERE vm = ?')
+      .all(vm)
+      .map((raw) => {
+        const r = ImageDbRow.parse(raw)
+        return { vm: r.vm, disk: r.disk, file: r.file, format: r.format, backing: r.backing, createdByQmpd: r.created_by_qmpd === 1 }
+      })
   }
 
   putImage(img: ImageRow): void {

@@ -1,6 +1,8 @@
+// VmRepo: the vms table (definitions and runtime), rows validated when read; SQL only.
 import { z } from 'zod'
 import { StoredDefinition, VmRuntime } from '../vm/definition.ts'
 import type { Db } from './db.ts'
+import { onRollback } from './tx.ts'
 
 /** A VM row as the rest of qmpd sees it. */
 export interface VmRecord {
@@ -43,10 +45,15 @@ export class VmRepo {
     return this.db.prepare('SELECT * FROM vms ORDER BY name').all().map(fromRow)
   }
 
-  updateRuntime(name: string, runtime: VmRuntime): void {
+  /**
+   * Stores a VM's runtime. Inside a transaction (src/store/tx.ts), `undo` runs if that transaction
+   * rolls back: the caller's in-memory copy of the row puts itself back.
+   */
+  updateRuntime(name: string, runtime: VmRuntime, undo?: () => void): void {
     this.db
       .prepare('UPDATE vms SET runtime = ?, updated_at = ? WHERE name = ?')
       .run(JSON.stringify(runtime), new Date().toISOString(), name)
+    if (undo) onRollback(this.db, undo)
   }
 
   delete(name: string): boolean {

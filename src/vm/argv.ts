@@ -1,3 +1,4 @@
+// Builds QEMU's command line from a VM definition; pure, launches nothing.
 import type { VmDefinition } from './definition.ts'
 
 /** Fixed names of the files QEMU creates in its VM directory (it runs with that directory as cwd). */

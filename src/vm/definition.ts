@@ -1,3 +1,4 @@
+// VM definitions and runtime records (zod); no behaviour.
 import { z } from 'zod'
 
 /** Names of VMs and snapshots: what libvirt accepts in a file name, minus surprises. */

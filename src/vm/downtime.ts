@@ -1,3 +1,4 @@
+// Measures a guest's pause from QEMU's STOP/RESUME events; sends no command that changes the VM.
 import type { QmpClient } from '../qmp/index.ts'
 
 type Ts = { seconds: number; microseconds: number }

@@ -1,3 +1,5 @@
+// VmManager: VM definitions, QEMU processes, QMP sessions and run states, kept equal to the store;
+// no snapshot logic.
 import { spawn, type ChildProcess } from 'node:child_process'
 import { rename, rm } from 'node:fs/promises'
 import { accessSync, constants as fsc, existsSync, mkdirSync, openSync, closeSync, readFileSync, rmSync, rmdirSync, statSync } from 'node:fs'
@@ -276,12 +278,18 @@ export class VmManager {
     }
   }
 
-  /** The record of a VM (throws VM_NOT_FOUND). */
+  /**
+   * The record of a VM (throws VM_NOT_FOUND).
+   * @throws QmpdError VM_NOT_FOUND.
+   */
   record(name: string): VmRecord {
     return this.must(name).rec
   }
 
-  /** The live QMP client of a running VM, for other services (snapshots, block jobs). */
+  /**
+   * The live QMP client of a running VM, for other services (snapshots, block jobs).
+   * @throws QmpdError VM_NOT_FOUND; INVALID_STATE when no QEMU runs.
+   */
   qmp(name: string): QmpClient {
     const h = this.must(name)
     if (!h.qmp) throw new QmpdError('INVALID_STATE', `VM ${name} is ${h.rec.runtime.state}: no QEMU to talk to`, { vm: name, state: h.rec.runtime.state })
@@ -293,7 +301,10 @@ export class VmManager {
     this.deleteHooks.push(hook)
   }
 
-  /** DELETE /v1/vms/{vm}: only when QEMU is not running; deleteStorage also removes files qmpd created. */
+  /**
+   * DELETE /v1/vms/{vm}: only when QEMU is not running; deleteStorage also removes files qmpd created.
+   * @throws QmpdError VM_NOT_FOUND; INVALID_STATE while QEMU runs; BUSY while jobs are queued or running.
+   */
   async delete(name: string, opts: { deleteStorage?: boolean } = {}): Promise<void> {
     const h = this.must(name)
     const { state } = h.rec.runtime
@@ -396,12 +407,45 @@ export class VmManager {
     return this.qmp(name).executeUnchecked(execute, args)
   }
 
+  /**
+   * A job's error restated from the VM's fate: a QMP connection lost under the job because QEMU
+   * crashed (killed, or exited on its own) is VM_CRASHED, with the crash's reason. Waits a little
+   * for the exit to be recorded only when QEMU is already gone (the socket's EOF arrives before the
+   * exit is handled); answers at once otherwise, so a job ended by the daemon's own shutdown (QEMU
+   * still runs) is recorded before the store closes.
+   */
+  explainJobError(name: string, err: QmpdError): QmpdError | Promise<QmpdError> {
+    if (err.code !== 'QMP_DISCONNECTED') return err
+    const h = this.handles.get(name)
+    if (!h) return err
+    const crashed = (): QmpdError => {
+      const { state, reason } = h.rec.runtime
+      if (state !== 'crashed') return err
+      return new QmpdError('VM_CRASHED', `QEMU of VM ${name} crashed during the job: ${reason ?? 'exited'}`, { vm: name, reason }, { cause: err })
+    }
+    const pid = h.rec.runtime.pid
+    if (!isRunningState(h.rec.runtime.state) || pid === undefined || isAlive(pid, h.rec.runtime.pidStartTime) || !h.exited) return crashed()
+    return settlesWithin(h.exited, EXIT_AFTER_EOF_TIMEOUT_MS).then(crashed)
+  }
+
   /** Persists a new runtime for the VM (used by the services above this one). */
   updateRuntime(name: string, patch: Partial<VmRuntime>): VmRuntime {
     const h = this.must(name)
-    h.rec.runtime = { ...h.rec.runtime, ...patch }
-    this.deps.repo.updateRuntime(name, h.rec.runtime)
+    this.writeRuntime(h, { ...h.rec.runtime, ...patch })
     return h.rec.runtime
+  }
+
+  /**
+   * Stores a runtime, then mirrors it in memory. Inside a SnapshotRepo/JournalRepo transaction the
+   * store write may still roll back: the previous runtime is put back then, so record() never
+   * shows what the store does not hold.
+   */
+  private writeRuntime(h: Handle, next: VmRuntime): void {
+    const prev = h.rec.runtime
+    this.deps.repo.updateRuntime(h.name, next, () => {
+      if (h.rec.runtime === next) h.rec.runtime = prev
+    })
+    h.rec.runtime = next
   }
 
   // ---- internals ----
@@ -442,8 +486,7 @@ export class VmManager {
     const next: VmRuntime = { ...prev, ...extra, state }
     if (reason) next.reason = reason
     else delete next.reason
-    h.rec.runtime = next
-    this.deps.repo.updateRuntime(h.name, next)
+    this.writeRuntime(h, next)
     if (prev.state !== state || prev.reason !== next.reason) {
       h.log.info({ state, reason }, 'vm state')
       this.deps.bus.emit({ type: 'vm', vm: h.name, state, ...(reason ? { reason } : {}) })
@@ -769,7 +812,6 @@ export class VmManager {
     if (h.qmp === qmp) this.setState(h, state, reason)
   }
 
-  /** Marks the VM paused (used after a job stopped the guest itself). */
   /**
    * Pauses the guest from inside a job (QMP stop) and records it. Its STOP event costs no
    * query-status round trip, which QEMU would otherwise answer before the job's next command,
@@ -787,6 +829,7 @@ export class VmManager {
     this.setStateIfLive(h, qmp, 'paused', 'paused')
   }
 
+  /** Marks the VM paused (used after a job stopped the guest itself). */
   markPaused(name: string, reason = 'paused'): void {
     this.setState(this.must(name), 'paused', reason)
   }

@@ -1,3 +1,5 @@
+// Migration after the fact: cancel one a previous daemon left running, cont once one is finalized;
+// starts no migration.
 import type { Logger } from 'pino'
 import { QmpdError } from '../errors.ts'
 import type { QmpClient } from '../qmp/index.ts'

@@ -1,5 +1,6 @@
 // Journal bodies of the VM lifecycle operations qmpd journals: start (from a managed save above
 // all) and delete with storage. No logic here.
+import { z } from 'zod'
 
 /** Journal name of a start. */
 export const START_OP = 'start'
@@ -9,6 +10,9 @@ export interface StartJournal {
   paused: boolean
 }
 
+/** StartJournal as read back from the journal. */
+export const StartJournal = z.strictObject({ managed: z.boolean(), paused: z.boolean() }) satisfies z.ZodType<StartJournal>
+
 /** Journal name of a VM delete. */
 export const VM_DELETE_OP = 'vm-delete'
 /** A delete in progress: the files it removes (with storage) and the VM directory. */
@@ -17,3 +21,6 @@ export interface VmDeleteJournal {
   dir: string
   deleteStorage: boolean
 }
+
+/** VmDeleteJournal as read back from the journal. */
+export const VmDeleteJournal = z.strictObject({ files: z.array(z.string()), dir: z.string(), deleteStorage: z.boolean() }) satisfies z.ZodType<VmDeleteJournal>

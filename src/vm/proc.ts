@@ -1,3 +1,4 @@
+// Process facts from /proc (alive, zombie, start time, exit status); signals nothing.
 import { readFileSync, readdirSync, readlinkSync, realpathSync } from 'node:fs'
 import { constants } from 'node:os'
 

@@ -9,7 +9,7 @@ import type { Recovery, RecoveryOutcome } from '../ops/recovery.ts'
 import type { JournalEntry } from '../store/journal.ts'
 import { VM_FILES } from './argv.ts'
 import type { VmManager } from './manager.ts'
-import { START_OP, VM_DELETE_OP, type StartJournal, type VmDeleteJournal } from './plans.ts'
+import { START_OP, VM_DELETE_OP, StartJournal, VmDeleteJournal } from './plans.ts'
 import { isRunningState } from './states.ts'
 
 /** What the rules use. */
@@ -22,8 +22,8 @@ export interface VmRecoveryDeps {
 
 /** Registers the rules of start and vm-delete. */
 export function registerVmRecovery(recovery: Recovery, d: VmRecoveryDeps): void {
-  recovery.register(START_OP, (e, log) => recoverStart(d, e, e.body as StartJournal, log))
-  recovery.register(VM_DELETE_OP, (e, log) => recoverDelete(d, e, e.body as VmDeleteJournal, log))
+  recovery.register(START_OP, (e, log) => recoverStart(d, e, StartJournal.parse(e.body), log))
+  recovery.register(VM_DELETE_OP, (e, log) => recoverDelete(d, e, VmDeleteJournal.parse(e.body), log))
 }
 
 /**

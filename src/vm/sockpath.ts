@@ -1,3 +1,4 @@
+// Reaches unix sockets whose path is too long for sun_path (/proc/self/fd); no protocol.
 import { closeSync, openSync } from 'node:fs'
 import { basename, dirname } from 'node:path'
 

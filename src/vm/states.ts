@@ -1,3 +1,5 @@
+// The table of which VM states each operation accepts and leaves; the one place such refusals are
+// made.
 import { QmpdError } from '../errors.ts'
 import type { VmState } from './definition.ts'
 
@@ -66,6 +68,7 @@ export function stateAccepts(op: VmOperation, state: VmState): boolean {
 /**
  * Refuses `op` on VM `vm` in `state` when the table does not list that state for it: throws
  * INVALID_STATE naming the operation, the state and the states it needs.
+ * @throws QmpdError INVALID_STATE when the table does not allow `op` in `state`.
  */
 export function assertState(vm: string, state: VmState, op: VmOperation): void {
   if (stateAccepts(op, state)) return

@@ -1,3 +1,4 @@
+// Finds and ends QEMUs a crashed daemon launched but never recorded; touches no store row.
 import { readFileSync, readdirSync, readlinkSync, realpathSync } from 'node:fs'
 import { join } from 'node:path'
 import type { Logger } from 'pino'

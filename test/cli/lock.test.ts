@@ -14,8 +14,8 @@ const silent = pino({ level: 'silent' })
 async function serve(stateDir: string, sock: string): Promise<{ child: ChildProcess; out: () => string; exit: Promise<number | null> }> {
   const child = spawn(process.execPath, [BIN, 'serve', '--state-dir', stateDir, '--listen', `unix:${sock}`], { stdio: ['ignore', 'pipe', 'pipe'] })
   let out = ''
-  child.stdout!.on('data', (d) => (out += d))
-  child.stderr!.on('data', (d) => (out += d))
+  child.stdout.on('data', (d) => (out += d))
+  child.stderr.on('data', (d) => (out += d))
   const exit = new Promise<number | null>((r) => child.once('exit', (code) => r(code)))
   let exited = false
   void exit.then(() => (exited = true))

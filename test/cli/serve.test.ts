@@ -14,8 +14,8 @@ const BIN = new URL('../../bin/qmpd.js', import.meta.url).pathname
 async function serve(t: Test, args: string[], env: Record<string, string> = {}): Promise<{ child: ChildProcess; logs: () => string }> {
   const child = spawn(process.execPath, [BIN, 'serve', ...args], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] })
   let out = ''
-  child.stdout!.on('data', (d) => (out += d))
-  child.stderr!.on('data', (d) => (out += d))
+  child.stdout.on('data', (d) => (out += d))
+  child.stderr.on('data', (d) => (out += d))
   t.teardown(async () => {
     if (child.exitCode === null && child.signalCode === null) {
       child.kill('SIGTERM')
@@ -31,7 +31,14 @@ async function serve(t: Test, args: string[], env: Record<string, string> = {}):
   return { child, logs: () => out }
 }
 
-function http(opts: { port?: number; socketPath?: string; method?: string; path: string; token?: string; body?: unknown }): Promise<{ status: number; body: string; headers: Record<string, unknown> }> {
+function http(opts: {
+  port?: number
+  socketPath?: string
+  method?: string
+  path: string
+  token?: string
+  body?: unknown
+}): Promise<{ status: number; body: string; headers: Record<string, unknown> }> {
   return new Promise((resolve, reject) => {
     const payload = opts.body === undefined ? undefined : JSON.stringify(opts.body)
     const req = request(

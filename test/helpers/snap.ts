@@ -130,7 +130,7 @@ export async function restoreWithPlainQemu(t: Test, dir: string, argv: string[],
   } finally {
     short.release()
   }
-  t.teardown(() => qmp!.close())
+  t.teardown(() => qmp.close())
   for (const deadline = Date.now() + 20_000; (await qmp.cmd('query-migrate')).status !== 'completed'; ) {
     if (Date.now() > deadline) throw new Error('plain QEMU did not finish loading the state')
     await new Promise((r) => setTimeout(r, 50))

@@ -69,7 +69,7 @@ async function bootAndCheck(t: Test, c: BootCase): Promise<void> {
   await makeGuestDisk(disks[1]!.file, { format: c.format, sizeMiB: 4, boot: false })
 
   const vm = await launchRawQemu({ dir, disks, memoryMiB: 32, machine: c.machine })
-  t.teardown(vm.kill)
+  t.teardown(() => vm.kill())
   await vm.qmp.cmd('cont')
 
   const first = await firstIteration(vm.qmp, dir)

@@ -4,9 +4,9 @@ import { existsSync, readdirSync } from 'node:fs'
 import { join } from 'node:path'
 import t, { type Test } from 'tap'
 import { defineGuestVm, eventually, guestCounters, op, startTestDaemon, type TestDaemon } from '../helpers/daemon.ts'
-import { checkDiskAgainstCounter, checkStampsAgainstCounter } from '../helpers/guest.ts'
+import { checkDiskAgainstCounter } from '../helpers/guest.ts'
 import { requireQemu } from '../helpers/qemu.ts'
-import { diskBytes, dumpRam, maxSlot, slotsOf, stampsOf, revert, snap } from '../helpers/snap.ts'
+import { diskBytes, maxSlot, slotsOf, revert, snap } from '../helpers/snap.ts'
 
 t.before(() => {
   requireQemu(t)
@@ -19,10 +19,10 @@ async function activeFiles(td: TestDaemon, vm: string): Promise<string[]> {
 /** Both disks' bytes as the snapshot froze them, checked to be one instant across the two disks. */
 async function frozen(t: Test, s: any): Promise<Buffer[]> {
   const bytes = await Promise.all(s.disks.map((d: any) => diskBytes(d.file)))
-  const c = maxSlot(slotsOf(bytes[1]!)) // disk 1 is written second in each iteration
+  const c = maxSlot(slotsOf(bytes[1])) // disk 1 is written second in each iteration
   t.ok(c > 0, `snapshot ${s.name}: the guest had written`)
-  t.same(checkDiskAgainstCounter(slotsOf(bytes[1]!), c, c + 1, 1), [], `${s.name}: disk 1 consistent at counter ${c}`)
-  t.same(checkDiskAgainstCounter(slotsOf(bytes[0]!), c, c + 1, 0), [], `${s.name}: disk 0 is from the same instant as disk 1`)
+  t.same(checkDiskAgainstCounter(slotsOf(bytes[1]), c, c + 1, 1), [], `${s.name}: disk 1 consistent at counter ${c}`)
+  t.same(checkDiskAgainstCounter(slotsOf(bytes[0]), c, c + 1, 0), [], `${s.name}: disk 0 is from the same instant as disk 1`)
   return bytes
 }
 
@@ -93,7 +93,7 @@ t.test('external disk snapshots: a chain of three, revert to each, a branch, del
     t.same(await Promise.all((await activeFiles(td, 'ext')).map((f) => diskBytes(f))), seen[name], `${name} reads back exactly after s1 went`)
   }
   // Everything qmpd created and still tracks exists; nothing else of ours lingers.
-  const tracked = new Set(td.daemon.snapshots['deps'].repo.images('ext').map((i: any) => i.file))
+  const tracked = new Set(td.daemon.repos.snapshots.images('ext').map((i) => i.file))
   const leftovers = readdirSync(join(td.stateDir, 'vms', 'ext')).filter((f) => f.endsWith('.qcow2') && !tracked.has(join(td.stateDir, 'vms', 'ext', f)))
   t.same(leftovers, [], 'no untracked image files left behind')
 })

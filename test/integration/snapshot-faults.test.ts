@@ -2,7 +2,6 @@
 // survives a daemon restart.
 import { readdirSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
-import { JournalRepo } from '../../src/store/journal.ts'
 import t, { type Test } from 'tap'
 import { defineGuestVm, eventually, guestCounters, op, startTestDaemon, type TestDaemon } from '../helpers/daemon.ts'
 import { checkDiskAgainstCounter, checkStampsAgainstCounter } from '../helpers/guest.ts'
@@ -23,7 +22,7 @@ async function nothingChanged(t: Test, td: TestDaemon, vm: string, files: string
   t.same(vmFiles(td, vm), files, `${what}: no file created or removed`)
   t.same((await td.api('GET', `/v1/vms/${vm}/snapshots`)).body.snapshots, [], `${what}: no metadata written`)
   t.same(await chainLengths(td, vm), [1, 1], `${what}: QEMU's graph is as before`)
-  t.same(new JournalRepo(td.daemon.db).pending(), [], `${what}: no journal entry left`)
+  t.same(td.daemon.repos.journal.pending(), [], `${what}: no journal entry left`)
 }
 
 t.test('a transaction that fails in QEMU, or an overlay that cannot be created, leaves nothing behind', async (t) => {

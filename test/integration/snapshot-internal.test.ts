@@ -27,8 +27,8 @@ t.test('internal disk snapshots, live on two disks at once and offline; revert a
     t.equal(r.downtimeMs, 0, 'no guest pause')
     // Read the tag's own data straight out of each qcow2.
     seen[name] = await Promise.all(files(td, 'ids').map((f) => diskBytes(f, { internal: name })))
-    const c = maxSlot(slotsOf(seen[name]![1]!))
-    t.same(checkDiskAgainstCounter(slotsOf(seen[name]![0]!), c, c + 1, 0), [], `${name}: both disks from one instant (atomic transaction)`)
+    const c = maxSlot(slotsOf(seen[name][1]!))
+    t.same(checkDiskAgainstCounter(slotsOf(seen[name][0]!), c, c + 1, 0), [], `${name}: both disks from one instant (atomic transaction)`)
     await runOn(t, td, 'ids')
   }
   t.same((await td.api('GET', '/v1/vms/ids/snapshots')).body.snapshots.map((s: any) => s.parent ?? null), [null, 'i1', 'i2'])

@@ -62,6 +62,6 @@ t.test('quiesce freezes the guest filesystems around the disk snapshot and alway
   t.ok(await eventually(() => heartbeats() > after2, 10_000, 200), 'and the guest was thawed all the same')
   const qga = await QgaClient.connect(join(td.stateDir, 'vms', 'lin', 'qga.sock'), { timeoutMs: 10_000 })
   t.equal(await qga.fsfreezeStatus(), 'thawed', 'the agent says thawed')
-  qga.close()
+  await qga.close()
   t.same((await td.api('GET', '/v1/vms/lin/snapshots')).body.snapshots.map((s: any) => s.name), ['q1'])
 })

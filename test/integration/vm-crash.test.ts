@@ -247,3 +247,18 @@ function threadWaits(pid: number): string[] {
     }
   })
 }
+
+t.test('a job whose QEMU is killed under it fails with VM_CRASHED, naming the crash', async (t) => {
+  const td = await startTestDaemon(t)
+  await defineGuestVm(td, 'underjob', { disks: 1 })
+  await op(td, 'underjob', 'start')
+  const { pid } = await vm(td, 'underjob')
+  const dest = join(td.stateDir, 'vms', 'underjob', 'copy.qcow2')
+  const job = (await td.api('POST', '/v1/vms/underjob/disks/vda/copy', { dest })).body
+  t.ok(await eventually(async () => (await td.api('GET', `/v1/jobs/${job.id}`)).body.state === 'ready', 30_000), 'the mirror waits in ready')
+  process.kill(pid, 'SIGKILL')
+  const done = await td.daemon.jobs.wait(job.id, 30_000)
+  t.equal(done.state, 'failed')
+  t.match(done.error, { code: 'VM_CRASHED', message: /QEMU killed by SIGKILL/ })
+  t.match(await vm(td, 'underjob'), { state: 'crashed' })
+})

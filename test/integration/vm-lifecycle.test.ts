@@ -1,5 +1,4 @@
 // VM lifecycle against real qemu-system-x86_64 under TCG, with the counting boot-sector guest.
-import { existsSync } from 'node:fs'
 import t from 'tap'
 import { procInfo, waitForExit } from '../../src/vm/proc.ts'
 import { defineGuestVm, eventually, guestCounters, op, startTestDaemon } from '../helpers/daemon.ts'

@@ -68,7 +68,7 @@ export class FakeConn {
 /** Options of startFakeQmp. */
 export interface FakeQmpOptions {
   /** Greeting to send on accept; false for none. */
-  greeting?: unknown | false
+  greeting?: unknown
   /** Called for each command after qmp_capabilities; default: reply {}. */
   onCommand?: (cmd: FakeCommand, conn: FakeConn) => void
   /** Called for qmp_capabilities instead of replying {}. */

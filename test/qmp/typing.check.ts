@@ -2,7 +2,7 @@
 import { QmpClient } from '../../src/qmp/index.ts'
 const q = new QmpClient()
 q.on('event', (ev) => { if (ev.event === 'JOB_STATUS_CHANGE') { const s: string = ev.data.status; void s } })
-q.on('STOP', (ev) => { ev.timestamp })
+q.on('STOP', (ev) => { void ev.timestamp })
 q.on('disconnected', (c) => c.code)
 async function f() {
   const st = await q.execute('query-status'); const r: boolean = st.running; void r

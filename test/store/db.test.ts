@@ -81,3 +81,9 @@ t.test('snapshot lists are cached but always what SQLite holds, also after a rol
   repo.deleteAllFor('a')
   t.same(repo.list('a'), [])
 })
+
+t.test('declares no foreign keys, and does not pretend to enforce them', async (t) => {
+  const db = openDb(':memory:')
+  t.equal(db.pragma('foreign_keys', { simple: true }), 0)
+  for (const table of ['vms', 'jobs', 'snapshots', 'images', 'journal']) t.same(db.pragma(`foreign_key_list(${table})`), [], `${table} has none`)
+})

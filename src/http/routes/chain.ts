@@ -1,3 +1,4 @@
+// Routes of block jobs and saved state; they validate and call services, nothing more.
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod'
 import { z } from 'zod'
 import { CommitBody, CopyBody, PullBody } from '../../chain/service.ts'

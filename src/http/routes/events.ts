@@ -1,3 +1,4 @@
+// The SSE stream GET /v1/events; a slow client is dropped, never waited for.
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod'
 import { z } from 'zod'
 import type { BusEvent } from '../../events/bus.ts'

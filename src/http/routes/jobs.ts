@@ -1,3 +1,4 @@
+// Routes of the job history and job controls; they validate and call JobManager, nothing more.
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod'
 import { z } from 'zod'
 import { QmpdError } from '../../errors.ts'

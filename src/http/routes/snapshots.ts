@@ -1,3 +1,5 @@
+// Routes of snapshots (create, list, revert, delete); they validate and call SnapshotService,
+// nothing more.
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod'
 import { z } from 'zod'
 import { CreateSnapshotBody, RevertBody } from '../../snapshot/model.ts'

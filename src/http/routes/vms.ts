@@ -1,3 +1,5 @@
+// Routes of VMs (define, adopt, lifecycle, check, repair, QMP escape hatch); they validate and call
+// services, nothing more.
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod'
 import { z } from 'zod'
 import { CheckReport } from '../../ops/check-model.ts'
