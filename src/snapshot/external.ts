@@ -106,6 +106,8 @@ export async function createExternal(
             },
           }),
         )
+        // The RAM file is whole now; if resuming fails (QEMU died), the snapshot is undone with it.
+        r.add(`remove ${s.vmstateFile!}`, () => rmSync(s.vmstateFile!, { force: true }))
         const st = await qmp.execute('query-status')
         if (!st.running) await d.vms.contInJob(vm)
         return dt.end()
