@@ -6,13 +6,14 @@ import { pino } from 'pino'
 import t from 'tap'
 import { makeConfig } from '../../src/config.ts'
 import { startDaemon } from '../../src/daemon.ts'
+import { qmpdCommand } from '../helpers/qmpd-cmd.ts'
 
-const BIN = new URL('../../bin/qmpd.js', import.meta.url).pathname
 const silent = pino({ level: 'silent' })
 
 /** Runs `qmpd serve` on a unix socket; resolves with the child once it serves or has exited. */
 async function serve(stateDir: string, sock: string): Promise<{ child: ChildProcess; out: () => string; exit: Promise<number | null> }> {
-  const child = spawn(process.execPath, [BIN, 'serve', '--state-dir', stateDir, '--listen', `unix:${sock}`], { stdio: ['ignore', 'pipe', 'pipe'] })
+  const [exe, argv, env] = qmpdCommand(['serve', '--state-dir', stateDir, '--listen', `unix:${sock}`])
+  const child = spawn(exe, argv, { env, stdio: ['ignore', 'pipe', 'pipe'] })
   let out = ''
   child.stdout.on('data', (d) => (out += d))
   child.stderr.on('data', (d) => (out += d))

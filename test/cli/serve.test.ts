@@ -6,13 +6,13 @@ import { join } from 'node:path'
 import t, { type Test } from 'tap'
 import { isAlive, waitForExit } from '../../src/vm/proc.ts'
 import { makeGuestDisk } from '../helpers/guest.ts'
+import { qmpdCommand } from '../helpers/qmpd-cmd.ts'
 import { requireQemu } from '../helpers/qemu.ts'
-
-const BIN = new URL('../../bin/qmpd.js', import.meta.url).pathname
 
 /** Starts `qmpd serve` and resolves once its log says it listens. */
 async function serve(t: Test, args: string[], env: Record<string, string> = {}): Promise<{ child: ChildProcess; logs: () => string }> {
-  const child = spawn(process.execPath, [BIN, 'serve', ...args], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] })
+  const [exe, argv, childEnv] = qmpdCommand(['serve', ...args], { ...process.env, ...env })
+  const child = spawn(exe, argv, { env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] })
   let out = ''
   child.stdout.on('data', (d) => (out += d))
   child.stderr.on('data', (d) => (out += d))
@@ -137,7 +137,8 @@ t.test('qmpd serve on a unix socket needs no token; QMPD_TOKEN fixes the TCP tok
 t.test('qmpd --help and bad flags', async (t) => {
   const run = (args: string[]) =>
     new Promise<{ code: number | null; out: string }>((resolve) => {
-      const c = spawn(process.execPath, [BIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'] })
+      const [exe, argv, env] = qmpdCommand(args)
+      const c = spawn(exe, argv, { env, stdio: ['ignore', 'pipe', 'pipe'] })
       let out = ''
       c.stdout.on('data', (d) => (out += d))
       c.stderr.on('data', (d) => (out += d))

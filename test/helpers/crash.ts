@@ -10,9 +10,8 @@ import { FAILPOINT_ENV, type FailAction } from '../../src/ops/failpoints.ts'
 import { isAlive, waitForExit } from '../../src/vm/proc.ts'
 import type { TestDaemon } from './daemon.ts'
 import { checkDiskAgainstCounter, checkStampsAgainstCounter } from './guest.ts'
+import { qmpdCommand } from './qmpd-cmd.ts'
 import { diskBytes, dumpRam, slotsOf, stampsOf } from './snap.ts'
-
-const BIN = new URL('../../bin/qmpd.js', import.meta.url).pathname
 
 /** A `qmpd serve` child on a unix socket. */
 export interface ChildDaemon {
@@ -37,8 +36,9 @@ export async function startChildDaemon(
   if (opts.point) env[FAILPOINT_ENV.point] = opts.point
   if (opts.action) env[FAILPOINT_ENV.action] = opts.action
   if (opts.trace) env[FAILPOINT_ENV.trace] = opts.trace
-  const child = spawn(process.execPath, [BIN, 'serve', '--listen', `unix:${sock}`, '--state-dir', stateDir, '--accel', 'tcg', '--log-level', 'warn'], {
-    env,
+  const [exe, argv, childEnv] = qmpdCommand(['serve', '--listen', `unix:${sock}`, '--state-dir', stateDir, '--accel', 'tcg', '--log-level', 'warn'], env)
+  const child = spawn(exe, argv, {
+    env: childEnv,
     stdio: ['ignore', 'pipe', 'pipe'],
   })
   let out = ''
