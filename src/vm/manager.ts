@@ -2,7 +2,7 @@
 // no snapshot logic.
 import { spawn, type ChildProcess } from 'node:child_process'
 import { rename, rm } from 'node:fs/promises'
-import { accessSync, constants as fsc, existsSync, mkdirSync, openSync, closeSync, readFileSync, rmSync, rmdirSync, statSync } from 'node:fs'
+import { accessSync, constants as fsc, existsSync, mkdirSync, openSync, closeSync, lstatSync, readFileSync, rmSync, rmdirSync, statSync } from 'node:fs'
 import { join } from 'node:path'
 import type { Logger } from 'pino'
 import { z } from 'zod'
@@ -228,7 +228,7 @@ export class VmManager {
     const socket = this.deps.paths.resolve(def.adopt.qmpSocket, this.deps.paths.vmDir(def.name), 'adopt.qmpSocket')
     const stored: AdoptDefinition = { name: def.name, adopt: { qmpSocket: socket } }
     const log = this.deps.log.child({ vm: def.name })
-    const qmp = await this.connect(socket, log)
+    const qmp = await this.connectAdopted(socket, log)
     try {
       const status = QueryStatus.parse(await qmp.execute('query-status'))
       const pid = findQemuByArg(socket) ?? findQemuByArg(socket.split('/').pop()!)
@@ -502,6 +502,24 @@ export class VmManager {
       short.release()
     }
     return qmp
+  }
+
+  /**
+   * Connects to the QMP socket a client named for adoption. What the client got wrong (no such
+   * file, not a socket, nothing listening) is its error, a 400, not the daemon's.
+   * @throws QmpdError INVALID_INPUT when nothing is there to adopt.
+   */
+  private async connectAdopted(socket: string, log: Logger): Promise<QmpClient> {
+    const st = lstatSync(socket, { throwIfNoEntry: false })
+    if (!st) throw new QmpdError('INVALID_INPUT', `adopt.qmpSocket ${socket} does not exist`, { field: 'adopt.qmpSocket', path: socket })
+    if (!st.isSocket()) throw new QmpdError('INVALID_INPUT', `adopt.qmpSocket ${socket} is not a unix socket`, { field: 'adopt.qmpSocket', path: socket })
+    try {
+      return await this.connect(socket, log)
+    } catch (err) {
+      const e = toQmpdError(err)
+      if (e.code !== 'QMP_CONNECT_FAILED') throw e
+      throw new QmpdError('INVALID_INPUT', `nothing answers QMP on adopt.qmpSocket ${socket}: ${e.message}`, { field: 'adopt.qmpSocket', path: socket }, { cause: err })
+    }
   }
 
   /** Wires a connected QMP client to the VM: run-state events, forwarding, disconnect handling. */
