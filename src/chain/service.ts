@@ -6,6 +6,7 @@ import { z } from 'zod'
 import { QmpdError } from '../errors.ts'
 import { liveChain } from '../images/graph.ts'
 import type { PathPolicy } from '../images/paths.ts'
+import { assertCreatable } from '../images/files.ts'
 import type { QemuImg } from '../images/qemu-img.ts'
 import type { JobContext, JobManager } from '../jobs/manager.ts'
 import type { Job } from '../jobs/model.ts'
@@ -132,6 +133,7 @@ export class BlockJobService {
     this.precheck(vm, disk, 'copy')
     const dest = this.deps.paths.resolve(body.dest, this.deps.paths.vmDir(vm), 'dest')
     if (existsSync(dest)) throw new QmpdError('FILE_EXISTS', `${dest} exists; qmpd never overwrites a file`, { file: dest })
+    assertCreatable(dest, 'dest')
     if (body.shallow && body.format !== 'qcow2') throw new QmpdError('INVALID_INPUT', 'a shallow copy needs qcow2 (it keeps a backing file)', {})
     return this.submit(vm, disk, 'copy', { ...body, dest }, (ctx) => this.doCopy(vm, disk, { ...body, dest }, ctx))
   }
