@@ -184,7 +184,8 @@ export class BlockJobService {
       return { layers: await liveChain(qmp, disk), qmp }
     }
     const active = rec.runtime.disks.find((d) => d.id === disk)!
-    const info = await this.deps.qemuImg.chain(active.file)
+    // qemu-img confines and checks every layer from the headers before it opens any (QemuImg.guard).
+    const info = await this.deps.qemuImg.chain(active.file, { format: active.format })
     return { layers: info.map((l) => ({ file: l.filename, format: l.format })) }
   }
 
@@ -331,6 +332,9 @@ export class BlockJobService {
   }
 
   private async doCopy(vm: string, disk: string, body: CopyBody, ctx: JobContext): Promise<unknown> {
+    // Again where it is used: a directory on the way may have become a symlink since the submit.
+    this.deps.paths.confine(body.dest, 'dest')
+    assertCreatable(body.dest, 'dest')
     const { layers, qmp } = await this.chain(vm, disk)
     const t0 = performance.now()
     const jobId = `qmpd-copy-${ctx.id.slice(0, 8)}`

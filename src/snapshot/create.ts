@@ -45,10 +45,10 @@ function planFor(d: SnapshotDeps, vm: string, body: CreateSnapshotBody, state: V
       runtime: rec.runtime,
       existing: d.repo.list(vm),
       vmDir: d.paths.vmDir(vm),
-      // Overlays and RAM state files are created: their directory must exist (the VM's own is made at start).
+      // Overlays and RAM state files are created: their directory must exist (nothing makes it).
       resolve: (input, dir, field) => {
         const file = d.paths.resolve(input, dir, field)
-        assertCreatable(file, field, { mayCreateUnder: dir })
+        assertCreatable(file, field)
         return file
       },
       exists: existsSync,
