@@ -3,7 +3,7 @@
 import { execFile, spawn } from 'node:child_process'
 import { z } from 'zod'
 import { QmpdError } from '../errors.ts'
-import { checkChain, type Confine } from './headers.ts'
+import { checkChain, type CheckedLayer, type Confine } from './headers.ts'
 
 /** One layer of an image's backing chain, as qemu-img reports it. */
 export const ImageInfo = z.looseObject({
@@ -37,8 +37,8 @@ export class QemuImg {
    * Checks the chain of `file` before qemu-img opens it (see the class).
    * @throws QmpdError INVALID_PATH, as checkChain().
    */
-  async guard(file: string, format: string, field = 'image'): Promise<void> {
-    await checkChain(file, format as 'qcow2', this.confine, field)
+  async guard(file: string, format: string, field = 'image'): Promise<CheckedLayer[]> {
+    return checkChain(file, format as 'qcow2', this.confine, field)
   }
 
   /**
@@ -83,10 +83,12 @@ export class QemuImg {
    * @throws QmpdError INVALID_PATH from the chain check (nothing is run then); QEMU_IMG_FAILED or QEMU_NOT_FOUND, as run().
    */
   async chain(file: string, opts: { forceShare?: boolean; format?: 'qcow2' | 'raw' } = {}): Promise<ImageInfo[]> {
-    await this.guard(file, opts.format ?? 'probe')
+    const layers = await this.guard(file, opts.format ?? 'probe')
     const args = ['info', '--output=json', '--backing-chain']
     if (opts.forceShare) args.push('-U')
-    if (opts.format) args.push('-f', opts.format)
+    // Never let qemu-img probe: a raw disk whose guest wrote a vmdk descriptor would name extents.
+    const format = opts.format ?? layers[0]?.format
+    if (format) args.push('-f', format)
     args.push(file)
     const out = await this.run(args, { timeoutMs: 30_000 })
     return z.array(ImageInfo).parse(JSON.parse(out))
@@ -99,9 +101,10 @@ export class QemuImg {
    * @throws QmpdError INVALID_PATH from the chain check; QEMU_IMG_FAILED or QEMU_NOT_FOUND, as run().
    */
   async info(file: string, opts: { forceShare?: boolean } = {}): Promise<ImageInfo> {
-    await this.guard(file, 'probe')
+    const layers = await this.guard(file, 'probe')
     const args = ['info', '--output=json']
     if (opts.forceShare) args.push('-U')
+    if (layers[0]) args.push('-f', layers[0].format)
     args.push(file)
     const out = await this.run(args, { timeoutMs: 30_000 })
     return ImageInfo.parse(JSON.parse(out))

@@ -91,6 +91,11 @@ t.test('QemuImg with a policy checks the chain before it runs qemu-img', async (
   await t.rejects(q.chain(`${vm}/fifo.qcow2`), { code: 'INVALID_PATH', message: /a FIFO/ })
   t.ok(performance.now() - t0 < 1000, `a FIFO is refused at once (${Math.round(performance.now() - t0)} ms), qemu-img would block on it`)
   rmSync(`${vm}/fifo.qcow2`)
+  // A raw disk whose guest wrote a vmdk descriptor naming an outside file: qemu-img would probe it as vmdk.
+  writeFileSync(`${vm}/guest.raw`, `# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType="monolithicFlat"\nRW 2048 FLAT "${out}/secret.raw" 0\n`)
+  t.equal(JSON.parse(img('info', '--output=json', `${vm}/guest.raw`)).format, 'vmdk', 'left to probe, qemu-img takes it for vmdk (and opens its extent)')
+  t.same((await q.chain(`${vm}/guest.raw`)).map((l) => l.format), ['raw'], 'QemuImg passes the format it checked (-f): never probed')
+  t.equal((await q.info(`${vm}/guest.raw`)).format, 'raw')
   await q.create(`${vm}/good.qcow2`, 'qcow2', { sizeBytes: 1 << 20 })
   t.equal((await q.chain(`${vm}/good.qcow2`))[0]!.format, 'qcow2', 'a good image passes')
 })
