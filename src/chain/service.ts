@@ -132,8 +132,9 @@ export class BlockJobService {
   copy(vm: string, disk: string, body: CopyBody): Job {
     this.precheck(vm, disk, 'copy')
     const dest = this.deps.paths.resolve(body.dest, this.deps.paths.vmDir(vm), 'dest')
-    if (existsSync(dest)) throw new QmpdError('FILE_EXISTS', `${dest} exists; qmpd never overwrites a file`, { file: dest })
+    // First: a FIFO or device in the way is a bad path (400), a regular file an existing one (409).
     assertCreatable(dest, 'dest')
+    if (existsSync(dest)) throw new QmpdError('FILE_EXISTS', `${dest} exists; qmpd never overwrites a file`, { file: dest })
     if (body.shallow && body.format !== 'qcow2') throw new QmpdError('INVALID_INPUT', 'a shallow copy needs qcow2 (it keeps a backing file)', {})
     return this.submit(vm, disk, 'copy', { ...body, dest }, (ctx) => this.doCopy(vm, disk, { ...body, dest }, ctx))
   }

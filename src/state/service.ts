@@ -78,8 +78,9 @@ export class StateService {
     const raw = body.file
     this.precheck(vm, 'save', 'save')
     const file = this.deps.paths.resolve(raw, this.deps.paths.vmDir(vm), 'file')
-    if (existsSync(file)) throw new QmpdError('FILE_EXISTS', `${file} exists; qmpd never overwrites a file`, { file })
+    // First: a FIFO or device in the way is a bad path (400), a regular file an existing one (409).
     assertCreatable(file, 'file')
+    if (existsSync(file)) throw new QmpdError('FILE_EXISTS', `${file} exists; qmpd never overwrites a file`, { file })
     return this.deps.jobs.submit({
       vm,
       op: 'save',

@@ -175,7 +175,13 @@ t.test('files to be created need an existing directory: 400, nothing changes', a
   t.equal(copy.status, 400, 'a copy without a directory')
   const fifo = `${vmDir('run')}/fifo`
   execFileSync('mkfifo', [fifo])
-  t.equal((await td.api('POST', '/v1/vms/run/disks/vda/copy', { dest: 'fifo' })).status, 409, 'a FIFO as copy target: FILE_EXISTS (qmpd never overwrites)')
+  const fifoCopy = await td.api('POST', '/v1/vms/run/disks/vda/copy', { dest: 'fifo' })
+  t.equal(fifoCopy.status, 400, 'a FIFO as copy target: 400')
+  t.match(fifoCopy.body.error, { code: 'INVALID_PATH', message: /a FIFO/ })
+  t.equal((await td.api('POST', '/v1/vms/run/save', { file: 'fifo' })).status, 400, 'a FIFO as save target: 400')
+  t.equal((await td.api('POST', '/v1/vms/run/snapshots', { name: 's1', kind: 'external', memory: true, vmstateFile: 'fifo' })).status, 400, 'a FIFO as RAM state file: 400')
+  t.equal((await td.api('POST', '/v1/vms/run/snapshots', { name: 's1', kind: 'external', memory: false, disks: { vda: { file: 'fifo' } } })).status, 400, 'a FIFO as overlay: 400')
+  t.equal((await td.api('POST', '/v1/vms/run/save', { file: 'disk0.qcow2' })).status, 409, 'a regular file in the way stays 409 FILE_EXISTS')
   const view = (await td.api('GET', '/v1/vms/run')).body
   t.equal(view.state, 'running', 'the VM runs on')
   t.same((await td.api('GET', '/v1/vms/run/snapshots')).body.snapshots, [], 'no snapshot was made')
