@@ -100,7 +100,7 @@ async function openDaemon(
   const journal = new Journal(journalRepo)
   const recovery = new Recovery(journalRepo, log.child({ component: 'recovery' }), (job, outcome) => jobs.noteRecovery(job, outcome))
   const paths = new PathPolicy(config.stateDir, config.allowedDirs)
-  const qemuImg = new QemuImg(config.qemuImgBinary)
+  const qemuImg = new QemuImg(config.qemuImgBinary, (file, field) => paths.confine(file, field))
   const vmRepo = new VmRepo(db)
   // One repository instance for every reader: it caches each VM's parsed snapshot list.
   const snapshotRepo = new SnapshotRepo(db)

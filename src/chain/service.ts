@@ -6,6 +6,7 @@ import { z } from 'zod'
 import { QmpdError } from '../errors.ts'
 import { liveChain } from '../images/graph.ts'
 import type { PathPolicy } from '../images/paths.ts'
+import { assertCreatable } from '../images/files.ts'
 import type { QemuImg } from '../images/qemu-img.ts'
 import type { JobContext, JobManager } from '../jobs/manager.ts'
 import type { Job } from '../jobs/model.ts'
@@ -131,6 +132,8 @@ export class BlockJobService {
   copy(vm: string, disk: string, body: CopyBody): Job {
     this.precheck(vm, disk, 'copy')
     const dest = this.deps.paths.resolve(body.dest, this.deps.paths.vmDir(vm), 'dest')
+    // First: a FIFO or device in the way is a bad path (400), a regular file an existing one (409).
+    assertCreatable(dest, 'dest')
     if (existsSync(dest)) throw new QmpdError('FILE_EXISTS', `${dest} exists; qmpd never overwrites a file`, { file: dest })
     if (body.shallow && body.format !== 'qcow2') throw new QmpdError('INVALID_INPUT', 'a shallow copy needs qcow2 (it keeps a backing file)', {})
     return this.submit(vm, disk, 'copy', { ...body, dest }, (ctx) => this.doCopy(vm, disk, { ...body, dest }, ctx))
@@ -182,7 +185,8 @@ export class BlockJobService {
       return { layers: await liveChain(qmp, disk), qmp }
     }
     const active = rec.runtime.disks.find((d) => d.id === disk)!
-    const info = await this.deps.qemuImg.chain(active.file)
+    // qemu-img confines and checks every layer from the headers before it opens any (QemuImg.guard).
+    const info = await this.deps.qemuImg.chain(active.file, { format: active.format })
     return { layers: info.map((l) => ({ file: l.filename, format: l.format })) }
   }
 
@@ -329,6 +333,9 @@ export class BlockJobService {
   }
 
   private async doCopy(vm: string, disk: string, body: CopyBody, ctx: JobContext): Promise<unknown> {
+    // Again where it is used: a directory on the way may have become a symlink since the submit.
+    this.deps.paths.confine(body.dest, 'dest')
+    assertCreatable(body.dest, 'dest')
     const { layers, qmp } = await this.chain(vm, disk)
     const t0 = performance.now()
     const jobId = `qmpd-copy-${ctx.id.slice(0, 8)}`

@@ -36,6 +36,18 @@ export class PathPolicy {
       throw new QmpdError('INVALID_PATH', `${field} must not contain '..' segments`, { field, path: input })
     }
     const abs = isAbsolute(input) ? normalize(input) : resolve(baseDir, input)
+    return this.confine(abs, field)
+  }
+
+  /**
+   * Checks an absolute path again where it is used (a stored path, a backing file named in an
+   * image header): its shape, and that it and its real location (symlinks resolved now, not when
+   * it was stored) lie inside the allowed roots. Opens nothing.
+   * @throws QmpdError INVALID_PATH for a path too long for the kernel, or outside the allowed roots.
+   */
+  confine(abs: string, field = 'path'): string {
+    if (!isAbsolute(abs) || abs.includes('\0')) throw new QmpdError('INVALID_PATH', `${field} ${abs} is not an absolute path`, { field, path: abs })
+    assertShape(abs, field)
     // A symlink inside an allowed directory must not lead out of it: check the real location too.
     if (!this.isAllowed(abs) || !this.isAllowed(realLocation(abs))) {
       throw new QmpdError('INVALID_PATH', `${field} ${abs} is outside the allowed directories (${this.roots.join(', ')})`, {
@@ -52,6 +64,28 @@ export class PathPolicy {
       const rel = relative(root, abs)
       return rel !== '' && !rel.startsWith('..' + sep) && rel !== '..' && !isAbsolute(rel)
     })
+  }
+}
+
+/** Linux's PATH_MAX (bytes, with the terminating NUL) and NAME_MAX (bytes per component). */
+export const PATH_MAX = 4096
+export const NAME_MAX = 255
+
+/**
+ * Refuses a path the kernel would refuse with ENAMETOOLONG: checked on the absolute (stored)
+ * form, since a short relative path can resolve to one over the limit.
+ * @throws QmpdError INVALID_PATH.
+ */
+export function assertShape(abs: string, field = 'path'): void {
+  const bytes = Buffer.byteLength(abs)
+  if (bytes >= PATH_MAX) {
+    throw new QmpdError('INVALID_PATH', `${field} is ${bytes} bytes long as an absolute path; the limit is ${PATH_MAX - 1}`, { field, bytes })
+  }
+  for (const part of abs.split(sep)) {
+    const n = Buffer.byteLength(part)
+    if (n > NAME_MAX) {
+      throw new QmpdError('INVALID_PATH', `${field} has a component of ${n} bytes (${part.slice(0, 32)}…); the limit is ${NAME_MAX}`, { field, bytes: n })
+    }
   }
 }
 

@@ -3,6 +3,7 @@
 import { execFile, spawn } from 'node:child_process'
 import { z } from 'zod'
 import { QmpdError } from '../errors.ts'
+import { checkChain, type CheckedLayer, type Confine } from './headers.ts'
 
 /** One layer of an image's backing chain, as qemu-img reports it. */
 export const ImageInfo = z.looseObject({
@@ -21,10 +22,24 @@ export type ImageInfo = z.output<typeof ImageInfo>
 
 /**
  * Runs qemu-img with an argument vector (never a shell). Never use it on an image a running QEMU
- * has open for writing: image locking refuses, and forcing it corrupts.
+ * has open for writing: image locking refuses, and forcing it corrupts. Before each command that
+ * opens an image (create with a backing file, info, chain, snapshot, commit, rebase), the image's
+ * whole chain is checked (src/images/headers.ts): every layer and data file a header names must
+ * be a regular file, and, with `confine` (the path policy), inside the allowed roots.
  */
 export class QemuImg {
-  constructor(private readonly binary = 'qemu-img') {}
+  constructor(
+    private readonly binary = 'qemu-img',
+    private readonly confine?: Confine,
+  ) {}
+
+  /**
+   * Checks the chain of `file` before qemu-img opens it (see the class).
+   * @throws QmpdError INVALID_PATH, as checkChain().
+   */
+  async guard(file: string, format: string, field = 'image'): Promise<CheckedLayer[]> {
+    return checkChain(file, format as 'qcow2', this.confine, field)
+  }
 
   /**
    * Runs qemu-img; rejects with QEMU_IMG_FAILED carrying its stderr, or QEMU_NOT_FOUND.
@@ -50,9 +65,11 @@ export class QemuImg {
 
   /**
    * Creates an image; with a backing file the size defaults to the backing file's.
-   * @throws QmpdError QEMU_IMG_FAILED or QEMU_NOT_FOUND, as run().
+   * @throws QmpdError INVALID_PATH from the confinement and chain checks; QEMU_IMG_FAILED or QEMU_NOT_FOUND, as run().
    */
   async create(file: string, format: 'qcow2' | 'raw', opts: { sizeBytes?: number; backing?: { file: string; format: string } }): Promise<void> {
+    this.confine?.(file, 'image')
+    if (opts.backing) await this.guard(opts.backing.file, opts.backing.format, 'backing file')
     const args = ['create', '-q', '-f', format]
     if (opts.backing) args.push('-b', opts.backing.file, '-F', opts.backing.format)
     args.push(file)
@@ -60,10 +77,18 @@ export class QemuImg {
     await this.run(args)
   }
 
-  /** The whole backing chain, top first. `forceShare` reads an image a QEMU has open (-U). */
-  async chain(file: string, opts: { forceShare?: boolean } = {}): Promise<ImageInfo[]> {
+  /**
+   * The whole backing chain, top first. `forceShare` reads an image a QEMU has open (-U); without
+   * `format` the top's format is probed (from the magic: qcow2 or raw).
+   * @throws QmpdError INVALID_PATH from the chain check (nothing is run then); QEMU_IMG_FAILED or QEMU_NOT_FOUND, as run().
+   */
+  async chain(file: string, opts: { forceShare?: boolean; format?: 'qcow2' | 'raw' } = {}): Promise<ImageInfo[]> {
+    const layers = await this.guard(file, opts.format ?? 'probe')
     const args = ['info', '--output=json', '--backing-chain']
     if (opts.forceShare) args.push('-U')
+    // Never let qemu-img probe: a raw disk whose guest wrote a vmdk descriptor would name extents.
+    const format = opts.format ?? layers[0]?.format
+    if (format) args.push('-f', format)
     args.push(file)
     const out = await this.run(args, { timeoutMs: 30_000 })
     return z.array(ImageInfo).parse(JSON.parse(out))
@@ -73,10 +98,13 @@ export class QemuImg {
    * One image alone, without opening its backing file (qemu-img info opens with
    * BDRV_O_NO_BACKING): what its header says, `full-backing-filename` included. `forceShare`
    * reads an image a QEMU has open (-U).
+   * @throws QmpdError INVALID_PATH from the chain check; QEMU_IMG_FAILED or QEMU_NOT_FOUND, as run().
    */
   async info(file: string, opts: { forceShare?: boolean } = {}): Promise<ImageInfo> {
+    const layers = await this.guard(file, 'probe')
     const args = ['info', '--output=json']
     if (opts.forceShare) args.push('-U')
+    if (layers[0]) args.push('-f', layers[0].format)
     args.push(file)
     const out = await this.run(args, { timeoutMs: 30_000 })
     return ImageInfo.parse(JSON.parse(out))
@@ -84,15 +112,17 @@ export class QemuImg {
 
   /** Internal snapshots offline: create (-c), apply (-a) or delete (-d) a tag in a qcow2. */
   async snapshot(op: 'create' | 'apply' | 'delete', file: string, tag: string): Promise<void> {
+    await this.guard(file, 'qcow2')
     const flag = { create: '-c', apply: '-a', delete: '-d' }[op]
     await this.run(['snapshot', '-q', flag, tag, file])
   }
 
   /**
    * Commits `top` into its backing file `base` (must be top's direct backing). `top` keeps its data (-d).
-   * @throws QmpdError QEMU_IMG_FAILED or QEMU_NOT_FOUND, as run().
+   * @throws QmpdError INVALID_PATH from the chain check; QEMU_IMG_FAILED or QEMU_NOT_FOUND, as run().
    */
   async commit(top: string, base: string): Promise<void> {
+    await this.guard(top, 'qcow2')
     await this.run(['commit', '-q', '-d', '-b', base, top])
   }
 
@@ -102,6 +132,8 @@ export class QemuImg {
    * for when the new backing already holds the same data.
    */
   async rebase(file: string, backing: { file: string; format: string } | null, opts: { unsafe?: boolean } = {}): Promise<void> {
+    await this.guard(file, 'qcow2')
+    if (backing) await this.guard(backing.file, backing.format, 'backing file')
     const args = ['rebase', '-q', '-f', 'qcow2']
     if (opts.unsafe) args.push('-u')
     if (backing) args.push('-b', backing.file, '-F', backing.format)

@@ -16,6 +16,7 @@ import type { CreateSnapshotBody, Snapshot } from './model.ts'
 import { planCreate, type CreatePlan } from './plan.ts'
 import { getView } from './views.ts'
 import { Snapshot as SnapshotRecord } from '../store/snapshot-record.ts'
+import { assertCreatable } from '../images/files.ts'
 
 /** Checks a creation request (already validated by the HTTP layer) at once, 4xx before any job, and queues it. */
 export function submitCreate(d: SnapshotDeps, busyCheck: (vm: string, what: string) => void, vm: string, body: CreateSnapshotBody): Job {
@@ -44,7 +45,12 @@ function planFor(d: SnapshotDeps, vm: string, body: CreateSnapshotBody, state: V
       runtime: rec.runtime,
       existing: d.repo.list(vm),
       vmDir: d.paths.vmDir(vm),
-      resolve: (input, dir, field) => d.paths.resolve(input, dir, field),
+      // Overlays and RAM state files are created: their directory must exist (nothing makes it).
+      resolve: (input, dir, field) => {
+        const file = d.paths.resolve(input, dir, field)
+        assertCreatable(file, field)
+        return file
+      },
       exists: existsSync,
     },
     body,

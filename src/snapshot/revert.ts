@@ -83,7 +83,7 @@ async function revertSteps(deps: SnapshotDeps, vm: string, s: Snapshot, body: Re
       const qmp = await o.step('launch', () => deps.vms.launchInJob(vm, ctx, { incoming: true }))
       const version = versionOf(qmp)
       if (s.qemuVersion && version !== s.qemuVersion) warnings.push(`RAM state written by QEMU ${s.qemuVersion}, loaded into ${version}`)
-      await o.step('load-ram', () => loadRamState(qmp, { file: s.vmstateFile!, socket: stateSocket(deps.paths.vmDir(vm), true), log: ctx.log }))
+      await o.step('load-ram', () => loadRamState(qmp, { file: s.vmstateFile!, check: (real) => void deps.paths.confine(real, 'vmstateFile'), socket: stateSocket(deps.paths.vmDir(vm), true), log: ctx.log }))
       if (target === 'running') await o.step('cont', () => deps.vms.contInJob(vm))
       else deps.vms.markPaused(vm)
     } else {

@@ -2,14 +2,14 @@
 // one; no VM records.
 import { randomBytes } from 'node:crypto'
 import { spawn } from 'node:child_process'
-import { createReadStream } from 'node:fs'
 import { fileURLToPath } from 'node:url'
-import { open, rename, rm, stat } from 'node:fs/promises'
+import { open, rename, rm, stat, type FileHandle } from 'node:fs/promises'
 import { connect, type Socket } from 'node:net'
 import { basename, dirname, join } from 'node:path'
 import { pipeline } from 'node:stream/promises'
 import type { Logger } from 'pino'
 import { QmpdError } from '../errors.ts'
+import { fileKind, openRegularFile } from '../images/files.ts'
 import type { QmpClient } from '../qmp/index.ts'
 import { shortSocketPath } from '../vm/sockpath.ts'
 import { settlesWithin } from '../util.ts'
@@ -41,18 +41,33 @@ export function stateSocket(dir: string, qemuCwdIsDir: boolean): StateSocket {
   return { path, qemuPath: qemuCwdIsDir ? name : path }
 }
 
-/** Throws INVALID_INPUT unless `file` exists and starts like a QEMU migration stream. */
-export async function checkMigrationStream(file: string): Promise<number> {
-  let size: number
-  const header = Buffer.alloc(STREAM_MAGIC.length)
+/**
+ * Throws unless `file` exists and starts like a QEMU migration stream. Opens nothing but a
+ * regular file, without following a symlink swapped in after the check (src/images/files.ts):
+ * a FIFO or device as state file is refused before anything could block on it.
+ * @throws QmpdError INVALID_INPUT when it is missing, unreadable or not a migration stream; INVALID_PATH when it is not a regular file or `check` refuses its real path.
+ */
+export async function checkMigrationStream(file: string, check?: (real: string) => void): Promise<number> {
+  const fh = await openStateFile(file, check)
   try {
-    size = (await stat(file)).size
-    const fh = await open(file, 'r')
-    try {
-      await fh.read(header, 0, header.length, 0)
-    } finally {
-      await fh.close()
-    }
+    return await readStreamHeader(fh, file)
+  } finally {
+    await fh.close()
+  }
+}
+
+async function openStateFile(file: string, check?: (real: string) => void): Promise<FileHandle> {
+  if (fileKind(file, 'file') === 'missing') throw new QmpdError('INVALID_INPUT', `${file} cannot be read: it does not exist`, { file })
+  return openRegularFile(file, 'file', check)
+}
+
+/** The size of an open state file, after checking its magic. */
+async function readStreamHeader(fh: FileHandle, file: string): Promise<number> {
+  const header = Buffer.alloc(STREAM_MAGIC.length)
+  let size: number
+  try {
+    size = (await fh.stat()).size
+    await fh.read(header, 0, header.length, 0)
   } catch (err) {
     throw new QmpdError('INVALID_INPUT', `${file} cannot be read: ${(err as Error).message}`, { file })
   }
@@ -278,6 +293,8 @@ export async function finishReceivedState(qmp: QmpClient | undefined, file: stri
 /** Options of loadRamState. */
 export interface LoadOptions {
   file: string
+  /** Confines the file's real path just before qmpd opens it (the path policy). */
+  check?: (real: string) => void
   socket: StateSocket
   log: Logger
 }
@@ -289,7 +306,18 @@ export interface LoadOptions {
  */
 export async function loadRamState(qmp: QmpClient, opts: LoadOptions): Promise<{ bytes: number; ms: number }> {
   const t0 = performance.now()
-  const size = await checkMigrationStream(opts.file)
+  // Opened once, here, and streamed from this descriptor: what was checked is what QEMU gets.
+  const fh = await openStateFile(opts.file, opts.check)
+  let streaming = false
+  try {
+    return await loadFrom(qmp, opts, fh, t0, () => (streaming = true))
+  } finally {
+    if (!streaming) await fh.close()
+  }
+}
+
+async function loadFrom(qmp: QmpClient, opts: LoadOptions, fh: FileHandle, t0: number, onStream: () => void): Promise<{ bytes: number; ms: number }> {
+  const size = await readStreamHeader(fh, opts.file)
   await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] })
   const events = qmp.events({ names: ['MIGRATION'] })
   let sock: Socket | undefined
@@ -307,7 +335,8 @@ export async function loadRamState(qmp: QmpClient, opts: LoadOptions): Promise<{
     // QEMU closes its end as soon as it has read the stream's end marker, sometimes before the
     // last bytes are flushed or the pipeline has finished: EPIPE, ECONNRESET or a premature close
     // of the socket are then harmless. Whether the load worked is decided by QEMU's MIGRATION event.
-    const sent = pipeline(createReadStream(opts.file), sock).catch((err: NodeJS.ErrnoException) => {
+    onStream()
+    const sent = pipeline(fh.createReadStream({ start: 0 }), sock).catch((err: NodeJS.ErrnoException) => {
       if (err.code !== 'EPIPE' && err.code !== 'ECONNRESET' && err.code !== 'ERR_STREAM_PREMATURE_CLOSE') throw err
     })
     sent.catch(() => {}) // settled below, or no longer of interest once QEMU has the whole state

@@ -6,6 +6,7 @@ import type { Logger } from 'pino'
 import { z } from 'zod'
 import { QmpdError } from '../errors.ts'
 import type { PathPolicy } from '../images/paths.ts'
+import { assertCreatable } from '../images/files.ts'
 import type { JobContext, JobManager } from '../jobs/manager.ts'
 import type { Job } from '../jobs/model.ts'
 import { VM_FILES } from '../vm/argv.ts'
@@ -77,12 +78,17 @@ export class StateService {
     const raw = body.file
     this.precheck(vm, 'save', 'save')
     const file = this.deps.paths.resolve(raw, this.deps.paths.vmDir(vm), 'file')
+    // First: a FIFO or device in the way is a bad path (400), a regular file an existing one (409).
+    assertCreatable(file, 'file')
     if (existsSync(file)) throw new QmpdError('FILE_EXISTS', `${file} exists; qmpd never overwrites a file`, { file })
     return this.deps.jobs.submit({
       vm,
       op: 'save',
       params: { file },
       run: async (ctx) => {
+        // Again where it is used: a directory on the way may have become a symlink since.
+        this.deps.paths.confine(file, 'file')
+        assertCreatable(file, 'file')
         const o = this.begin(ctx, vm, { file, managed: false, wasRunning: this.deps.vms.record(vm).runtime.state === 'running' })
         const out = await this.saveAndQuit(vm, file, 'save', ctx, o)
         await o.step('record-file', () => this.deps.journal.repo.tx(() => {
@@ -103,7 +109,8 @@ export class StateService {
     const rec = this.deps.vms.record(vm)
     if (isAdopted(rec.definition)) throw new QmpdError('NOT_SUPPORTED', `VM ${vm} was adopted`, { vm })
     const file = this.deps.paths.resolve(raw, this.deps.paths.vmDir(vm), 'file')
-    await checkMigrationStream(file)
+    const confine = (real: string): void => void this.deps.paths.confine(real, 'file')
+    await checkMigrationStream(file, confine)
     const st = rec.runtime.state
     // With jobs queued the state will change first: the job's launch checks again (as a start).
     if (!this.deps.jobs.busy(vm)) assertState(vm, st, 'restore')
@@ -116,7 +123,7 @@ export class StateService {
         return this.deps.journal.run({ vm, op: RESTORE_OP, job: ctx.id, body: plan, qemuPid: () => this.deps.vms.record(vm).runtime.pid }, async (o) => {
           const qmp = await o.step('launch', () => this.deps.vms.launchInJob(vm, ctx, { incoming: true }))
           try {
-            const r = await o.step('load-ram', () => loadRamState(qmp, { file, socket: stateSocket(this.deps.paths.vmDir(vm), true), log: ctx.log }))
+            const r = await o.step('load-ram', () => loadRamState(qmp, { file, check: confine, socket: stateSocket(this.deps.paths.vmDir(vm), true), log: ctx.log }))
             await o.step('cont', () => this.deps.vms.contInJob(vm))
             return { file, bytes: r.bytes, ms: r.ms, state: 'running' }
           } catch (err) {

@@ -16,6 +16,9 @@ import type { Job } from '../jobs/model.ts'
 import { OWN_JOB_PREFIX, QmpClient } from '../qmp/index.ts'
 import type { VmRecord, VmRepo } from '../store/vms.ts'
 import { deviceId } from '../images/graph.ts'
+import { assertCreatable, assertRegularFile } from '../images/files.ts'
+import { checkChain, type Confine } from '../images/headers.ts'
+import { reserveFile } from '../snapshot/files.ts'
 import { buildArgv, VM_FILES, type ActiveDisk } from './argv.ts'
 import {
   AdoptDefinition,
@@ -207,6 +210,7 @@ export class VmManager {
       ...(def.kernel ? { kernel: this.deps.paths.resolve(def.kernel, dir, 'kernel') } : {}),
       ...(def.initrd ? { initrd: this.deps.paths.resolve(def.initrd, dir, 'initrd') } : {}),
     }
+    await this.checkFiles(resolved, dir, 'define')
     const runtime: VmRuntime = {
       state: 'shutoff',
       qmpSocket: join(dir, VM_FILES.qmpSocket),
@@ -220,6 +224,34 @@ export class VmManager {
     this.handleFor(rec)
     this.deps.log.info({ vm: def.name }, 'vm defined')
     return this.view(def.name)
+  }
+
+  /**
+   * Checks every file QEMU will open for a definition, where it is used (define, and every launch):
+   * each disk, kernel and initrd is confined again (symlinks resolved now), must be a regular file
+   * when it exists, and each disk's backing chain, as its headers name it, is confined down to the
+   * bottom (src/images/headers.ts). A disk qmpd is to create (sizeMiB) must have somewhere to go.
+   * Nothing is opened but the image headers, by qmpd, without following a late symlink.
+   * @throws QmpdError INVALID_PATH.
+   */
+  private async checkFiles(def: VmDefinition, dir: string, when: 'define' | 'start', active: ActiveDisk[] = []): Promise<void> {
+    const confine: Confine = (f, field) => this.deps.paths.confine(f, field)
+    const disks = when === 'start' ? active : def.disks.map((d) => ({ id: d.id, file: d.file, format: d.format }))
+    for (const [i, disk] of disks.entries()) {
+      const field = when === 'start' ? `disk ${disk.id} (${disk.file})` : `disks[${i}].file`
+      confine(disk.file, field)
+      const spec = def.disks.find((d) => d.id === disk.id)
+      if (!assertRegularFile(disk.file, field, { allowMissing: true })) {
+        if (spec?.sizeMiB && disk.file === spec.file) assertCreatable(disk.file, field, { mayCreateUnder: dir })
+        continue
+      }
+      await checkChain(disk.file, disk.format, confine, field)
+    }
+    for (const [field, f] of [['kernel', def.kernel], ['initrd', def.initrd]] as const) {
+      if (!f) continue
+      confine(f, field)
+      assertRegularFile(f, field, { allowMissing: true })
+    }
   }
 
   /** Registers a QEMU that something else started, by its QMP socket; fails if it cannot connect. */
@@ -739,7 +771,7 @@ export class VmManager {
         // Restore the managed save; its file goes only once the restore has succeeded.
         const qmp = await o.step('launch', () => this.launchInJob(h.name, ctx, { incoming: true }))
         try {
-          restored = await o.step('load-ram', () => loadRamState(qmp, { file: saved, socket: stateSocket(this.deps.paths.vmDir(h.name), true), log: ctx.log }))
+          restored = await o.step('load-ram', () => loadRamState(qmp, { file: saved, check: (real) => void this.deps.paths.confine(real, 'managed save'), socket: stateSocket(this.deps.paths.vmDir(h.name), true), log: ctx.log }))
         } catch (err) {
           await this.quitInJob(h.name, ctx)
           this.setState(h, 'saved', 'managed save (the last restore failed)')
@@ -784,6 +816,9 @@ export class VmManager {
     const dir = this.deps.paths.vmDir(h.name)
     mkdirSync(dir, { recursive: true, mode: 0o750 })
     const disks: ActiveDisk[] = h.rec.runtime.disks
+    // Checked again here, not only at define: files can be swapped for symlinks, FIFOs or images
+    // naming outside backing files after the define, and snapshots move the active layers.
+    await this.checkFiles(def, dir, 'start', disks)
     const created: string[] = []
     for (const disk of disks) {
       if (existsSync(disk.file)) continue
@@ -795,7 +830,15 @@ export class VmManager {
         })
       }
       mkdirSync(join(disk.file, '..'), { recursive: true })
-      await this.deps.qemuImg.create(disk.file, disk.format, { sizeBytes: spec.sizeMiB * 1024 * 1024 })
+      // Claimed with O_EXCL first, which never follows a symlink: a dangling one planted since the
+      // check above makes this fail instead of qemu-img creating the file where it points.
+      await reserveFile(disk.file)
+      try {
+        await this.deps.qemuImg.create(disk.file, disk.format, { sizeBytes: spec.sizeMiB * 1024 * 1024 })
+      } catch (err) {
+        rmSync(disk.file, { force: true })
+        throw err
+      }
       created.push(disk.file)
       ctx.log.info({ disk: disk.id, file: disk.file, sizeMiB: spec.sizeMiB }, 'disk created')
     }

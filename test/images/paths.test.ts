@@ -1,4 +1,4 @@
-import { mkdirSync, symlinkSync } from 'node:fs'
+import { mkdirSync, rmSync, symlinkSync } from 'node:fs'
 import t from 'tap'
 import { PathPolicy } from '../../src/images/paths.ts'
 
@@ -47,4 +47,34 @@ t.test('a relative dangling symlink is followed from its real directory; odd pat
   const p = new PathPolicy(`${root}/state`)
   t.throws(() => p.resolve(`${root}/state/a/b/sub/l`, p.vmDir('a')), { code: 'INVALID_PATH' }, 'judged where the kernel would create the file')
   t.equal(p.resolve(`${root}/state/file.txt/x.qcow2`, p.vmDir('a')), `${root}/state/file.txt/x.qcow2`, 'under a regular file: inside the root (creating it fails later), no ENOTDIR crash')
+})
+
+t.test('the resolved (stored) form is checked against PATH_MAX and NAME_MAX', async (t) => {
+  const root = t.testdir({ state: { vms: {} } })
+  const p = new PathPolicy(`${root}/state`)
+  const vmDir = p.vmDir('a')
+  // 4096 characters is what the request schema lets through; made absolute it is over the limit.
+  const long = Array.from({ length: 1024 }, () => 'abc').join('/')
+  t.equal(long.length, 4095)
+  t.throws(() => p.resolve(long, vmDir, 'disks[0].file'), { code: 'INVALID_PATH', message: /bytes long as an absolute path; the limit is 4095/ })
+  const fits = 'x/'.repeat(Math.floor((4095 - vmDir.length - 1 - 1) / 2)).slice(0, -1)
+  t.ok(p.resolve(fits, vmDir).length <= 4095, 'a path that fits once absolute passes')
+  t.throws(() => p.resolve('a'.repeat(256), vmDir), { code: 'INVALID_PATH', message: /component of 256 bytes/ })
+  t.equal(p.resolve('a'.repeat(255), vmDir), `${vmDir}/${'a'.repeat(255)}`, '255 bytes is the largest component')
+  t.throws(() => p.resolve('é'.repeat(128), vmDir), { code: 'INVALID_PATH', message: /component of 256 bytes/ }, 'counted in bytes, not characters')
+})
+
+t.test('confine() judges a stored path again, as it is now', async (t) => {
+  const root = t.testdir({ state: { vms: { a: { 'disk.qcow2': 'x' } } }, outside: { 'secret.img': 'y' } })
+  const p = new PathPolicy(`${root}/state`)
+  const disk = p.resolve('disk.qcow2', p.vmDir('a'))
+  t.equal(p.confine(disk), disk, 'inside: passes')
+  rmSync(disk)
+  symlinkSync(`${root}/outside/secret.img`, disk)
+  t.throws(() => p.confine(disk, 'disk vda'), { code: 'INVALID_PATH', message: /disk vda .* outside the allowed directories/ }, 'swapped for a symlink that leads out: refused')
+  rmSync(disk)
+  symlinkSync(`${root}/outside/new.img`, disk)
+  t.throws(() => p.confine(disk), { code: 'INVALID_PATH' }, 'a dangling symlink that leads out: refused (a file created through it would land outside)')
+  t.throws(() => p.confine('relative/x'), { code: 'INVALID_PATH', message: /not an absolute path/ })
+  t.throws(() => p.confine(`${root}/state/${'x'.repeat(256)}`), { code: 'INVALID_PATH' })
 })
