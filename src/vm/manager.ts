@@ -17,6 +17,7 @@ import { OWN_JOB_PREFIX, QmpClient } from '../qmp/index.ts'
 import type { VmRecord, VmRepo } from '../store/vms.ts'
 import { deviceId } from '../images/graph.ts'
 import { buildArgv, VM_FILES, type ActiveDisk } from './argv.ts'
+import { checkPassthrough, makePassthroughPolicy } from './passthrough.ts'
 import {
   AdoptDefinition,
   isAdopted,
@@ -398,10 +399,21 @@ export class VmManager {
   }
 
   /**
-   * The escape hatch (like virsh qemu-monitor-command): sends any QMP command, outside the job queue.
-   * Logged at warn because it can change the VM behind qmpd's back.
+   * The escape hatch (like virsh qemu-monitor-command): sends a QMP command the passthrough policy
+   * allows (src/vm/passthrough.ts: off unless --qmp-passthrough; then the allow-list), outside the
+   * job queue. Every use and every refusal is logged at warn with the command: it can change the
+   * VM behind qmpd's back.
+   * @throws QmpdError QMP_PASSTHROUGH_DISABLED, QMP_COMMAND_NOT_ALLOWED (nothing reaches QEMU); VM_NOT_FOUND; INVALID_STATE when no QEMU runs.
+   * @throws QmpCommandError, QmpDisconnectedError, TimeoutError from QEMU as QmpClient.executeUnchecked.
    */
   async qmpPassthrough(name: string, execute: string, args?: Record<string, unknown>): Promise<unknown> {
+    const { qmpPassthrough, qmpAllow } = this.deps.config
+    try {
+      checkPassthrough(makePassthroughPolicy(qmpPassthrough, qmpAllow), execute)
+    } catch (err) {
+      this.deps.log.warn({ vm: name, command: execute, code: (err as QmpdError).code }, 'qmp passthrough refused')
+      throw err
+    }
     const h = this.must(name)
     h.log.warn({ command: execute }, 'qmp passthrough')
     return this.qmp(name).executeUnchecked(execute, args)
