@@ -2,6 +2,7 @@
 // run time.
 import { availableParallelism, homedir } from 'node:os'
 import { join, resolve } from 'node:path'
+import { checkAllowEntry } from './vm/passthrough.ts'
 
 /** Daemon-wide settings, resolved once at start from flags and environment. */
 export interface Config {
@@ -30,6 +31,17 @@ export interface Config {
    * Not taken from the environment: tests shorten it to exercise a wedged QEMU.
    */
   quitTimeoutMs?: number
+  /**
+   * Whether POST /v1/vms/{vm}/qmp (the QMP escape hatch) is served at all (--qmp-passthrough,
+   * QMPD_QMP_PASSTHROUGH=1). Off by default: it hands QEMU commands that reach host files.
+   */
+  qmpPassthrough: boolean
+  /**
+   * Allow-list entries added to the escape hatch's defaults (query-*, stop, cont): command names,
+   * prefixes ending in `*`, or `*` (--qmp-allow, repeatable; QMPD_QMP_ALLOW, comma-separated).
+   * A command in RISKY_QMP_COMMANDS (src/vm/passthrough.ts) is allowed only by its exact name.
+   */
+  qmpAllow: string[]
 }
 
 /** The default state directory: $XDG_STATE_HOME/qmpd, else ~/.local/state/qmpd. */
@@ -51,6 +63,8 @@ export function makeConfig(over: Partial<Config> = {}, env: NodeJS.ProcessEnv = 
     allowedDirs: (over.allowedDirs ?? (env['QMPD_ALLOW_DIRS'] ?? '').split(':').filter(Boolean)).map((d) => resolve(d)),
     logLevel: over.logLevel ?? env['QMPD_LOG_LEVEL'] ?? 'info',
     parallelDiskSnapshots: over.parallelDiskSnapshots ?? parseCount(env['QMPD_PARALLEL_DISK_SNAPSHOTS'], 'QMPD_PARALLEL_DISK_SNAPSHOTS') ?? 2 * availableParallelism(),
+    qmpPassthrough: over.qmpPassthrough ?? parseFlag(env['QMPD_QMP_PASSTHROUGH'], 'QMPD_QMP_PASSTHROUGH') ?? false,
+    qmpAllow: (over.qmpAllow ?? (env['QMPD_QMP_ALLOW'] ?? '').split(',').map((e) => e.trim()).filter(Boolean)).map(checkAllowEntry),
     ...(token ? { token } : {}),
     ...(over.quitTimeoutMs !== undefined ? { quitTimeoutMs: over.quitTimeoutMs } : {}),
   }
@@ -62,6 +76,14 @@ export function parseCount(v: string | undefined, name: string): number | undefi
   const n = Number(v)
   if (!Number.isInteger(n) || n < 1 || n > 1024) throw new Error(`${name} must be an integer from 1 to 1024, got ${JSON.stringify(v)}`)
   return n
+}
+
+/** A boolean from the environment (1/true/on, 0/false/off), or undefined when unset; anything else is an error. */
+export function parseFlag(v: string | undefined, name: string): boolean | undefined {
+  if (v === undefined || v === '') return undefined
+  if (/^(1|true|on|yes)$/i.test(v)) return true
+  if (/^(0|false|off|no)$/i.test(v)) return false
+  throw new Error(`${name} must be 1 or 0 (true/false, on/off), got ${JSON.stringify(v)}`)
 }
 
 function parseAccel(v: string | undefined): Config['accel'] {

@@ -6,6 +6,12 @@ export type ErrorCode =
   | 'INVALID_INPUT'
   | 'INVALID_PATH'
   | 'UNAUTHORIZED'
+  /** The QMP escape hatch is off (the daemon runs without --qmp-passthrough). */
+  | 'QMP_PASSTHROUGH_DISABLED'
+  /** The QMP escape hatch is on, but this command is not in its allow-list (--qmp-allow). */
+  | 'QMP_COMMAND_NOT_ALLOWED'
+  /** QEMU refused a command a client sent through the escape hatch (its error class in details). */
+  | 'QMP_COMMAND_REFUSED'
   /** No such route (the HTTP layer's 404 for an unknown path). */
   | 'NOT_FOUND'
   | 'VM_NOT_FOUND'

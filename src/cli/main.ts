@@ -10,7 +10,7 @@ const HELP = `qmpd ${VERSION}: snapshots, checkpoints and saved state of QEMU VM
 Usage:
   qmpd serve [--listen ADDR] [--state-dir DIR] [--qemu-binary PATH] [--qemu-img PATH]
              [--accel auto|kvm|tcg] [--allow-dir DIR]... [--log-level LEVEL]
-             [--parallel-disk-snapshots N]
+             [--parallel-disk-snapshots N] [--qmp-passthrough [--qmp-allow CMD]...]
   qmpd --help | --version
 
 Options:
@@ -26,6 +26,12 @@ Options:
   --parallel-disk-snapshots N
                       disk-only snapshots switching disks in QEMU at once, over all VMs
                       (default $QMPD_PARALLEL_DISK_SNAPSHOTS or twice the CPUs)
+  --qmp-passthrough   serve POST /v1/vms/{vm}/qmp, the QMP escape hatch (off by default, or
+                      $QMPD_QMP_PASSTHROUGH=1); it then allows query-*, stop and cont
+  --qmp-allow CMD     also allow CMD through the escape hatch: a command name, a prefix ending
+                      in * (block-job-*), or * (repeatable; $QMPD_QMP_ALLOW, comma-separated).
+                      Commands that reach host files or processes (migrate, blockdev-add,
+                      human-monitor-command, pmemsave, …) are allowed only by their exact name
 
 Environment: QMPD_TOKEN fixes the API token; otherwise it is generated into <state-dir>/token.
 `
@@ -44,6 +50,8 @@ export async function main(argv: string[]): Promise<number> {
       'allow-dir': { type: 'string', multiple: true },
       'log-level': { type: 'string' },
       'parallel-disk-snapshots': { type: 'string' },
+      'qmp-passthrough': { type: 'boolean' },
+      'qmp-allow': { type: 'string', multiple: true },
       help: { type: 'boolean', short: 'h' },
       version: { type: 'boolean' },
     },
@@ -71,6 +79,8 @@ export async function main(argv: string[]): Promise<number> {
     ...(values['allow-dir'] ? { allowedDirs: values['allow-dir'] } : {}),
     ...(values['log-level'] ? { logLevel: values['log-level'] } : {}),
     ...(parallel !== undefined ? { parallelDiskSnapshots: parallel } : {}),
+    ...(values['qmp-passthrough'] ? { qmpPassthrough: true } : {}),
+    ...(values['qmp-allow'] ? { qmpAllow: values['qmp-allow'] } : {}),
   })
   const daemon = await startDaemon(config)
   // A bug in one operation must not take the control plane down with it: QEMUs keep running

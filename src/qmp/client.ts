@@ -226,6 +226,10 @@ export class QmpClient extends EventEmitter<QmpClientEventMap> {
   /** QEMU has reported STOP and no RESUME since: the guest waits for us. */
   private guestStopped = false
   private readonly pending = new Map<string, Pending>()
+  /** Error replies without id since the last reply with one (see onIdlessError). */
+  private idless: { class: string; desc: string; count: number } | undefined
+  /** A query-version sent to learn which commands those id-less errors answered is in flight. */
+  private idlessProbe = false
   private readonly expired = new Set<string>()
   private readonly subscribers = new Set<Subscriber>()
   private closing: Promise<void> | undefined
@@ -610,15 +614,19 @@ export class QmpClient extends EventEmitter<QmpClientEventMap> {
   private onReply(m: Record<string, unknown>, line: string): void {
     const rawId = m['id']
     if (rawId === undefined) {
-      // QEMU answers without an id only when it could not parse the request far enough to read
-      // one (qmp-spec.rst "Error"): something we sent is not what we think. We always send ids,
-      // so which command failed is unknowable; end the session like qemu.qmp does
-      // (qmp_client.py _on_message, ServerParseError).
+      if (this._state === 'running' && !this._oob && isErrorBody(m['error'])) {
+        this.onIdlessError(m['error'])
+        return
+      }
+      // A `return` without id, or one during the handshake (or with out-of-band execution, when
+      // replies may come out of order): nothing to attribute it to; end the session like qemu.qmp
+      // does (qmp_client.py _on_message, ServerParseError).
       const desc = isErrorBody(m['error']) ? `${m['error'].class}: ${m['error'].desc}` : excerpt(line)
       this.protocolError(`QEMU sent a reply without id (it could not parse a request): ${desc}`, { line: excerpt(line) })
       return
     }
     const id = typeof rawId === 'string' ? rawId : JSON.stringify(rawId)
+    this.settleIdless(id)
     const p = this.pending.get(id)
     if (!p) {
       if (this.expired.delete(id)) this.log.debug({ id }, 'qmp late reply dropped (command timed out or was aborted)')
@@ -660,6 +668,47 @@ export class QmpClient extends EventEmitter<QmpClientEventMap> {
       return
     }
     resolve(value)
+  }
+
+  /**
+   * QEMU answers without an id when it could not parse a request far enough to read one
+   * (qmp-spec.rst "Error"): JSON nested deeper than its parser allows (1024), a token over its
+   * limits. One such request can bring a burst of them (QEMU's parser resynchronises token by
+   * token: a 2,000-deep array gives about a thousand). The session itself is fine, so it is kept.
+   * Without out-of-band execution QEMU answers in the order it reads, so the culprit is known at
+   * the next reply that has an id: every command sent before that one and still unanswered got
+   * its answer without an id (settleIdless). A probe (`query-version`) makes sure such a reply
+   * comes even when nothing else is sent.
+   */
+  private onIdlessError(e: { class: string; desc: string }): void {
+    if (this.idless === undefined) {
+      this.idless = { ...e, count: 1 }
+      this.log.warn({ qmpClass: e.class, desc: e.desc, pending: this.pending.size }, 'qmp error reply without id (QEMU could not parse a request)')
+    } else {
+      this.idless.count++
+      this.log.debug({ qmpClass: e.class, desc: e.desc }, 'qmp error reply without id')
+    }
+    if (this.idlessProbe || this.pending.size === 0) return
+    this.idlessProbe = true
+    this.send('query-version', undefined).then(
+      () => (this.idlessProbe = false),
+      () => (this.idlessProbe = false),
+    )
+  }
+
+  /** A reply with id `id` came: the commands sent before it still waiting were answered without id. */
+  private settleIdless(id: string): void {
+    const e = this.idless
+    if (e === undefined) return
+    this.idless = undefined
+    const n = Number(id)
+    for (const p of [...this.pending.values()]) {
+      if (!(Number(p.id) < n)) continue
+      this.settle(p)
+      this.log.warn({ id: p.id, command: p.command, qmpClass: e.class, desc: e.desc, replies: e.count }, 'qmp command answered without id')
+      const err = new QmpCommandError(p.command, e.class, `${e.desc} (QEMU could not parse the request; it answered without id)`)
+      this.settleInTurn(() => p.reject(err), false)
+    }
   }
 
   /**
@@ -753,6 +802,8 @@ export class QmpClient extends EventEmitter<QmpClientEventMap> {
     if (socket !== this.socket) return
     this.socket = undefined
     this.splitter = undefined
+    this.idless = undefined
+    this.idlessProbe = false
     socket.destroy()
     const err = cause instanceof Error ? cause : new Error(String(cause))
     for (const p of [...this.pending.values()]) {
@@ -767,6 +818,8 @@ export class QmpClient extends EventEmitter<QmpClientEventMap> {
   private beginTeardown(cause: QmpdError): void {
     this.setState('disconnecting')
     this._lastDisconnectCause = cause
+    this.idless = undefined
+    this.idlessProbe = false
     this.splitter?.reset()
     const reason = cause.data['reason']
     const pending = [...this.pending.values()]

@@ -28,6 +28,15 @@ export function nodeNames(disk: string, gen: number): { format: string; protocol
   return { format: `${disk}-f${gen}`, protocol: `${disk}-p${gen}` }
 }
 
+/**
+ * QEMU's seccomp sandbox, on for every QEMU qmpd launches: no obsolete system calls, no set*uid
+ * (QEMU never regains privileges), no fork or exec (a `migrate` to `exec:` gets QEMU killed by
+ * SIGSYS instead of running a command), no changes to scheduling or CPU affinity. qmpd needs
+ * none of them: RAM state goes to and from a unix socket (src/state/ramfile.ts), block jobs and
+ * internal snapshots run inside QEMU, the guest agent is a chardev socket.
+ */
+export const SANDBOX = 'on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny'
+
 /** Options of one launch that are not part of the definition. */
 export interface LaunchOptions {
   accel: 'kvm' | 'tcg'
@@ -52,6 +61,7 @@ export function buildArgv(def: VmDefinition, opts: LaunchOptions): string[] {
     '-no-user-config',
     '-display', 'none',
     '-msg', 'timestamp=on',
+    '-sandbox', SANDBOX,
     '-qmp', `unix:${VM_FILES.qmpSocket},server=on,wait=off`,
     '-pidfile', VM_FILES.pidfile,
     // -S: no guest code runs before qmpd is connected and has subscribed to events.

@@ -7,7 +7,7 @@ import { join } from 'node:path'
 import type { Logger } from 'pino'
 import { z } from 'zod'
 import type { Config } from '../config.ts'
-import { QmpDisconnectedError, QmpdError, TimeoutError, toQmpdError } from '../errors.ts'
+import { QmpCommandError, QmpDisconnectedError, QmpdError, TimeoutError, toQmpdError } from '../errors.ts'
 import type { EventBus } from '../events/bus.ts'
 import type { PathPolicy } from '../images/paths.ts'
 import type { QemuImg } from '../images/qemu-img.ts'
@@ -20,6 +20,7 @@ import { assertCreatable, assertRegularFile } from '../images/files.ts'
 import { checkChain, type Confine } from '../images/headers.ts'
 import { reserveFile } from '../snapshot/files.ts'
 import { buildArgv, VM_FILES, type ActiveDisk } from './argv.ts'
+import { checkPassthrough, makePassthroughPolicy } from './passthrough.ts'
 import {
   AdoptDefinition,
   isAdopted,
@@ -430,13 +431,31 @@ export class VmManager {
   }
 
   /**
-   * The escape hatch (like virsh qemu-monitor-command): sends any QMP command, outside the job queue.
-   * Logged at warn because it can change the VM behind qmpd's back.
+   * The escape hatch (like virsh qemu-monitor-command): sends a QMP command the passthrough policy
+   * allows (src/vm/passthrough.ts: off unless --qmp-passthrough; then the allow-list), outside the
+   * job queue. Every use and every refusal is logged at warn with the command: it can change the
+   * VM behind qmpd's back.
+   * @throws QmpdError QMP_PASSTHROUGH_DISABLED, QMP_COMMAND_NOT_ALLOWED (nothing reaches QEMU); VM_NOT_FOUND; INVALID_STATE when no QEMU runs.
+   * @throws QmpdError QMP_COMMAND_REFUSED when QEMU answers the command with an error; QmpDisconnectedError, TimeoutError as QmpClient.executeUnchecked.
    */
   async qmpPassthrough(name: string, execute: string, args?: Record<string, unknown>): Promise<unknown> {
+    const { qmpPassthrough, qmpAllow } = this.deps.config
+    try {
+      checkPassthrough(makePassthroughPolicy(qmpPassthrough, qmpAllow), execute)
+    } catch (err) {
+      this.deps.log.warn({ vm: name, command: execute, code: (err as QmpdError).code }, 'qmp passthrough refused')
+      throw err
+    }
     const h = this.must(name)
     h.log.warn({ command: execute }, 'qmp passthrough')
-    return this.qmp(name).executeUnchecked(execute, args)
+    try {
+      return await this.qmp(name).executeUnchecked(execute, args)
+    } catch (err) {
+      // The client's own command, refused by QEMU (no such command, bad arguments, wrong state):
+      // the client's error, not a failure of qmpd's upstream.
+      if (!(err instanceof QmpCommandError)) throw err
+      throw new QmpdError('QMP_COMMAND_REFUSED', `QEMU refused ${execute}: ${err.desc}`, { vm: name, command: execute, qmpClass: err.qmpClass, desc: err.desc }, { cause: err })
+    }
   }
 
   /**

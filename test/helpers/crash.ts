@@ -9,6 +9,7 @@ import type { Test } from 'tap'
 import { FAILPOINT_ENV, type FailAction } from '../../src/ops/failpoints.ts'
 import { isAlive, waitForExit } from '../../src/vm/proc.ts'
 import type { TestDaemon } from './daemon.ts'
+import { RISKY_QMP_COMMANDS } from '../../src/vm/passthrough.ts'
 import { checkDiskAgainstCounter, checkStampsAgainstCounter } from './guest.ts'
 import { qmpdCommand } from './qmpd-cmd.ts'
 import { diskBytes, dumpRam, slotsOf, stampsOf } from './snap.ts'
@@ -36,6 +37,9 @@ export async function startChildDaemon(
   if (opts.point) env[FAILPOINT_ENV.point] = opts.point
   if (opts.action) env[FAILPOINT_ENV.action] = opts.action
   if (opts.trace) env[FAILPOINT_ENV.trace] = opts.trace
+  // Scenarios read guest RAM through the escape hatch (pmemsave), as with startTestDaemon.
+  env['QMPD_QMP_PASSTHROUGH'] = '1'
+  env['QMPD_QMP_ALLOW'] = ['*', ...RISKY_QMP_COMMANDS].join(',')
   const [exe, argv, childEnv] = qmpdCommand(['serve', '--listen', `unix:${sock}`, '--state-dir', stateDir, '--accel', 'tcg', '--log-level', 'warn'], env)
   const child = spawn(exe, argv, {
     env: childEnv,

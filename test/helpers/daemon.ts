@@ -10,6 +10,7 @@ import { startDaemon, type Daemon } from '../../src/daemon.ts'
 import type { Job } from '../../src/jobs/model.ts'
 import type { SnapshotTestHooks } from '../../src/snapshot/service.ts'
 import type { VmTestHooks } from '../../src/vm/manager.ts'
+import { RISKY_QMP_COMMANDS } from '../../src/vm/passthrough.ts'
 import { isAlive, waitForExit } from '../../src/vm/proc.ts'
 import { GUEST_COUNTER_ADDR, makeGuestDisk, parseCounters, type GuestCounters } from './guest.ts'
 
@@ -59,7 +60,9 @@ export async function startTestDaemon(
   opts: { stateDir?: string; config?: Partial<Config>; token?: string; hooks?: { snapshots?: SnapshotTestHooks; vms?: VmTestHooks } } = {},
 ): Promise<TestDaemon> {
   const stateDir = opts.stateDir ?? t.testdir()
-  const config = makeConfig({ stateDir, accel: 'tcg', ...opts.config }, {})
+  // Tests read guest RAM and drive QEMU through the escape hatch (pmemsave, migrate, NBD…): it is
+  // on with everything allowed unless a test's config says otherwise.
+  const config = makeConfig({ stateDir, accel: 'tcg', qmpPassthrough: true, qmpAllow: ['*', ...RISKY_QMP_COMMANDS], ...opts.config }, {})
   const log = pino({ level: process.env['QMPD_TEST_LOG'] ?? 'silent' })
   const daemon = await startDaemon(config, log, opts.hooks ?? {})
   const app = await daemon.app(opts.token ? { token: opts.token } : {})

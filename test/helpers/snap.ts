@@ -114,7 +114,10 @@ export async function revert(td: TestDaemon, vm: string, name: string, body: Rec
  * until the incoming migration completed, and returns its QMP client; the test reaps it.
  */
 export async function restoreWithPlainQemu(t: Test, dir: string, argv: string[], stateFile: string): Promise<RawQmp> {
-  const child = spawn('qemu-system-x86_64', [...argv, '-incoming', `exec:cat ${stateFile}`], { cwd: dir, stdio: 'ignore' })
+  // Without qmpd's -sandbox: it forbids the fork and exec that `exec:cat` needs.
+  const i = argv.indexOf('-sandbox')
+  const plain = i >= 0 ? [...argv.slice(0, i), ...argv.slice(i + 2)] : argv
+  const child = spawn('qemu-system-x86_64', [...plain, '-incoming', `exec:cat ${stateFile}`], { cwd: dir, stdio: 'ignore' })
   t.teardown(async () => {
     if (child.pid && isAlive(child.pid)) child.kill('SIGKILL')
     if (child.pid) await waitForExit(child.pid, 5000)

@@ -88,10 +88,14 @@ t.test('adopts a QEMU started elsewhere by its QMP socket', async (t) => {
 t.test('adopting a socket nobody listens on fails cleanly and stores nothing', async (t) => {
   const td = await startTestDaemon(t)
   const sock = join(td.stateDir, 'dead.sock')
-  writeFileSync(sock, '') // not a listening socket: connect() is refused
+  writeFileSync(sock, '') // not a socket at all
   const res = await td.api('POST', '/v1/vms', { name: 'nobody', adopt: { qmpSocket: sock } })
-  t.equal(res.status, 502)
-  t.equal(res.body.error.code, 'QMP_CONNECT_FAILED')
+  t.equal(res.status, 400, 'the client named something that is not a QMP socket: its error')
+  t.equal(res.body.error.code, 'INVALID_INPUT')
+  t.match(res.body.error.message, /not a unix socket/)
+  const missing = await td.api('POST', '/v1/vms', { name: 'nobody', adopt: { qmpSocket: 'no/such/dir/qmp.sock' } })
+  t.equal(missing.status, 400, 'a missing socket (under a VM directory that does not exist) is a 400, not a 500')
+  t.match(missing.body.error.message, /does not exist/)
   t.equal((await td.api('GET', '/v1/vms/nobody')).status, 404, 'nothing stored')
   await reapQemus()
 })

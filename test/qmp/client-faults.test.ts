@@ -190,17 +190,68 @@ t.test('commands', async (t) => {
     void conn
   })
 
-  t.test('an error reply without id ends the session (QMP spec)', async (t) => {
-    const { qmp } = await connected(t, (cmd, conn) =>
-      conn.send({ error: { class: 'GenericError', desc: "JSON parse error, invalid keyword 'garbage'" } }),
-    )
+  t.test('error replies without id fail the command QEMU could not parse, not the session', async (t) => {
+    // What QEMU does with a request nested deeper than its parser allows: a burst of errors
+    // without id, and no reply with the request's id (see client-qemu and integration tests).
+    const idless = (conn: FakeConn, n: number) => {
+      conn.send({ error: { class: 'GenericError', desc: 'JSON nesting depth limit exceeded' } })
+      for (let i = 1; i < n; i++) conn.send({ error: { class: 'GenericError', desc: 'JSON parse error, expecting value' } })
+    }
+    const { qmp, conn, records } = await connected(t, (cmd, conn) => {
+      if (cmd.execute === 'x-unparsable') idless(conn, 5)
+      else conn.reply(cmd, cmd.execute === 'query-version' ? { qemu: { major: 7, minor: 2, micro: 22 }, package: 'fake' } : { status: 'running', running: true, singlestep: false })
+    })
+    let disconnects = 0
+    qmp.on('disconnected', () => disconnects++)
+
+    // Alone: the client's probe (query-version) brings the reply with an id that settles it.
+    const started = Date.now()
+    const err = await qmp.executeUnchecked('x-unparsable', { a: 1 }).catch((e: unknown) => e)
+    t.type(err, QmpCommandError)
+    t.match(err, { code: 'QMP_COMMAND_FAILED', command: 'x-unparsable', qmpClass: 'GenericError', desc: /nesting depth limit exceeded.*without id/ })
+    t.ok(Date.now() - started < 1000, 'at once, not at its timeout')
+    t.same(conn.commands.map((c) => c.execute), ['x-unparsable', 'query-version'], 'one probe for the whole burst')
+
+    // With commands before and after it: only the unparsable one fails.
+    const [before, bad, after] = await Promise.allSettled([
+      qmp.execute('query-status'),
+      qmp.executeUnchecked('x-unparsable'),
+      qmp.execute('query-status'),
+    ])
+    t.equal(before.status, 'fulfilled')
+    t.match(bad, { status: 'rejected', reason: { qmpClass: 'GenericError', command: 'x-unparsable' } })
+    t.equal(after.status, 'fulfilled')
+
+    t.equal(qmp.state, 'running')
+    t.equal(disconnects, 0, 'the session was kept')
+    t.equal(qmp.pendingCount, 0)
+    t.ok(records.some((r) => r['level'] === 40 && r['msg'] === 'qmp error reply without id (QEMU could not parse a request)'))
+    t.equal(records.filter((r) => r['level'] === 40 && r['msg'] === 'qmp error reply without id (QEMU could not parse a request)').length, 2, 'one warning per burst')
+    t.same(await qmp.execute('query-status'), { status: 'running', running: true, singlestep: false })
+  })
+
+  t.test('a return without id still ends the session (nothing to attribute it to)', async (t) => {
+    const { qmp } = await connected(t, (cmd, conn) => conn.send({ return: {} }))
     let disconnects = 0
     qmp.on('disconnected', () => disconnects++)
     const err = await qmp.execute('query-status').catch((e: unknown) => e)
     t.type(err, QmpDisconnectedError)
-    t.match((err as QmpDisconnectedError).cause, { code: 'QMP_PROTOCOL_ERROR', message: /without id.*GenericError: JSON parse error/ })
+    t.match((err as QmpDisconnectedError).cause, { code: 'QMP_PROTOCOL_ERROR', message: /without id/ })
     t.equal(qmp.state, 'idle')
     t.equal(disconnects, 1)
+  })
+
+  t.test('with out-of-band execution an error without id still ends the session (replies may come out of order)', async (t) => {
+    const fake = await startFakeQmp(t, {
+      onCommand: (cmd, conn) => conn.send({ error: { class: 'GenericError', desc: "JSON parse error, invalid keyword 'garbage'" } }),
+    })
+    const qmp = new QmpClient()
+    t.teardown(() => qmp.disconnect())
+    await qmp.connect({ path: fake.path }, { oob: true })
+    const err = await qmp.execute('query-status').catch((e: unknown) => e)
+    t.type(err, QmpDisconnectedError)
+    t.match((err as QmpDisconnectedError).cause, { code: 'QMP_PROTOCOL_ERROR', message: /without id.*GenericError: JSON parse error/ })
+    t.equal(qmp.state, 'idle')
   })
 
   t.test('a timed-out command rejects with TimeoutError, its late reply is dropped quietly, the client still works', async (t) => {

@@ -4,6 +4,7 @@ import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod'
 import { z } from 'zod'
 import { CheckReport } from '../../ops/check-model.ts'
 import { AdoptDefinition, VmDefinition } from '../../vm/definition.ts'
+import { jsonDepth, MAX_QMP_ARG_BYTES, MAX_QMP_ARG_DEPTH } from '../../vm/passthrough.ts'
 import type { Services } from '../app.ts'
 import { replyWithJob } from '../job-reply.ts'
 import { ErrorBody, VmParams, WaitQuery } from '../schemas.ts'
@@ -18,7 +19,18 @@ const StopBody = z
 const EmptyBody = z.strictObject({}).default({})
 const QmpBody = z.strictObject({
   execute: z.string().regex(/^[A-Za-z][A-Za-z0-9_-]{0,63}$/, 'must be a QMP command name'),
-  arguments: z.record(z.string(), z.unknown()).optional(),
+  // Bounded here, before anything reaches QEMU: QEMU answers a request nested deeper than 1024
+  // with errors that carry no id, and deep values overflow the stack of whoever recurses on them.
+  arguments: z
+    .record(z.string(), z.unknown())
+    .superRefine((args, ctx) => {
+      if (jsonDepth(args, MAX_QMP_ARG_DEPTH) > MAX_QMP_ARG_DEPTH) {
+        ctx.addIssue({ code: 'custom', message: `must not be nested deeper than ${MAX_QMP_ARG_DEPTH} levels` })
+      } else if (Buffer.byteLength(JSON.stringify(args)) > MAX_QMP_ARG_BYTES) {
+        ctx.addIssue({ code: 'custom', message: `must not be larger than ${MAX_QMP_ARG_BYTES} bytes as JSON` })
+      }
+    })
+    .optional(),
 })
 
 /** /v1/vms: define, adopt, list, inspect, delete, start/stop/pause/resume, and the QMP escape hatch. */
@@ -111,7 +123,7 @@ export const vmRoutes: FastifyPluginAsyncZod<{ services: Services }> = async (ap
     '/v1/vms/:vm/qmp',
     {
       schema: {
-        summary: 'Send any QMP command to the VM\'s QEMU (escape hatch, outside the job queue; logged)',
+        summary: 'Send a QMP command to the VM\'s QEMU (escape hatch: off unless --qmp-passthrough, then an allow-list; outside the job queue; logged)',
         tags: ['vms'],
         params: VmParams,
         body: QmpBody,
