@@ -30,6 +30,11 @@ export interface Config {
    * Not taken from the environment: tests shorten it to exercise a wedged QEMU.
    */
   quitTimeoutMs?: number
+  /**
+   * Start with an empty store even though <stateDir>/vms holds VM directories (--fresh-store,
+   * QMPD_FRESH_STORE=1); without it a missing or empty qmpd.db next to them is refused.
+   */
+  freshStore?: boolean
 }
 
 /** The default state directory: $XDG_STATE_HOME/qmpd, else ~/.local/state/qmpd. */
@@ -53,6 +58,7 @@ export function makeConfig(over: Partial<Config> = {}, env: NodeJS.ProcessEnv = 
     parallelDiskSnapshots: over.parallelDiskSnapshots ?? parseCount(env['QMPD_PARALLEL_DISK_SNAPSHOTS'], 'QMPD_PARALLEL_DISK_SNAPSHOTS') ?? 2 * availableParallelism(),
     ...(token ? { token } : {}),
     ...(over.quitTimeoutMs !== undefined ? { quitTimeoutMs: over.quitTimeoutMs } : {}),
+    ...((over.freshStore ?? env['QMPD_FRESH_STORE'] === '1') ? { freshStore: true } : {}),
   }
 }
 

@@ -10,7 +10,7 @@ const HELP = `qmpd ${VERSION}: snapshots, checkpoints and saved state of QEMU VM
 Usage:
   qmpd serve [--listen ADDR] [--state-dir DIR] [--qemu-binary PATH] [--qemu-img PATH]
              [--accel auto|kvm|tcg] [--allow-dir DIR]... [--log-level LEVEL]
-             [--parallel-disk-snapshots N]
+             [--parallel-disk-snapshots N] [--fresh-store]
   qmpd --help | --version
 
 Options:
@@ -26,6 +26,8 @@ Options:
   --parallel-disk-snapshots N
                       disk-only snapshots switching disks in QEMU at once, over all VMs
                       (default $QMPD_PARALLEL_DISK_SNAPSHOTS or twice the CPUs)
+  --fresh-store       start with an empty store although <state-dir>/vms holds VM directories
+                      (a missing or 0-byte qmpd.db is refused then; also QMPD_FRESH_STORE=1)
 
 Environment: QMPD_TOKEN fixes the API token; otherwise it is generated into <state-dir>/token.
 `
@@ -44,6 +46,7 @@ export async function main(argv: string[]): Promise<number> {
       'allow-dir': { type: 'string', multiple: true },
       'log-level': { type: 'string' },
       'parallel-disk-snapshots': { type: 'string' },
+      'fresh-store': { type: 'boolean' },
       help: { type: 'boolean', short: 'h' },
       version: { type: 'boolean' },
     },
@@ -71,6 +74,7 @@ export async function main(argv: string[]): Promise<number> {
     ...(values['allow-dir'] ? { allowedDirs: values['allow-dir'] } : {}),
     ...(values['log-level'] ? { logLevel: values['log-level'] } : {}),
     ...(parallel !== undefined ? { parallelDiskSnapshots: parallel } : {}),
+    ...(values['fresh-store'] ? { freshStore: true } : {}),
   })
   const daemon = await startDaemon(config)
   // A bug in one operation must not take the control plane down with it: QEMUs keep running
