@@ -924,10 +924,11 @@ export class VmManager {
 
   /**
    * Records the state a command just brought about, unless the session it was sent on has ended
-   * in the meantime (QEMU exited after answering: the exit's state stands).
+   * in the meantime (QEMU exited after answering: the exit's state stands). QEMU is in that state
+   * whether or not the store can say so: a fact (pause and resume work on a full disk).
    */
   private setStateIfLive(h: Handle, qmp: QmpClient, state: VmState, reason?: string): void {
-    if (h.qmp === qmp) this.setState(h, state, reason)
+    if (h.qmp === qmp) this.setState(h, state, reason, {}, FACT)
   }
 
   /**

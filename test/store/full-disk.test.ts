@@ -1,5 +1,5 @@
 // A full state directory (a small tmpfs, filled to the last byte): the daemon stays up, a job
-// whose store write fails answers 507 DISK_FULL, stop and force stop still end their QEMUs, the
+// whose store write fails answers 507 DISK_FULL, pause and resume work, stop and force stop still end their QEMUs, the
 // exits are written to the store once there is room again, and the next daemon starts the VMs.
 import { execFileSync } from 'node:child_process'
 import { closeSync, mkdirSync, mkdtempSync, openSync, rmSync, writeSync } from 'node:fs'
@@ -105,6 +105,12 @@ t.test('a full state directory: 507 DISK_FULL, the daemon stays up, stop and for
   t.equal((await td.api('GET', `/v1/jobs/${snapJob}`)).body.state, 'failed', 'the failed job is served from memory')
   t.equal(td.daemon.db.prepare('SELECT state FROM jobs WHERE id = ?').get(snapJob), undefined, 'the store could not take its row')
   t.equal((await td.api('GET', '/healthz')).status, 200, 'the daemon serves on')
+
+  for (const action of ['pause', 'resume']) {
+    const res = await td.api('POST', `/v1/vms/soft/${action}?wait=true&timeoutSec=60`)
+    t.equal(res.status, 200, `${action} answers 200 on the full disk (${JSON.stringify(res.body?.error ?? res.body?.result)})`)
+  }
+  t.equal((await td.api('GET', '/v1/vms/soft')).body.state, 'running', 'soft runs again')
 
   const t0 = Date.now()
   const stop = await td.api('POST', '/v1/vms/soft/stop?wait=true&timeoutSec=60', { timeoutSec: 1 })
