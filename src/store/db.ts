@@ -1,4 +1,5 @@
-// Opens the SQLite store and applies its numbered migrations; the only schema definition.
+// Opens the SQLite store, applies its numbered migrations (the only schema definition) and turns
+// a full or failing disk into DISK_FULL / IO_ERROR; no repository logic.
 import Database from 'better-sqlite3'
 import { mkdirSync } from 'node:fs'
 import { dirname } from 'node:path'

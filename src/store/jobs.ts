@@ -95,7 +95,17 @@ export class JobRepo {
     if (this.unwritten.size === 0) this.log?.error({ err, job: row.id }, 'cannot write job history (disk full?); kept in memory and written when the store can be')
     this.unwritten.set(row.id, row)
     if (!this.retry) {
-      this.retry = setInterval(() => this.flush(), RETRY_MS)
+      this.retry = setInterval(() => {
+        try {
+          this.flush()
+        } catch (err) {
+          // Not a full disk (the store was closed, say): these rows cannot be written by this daemon.
+          this.log?.error({ err, jobs: [...this.unwritten.keys()] }, 'cannot write job history: these jobs keep their last stored state (the next daemon marks queued or running ones interrupted)')
+          this.unwritten.clear()
+          clearInterval(this.retry)
+          this.retry = undefined
+        }
+      }, RETRY_MS)
       this.retry.unref()
     }
   }
