@@ -42,6 +42,11 @@ export interface Config {
    * A command in RISKY_QMP_COMMANDS (src/vm/passthrough.ts) is allowed only by its exact name.
    */
   qmpAllow: string[]
+  /**
+   * Start with an empty store even though <stateDir>/vms holds VM directories (--fresh-store,
+   * QMPD_FRESH_STORE=1); without it a missing or empty qmpd.db next to them is refused.
+   */
+  freshStore?: boolean
 }
 
 /** The default state directory: $XDG_STATE_HOME/qmpd, else ~/.local/state/qmpd. */
@@ -67,6 +72,7 @@ export function makeConfig(over: Partial<Config> = {}, env: NodeJS.ProcessEnv = 
     qmpAllow: (over.qmpAllow ?? (env['QMPD_QMP_ALLOW'] ?? '').split(',').map((e) => e.trim()).filter(Boolean)).map(checkAllowEntry),
     ...(token ? { token } : {}),
     ...(over.quitTimeoutMs !== undefined ? { quitTimeoutMs: over.quitTimeoutMs } : {}),
+    ...((over.freshStore ?? env['QMPD_FRESH_STORE'] === '1') ? { freshStore: true } : {}),
   }
 }
 

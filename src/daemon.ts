@@ -1,7 +1,7 @@
 // Wires the store, services, recovery and HTTP app together at start and takes them down at stop;
 // holds no operation logic.
 import { randomBytes } from 'node:crypto'
-import { chmodSync, existsSync, mkdirSync, readFileSync, renameSync, writeFileSync, openSync, fsyncSync, closeSync } from 'node:fs'
+import { chmodSync, existsSync, mkdirSync, readFileSync, readdirSync, renameSync, statSync, writeFileSync, openSync, fsyncSync, closeSync } from 'node:fs'
 import { join } from 'node:path'
 import PQueue from 'p-queue'
 import { pino, type Logger } from 'pino'
@@ -14,6 +14,8 @@ import { PathPolicy } from './images/paths.ts'
 import { QemuImg } from './images/qemu-img.ts'
 import { JobManager } from './jobs/manager.ts'
 import { openDb, type Db } from './store/db.ts'
+import { ROW_CHECKS } from './store/checks.ts'
+import { Quarantine, scanStore } from './store/integrity.ts'
 import { JobRepo } from './store/jobs.ts'
 import { VmRepo } from './store/vms.ts'
 import { VmManager, type VmTestHooks } from './vm/manager.ts'
@@ -90,20 +92,25 @@ async function openDaemon(
   testHooks: { snapshots?: SnapshotTestHooks; vms?: VmTestHooks },
   releaseLock: () => Promise<void>,
 ): Promise<Daemon> {
+  const dbFile = join(config.stateDir, 'qmpd.db')
+  refuseLostStore(config, dbFile, log)
   mkdirSync(join(config.stateDir, 'vms'), { recursive: true, mode: 0o750 })
-  const db = openDb(join(config.stateDir, 'qmpd.db'))
+  const db = openDb(dbFile)
+  // Rows that fail their schema quarantine their VM (needs-repair) instead of stopping the daemon.
+  const quarantine = new Quarantine()
+  for (const p of scanStore(db, ROW_CHECKS, quarantine)) log.error({ vm: p.vm, table: p.table, key: p.key, issue: p.issue }, 'stored row fails its schema; the VM needs repair')
   const bus = new EventBus()
-  const jobs = new JobManager(new JobRepo(db), bus, log.child({ component: 'jobs' }))
+  const jobs = new JobManager(new JobRepo(db, log.child({ component: 'store' })), bus, log.child({ component: 'jobs' }))
   const interrupted = jobs.recoverInterrupted()
   if (interrupted.length) log.warn({ jobs: interrupted.map((j) => j.id) }, 'jobs interrupted by the previous daemon marked failed')
-  const journalRepo = new JournalRepo(db)
+  const journalRepo = new JournalRepo(db, quarantine)
   const journal = new Journal(journalRepo)
   const recovery = new Recovery(journalRepo, log.child({ component: 'recovery' }), (job, outcome) => jobs.noteRecovery(job, outcome))
   const paths = new PathPolicy(config.stateDir, config.allowedDirs)
   const qemuImg = new QemuImg(config.qemuImgBinary, (file, field) => paths.confine(file, field))
-  const vmRepo = new VmRepo(db)
+  const vmRepo = new VmRepo(db, quarantine)
   // One repository instance for every reader: it caches each VM's parsed snapshot list.
-  const snapshotRepo = new SnapshotRepo(db)
+  const snapshotRepo = new SnapshotRepo(db, quarantine)
   const vms = new VmManager({ config, repo: vmRepo, jobs, bus, paths, qemuImg, journal, log, ...(testHooks.vms ? { hooks: testHooks.vms } : {}) })
   jobs.explainFailures((vm, err) => vms.explainJobError(vm, err))
   const snapshotDeps: SnapshotDeps = {
@@ -171,6 +178,43 @@ async function openDaemon(
       await releaseLock()
     },
   }
+}
+
+/**
+ * Refuses to start on a missing or empty store next to existing VM directories: SQLite would
+ * create an empty store and every VM would be forgotten. `config.freshStore` (--fresh-store,
+ * QMPD_FRESH_STORE=1) accepts it: a new store is created and the directories are left as they are.
+ * @throws Error naming the store, the directories found and the way out.
+ */
+function refuseLostStore(config: Config, dbFile: string, log: Logger): void {
+  let size: number | undefined
+  try {
+    size = statSync(dbFile).size
+  } catch {
+    size = undefined
+  }
+  if (size !== undefined && size > 0) return
+  let dirs: string[] = []
+  try {
+    dirs = readdirSync(join(config.stateDir, 'vms'), { withFileTypes: true })
+      .filter((e) => e.isDirectory())
+      .map((e) => e.name)
+      .sort()
+  } catch {
+    dirs = []
+  }
+  if (dirs.length === 0) return
+  const what = size === undefined ? 'missing' : 'empty (0 bytes)'
+  const list = dirs.slice(0, 10).join(', ') + (dirs.length > 10 ? `, … (${dirs.length} in all)` : '')
+  if (config.freshStore) {
+    log.warn({ store: dbFile, vmDirs: dirs.length }, `the store is ${what}; starting a fresh one as asked (--fresh-store): the VM directories are left as they are and no VM is defined`)
+    return
+  }
+  throw new Error(
+    `the store ${dbFile} is ${what} but ${join(config.stateDir, 'vms')} holds ${dirs.length} VM director${dirs.length === 1 ? 'y' : 'ies'} (${list}): ` +
+      'refusing to start with an empty store, which would forget those VMs. Put the store back from a backup, or start with --fresh-store ' +
+      '(QMPD_FRESH_STORE=1) to begin with an empty store and leave the directories as they are.',
+  )
 }
 
 /**

@@ -37,6 +37,10 @@ export type ErrorCode =
   | 'JOB_CANCELLED'
   | 'INTERRUPTED'
   | 'IO_ERROR'
+  /** The state directory's filesystem is full: the store (SQLite) cannot be written. */
+  | 'DISK_FULL'
+  /** A stored row of the VM fails its schema: the VM is `needs-repair` until its definition is deleted. */
+  | 'NEEDS_REPAIR'
   | 'TIMEOUT'
   | 'INTERNAL'
 

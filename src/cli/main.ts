@@ -11,6 +11,7 @@ Usage:
   qmpd serve [--listen ADDR] [--state-dir DIR] [--qemu-binary PATH] [--qemu-img PATH]
              [--accel auto|kvm|tcg] [--allow-dir DIR]... [--log-level LEVEL]
              [--parallel-disk-snapshots N] [--qmp-passthrough [--qmp-allow CMD]...]
+             [--fresh-store]
   qmpd --help | --version
 
 Options:
@@ -32,6 +33,8 @@ Options:
                       in * (block-job-*), or * (repeatable; $QMPD_QMP_ALLOW, comma-separated).
                       Commands that reach host files or processes (migrate, blockdev-add,
                       human-monitor-command, pmemsave, …) are allowed only by their exact name
+  --fresh-store       start with an empty store although <state-dir>/vms holds VM directories
+                      (a missing or 0-byte qmpd.db is refused then; also QMPD_FRESH_STORE=1)
 
 Environment: QMPD_TOKEN fixes the API token; otherwise it is generated into <state-dir>/token.
 `
@@ -52,6 +55,7 @@ export async function main(argv: string[]): Promise<number> {
       'parallel-disk-snapshots': { type: 'string' },
       'qmp-passthrough': { type: 'boolean' },
       'qmp-allow': { type: 'string', multiple: true },
+      'fresh-store': { type: 'boolean' },
       help: { type: 'boolean', short: 'h' },
       version: { type: 'boolean' },
     },
@@ -81,6 +85,7 @@ export async function main(argv: string[]): Promise<number> {
     ...(parallel !== undefined ? { parallelDiskSnapshots: parallel } : {}),
     ...(values['qmp-passthrough'] ? { qmpPassthrough: true } : {}),
     ...(values['qmp-allow'] ? { qmpAllow: values['qmp-allow'] } : {}),
+    ...(values['fresh-store'] ? { freshStore: true } : {}),
   })
   const daemon = await startDaemon(config)
   // A bug in one operation must not take the control plane down with it: QEMUs keep running

@@ -26,6 +26,10 @@ export const STATUS_BY_CODE: Record<ErrorCode, number> = {
   INTERRUPTED: 500,
   /** The host could not write a file (ENOSPC, EIO): 507 Insufficient Storage. */
   IO_ERROR: 507,
+  /** The store could not be written: the state directory's disk is full. */
+  DISK_FULL: 507,
+  /** The VM's stored records fail their schema (GET /v1/vms/{vm} says which row). */
+  NEEDS_REPAIR: 409,
   QMP_COMMAND_FAILED: 502,
   QMP_DISCONNECTED: 502,
   QMP_PROTOCOL_ERROR: 502,

@@ -1,7 +1,9 @@
-// Opens the SQLite store and applies its numbered migrations; the only schema definition.
+// Opens the SQLite store, applies its numbered migrations (the only schema definition) and turns
+// a full or failing disk into DISK_FULL / IO_ERROR; no repository logic.
 import Database from 'better-sqlite3'
 import { mkdirSync } from 'node:fs'
 import { dirname } from 'node:path'
+import { QmpdError } from '../errors.ts'
 
 /** The open SQLite handle. Only src/store touches SQL. */
 export type Db = Database.Database
@@ -110,7 +112,44 @@ function cacheStatements(db: Db): void {
   db.prepare = ((sql: string, ...rest: unknown[]) => {
     if (rest.length > 0) return (compile as (...a: unknown[]) => Database.Statement)(sql, ...rest)
     let stmt = cache.get(sql)
-    if (!stmt) cache.set(sql, (stmt = compile(sql)))
+    if (!stmt) cache.set(sql, (stmt = translateWriteErrors(compile(sql))))
     return stmt
   }) as Db['prepare']
+}
+
+/** Makes a statement's run() throw storeWriteError's QmpdError for a full or failing disk. */
+function translateWriteErrors(stmt: Database.Statement): Database.Statement {
+  const run = stmt.run.bind(stmt)
+  stmt.run = (...args) => {
+    try {
+      return run(...args)
+    } catch (err) {
+      throw storeWriteError(err) ?? err
+    }
+  }
+  return stmt
+}
+
+/**
+ * The QmpdError for an SQLite error that says the host could not write the store: SQLITE_FULL
+ * (ENOSPC, or the filesystem's quota) is DISK_FULL, any SQLITE_IOERR is IO_ERROR; both are 507.
+ * Undefined for every other error (a constraint, a bug), which stays what it was.
+ */
+export function storeWriteError(err: unknown): QmpdError | undefined {
+  if (err instanceof QmpdError) return undefined
+  const code = (err as { code?: unknown } | null)?.code
+  if (typeof code !== 'string' || !code.startsWith('SQLITE_')) return undefined
+  const message = err instanceof Error ? err.message : String(err)
+  if (code === 'SQLITE_FULL') {
+    return new QmpdError('DISK_FULL', `the state directory's disk is full: qmpd cannot write its store (${message})`, { sqlite: code }, { cause: err })
+  }
+  if (code.startsWith('SQLITE_IOERR')) {
+    return new QmpdError('IO_ERROR', `qmpd cannot write its store: ${code} (${message})`, { sqlite: code }, { cause: err })
+  }
+  return undefined
+}
+
+/** Whether err is a store write that failed for want of disk (DISK_FULL or IO_ERROR from storeWriteError). */
+export function isStoreWriteFailure(err: unknown): boolean {
+  return err instanceof QmpdError && (err.code === 'DISK_FULL' || err.code === 'IO_ERROR') && typeof err.data['sqlite'] === 'string'
 }

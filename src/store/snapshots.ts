@@ -1,7 +1,9 @@
 // SnapshotRepo: the snapshots and images tables, rows validated when read; SQL only.
 import { z } from 'zod'
 import { Snapshot } from './snapshot-record.ts'
+import { QmpdError } from '../errors.ts'
 import type { Db } from './db.ts'
+import { describeIssue, Quarantine } from './integrity.ts'
 import { transaction } from './tx.ts'
 
 /** An image file qmpd knows of, with the file it is layered on. */
@@ -24,6 +26,9 @@ const ImageDbRow = z.strictObject({
   created_by_qmpd: z.union([z.literal(0), z.literal(1)]),
 })
 
+/** A snapshots row as SQLite holds it (migration 2's columns). */
+const SnapshotDbRow = z.strictObject({ vm: z.string(), name: z.string(), body: z.string(), created_at: z.string() })
+
 /** Repository of the snapshot tree and the image graph behind it (the journal is store/journal.ts). */
 export class SnapshotRepo {
   /**
@@ -35,7 +40,11 @@ export class SnapshotRepo {
   /** Per VM: bumped by every write to its snapshots (see version()). */
   private readonly versions = new Map<string, number>()
 
-  constructor(readonly db: Db) {}
+  /** @param quarantine VMs with a row that fails its schema: their snapshots and images are refused (NEEDS_REPAIR). */
+  constructor(
+    readonly db: Db,
+    readonly quarantine: Quarantine = new Quarantine(),
+  ) {}
 
   /** Runs fn in one SQLite transaction: metadata changes commit together or not at all. */
   tx<T>(fn: () => T): T {
@@ -57,14 +66,18 @@ export class SnapshotRepo {
     this.versions.set(vm, this.version(vm) + 1)
   }
 
-  /** The VM's snapshots, oldest first. The objects are shared: callers must not modify them. */
+  /**
+   * The VM's snapshots, oldest first. The objects are shared: callers must not modify them.
+   * @throws QmpdError NEEDS_REPAIR when a stored row of the VM fails its schema.
+   */
   list(vm: string): Snapshot[] {
     let cached = this.lists.get(vm)
     if (!cached) {
+      this.quarantine.assertUsable(vm)
       cached = this.db
-        .prepare('SELECT body FROM snapshots WHERE vm = ? ORDER BY created_at, rowid')
+        .prepare('SELECT * FROM snapshots WHERE vm = ? ORDER BY created_at, rowid')
         .all(vm)
-        .map((r) => Object.freeze(Snapshot.parse(JSON.parse((r as { body: string }).body))))
+        .map((r) => Object.freeze(parseSnapshotRow(r)))
       this.lists.set(vm, cached)
     }
     return [...cached]
@@ -74,8 +87,14 @@ export class SnapshotRepo {
     return this.list(vm).find((s) => s.name === name)
   }
 
+  /**
+   * Stores a snapshot (insert or update).
+   * @throws QmpdError INTERNAL when it does not fit the schema the read path applies (never written).
+   */
   put(s: Snapshot): void {
-    const parsed = Object.freeze(Snapshot.parse(s))
+    const checked = Snapshot.safeParse(s)
+    if (!checked.success) throw new QmpdError('INTERNAL', `snapshot ${s.vm}/${s.name} as it would be stored is invalid: ${describeIssue(checked.error)}`, { vm: s.vm, snapshot: s.name })
+    const parsed = Object.freeze(checked.data)
     const cached = this.lists.get(s.vm)
     this.lists.delete(s.vm)
     this.touch(s.vm)
@@ -106,19 +125,22 @@ export class SnapshotRepo {
 
   /**
    * The VM's image rows, validated (CONVENTIONS #10).
-   * @throws ZodError when a row does not fit the schema (a store written by something else).
+   * @throws QmpdError NEEDS_REPAIR when a stored row of the VM fails its schema (the start-up scan
+   *   quarantined it); ZodError when a row written since does not fit (a store written by something else).
    */
   images(vm: string): ImageRow[] {
-    return this.db
-      .prepare('SELECT * FROM images WHERE vm = ?')
-      .all(vm)
-      .map((raw) => {
-        const r = ImageDbRow.parse(raw)
-        return { vm: r.vm, disk: r.disk, file: r.file, format: r.format, backing: r.backing, createdByQmpd: r.created_by_qmpd === 1 }
-      })
+    this.quarantine.assertUsable(vm)
+    return this.db.prepare('SELECT * FROM images WHERE vm = ?').all(vm).map(parseImageRow)
   }
 
+  /**
+   * Stores an image row (insert, or update of its backing and format).
+   * @throws QmpdError INTERNAL when the row does not fit the schema the read path applies (never written).
+   */
   putImage(img: ImageRow): void {
+    const row = { vm: img.vm, disk: img.disk, file: img.file, format: img.format, backing: img.backing, created_by_qmpd: img.createdByQmpd ? 1 : 0 }
+    const checked = ImageDbRow.safeParse(row)
+    if (!checked.success) throw new QmpdError('INTERNAL', `image row ${img.vm}:${img.file} as it would be stored is invalid: ${describeIssue(checked.error)}`, { vm: img.vm, file: img.file })
     this.db
       .prepare(
         `INSERT INTO images (vm, disk, file, format, backing, created_by_qmpd) VALUES (?, ?, ?, ?, ?, ?)
@@ -130,4 +152,25 @@ export class SnapshotRepo {
   deleteImage(vm: string, file: string): void {
     this.db.prepare('DELETE FROM images WHERE vm = ? AND file = ?').run(vm, file)
   }
+}
+
+/**
+ * A snapshots row (vm, name, body, created_at) parsed as the read path does: the body must be a
+ * Snapshot of that VM under that name.
+ * @throws ZodError or SyntaxError when it does not fit; Error when the body names another snapshot.
+ */
+export function parseSnapshotRow(raw: unknown): Snapshot {
+  const r = SnapshotDbRow.parse(raw)
+  const s = Snapshot.parse(JSON.parse(r.body))
+  if (s.vm !== r.vm || s.name !== r.name) throw new Error(`the body is snapshot ${s.vm}/${s.name}, not ${r.vm}/${r.name}`)
+  return s
+}
+
+/**
+ * An images row parsed as the read path does.
+ * @throws ZodError when it does not fit.
+ */
+export function parseImageRow(raw: unknown): ImageRow {
+  const r = ImageDbRow.parse(raw)
+  return { vm: r.vm, disk: r.disk, file: r.file, format: r.format, backing: r.backing, createdByQmpd: r.created_by_qmpd === 1 }
 }

@@ -1,7 +1,7 @@
 // SQLite transactions with rollback hooks. Memory that mirrors a row (VmManager's VM records)
 // registers how to put itself back, so a transaction that rolls back leaves memory and store
 // equal. Holds no SQL of its own and must not be bypassed by repositories that open transactions.
-import type { Db } from './db.ts'
+import { storeWriteError, type Db } from './db.ts'
 
 /** Per database: one frame of rollback hooks per open (possibly nested) transaction. */
 const frames = new WeakMap<Db, Array<Array<() => void>>>()
@@ -22,7 +22,8 @@ export function transaction<T>(db: Db, fn: () => T): T {
   } catch (err) {
     stack.pop()
     for (const undo of frame.reverse()) undo()
-    throw err
+    // A COMMIT that meets a full disk throws here, not in a statement.
+    throw storeWriteError(err) ?? err
   }
   stack.pop()
   stack.at(-1)?.push(...frame)

@@ -15,6 +15,8 @@ import type { JobContext, JobManager } from '../jobs/manager.ts'
 import type { Job } from '../jobs/model.ts'
 import { OWN_JOB_PREFIX, QmpClient } from '../qmp/index.ts'
 import type { VmRecord, VmRepo } from '../store/vms.ts'
+import type { RowProblem } from '../store/integrity.ts'
+import { isStoreWriteFailure } from '../store/db.ts'
 import { deviceId } from '../images/graph.ts'
 import { assertCreatable, assertRegularFile } from '../images/files.ts'
 import { checkChain, type Confine } from '../images/headers.ts'
@@ -66,7 +68,8 @@ export interface DiskView {
 /** The public view of a VM. */
 export interface VmView {
   name: string
-  state: VmState
+  /** needs-repair: a stored row of the VM fails its schema (never stored as a state itself). */
+  state: VmState | 'needs-repair'
   reason?: string
   pid?: number
   adopted: boolean
@@ -74,7 +77,7 @@ export interface VmView {
   disks: DiskView[]
   exit?: VmRuntime['exit']
   /** Set when the store disagrees with QEMU or the files in a way reconcile could not resolve. */
-  repair?: VmRuntime['repair']
+  repair?: VmRuntime['repair'] & { problems?: RowProblem[] }
   createdAt: string
   updatedAt: string
 }
@@ -122,6 +125,9 @@ interface Handle {
 }
 
 const QueryStatus = z.looseObject({ status: z.string(), running: z.boolean() })
+
+/** setState's option for facts: recorded in memory even when the store cannot be written. */
+const FACT = { fact: true } as const
 
 /** How long QEMU gets to create its QMP socket after spawn. */
 const START_CONNECT_TIMEOUT_MS = 30_000
@@ -289,11 +295,38 @@ export class VmManager {
 
   /** All VMs. */
   async list(): Promise<VmView[]> {
-    return Promise.all(this.deps.repo.list().map((r) => this.view(r.name)))
+    const views = await Promise.all(this.deps.repo.list().map((r) => this.view(r.name)))
+    const broken = this.deps.repo.quarantine.vms()
+    if (broken.length === 0) return views
+    return [...views, ...broken.map((n) => this.quarantinedView(n))].sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0))
+  }
+
+  /**
+   * The view of a VM whose stored rows fail their schema: state needs-repair, the reason naming
+   * the table, row and issue (`repair.problems` lists every bad row), the definition as stored
+   * (raw JSON, unchecked) and no disks.
+   */
+  private quarantinedView(name: string): VmView {
+    const q = this.deps.repo.quarantine
+    const found = q.get(name)!
+    const raw = this.deps.repo.rawDefinition(name)
+    const reason = q.reason(name)!
+    return {
+      name,
+      state: 'needs-repair',
+      reason,
+      adopted: typeof raw === 'object' && raw !== null && 'adopt' in raw,
+      definition: (raw ?? {}) as StoredDefinition,
+      disks: [],
+      repair: { reason, at: found.at, problems: found.problems },
+      createdAt: found.at,
+      updatedAt: found.at,
+    }
   }
 
   /** One VM, with its disks' chains as QEMU (or qemu-img, when it is off) reports them. */
   async view(name: string): Promise<VmView> {
+    if (this.deps.repo.quarantine.has(name)) return this.quarantinedView(name)
     const h = this.must(name)
     const rt = h.rec.runtime
     return {
@@ -339,6 +372,7 @@ export class VmManager {
    * @throws QmpdError VM_NOT_FOUND; INVALID_STATE while QEMU runs; BUSY while jobs are queued or running.
    */
   async delete(name: string, opts: { deleteStorage?: boolean } = {}): Promise<void> {
+    if (this.deps.repo.quarantine.has(name)) return this.forgetQuarantined(name, opts)
     const h = this.must(name)
     const { state } = h.rec.runtime
     if (!isAdopted(h.rec.definition)) assertState(name, state, 'vm-delete')
@@ -367,6 +401,24 @@ export class VmManager {
     })
     o.end()
     h.log.info({ deleteStorage }, 'vm deleted')
+  }
+
+  /**
+   * DELETE of a needs-repair VM (a stored row of it fails its schema): forgets every record of it,
+   * bad rows included, so that the name can be defined again; no file is removed (the records that
+   * name them cannot be trusted) and a QEMU of it, if one runs, is left alone.
+   * @throws QmpdError NEEDS_REPAIR when deleteStorage is asked for.
+   */
+  private forgetQuarantined(name: string, opts: { deleteStorage?: boolean }): void {
+    const q = this.deps.repo.quarantine
+    if (opts.deleteStorage) {
+      throw new QmpdError('NEEDS_REPAIR', `VM ${name} needs repair (${q.reason(name)}): its records cannot say which files are qmpd's; delete it without deleteStorage and remove files by hand`, { vm: name, problems: q.get(name)?.problems })
+    }
+    const problems = q.get(name)?.problems
+    this.deps.repo.purge(name)
+    this.handles.delete(name)
+    this.deps.jobs.dropQueue(name)
+    this.deps.log.warn({ vm: name, problems }, 'needs-repair VM forgotten: its stored rows were removed, its files left as they are')
   }
 
   /** Forgets a VM's records (its row and, through the delete hooks, its snapshots and images) in one transaction. */
@@ -491,12 +543,57 @@ export class VmManager {
    * store write may still roll back: the previous runtime is put back then, so record() never
    * shows what the store does not hold.
    */
-  private writeRuntime(h: Handle, next: VmRuntime): void {
+  private writeRuntime(h: Handle, next: VmRuntime, opts: { fact?: boolean } = {}): void {
     const prev = h.rec.runtime
-    this.deps.repo.updateRuntime(h.name, next, () => {
-      if (h.rec.runtime === next) h.rec.runtime = prev
-    })
+    try {
+      this.deps.repo.updateRuntime(h.name, next, () => {
+        if (h.rec.runtime === next) h.rec.runtime = prev
+      })
+      this.unsaved.delete(h.name)
+    } catch (err) {
+      // A fact (QEMU exited, stopped, lost its monitor) happened whether or not the store can say
+      // so: memory follows it, the row is written once the store can be (or reconciled at the next
+      // start from /proc), and the event or exit handler that called goes on.
+      if (!opts.fact || !isStoreWriteFailure(err)) throw err
+      if (!this.unsaved.has(h.name)) h.log.error({ err, state: next.state }, 'cannot record the VM state (disk full?); kept in memory, written when the store can be')
+      this.unsaved.add(h.name)
+      this.retryUnsaved()
+    }
     h.rec.runtime = next
+  }
+
+  /** VMs whose runtime in memory is newer than their row (a write the disk refused). */
+  private readonly unsaved = new Set<string>()
+  private unsavedTimer: NodeJS.Timeout | undefined
+
+  /** Writes the runtimes a full disk refused, every 5 s until all are written. */
+  private retryUnsaved(): void {
+    if (this.unsavedTimer) return
+    this.unsavedTimer = setInterval(() => {
+      for (const name of [...this.unsaved]) {
+        const h = this.handles.get(name)
+        if (!h) {
+          this.unsaved.delete(name)
+          continue
+        }
+        try {
+          this.deps.repo.updateRuntime(name, h.rec.runtime)
+          this.unsaved.delete(name)
+          h.log.info({ state: h.rec.runtime.state }, 'VM state written again')
+        } catch (err) {
+          if (!isStoreWriteFailure(err)) {
+            this.unsaved.delete(name)
+            h.log.error({ err }, 'cannot write the VM state')
+          }
+          break
+        }
+      }
+      if (this.unsaved.size === 0) {
+        clearInterval(this.unsavedTimer)
+        this.unsavedTimer = undefined
+      }
+    }, 5_000)
+    this.unsavedTimer.unref()
   }
 
   // ---- internals ----
@@ -532,12 +629,17 @@ export class VmManager {
     assertState(h.name, h.rec.runtime.state, op)
   }
 
-  private setState(h: Handle, state: VmState, reason?: string, extra: Partial<VmRuntime> = {}): void {
+  /**
+   * Records a state. `fact`: what happened to QEMU (an exit, an event, what re-attach found), kept
+   * in memory even when the store cannot be written (see writeRuntime); otherwise a failed write
+   * throws and memory stays as it was.
+   */
+  private setState(h: Handle, state: VmState, reason?: string, extra: Partial<VmRuntime> = {}, opts: { fact?: boolean } = {}): void {
     const prev = h.rec.runtime
     const next: VmRuntime = { ...prev, ...extra, state }
     if (reason) next.reason = reason
     else delete next.reason
-    this.writeRuntime(h, next)
+    this.writeRuntime(h, next, opts)
     if (prev.state !== state || prev.reason !== next.reason) {
       h.log.info({ state, reason }, 'vm state')
       this.deps.bus.emit({ type: 'vm', vm: h.name, state, ...(reason ? { reason } : {}) })
@@ -581,13 +683,13 @@ export class VmManager {
       if (h.qmp !== qmp) return
       switch (ev.event) {
         case 'STOP':
-          if (h.rec.runtime.state === 'running') this.setState(h, 'paused', 'paused')
+          if (h.rec.runtime.state === 'running') this.setState(h, 'paused', 'paused', {}, FACT)
           // A stop qmpd sent is a plain pause; anything else (I/O error, guest panic, a save) is
           // asked about, outside any guest pause of ours.
           if (!h.stopping) void this.refreshStatus(h, qmp)
           break
         case 'RESUME':
-          if (h.rec.runtime.state === 'paused' || h.rec.runtime.state === 'starting') this.setState(h, 'running')
+          if (h.rec.runtime.state === 'paused' || h.rec.runtime.state === 'starting') this.setState(h, 'running', undefined, {}, FACT)
           break
         case 'SHUTDOWN': {
           const d = (ev.data ?? {}) as { guest?: boolean; reason?: string }
@@ -609,7 +711,7 @@ export class VmManager {
       const st = QueryStatus.parse(await qmp.execute('query-status'))
       if (h.qmp !== qmp) return
       const next = stateFromStatus(st)
-      if (next.state !== h.rec.runtime.state || next.reason !== h.rec.runtime.reason) this.setState(h, next.state, next.reason)
+      if (next.state !== h.rec.runtime.state || next.reason !== h.rec.runtime.reason) this.setState(h, next.state, next.reason, {}, FACT)
     } catch {
       /* the disconnect handler takes over */
     }
@@ -634,11 +736,27 @@ export class VmManager {
       this.onExit(h, { code: null, signal: null })
       return
     }
-    this.setState(h, 'unknown', `QMP connection lost (${toQmpdError(cause).message}) but QEMU pid ${pid} still runs`)
+    this.setState(h, 'unknown', `QMP connection lost (${toQmpdError(cause).message}) but QEMU pid ${pid} still runs`, {}, FACT)
   }
 
-  /** QEMU exited: shutoff when asked for or announced by SHUTDOWN, crashed otherwise. */
+  /**
+   * QEMU exited: shutoff when asked for or announced by SHUTDOWN, crashed otherwise. Never throws
+   * (it runs in a child's exit event): whatever fails, the exit is marked, so a stop waiting for it
+   * goes on.
+   */
   private onExit(h: Handle, how: { code: number | null; signal: string | null }): void {
+    try {
+      this.recordExit(h, how)
+    } catch (err) {
+      h.log.error({ err, exit: how }, 'could not record the QEMU exit')
+      h.qmp = undefined
+      h.child = undefined
+    } finally {
+      h.markExited?.()
+    }
+  }
+
+  private recordExit(h: Handle, how: { code: number | null; signal: string | null }): void {
     if (!isRunningState(h.rec.runtime.state) && h.rec.runtime.state !== 'starting') {
       h.markExited?.()
       return
@@ -648,10 +766,10 @@ export class VmManager {
       if (how.signal && !h.expectingExit) {
         // A signal qmpd did not send (kill -9 by someone, the OOM killer) is a crash, not a
         // configuration QEMU refused: the definition may be fine and the next start may work.
-        this.setState(h, 'crashed', `QEMU killed by ${how.signal} during start`, { exit })
+        this.setState(h, 'crashed', `QEMU killed by ${how.signal} during start`, { exit }, FACT)
       } else {
         // QEMU gave up before its monitor came up (bad image, bad argument): launch() reports why.
-        this.setState(h, 'shutoff', 'failed to start', { exit })
+        this.setState(h, 'shutoff', 'failed to start', { exit }, FACT)
       }
       h.child = undefined
       h.markExited?.()
@@ -664,10 +782,10 @@ export class VmManager {
     delete rt.pidStartTime
     h.rec.runtime = rt
     if (orderly) {
-      this.setState(h, 'shutoff', h.shutdown?.reason ?? (h.expectingExit ? 'destroyed' : 'exited'))
+      this.setState(h, 'shutoff', h.shutdown?.reason ?? (h.expectingExit ? 'destroyed' : 'exited'), {}, FACT)
     } else {
       const why = how.signal ? `QEMU killed by ${how.signal}` : how.code !== null ? `QEMU exited with code ${how.code}` : 'QEMU exited unexpectedly'
-      this.setState(h, 'crashed', why)
+      this.setState(h, 'crashed', why, {}, FACT)
     }
     h.qmp = undefined
     h.child = undefined
@@ -683,9 +801,9 @@ export class VmManager {
         this.armExit(h)
         this.attach(h, qmp)
         const st = stateFromStatus(QueryStatus.parse(await qmp.execute('query-status')))
-        this.setState(h, st.state, st.reason)
+        this.setState(h, st.state, st.reason, {}, FACT)
       } catch (err) {
-        this.setState(h, 'unknown', `cannot connect to the adopted QMP socket: ${toQmpdError(err).message}`)
+        this.setState(h, 'unknown', `cannot connect to the adopted QMP socket: ${toQmpdError(err).message}`, {}, FACT)
       }
       return
     }
@@ -708,8 +826,8 @@ export class VmManager {
         delete next.pid
         delete next.pidStartTime
         h.rec.runtime = next
-        if (existsSync(join(dir, VM_FILES.managedSave))) this.setState(h, 'saved', 'managed save')
-        else this.setState(h, 'shutoff', 'QEMU start interrupted by a daemon crash')
+        if (existsSync(join(dir, VM_FILES.managedSave))) this.setState(h, 'saved', 'managed save', {}, FACT)
+        else this.setState(h, 'shutoff', 'QEMU start interrupted by a daemon crash', {}, FACT)
         return
       }
       const info = rt.pid ? procInfo(rt.pid) : undefined
@@ -719,7 +837,7 @@ export class VmManager {
       delete next.pidStartTime
       h.rec.runtime = next
       const crashed = exit.signal !== null || (exit.code !== null && exit.code !== 0)
-      this.setState(h, crashed ? 'crashed' : 'shutoff', 'QEMU exited while qmpd was not running')
+      this.setState(h, crashed ? 'crashed' : 'shutoff', 'QEMU exited while qmpd was not running', {}, FACT)
       return
     }
     this.armExit(h)
@@ -730,7 +848,7 @@ export class VmManager {
     // runs again is for the recovery of that operation to decide, not for re-attach.
     await cancelStaleMigration(qmp, h.log, this.deps.paths.vmDir(h.name))
     const st = stateFromStatus(QueryStatus.parse(await qmp.execute('query-status')))
-    this.setState(h, st.state, st.reason)
+    this.setState(h, st.state, st.reason, {}, FACT)
     await this.endOrphanedJobs(h, qmp)
     h.log.info({ pid: rt.pid }, 're-attached to running QEMU')
   }
@@ -886,10 +1004,11 @@ export class VmManager {
 
   /**
    * Records the state a command just brought about, unless the session it was sent on has ended
-   * in the meantime (QEMU exited after answering: the exit's state stands).
+   * in the meantime (QEMU exited after answering: the exit's state stands). QEMU is in that state
+   * whether or not the store can say so: a fact (pause and resume work on a full disk).
    */
   private setStateIfLive(h: Handle, qmp: QmpClient, state: VmState, reason?: string): void {
-    if (h.qmp === qmp) this.setState(h, state, reason)
+    if (h.qmp === qmp) this.setState(h, state, reason, {}, FACT)
   }
 
   /**
@@ -972,7 +1091,7 @@ export class VmManager {
         child.kill('SIGKILL')
         await h.exited
       }
-      if (h.rec.runtime.state === 'starting') this.setState(h, 'shutoff', 'failed to start')
+      if (h.rec.runtime.state === 'starting') this.setState(h, 'shutoff', 'failed to start', {}, FACT)
       const e = toQmpdError(err)
       if (e.code === 'QEMU_NOT_FOUND') throw e
       // onExit made it a crash: something outside qmpd killed QEMU; the log tail would not say so.
@@ -1005,7 +1124,8 @@ export class VmManager {
     let method = 'quit'
     if (!opts.force && h.qmp) {
       const timeoutMs = (opts.timeoutSec ?? 60) * 1000
-      this.setState(h, 'stopping')
+      // A fact-like write: a stop must work on a full disk (the exit is what counts).
+      this.setState(h, 'stopping', undefined, {}, FACT)
       try {
         await h.qmp.execute('system_powerdown')
         method = 'powerdown'
