@@ -50,8 +50,9 @@ function capWaits(v: unknown): unknown {
 t.test(`API fuzz from /openapi.json (seed ${SEED})`, async (t) => {
   if (!requireQemu(t)) return
   // No token: authentication has tests of its own (test/integration/api.test.ts); here every
-  // request is to reach the route.
-  const td = await startTestDaemon(t)
+  // request is to reach the route. The escape hatch is on with its default allow-list (query-*,
+  // stop, cont), as an operator would enable it, so its policy is fuzzed too.
+  const td = await startTestDaemon(t, { config: { qmpPassthrough: true, qmpAllow: [] } })
   const auth = {}
   const doc = (await td.app.inject({ method: 'GET', url: '/openapi.json' })).json()
   const ops = operations(doc)
@@ -152,7 +153,7 @@ t.test(`API fuzz from /openapi.json (seed ${SEED})`, async (t) => {
   // The store it leaves behind opens again, and every VM in it reads back.
   const names = ((list.body?.vms ?? []) as Array<{ name: string }>).map((v) => v.name)
   await td.close()
-  const again: TestDaemon = await startTestDaemon(t, { stateDir: td.stateDir })
+  const again: TestDaemon = await startTestDaemon(t, { stateDir: td.stateDir, config: { qmpPassthrough: true, qmpAllow: [] } })
   const relist = await again.api('GET', '/v1/vms', undefined, auth)
   t.equal(relist.status, 200, 'after a restart GET /v1/vms answers 200')
   for (const name of names) t.equal((await again.api('GET', `/v1/vms/${encodeURIComponent(name)}`, undefined, auth)).status, 200, `after a restart VM ${name} reads back`)
