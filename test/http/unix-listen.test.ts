@@ -2,6 +2,7 @@
 // and kept, a socket another daemon serves is refused and that daemon serves on, and a daemon
 // never removes a socket that is not its own when it closes. No QEMU needed.
 import { linkSync, lstatSync, mkdirSync, readFileSync, rmSync, statSync, unlinkSync, writeFileSync } from 'node:fs'
+import { spawn } from 'node:child_process'
 import { request } from 'node:http'
 import { createServer } from 'node:net'
 import t, { type Test } from 'tap'
@@ -102,4 +103,20 @@ t.test('closing never removes another daemon\'s socket at the same path', async 
   await a.app.close()
   t.equal(lstatSync(path).ino, ino, 'the second daemon\'s socket survives the first one\'s close')
   t.equal(await healthz(path), 200, 'and the second daemon serves on it')
+})
+
+t.test('qmpd serve --listen unix:<a regular file> exits 1 with the reason and keeps the file', async (t) => {
+  const path = sockPath(t)
+  writeFileSync(path, 'keep me\n')
+  const bin = new URL('../../bin/qmpd.js', import.meta.url).pathname
+  const child = spawn(process.execPath, [bin, 'serve', '--listen', `unix:${path}`, '--state-dir', t.testdir() + '-cli'], { stdio: ['ignore', 'pipe', 'pipe'] })
+  let err = ''
+  child.stderr.on('data', (d) => (err += d))
+  child.stdout.resume()
+  const timer = setTimeout(() => child.kill('SIGKILL'), 30_000)
+  const code = await new Promise((r) => child.once('exit', (c) => r(c)))
+  clearTimeout(timer)
+  t.equal(code, 1)
+  t.match(err, /qmpd: --listen unix:.* exists and is not a socket/)
+  t.equal(readFileSync(path, 'utf8'), 'keep me\n')
 })
