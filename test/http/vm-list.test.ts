@@ -40,36 +40,40 @@ t.test('1,000 VMs: paged list, cached chains, /healthz < 50 ms during a list', a
   const port = Number(new URL(address).port)
   const agent = new Agent({ keepAlive: true, maxSockets: 4 })
   t.teardown(() => agent.destroy())
-  const get = (path: string) =>
-    new Promise<{ status: number; body: any; ms: number }>((resolve, reject) => {
+  // The client shares the daemon's event loop: a list's body is parsed only once the /healthz
+  // poller has stopped (getRaw), so the test's own JSON.parse never counts as daemon latency.
+  const getRaw = (path: string) =>
+    new Promise<{ status: number; text: string; ms: number }>((resolve, reject) => {
       const t0 = performance.now()
       const req = request({ host: '127.0.0.1', port, path, agent }, (res) => {
         const chunks: Buffer[] = []
         res.on('data', (d: Buffer) => chunks.push(d))
-        res.on('end', () => {
-          const text = Buffer.concat(chunks).toString('utf8')
-          resolve({ status: res.statusCode ?? 0, body: text ? JSON.parse(text) : undefined, ms: performance.now() - t0 })
-        })
+        res.on('end', () => resolve({ status: res.statusCode ?? 0, text: Buffer.concat(chunks).toString('utf8'), ms: performance.now() - t0 }))
       })
       req.setTimeout(120_000, () => req.destroy(new Error(`GET ${path}: no answer`)))
       req.on('error', reject)
       req.end()
     })
+  const get = async (path: string) => {
+    const r = await getRaw(path)
+    return { status: r.status, body: r.text ? JSON.parse(r.text) : undefined, ms: r.ms }
+  }
   /** Runs a list while polling /healthz every 10 ms; returns the list and every /healthz latency. */
   const listWhilePolling = async (path: string) => {
     let listing = true
     const latencies: number[] = []
     const poller = (async () => {
       while (listing) {
-        const h = await get('/healthz')
+        const h = await getRaw('/healthz')
         if (h.status !== 200) throw new Error(`/healthz answered ${h.status}`)
         latencies.push(h.ms)
         await new Promise((r) => setTimeout(r, 10))
       }
     })()
     await new Promise((r) => setTimeout(r, 30)) // the poller is running before the list starts
-    const list = await get(path).finally(() => (listing = false))
+    const raw = await getRaw(path).finally(() => (listing = false))
     await poller
+    const list = { status: raw.status, body: JSON.parse(raw.text), ms: raw.ms }
     latencies.sort((a, b) => a - b)
     return { list, latencies, max: latencies.at(-1) ?? Infinity, p50: latencies[Math.floor(latencies.length / 2)] ?? Infinity }
   }
