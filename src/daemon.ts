@@ -9,7 +9,7 @@ import type { FastifyInstance } from 'fastify'
 import type { Config } from './config.ts'
 import { settlesWithin } from './util.ts'
 import { EventBus } from './events/bus.ts'
-import { buildApp } from './http/app.ts'
+import { buildApp, type AppExtras } from './http/app.ts'
 import { PathPolicy } from './images/paths.ts'
 import { QemuImg } from './images/qemu-img.ts'
 import { JobManager } from './jobs/manager.ts'
@@ -56,7 +56,7 @@ export interface Daemon {
   /** The store's repositories, for tests and tools that read what was committed (never write through them). */
   repos: { snapshots: SnapshotRepo; journal: JournalRepo }
   /** Builds an HTTP app over this daemon's services; token undefined = no auth (unix socket). */
-  app(opts?: { token?: string; sseMaxPendingBytes?: number }): Promise<FastifyInstance>
+  app(opts?: AppExtras): Promise<FastifyInstance>
   /**
    * Waits for running jobs (at most drainTimeoutMs, default 10 s: a mirror waiting in READY would
    * wait forever), detaches from QEMU (VMs and their QEMU jobs keep running; the next daemon ends

@@ -14,6 +14,8 @@ export type ErrorCode =
   | 'QMP_COMMAND_REFUSED'
   /** No such route (the HTTP layer's 404 for an unknown path). */
   | 'NOT_FOUND'
+  /** A known path with a method it does not serve (405, with an Allow header). */
+  | 'METHOD_NOT_ALLOWED'
   | 'VM_NOT_FOUND'
   | 'VM_EXISTS'
   | 'JOB_NOT_FOUND'

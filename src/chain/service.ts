@@ -80,8 +80,12 @@ export class BlockJobService {
    * Runs a block job's work as a journaled operation (op = the job's kind): recovery
    * (chain/recovery.ts) reads from QEMU's graph and the files whether it finished.
    */
-  private journaled<T>(vm: string, ctx: JobContext, body: ChainJournal, fn: (o: Operation) => Promise<T>): Promise<T> {
-    return this.deps.journal.run({ vm, op: body.job, job: ctx.id, body, qemuPid: () => this.deps.vms.record(vm).runtime.pid }, fn)
+  private async journaled<T>(vm: string, ctx: JobContext, body: ChainJournal, fn: (o: Operation) => Promise<T>): Promise<T> {
+    try {
+      return await this.deps.journal.run({ vm, op: body.job, job: ctx.id, body, qemuPid: () => this.deps.vms.record(vm).runtime.pid }, fn)
+    } catch (err) {
+      throw noSpace(err, body.job === 'copy' ? body.dest : undefined) ?? err
+    }
   }
 
   /** What the chain editor works with. */
@@ -108,19 +112,26 @@ export class BlockJobService {
   }
 
   /**
-   * Queues a commit.
-   * @throws QmpdError VM_NOT_FOUND, NOT_SUPPORTED, DISK_NOT_FOUND, INVALID_STATE or BUSY, before any job is made.
+   * Queues a commit, once `top` and `base` were found in the disk's chain as it is now (the job
+   * finds them again when it runs).
+   * @throws QmpdError VM_NOT_FOUND, NOT_SUPPORTED, DISK_NOT_FOUND, INVALID_STATE or BUSY; INVALID_INPUT or INVALID_PATH for a
+   * layer not in the chain or in the wrong order; INVALID_STATE when the merge would change what a snapshot reads; all before
+   * any job is made.
    */
-  commit(vm: string, disk: string, body: CommitBody): Job {
+  async commit(vm: string, disk: string, body: CommitBody): Promise<Job> {
     this.precheck(vm, disk, 'commit')
+    this.planCommit(vm, disk, (await this.chain(vm, disk)).layers, body)
+    this.precheck(vm, disk, 'commit') // again: another request may have come in while the chain was read
     return this.submit(vm, disk, 'commit', body, (ctx) => this.doCommit(vm, disk, body, ctx))
   }
 
   /**
-   * Queues a pull (block-stream into the active layer).
-   * @throws QmpdError VM_NOT_FOUND, NOT_SUPPORTED, DISK_NOT_FOUND, INVALID_STATE or BUSY, before any job is made.
+   * Queues a pull (block-stream into the active layer), once `base` was found in the disk's chain.
+   * @throws QmpdError VM_NOT_FOUND, NOT_SUPPORTED, DISK_NOT_FOUND, INVALID_STATE or BUSY; INVALID_INPUT or INVALID_PATH for a base not in the chain or nothing to pull; all before any job is made.
    */
-  pull(vm: string, disk: string, body: PullBody): Job {
+  async pull(vm: string, disk: string, body: PullBody): Promise<Job> {
+    this.precheck(vm, disk, 'pull')
+    this.planPull(vm, disk, (await this.chain(vm, disk)).layers, body)
     this.precheck(vm, disk, 'pull')
     return this.submit(vm, disk, 'pull', body, (ctx) => this.doPull(vm, disk, body, ctx))
   }
@@ -252,14 +263,27 @@ export class BlockJobService {
     }
   }
 
-  private async doCommit(vm: string, disk: string, body: CommitBody, ctx: JobContext): Promise<unknown> {
-    const { layers, qmp } = await this.chain(vm, disk)
+  /** Where a commit's top and base are in the chain; refuses what cannot be merged (guardWrites). */
+  private planCommit(vm: string, disk: string, layers: Layer[], body: CommitBody): { top: number; base: number } {
     const top = body.top ? this.find(vm, disk, layers, body.top, 'top') : 0
     const base = body.base ? this.find(vm, disk, layers, body.base, 'base') : top + 1
     if (base >= layers.length) throw new QmpdError('INVALID_INPUT', `disk ${disk}: ${layers[top]!.file} has no backing image to commit into`, { disk })
     if (base <= top) throw new QmpdError('INVALID_INPUT', `base ${layers[base]!.file} is not below top ${layers[top]!.file}`, { disk })
     const merged = Array.from({ length: base - top }, (_, i) => top + i)
     this.guardWrites(vm, disk, layers, base, merged)
+    return { top, base }
+  }
+
+  /** Where a pull's base is in the chain (layers.length: none); refuses a pull with nothing to pull. */
+  private planPull(vm: string, disk: string, layers: Layer[], body: PullBody): number {
+    const base = body.base ? this.find(vm, disk, layers, body.base, 'base') : layers.length
+    if (base <= 1) throw new QmpdError('INVALID_INPUT', `disk ${disk}: nothing between the active layer and ${body.base ?? 'the bottom'} to pull`, { disk })
+    return base
+  }
+
+  private async doCommit(vm: string, disk: string, body: CommitBody, ctx: JobContext): Promise<unknown> {
+    const { layers, qmp } = await this.chain(vm, disk)
+    const { top, base } = this.planCommit(vm, disk, layers, body)
     const t0 = performance.now()
     const activeCommit = top === 0
     let pivoted = activeCommit
@@ -302,8 +326,7 @@ export class BlockJobService {
 
   private async doPull(vm: string, disk: string, body: PullBody, ctx: JobContext): Promise<unknown> {
     const { layers, qmp } = await this.chain(vm, disk)
-    const base = body.base ? this.find(vm, disk, layers, body.base, 'base') : layers.length
-    if (base <= 1) throw new QmpdError('INVALID_INPUT', `disk ${disk}: nothing between the active layer and ${body.base ?? 'the bottom'} to pull`, { disk })
+    const base = this.planPull(vm, disk, layers, body)
     const t0 = performance.now()
     const jobId = `qmpd-stream-${ctx.id.slice(0, 8)}`
     if (qmp) {
@@ -379,3 +402,14 @@ export class BlockJobService {
   }
 }
 
+/**
+ * A block job that failed because the host's filesystem is full (qemu-img's or QEMU's "No space
+ * left on device") as IO_ERROR (507), naming the file; undefined for any other failure.
+ */
+function noSpace(err: unknown, dest: string | undefined): QmpdError | undefined {
+  if (!(err instanceof QmpdError) || err.code === 'IO_ERROR') return undefined
+  const text = [err.message, err.data['stderr'], err.data['desc']].filter((x) => typeof x === 'string').join('\n')
+  if (!/No space left on device|ENOSPC/i.test(text)) return undefined
+  const where = dest ? `${dest}: ` : ''
+  return new QmpdError('IO_ERROR', `${where}the filesystem is full (No space left on device): ${err.message}`, { ...err.data, ...(dest ? { file: dest } : {}), cause: err.code }, { cause: err })
+}

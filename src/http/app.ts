@@ -1,11 +1,12 @@
 // Builds the fastify app: auth, validation, routes, OpenAPI; never builds a QMP message or touches
 // the store.
-import { timingSafeEqual } from 'node:crypto'
+import { createHash, timingSafeEqual } from 'node:crypto'
 import fastifySwagger from '@fastify/swagger'
 import fastifySwaggerUi from '@fastify/swagger-ui'
 import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify'
 import { jsonSchemaTransform, serializerCompiler, validatorCompiler, type ZodTypeProvider } from 'fastify-type-provider-zod'
 import type { Logger } from 'pino'
+import { z } from 'zod'
 import type { EventBus } from '../events/bus.ts'
 import type { JobManager } from '../jobs/manager.ts'
 import type { VmManager } from '../vm/manager.ts'
@@ -18,6 +19,7 @@ import type { StateService } from '../state/service.ts'
 import type { VmChecker } from '../ops/check.ts'
 import type { Reconciler } from '../ops/reconcile.ts'
 import { errorBody, installErrorHandler } from './error-handler.ts'
+import { QmpdError } from '../errors.ts'
 import { nextTurn } from '../util.ts'
 import { jobRoutes } from './routes/jobs.ts'
 import { vmRoutes } from './routes/vms.ts'
@@ -43,36 +45,101 @@ export interface AppOptions {
   version: string
   /** SSE: bytes that may wait unsent for one client before it is dropped (default 1 MiB). */
   sseMaxPendingBytes?: number
+  /** Connection caps and timeouts of the HTTP server (defaults: HTTP_LIMITS). */
+  limits?: Partial<HttpLimits>
+}
+
+/** What a caller of Daemon.app() may set: everything but the services, logger and version. */
+export type AppExtras = Omit<AppOptions, 'services' | 'logger' | 'version'>
+
+/**
+ * Bounds on what clients can hold: connections, idle keep-alive sockets, slow requests. Long
+ * operations are not cut short: `?wait=true` may wait up to an hour with no byte on the socket, so
+ * there is no inactivity timeout on a socket whose request is being answered.
+ */
+export interface HttpLimits {
+  /** Open connections at most (SSE streams included); the kernel-accepted connection beyond is closed at once. */
+  maxConnections: number
+  /** A keep-alive socket with no request in flight is closed after this long (ms). */
+  keepAliveTimeoutMs: number
+  /** The request's headers must have arrived within this long after the connection or the previous request (ms). */
+  headersTimeoutMs: number
+  /** The whole request (headers and body) must have arrived within this long (ms). */
+  requestTimeoutMs: number
+  /** How often the server looks for requests over headersTimeoutMs / requestTimeoutMs (ms). */
+  checkIntervalMs: number
+  /** Requests served on one keep-alive connection before the server closes it. */
+  maxRequestsPerSocket: number
+}
+
+/** The defaults of HttpLimits (docs/api.md "Limits"). */
+export const HTTP_LIMITS: HttpLimits = {
+  maxConnections: 256,
+  keepAliveTimeoutMs: 5_000,
+  headersTimeoutMs: 10_000,
+  requestTimeoutMs: 30_000,
+  checkIntervalMs: 1_000,
+  maxRequestsPerSocket: 1_000,
 }
 
 /** Paths served without a token: liveness and the API's own documentation (no VM data). */
 const PUBLIC_PREFIXES = ['/healthz', '/docs', '/openapi.json']
 
+/** Routes whose query strings are strict even without a query schema of their own. */
+const STRICT_QUERY = /^\/(v1\/|healthz$|openapi\.json$)/
+
+/** "Scheme credentials" of an Authorization header (RFC 7235). */
+const AUTHORIZATION = /^([!#$%&'*+.^_`|~0-9A-Za-z-]+) +(\S+) *$/
+
+/** Equal-length digests, so the comparison takes the same time whatever the token's length. */
+function digest(s: string): Buffer {
+  return createHash('sha256').update(s).digest()
+}
+
 /** Builds the fastify app (routes, validation, OpenAPI, auth). Never listens: see server.ts. */
 export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
+  const limits = { ...HTTP_LIMITS, ...opts.limits }
   const app = Fastify({
     // eslint-disable-next-line @typescript-eslint/no-unnecessary-type-assertion -- tsc needs it: pino's Logger is not fastify's logger type
     loggerInstance: opts.logger.child({ component: 'http' }) as FastifyBaseLogger,
     bodyLimit: 1024 * 1024,
+    keepAliveTimeout: limits.keepAliveTimeoutMs,
+    requestTimeout: limits.requestTimeoutMs,
+    maxRequestsPerSocket: limits.maxRequestsPerSocket,
+    // No inactivity timeout on sockets: a ?wait=true request may be answered an hour later.
+    connectionTimeout: 0,
+    http: { headersTimeout: limits.headersTimeoutMs, requestTimeout: limits.requestTimeoutMs, connectionsCheckingInterval: limits.checkIntervalMs },
   }).withTypeProvider<ZodTypeProvider>()
+  app.server.maxConnections = limits.maxConnections
   app.setValidatorCompiler(validatorCompiler)
   app.setSerializerCompiler(serializerCompiler)
+  // Every /v1 route (and /healthz, /openapi.json) refuses query keys it does not document: a route
+  // without a query schema gets an empty strict one.
+  app.addHook('onRoute', (route) => {
+    if (!STRICT_QUERY.test(route.url)) return
+    route.schema ??= {}
+    route.schema.querystring ??= z.strictObject({})
+  })
   installErrorHandler(app)
   // `curl -X POST …/pause` sends no body at all; treat that as {} so optional bodies stay optional.
+  // A JSON `null` is a body, and never the object a route expects: refused.
   app.addHook('preValidation', async (req) => {
-    if (req.body === undefined || req.body === null) req.body = {}
+    if (req.body === null) throw new QmpdError('INVALID_INPUT', 'invalid body: null is not an object (send an object, or no body at all)', { issues: [{ path: '/', message: 'expected an object, got null' }] })
+    if (req.body === undefined) req.body = {}
     // Validation and the handler run in a loop iteration of their own: a burst of requests
     // does not hold the event loop for all of them at once (util.ts nextTurn).
     await nextTurn()
   })
 
   if (opts.token !== undefined) {
-    const expected = Buffer.from(`Bearer ${opts.token}`)
+    const expected = digest(opts.token)
     app.addHook('onRequest', async (req, reply) => {
       const path = req.url.split('?')[0] ?? ''
       if (PUBLIC_PREFIXES.some((p) => path === p || path.startsWith(p + '/'))) return
-      const got = Buffer.from(req.headers.authorization ?? '')
-      if (got.length !== expected.length || !timingSafeEqual(got, expected)) {
+      // RFC 7235: the scheme is case-insensitive ("bearer", "BEARER"); the token is compared as sent.
+      const m = AUTHORIZATION.exec(req.headers.authorization ?? '')
+      const ok = m !== null && m[1]!.toLowerCase() === 'bearer' && timingSafeEqual(digest(m[2]!), expected)
+      if (!ok) {
         reply.header('WWW-Authenticate', 'Bearer realm="qmpd"')
         return reply.code(401).send(errorBody('UNAUTHORIZED', 'missing or wrong bearer token (see <state-dir>/token or QMPD_TOKEN)'))
       }

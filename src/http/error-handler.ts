@@ -12,6 +12,7 @@ export const STATUS_BY_CODE: Record<ErrorCode, number> = {
   QMP_COMMAND_NOT_ALLOWED: 403,
   QMP_COMMAND_REFUSED: 422,
   NOT_FOUND: 404,
+  METHOD_NOT_ALLOWED: 405,
   VM_NOT_FOUND: 404,
   JOB_NOT_FOUND: 404,
   SNAPSHOT_NOT_FOUND: 404,
@@ -79,8 +80,21 @@ function flattenIssues(issues: Issue[]): Array<{ path: string; message: string }
   })
 }
 
-/** Installs the error and not-found handlers on an app. */
+/** A route's URL pattern (":param" and "*" as fastify writes them) as a regular expression. */
+function routeRegex(url: string): RegExp {
+  const parts = url.split('/').map((seg) => (seg.startsWith(':') ? '[^/]+' : seg === '*' ? '.*' : seg.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')))
+  return new RegExp(`^${parts.join('/')}$`)
+}
+
+/**
+ * Installs the error and not-found handlers on an app (call before the routes are registered: it
+ * learns them to answer 405 with Allow for a known path and a wrong method).
+ */
 export function installErrorHandler(app: FastifyInstance): void {
+  const routes: Array<{ re: RegExp; methods: string[] }> = []
+  app.addHook('onRoute', (route) => {
+    routes.push({ re: routeRegex(route.url), methods: ([] as string[]).concat(route.method) })
+  })
   app.setErrorHandler((err: FastifyError, req: FastifyRequest, reply: FastifyReply) => {
     if (hasZodFastifySchemaValidationErrors(err)) {
       const issues = flattenIssues(err.validation)
@@ -105,6 +119,12 @@ export function installErrorHandler(app: FastifyInstance): void {
     return reply.code(500).send(errorBody('INTERNAL', err.message))
   })
   app.setNotFoundHandler((req, reply) => {
+    const path = req.url.split('?')[0] ?? ''
+    const allowed = [...new Set(routes.filter((r) => r.re.test(path)).flatMap((r) => r.methods))].sort()
+    if (allowed.length > 0) {
+      reply.header('Allow', allowed.join(', '))
+      return reply.code(405).send(errorBody('METHOD_NOT_ALLOWED', `${req.method} is not allowed on ${path} (allowed: ${allowed.join(', ')})`, { allow: allowed }))
+    }
     return reply.code(404).send(errorBody('NOT_FOUND' satisfies ErrorCode, `no route ${req.method} ${req.url.split('?')[0]}`))
   })
 }

@@ -161,12 +161,20 @@ t.test('ENOSPC during a copy fails the job cleanly; the VM runs on', async (t) =
   await op(full, 'sp', 'start')
   t.ok(await eventually(async () => (await guestCounters(full, 'sp')).counter > 20), 'the guest writes')
   const fail = await full.api('POST', '/v1/vms/sp/disks/vdb/copy?wait=true', { dest: join(small, 'big.qcow2'), format: 'raw' })
-  t.equal(fail.status, 502, 'the copy fails')
-  t.match(fail.body.error.message, /No space left on device/)
+  t.equal(fail.status, 507, 'the copy fails with 507 Insufficient Storage')
+  t.equal(fail.body.error.code, 'IO_ERROR')
+  t.match(fail.body.error.message, /filesystem is full.*No space left on device/)
+  t.equal(fail.body.error.details.file, join(small, 'big.qcow2'), 'naming the file')
   t.notOk(existsSync(join(small, 'big.qcow2')), 'no partial copy left')
   t.equal((await full.api('GET', '/v1/vms/sp')).body.state, 'running', 'the VM runs on')
   t.same(await chainOf(full, 'sp', 1), [data], 'on its original chain')
   await diskMatchesGuest(t, full, 'sp', 'after the failed copy')
+  // Offline, qemu-img convert meets the full filesystem: 507 as well.
+  await op(full, 'sp', 'stop', { force: true })
+  const off = await full.api('POST', '/v1/vms/sp/disks/vdb/copy?wait=true', { dest: join(small, 'big-off.qcow2'), format: 'raw' })
+  t.equal(off.status, 507, 'an offline copy to a full filesystem: 507')
+  t.equal(off.body.error.code, 'IO_ERROR')
+  t.match(off.body.error.message, /No space left on device/)
 })
 
 t.test('offline commit, pull and copy with qemu-img', async (t) => {
@@ -191,8 +199,9 @@ t.test('offline commit, pull and copy with qemu-img', async (t) => {
   t.equal(cp.status, 200, 'offline copy')
   t.ok((await diskBytes(dest)).equals(view))
   t.same(files(td, 'off'), [dest])
-  const ac = await td.api('POST', '/v1/vms/off/disks/vda/commit?wait=true', {})
-  t.equal(ac.status, 400, 'a standalone copy has nothing to commit into')
+  const ac = await td.api('POST', '/v1/vms/off/disks/vda/commit', {})
+  t.equal(ac.status, 400, 'a standalone copy has nothing to commit into (refused at submit, offline)')
+  t.equal((await td.api('POST', '/v1/vms/off/disks/vda/pull', { base: 'nowhere.qcow2' })).status, 400, 'offline: a base not in the chain, at submit')
   await op(td, 'off', 'start')
   t.ok(await eventually(async () => (await guestCounters(td, 'off')).counter > 10), 'boots from the copy')
 })
@@ -205,15 +214,32 @@ t.test('bad block-job requests are refused and change nothing', async (t) => {
   const chain = await chainOf(td, 'bad')
   writeFileSync(join(td.stateDir, 'vms', 'bad', 'exists.qcow2'), 'x')
   t.equal((await td.api('POST', '/v1/vms/bad/disks/vdz/commit', {})).status, 404, 'unknown disk')
-  t.equal((await td.api('POST', '/v1/vms/bad/disks/vda/commit?wait=true', { top: chain[1], base: chain[0] })).status, 400, 'base not below top')
-  t.equal((await td.api('POST', '/v1/vms/bad/disks/vda/commit?wait=true', { top: '/etc/passwd' })).status, 400, 'not in the chain')
+  // Layer references are checked at submit time (no ?wait): refused before any job is made.
+  const jobsBefore = (await td.api('GET', '/v1/jobs?vm=bad')).body.jobs.length
+  const refused: Array<[string, unknown, number, RegExp]> = [
+    ['commit', { top: chain[1], base: chain[0] }, 400, /is not below top/],
+    ['commit', { top: '/etc/passwd' }, 400, /./],
+    ['commit', { top: 'no-such-layer.qcow2' }, 400, /is not in the chain/],
+    ['commit', { base: 'nosnap' }, 400, /is not in the chain/],
+    ['commit', { top: chain[1] }, 400, /no backing image to commit into/],
+    ['pull', { base: chain[1] }, 400, /nothing between/],
+    ['pull', { base: 'missing.qcow2' }, 400, /is not in the chain/],
+    ['pull', { base: '../../x' }, 400, /\.\./],
+  ]
+  for (const [what, body, status, msg] of refused) {
+    const res = await td.api('POST', `/v1/vms/bad/disks/vda/${what}`, body)
+    t.equal(res.status, status, `${what} ${JSON.stringify(body)}: ${status} at submit`)
+    t.match(res.body.error.message, msg)
+    t.notOk(res.headers['location'], 'no job, no Location')
+  }
+  t.equal((await td.api('GET', '/v1/jobs?vm=bad')).body.jobs.length, jobsBefore, 'no job was created')
   t.equal((await td.api('POST', '/v1/vms/bad/disks/vda/copy', { dest: 'exists.qcow2' })).status, 409, 'dest exists')
   t.equal((await td.api('POST', '/v1/vms/bad/disks/vda/copy', { dest: '/tmp/out.qcow2' })).status, 400, 'dest outside')
-  t.equal((await td.api('POST', '/v1/vms/bad/disks/vda/pull?wait=true', { base: chain[1] })).status, 400, 'nothing to pull')
-  // A snapshot's image is protected from being written by a commit.
+  t.same(await chainOf(td, 'bad'), chain, 'chain unchanged by the refusals')
+  // A snapshot's image is protected from being written by a commit, at submit time too.
   await td.api('POST', '/v1/vms/bad/snapshots?wait=true', { name: 'keep', kind: 'external', memory: false })
   const now = await chainOf(td, 'bad')
-  const guarded = await td.api('POST', '/v1/vms/bad/disks/vda/commit?wait=true', { top: now[0], base: now[1] })
+  const guarded = await td.api('POST', '/v1/vms/bad/disks/vda/commit', { top: now[0], base: now[1] })
   t.equal(guarded.status, 409)
   t.match(guarded.body.error.message, /image of snapshot keep/)
   t.same(await chainOf(td, 'bad'), now, 'chain unchanged')

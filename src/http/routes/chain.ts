@@ -17,12 +17,12 @@ export const chainRoutes: FastifyPluginAsyncZod<{ services: Services }> = async 
   app.post(
     '/v1/vms/:vm/disks/:disk/commit',
     { schema: { summary: 'Commit layers of a disk\'s chain down into a lower one (block-commit; offline qemu-img commit)', tags: ['block jobs'], params: DiskParams, querystring: WaitQuery, body: CommitBody } },
-    async (req, reply) => replyWithJob(reply, jobs, blockJobs.commit(req.params.vm, req.params.disk, req.body), req.query),
+    async (req, reply) => replyWithJob(reply, jobs, await blockJobs.commit(req.params.vm, req.params.disk, req.body), req.query),
   )
   app.post(
     '/v1/vms/:vm/disks/:disk/pull',
     { schema: { summary: 'Pull backing data up into the active layer (block-stream; offline qemu-img rebase)', tags: ['block jobs'], params: DiskParams, querystring: WaitQuery, body: PullBody } },
-    async (req, reply) => replyWithJob(reply, jobs, blockJobs.pull(req.params.vm, req.params.disk, req.body), req.query),
+    async (req, reply) => replyWithJob(reply, jobs, await blockJobs.pull(req.params.vm, req.params.disk, req.body), req.query),
   )
   app.post(
     '/v1/vms/:vm/disks/:disk/copy',

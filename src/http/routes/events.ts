@@ -8,6 +8,8 @@ import type { Services } from '../app.ts'
 /** How much may wait unsent for one client before it is dropped: a slow reader never slows the daemon. */
 export const SSE_MAX_PENDING_BYTES = 1024 * 1024
 const HEARTBEAT_MS = 15_000
+/** A dropped client that does not read its last event within this long loses it with its socket. */
+const DROP_GRACE_MS = 2_000
 
 /** GET /v1/events: Server-Sent Events of job, VM and QEMU events (curl -N). */
 export const eventRoutes: FastifyPluginAsyncZod<{ services: Services; maxPendingBytes?: number }> = async (app, { services, maxPendingBytes }) => {
@@ -33,6 +35,8 @@ export const eventRoutes: FastifyPluginAsyncZod<{ services: Services; maxPending
       },
     },
     (req, reply) => {
+      // HEAD (fastify serves it for every GET): the stream's headers, no stream.
+      if (req.method === 'HEAD') return reply.code(200).header('content-type', 'text/event-stream').header('cache-control', 'no-cache').send()
       const types = new Set((req.query.types ?? 'job,vm,qmp').split(','))
       const vm = req.query.vm
       reply.hijack()
@@ -48,27 +52,46 @@ export const eventRoutes: FastifyPluginAsyncZod<{ services: Services; maxPending
         unsubscribe()
         clearInterval(heartbeat)
       }
+      // Ending a response does not free a socket whose client reads nothing (its last bytes never
+      // drain) nor one kept alive for a next request: once the last event is handed to the kernel,
+      // or after DROP_GRACE_MS, the socket is destroyed.
+      const finish = (last: string): void => {
+        const socket = res.socket
+        const destroy = (): void => {
+          clearTimeout(grace)
+          socket?.destroy()
+        }
+        const grace = setTimeout(destroy, DROP_GRACE_MS)
+        grace.unref()
+        res.end(last, destroy)
+      }
       const send = (ev: BusEvent): void => {
         if (closed || !types.has(ev.type) || (vm && ev.vm !== vm)) return
         if (res.writableLength > limit) {
-          res.end(`event: dropped\ndata: ${JSON.stringify({ reason: `client too slow: over ${limit} bytes unread` })}\n\n`)
           req.log.warn('SSE client dropped: too slow')
           close()
+          finish(`event: dropped\ndata: ${JSON.stringify({ reason: `client too slow: over ${limit} bytes unread` })}\n\n`)
           return
         }
         res.write(`id: ${++id}\nevent: ${ev.type}\ndata: ${JSON.stringify(ev)}\n\n`)
       }
       const shutdown = (): void => {
         if (closed) return
-        res.end(`event: shutdown\ndata: ${JSON.stringify({ reason: 'qmpd is shutting down' })}\n\n`)
         close()
+        finish(`event: shutdown\ndata: ${JSON.stringify({ reason: 'qmpd is shutting down' })}\n\n`)
       }
       open.add(shutdown)
       const unsubscribe = services.bus.subscribe(send)
       const heartbeat = setInterval(() => res.write(': keep-alive\n\n'), HEARTBEAT_MS)
       heartbeat.unref()
+      // A client that goes away: the stream ends and its socket with it.
+      const gone = (): void => {
+        close()
+        res.socket?.destroy()
+      }
       req.raw.on('close', close)
-      res.on('error', close)
+      res.on('close', gone)
+      res.on('error', gone)
     },
   )
 }

@@ -3,7 +3,7 @@
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod'
 import { z } from 'zod'
 import { CheckReport } from '../../ops/check-model.ts'
-import { AdoptDefinition, VmDefinition } from '../../vm/definition.ts'
+import { AdoptDefinition, Name, VmDefinition } from '../../vm/definition.ts'
 import { jsonDepth, MAX_QMP_ARG_BYTES, MAX_QMP_ARG_DEPTH } from '../../vm/passthrough.ts'
 import type { Services } from '../app.ts'
 import { replyWithJob } from '../job-reply.ts'
@@ -16,6 +16,9 @@ const StopBody = z
     timeoutSec: z.number().int().min(0).max(3600).optional().describe('how long the guest gets to power off (default 60)'),
   })
   .default({})
+/** GET /v1/vms: VMs per page by default, and at most. */
+const LIST_DEFAULT = 100
+const LIST_MAX = 1000
 const EmptyBody = z.strictObject({}).default({})
 const QmpBody = z.strictObject({
   execute: z.string().regex(/^[A-Za-z][A-Za-z0-9_-]{0,63}$/, 'must be a QMP command name'),
@@ -49,7 +52,20 @@ export const vmRoutes: FastifyPluginAsyncZod<{ services: Services }> = async (ap
     async (req, reply) => reply.code(201).header('Location', `/v1/vms/${req.body.name}`).send(await vms.define(req.body)),
   )
 
-  app.get('/v1/vms', { schema: { summary: 'List VMs', tags: ['vms'] } }, async () => ({ vms: await vms.list() }))
+  app.get(
+    '/v1/vms',
+    {
+      schema: {
+        summary: 'List VMs by name, a page at a time (follow `next` with ?after=)',
+        tags: ['vms'],
+        querystring: z.strictObject({
+          limit: z.coerce.number().int().min(1).max(LIST_MAX).default(LIST_DEFAULT).describe(`VMs per page (1-${LIST_MAX}, default ${LIST_DEFAULT})`),
+          after: Name.optional().describe('start after this name: the previous page\'s `next`'),
+        }),
+      },
+    },
+    async (req) => vms.page({ limit: req.query.limit, ...(req.query.after !== undefined ? { after: req.query.after } : {}) }),
+  )
 
   app.get('/v1/vms/:vm', { schema: { summary: 'One VM, with its disks\' backing chains as QEMU reports them', tags: ['vms'], params: VmParams } }, async (req) =>
     vms.view(req.params.vm),
