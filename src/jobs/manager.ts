@@ -208,32 +208,45 @@ export class JobManager {
     const refuse = (why: string): never => {
       throw new QmpdError('INVALID_STATE', `cannot ${action} job ${id} (${live.job.op}, ${st}): ${why}`, { job: id, state: st })
     }
+    try {
+      await this.apply(live, action, arg, refuse)
+    } catch (err) {
+      // QEMU moves a job on its own (a pause takes effect, a job concludes) between qmpd's view
+      // and the command: its refusal then means the job is not in the state the request needs.
+      if (!(err instanceof QmpCommandError) || err.qmpClass !== 'GenericError') throw err
+      throw new QmpdError('INVALID_STATE', `cannot ${action} job ${id} (${live.job.op}): QEMU says: ${err.desc}`, { job: id, state: live.job.state, qmpClass: err.qmpClass }, { cause: err })
+    }
+    return { ...live.job }
+  }
+
+  /** Runs one control action of a live job; `refuse` throws the 409 for an action that does not apply now. */
+  private async apply(live: Live, action: JobAction, arg: number | undefined, refuse: (why: string) => never): Promise<void> {
     const c = live.controls
+    const st = live.job.state
     switch (action) {
       case 'pause':
         if (!c.pause) refuse('this operation cannot be paused')
         if (st === 'paused') refuse('it is already paused')
         if (st === 'queued') refuse('it has not started')
-        await c.pause!()
+        await c.pause()
         break
       case 'resume':
         if (!c.resume) refuse('this operation cannot be paused')
         if (st !== 'paused') refuse('it is not paused')
-        await c.resume!()
+        await c.resume()
         break
       case 'complete':
         if (!c.complete) refuse('this operation has nothing to complete')
         if (st !== 'ready') refuse('it is not ready')
-        await c.complete!()
+        await c.complete()
         break
       case 'speed':
         if (!c.setSpeed) refuse('this operation has no speed')
-        await c.setSpeed!(arg ?? 0)
+        await c.setSpeed(arg ?? 0)
         live.job.speedBytesPerSec = arg ?? 0
         this.persist(live)
         break
     }
-    return { ...live.job }
   }
 
   /** Resolves with the job once it is final, or with its current view after timeoutMs. */

@@ -138,3 +138,28 @@ t.test('progress is visible while running and history survives a restart; unfini
   db.close()
   second.db.close()
 })
+
+t.test('QEMU refusing a job control because the job moved on is 409 INVALID_STATE, not 502', async (t) => {
+  // The fuzz test met this with real QEMU: POST /v1/jobs/{id}/resume while qmpd still showed the
+  // job paused and QEMU no longer did ("Can't resume a job that was not paused").
+  const { jobs } = setup()
+  let release!: () => void
+  const job = jobs.submit({
+    vm: 'a',
+    op: 'mirror',
+    params: {},
+    run: async (ctx) => {
+      ctx.setControls({
+        resume: () => Promise.reject(new QmpCommandError('job-resume', 'GenericError', 'Can\'t resume a job that was not paused')),
+      })
+      ctx.setPhase('paused')
+      await new Promise<void>((r) => (release = r))
+    },
+  })
+  while (jobs.get(job.id)?.state !== 'paused') await sleep(5)
+  const refused = await jobs.control(job.id, 'resume').catch((e: unknown) => e)
+  t.match(refused, { code: 'INVALID_STATE', data: { job: job.id, qmpClass: 'GenericError' } })
+  t.match((refused as Error).message, /QEMU says: Can't resume a job that was not paused/)
+  release()
+  await jobs.wait(job.id, 5000)
+})
