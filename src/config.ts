@@ -72,7 +72,7 @@ export function makeConfig(over: Partial<Config> = {}, env: NodeJS.ProcessEnv = 
     qmpAllow: (over.qmpAllow ?? (env['QMPD_QMP_ALLOW'] ?? '').split(',').map((e) => e.trim()).filter(Boolean)).map(checkAllowEntry),
     ...(token ? { token } : {}),
     ...(over.quitTimeoutMs !== undefined ? { quitTimeoutMs: over.quitTimeoutMs } : {}),
-    ...((over.freshStore ?? env['QMPD_FRESH_STORE'] === '1') ? { freshStore: true } : {}),
+    ...((over.freshStore ?? parseFlag(env['QMPD_FRESH_STORE'], 'QMPD_FRESH_STORE')) ? { freshStore: true } : {}),
   }
 }
 

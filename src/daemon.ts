@@ -96,9 +96,9 @@ async function openDaemon(
   refuseLostStore(config, dbFile, log)
   mkdirSync(join(config.stateDir, 'vms'), { recursive: true, mode: 0o750 })
   const db = openDb(dbFile)
-  // Rows that fail their schema quarantine their VM (needs-repair) instead of stopping the daemon.
+  // Rows that fail their schema quarantine their VM (quarantined) instead of stopping the daemon.
   const quarantine = new Quarantine()
-  for (const p of scanStore(db, ROW_CHECKS, quarantine)) log.error({ vm: p.vm, table: p.table, key: p.key, issue: p.issue }, 'stored row fails its schema; the VM needs repair')
+  for (const p of scanStore(db, ROW_CHECKS, quarantine)) log.error({ vm: p.vm, table: p.table, key: p.key, issue: p.issue }, 'stored row fails its schema; the VM is quarantined')
   const bus = new EventBus()
   const jobs = new JobManager(new JobRepo(db, log.child({ component: 'store' })), bus, log.child({ component: 'jobs' }))
   const interrupted = jobs.recoverInterrupted()

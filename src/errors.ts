@@ -41,8 +41,8 @@ export type ErrorCode =
   | 'IO_ERROR'
   /** The state directory's filesystem is full: the store (SQLite) cannot be written. */
   | 'DISK_FULL'
-  /** A stored row of the VM fails its schema: the VM is `needs-repair` until its definition is deleted. */
-  | 'NEEDS_REPAIR'
+  /** A stored row of the VM fails its schema: the VM is `quarantined` until its definition is deleted. */
+  | 'STORE_ROW_INVALID'
   | 'TIMEOUT'
   | 'INTERNAL'
 

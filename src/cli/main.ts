@@ -34,7 +34,7 @@ Options:
                       Commands that reach host files or processes (migrate, blockdev-add,
                       human-monitor-command, pmemsave, …) are allowed only by their exact name
   --fresh-store       start with an empty store although <state-dir>/vms holds VM directories
-                      (a missing or 0-byte qmpd.db is refused then; also QMPD_FRESH_STORE=1)
+                      (without it a missing or 0-byte qmpd.db is refused; also QMPD_FRESH_STORE=1)
 
 Environment: QMPD_TOKEN fixes the API token; otherwise it is generated into <state-dir>/token.
 `
@@ -87,6 +87,7 @@ export async function main(argv: string[]): Promise<number> {
     ...(values['qmp-allow'] ? { qmpAllow: values['qmp-allow'] } : {}),
     ...(values['fresh-store'] ? { freshStore: true } : {}),
   })
+  if (config.qmpAllow.length && !config.qmpPassthrough) process.stderr.write('qmpd: --qmp-allow has no effect without --qmp-passthrough (the escape hatch stays off)\n')
   const daemon = await startDaemon(config)
   // A bug in one operation must not take the control plane down with it: QEMUs keep running
   // either way, but an exiting daemon would leave every VM unmanaged. Log loudly and serve on.

@@ -30,7 +30,7 @@ export const STATUS_BY_CODE: Record<ErrorCode, number> = {
   /** The store could not be written: the state directory's disk is full. */
   DISK_FULL: 507,
   /** The VM's stored records fail their schema (GET /v1/vms/{vm} says which row). */
-  NEEDS_REPAIR: 409,
+  STORE_ROW_INVALID: 409,
   QMP_COMMAND_FAILED: 502,
   QMP_DISCONNECTED: 502,
   QMP_PROTOCOL_ERROR: 502,

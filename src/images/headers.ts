@@ -8,6 +8,8 @@ const QCOW2_MAGIC = 0x514649fb
 const EXT_END = 0
 const EXT_BACKING_FORMAT = 0xe2792aca
 const EXT_DATA_FILE = 0x44415441
+/** Incompatible feature bit 2: the image keeps its guest data in an external data file. */
+const INCOMPAT_DATA_FILE = 1n << 2n
 /** QEMU refuses backing file names longer than this (block/qcow2.c). */
 const MAX_BACKING_NAME = 1023
 /** More layers than anyone keeps; also ends a loop that names files in a circle. */
@@ -26,7 +28,6 @@ export interface CheckedLayer {
   format: 'qcow2' | 'raw'
   /** The backing file, resolved as QEMU resolves it (relative to this layer's directory). */
   backing?: string
-  dataFile?: string
 }
 
 /** Refuses a confinement check's path (the path policy's confine()). */
@@ -51,21 +52,33 @@ export async function readQcow2Header(file: string, field = 'image', check?: (re
     const version = head.readUInt32BE(4)
     const backingOffset = Number(head.readBigUInt64BE(8))
     const backingSize = head.readUInt32BE(16)
+    const clusterBits = head.readUInt32BE(20)
+    const bad = (why: string): QmpdError => new QmpdError('INVALID_PATH', `${field} ${file}: ${why}`, { field, path: file })
+    // QEMU accepts clusters of 512 B to 2 MiB; anything else it refuses to open, so do we.
+    if (clusterBits < 9 || clusterBits > 21) throw bad(`a qcow2 header with cluster_bits ${clusterBits}`)
     const out: Qcow2Header = {}
+    // An external data file is opened by QEMU with the name as stored, relative names from the
+    // opener's working directory, not the image's: qmpd creates no such images and takes none.
+    if (version >= 3 && head.length >= 104 && (head.readBigUInt64BE(72) & INCOMPAT_DATA_FILE) !== 0n) out.dataFile = ''
     if (backingOffset > 0 && backingSize > 0) {
       if (backingSize > MAX_BACKING_NAME) throw new QmpdError('INVALID_PATH', `${field} ${file}: its header names a backing file of ${backingSize} bytes`, { field, path: file })
       out.backing = (await read(backingOffset, backingSize)).toString('utf8')
     }
-    // Header extensions follow the header (72 bytes in v2, header_length in v3).
+    // Header extensions follow the header (72 bytes in v2, header_length in v3) up to the END
+    // extension, within the first cluster (and before the backing file name), as QEMU reads
+    // them (block/qcow2.c qcow2_read_extensions): every one is read, however many there are, and
+    // a list that runs off that area is refused rather than taken as "no extensions".
     let pos = version >= 3 && head.length >= 104 ? head.readUInt32BE(100) : 72
-    const end = backingOffset > 0 ? backingOffset : pos + 64 * 1024
-    for (let n = 0; pos + 8 <= end && n < 256; n++) {
+    const clusterEnd = 2 ** clusterBits
+    const end = backingOffset > 0 ? Math.min(backingOffset, clusterEnd) : clusterEnd
+    for (;;) {
+      if (pos + 8 > end) throw bad('its header extensions run past the first cluster')
       const h = await read(pos, 8)
-      if (h.length < 8) break
+      if (h.length < 8) throw bad('its header extensions are cut short')
       const type = h.readUInt32BE(0)
       const len = h.readUInt32BE(4)
       if (type === EXT_END) break
-      if (len > 64 * 1024) throw new QmpdError('INVALID_PATH', `${field} ${file}: a header extension of ${len} bytes`, { field, path: file })
+      if (pos + 8 + len > end) throw bad(`a header extension of ${len} bytes runs past the first cluster`)
       if (type === EXT_BACKING_FORMAT) out.backingFormat = (await read(pos + 8, len)).toString('utf8')
       if (type === EXT_DATA_FILE) out.dataFile = (await read(pos + 8, len)).toString('utf8')
       pos += 8 + Math.ceil(len / 8) * 8
@@ -134,12 +147,14 @@ export async function checkChain(file: string, format: 'qcow2' | 'raw' | 'probe'
     const h = await readQcow2Header(cur, what, confine ? (real) => confine(real, what) : undefined)
     const layer: CheckedLayer = { file: cur, format: 'qcow2' }
     layers.push(layer)
-    if (!h) return layers
+    // Declared qcow2 but no qcow2 magic: QEMU would refuse it, and qemu-img commands without a
+    // format option (snapshot) would probe it and might take it for vmdk and open its extents.
+    if (!h) throw new QmpdError('INVALID_PATH', `${what}: ${cur} is not a qcow2 image (no qcow2 magic)`, { field, path: cur, format: 'qcow2' })
     if (h.dataFile !== undefined) {
-      const data = headerPath(h.dataFile, cur, 'the data file', field)
-      confine?.(data, `${what} data file`)
-      assertRegularFile(data, `${what} data file`, { allowMissing: true })
-      layer.dataFile = data
+      // QEMU opens a data file by its stored name from its own working directory (not the
+      // image's) and read-write with the image: refused whatever it names, inside or out.
+      const named = h.dataFile ? ` (${JSON.stringify(h.dataFile.slice(0, 200))})` : ''
+      throw new QmpdError('INVALID_PATH', `${what}: ${cur} keeps its data in an external data file${named}, which qmpd does not take`, { field, path: cur, named: h.dataFile })
     }
     if (h.backing === undefined) return layers
     const next = headerPath(h.backing, cur, 'the backing file', field)

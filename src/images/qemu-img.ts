@@ -123,7 +123,7 @@ export class QemuImg {
    */
   async commit(top: string, base: string): Promise<void> {
     await this.guard(top, 'qcow2')
-    await this.run(['commit', '-q', '-d', '-b', base, top])
+    await this.run(['commit', '-q', '-f', 'qcow2', '-d', '-b', base, top])
   }
 
   /**

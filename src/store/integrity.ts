@@ -38,7 +38,7 @@ export function describeIssue(err: unknown): string {
 
 /**
  * The VMs whose stored rows fail their schema. Every repository asks it before it reads a VM's
- * rows: a quarantined VM's rows are never parsed again (its reads answer NEEDS_REPAIR), so one bad
+ * rows: a quarantined VM's rows are never parsed again (its reads answer STORE_ROW_INVALID), so one bad
  * row cannot stop the daemon or a listing of the other VMs.
  */
 export class Quarantine {
@@ -76,12 +76,12 @@ export class Quarantine {
 
   /**
    * Refuses to read or change a quarantined VM's records.
-   * @throws QmpdError NEEDS_REPAIR naming the bad row(s), when `vm` is quarantined.
+   * @throws QmpdError STORE_ROW_INVALID naming the bad row(s), when `vm` is quarantined.
    */
   assertUsable(vm: string): void {
     const e = this.byVm.get(vm)
     if (!e) return
-    throw new QmpdError('NEEDS_REPAIR', `VM ${vm} needs repair: ${this.reason(vm)}; DELETE /v1/vms/${vm} forgets its records`, { vm, problems: e.problems })
+    throw new QmpdError('STORE_ROW_INVALID', `VM ${vm} is quarantined: ${this.reason(vm)}; DELETE /v1/vms/${vm} forgets its records`, { vm, problems: e.problems })
   }
 
   /** Forgets the VM's problems (its rows were purged). */

@@ -134,7 +134,7 @@ export class JobRepo {
 
   /**
    * One job by id.
-   * @throws QmpdError NEEDS_REPAIR when its stored row fails the schema.
+   * @throws QmpdError STORE_ROW_INVALID when its stored row fails the schema.
    */
   get(id: string): Job | undefined {
     const kept = this.unwritten.get(id)
@@ -144,7 +144,7 @@ export class JobRepo {
     try {
       return parseJobRow(row)
     } catch (err) {
-      throw new QmpdError('NEEDS_REPAIR', `stored job ${id} fails its schema: ${describeIssue(err)}`, { job: id })
+      throw new QmpdError('STORE_ROW_INVALID', `stored job ${id} fails its schema: ${describeIssue(err)}`, { job: id })
     }
   }
 

@@ -40,7 +40,7 @@ export class SnapshotRepo {
   /** Per VM: bumped by every write to its snapshots (see version()). */
   private readonly versions = new Map<string, number>()
 
-  /** @param quarantine VMs with a row that fails its schema: their snapshots and images are refused (NEEDS_REPAIR). */
+  /** @param quarantine VMs with a row that fails its schema: their snapshots and images are refused (STORE_ROW_INVALID). */
   constructor(
     readonly db: Db,
     readonly quarantine: Quarantine = new Quarantine(),
@@ -68,7 +68,7 @@ export class SnapshotRepo {
 
   /**
    * The VM's snapshots, oldest first. The objects are shared: callers must not modify them.
-   * @throws QmpdError NEEDS_REPAIR when a stored row of the VM fails its schema.
+   * @throws QmpdError STORE_ROW_INVALID when a stored row of the VM fails its schema.
    */
   list(vm: string): Snapshot[] {
     let cached = this.lists.get(vm)
@@ -125,7 +125,7 @@ export class SnapshotRepo {
 
   /**
    * The VM's image rows, validated (CONVENTIONS #10).
-   * @throws QmpdError NEEDS_REPAIR when a stored row of the VM fails its schema (the start-up scan
+   * @throws QmpdError STORE_ROW_INVALID when a stored row of the VM fails its schema (the start-up scan
    *   quarantined it); ZodError when a row written since does not fit (a store written by something else).
    */
   images(vm: string): ImageRow[] {

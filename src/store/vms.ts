@@ -54,7 +54,7 @@ export class VmRepo {
 
   /**
    * The VM's row, or undefined when there is none.
-   * @throws QmpdError NEEDS_REPAIR when one of the VM's stored rows fails its schema.
+   * @throws QmpdError STORE_ROW_INVALID when one of the VM's stored rows fails its schema.
    */
   get(name: string): VmRecord | undefined {
     this.quarantine.assertUsable(name)

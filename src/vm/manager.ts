@@ -69,8 +69,8 @@ export interface DiskView {
 /** The public view of a VM. */
 export interface VmView {
   name: string
-  /** needs-repair: a stored row of the VM fails its schema (never stored as a state itself). */
-  state: VmState | 'needs-repair'
+  /** quarantined: a stored row of the VM fails its schema (never stored as a state itself). */
+  state: VmState | 'quarantined'
   reason?: string
   pid?: number
   adopted: boolean
@@ -306,7 +306,7 @@ export class VmManager {
   }
 
   /**
-   * The view of a VM whose stored rows fail their schema: state needs-repair, the reason naming
+   * The view of a VM whose stored rows fail their schema: state quarantined, the reason naming
    * the table, row and issue (`repair.problems` lists every bad row), the definition as stored
    * (raw JSON, unchecked) and no disks.
    */
@@ -317,7 +317,7 @@ export class VmManager {
     const reason = q.reason(name)!
     return {
       name,
-      state: 'needs-repair',
+      state: 'quarantined',
       reason,
       adopted: typeof raw === 'object' && raw !== null && 'adopt' in raw,
       definition: (raw ?? {}) as StoredDefinition,
@@ -334,7 +334,7 @@ export class VmManager {
    * few VMs at a time, so a long list never holds the event loop or forks a qemu-img per disk.
    */
   async page(opts: { limit: number; after?: string }): Promise<{ vms: VmView[]; next?: string }> {
-    // Quarantined VMs (a stored row fails its schema) have no handle; they are listed as needs-repair.
+    // Quarantined VMs (a stored row fails its schema) have no handle; they are listed as quarantined.
     const quarantined = new Set(this.deps.repo.quarantine.vms())
     const names = [...new Set([...this.handles.keys(), ...quarantined])].sort()
     const from = opts.after === undefined ? 0 : names.findIndex((n) => n > opts.after!)
@@ -444,21 +444,21 @@ export class VmManager {
   }
 
   /**
-   * DELETE of a needs-repair VM (a stored row of it fails its schema): forgets every record of it,
+   * DELETE of a quarantined VM (a stored row of it fails its schema): forgets every record of it,
    * bad rows included, so that the name can be defined again; no file is removed (the records that
    * name them cannot be trusted) and a QEMU of it, if one runs, is left alone.
-   * @throws QmpdError NEEDS_REPAIR when deleteStorage is asked for.
+   * @throws QmpdError STORE_ROW_INVALID when deleteStorage is asked for.
    */
   private forgetQuarantined(name: string, opts: { deleteStorage?: boolean }): void {
     const q = this.deps.repo.quarantine
     if (opts.deleteStorage) {
-      throw new QmpdError('NEEDS_REPAIR', `VM ${name} needs repair (${q.reason(name)}): its records cannot say which files are qmpd's; delete it without deleteStorage and remove files by hand`, { vm: name, problems: q.get(name)?.problems })
+      throw new QmpdError('STORE_ROW_INVALID', `VM ${name} is quarantined (${q.reason(name)}): its records cannot say which files are qmpd's; delete it without deleteStorage and remove files by hand`, { vm: name, problems: q.get(name)?.problems })
     }
     const problems = q.get(name)?.problems
     this.deps.repo.purge(name)
     this.handles.delete(name)
     this.deps.jobs.dropQueue(name)
-    this.deps.log.warn({ vm: name, problems }, 'needs-repair VM forgotten: its stored rows were removed, its files left as they are')
+    this.deps.log.warn({ vm: name, problems }, 'quarantined VM forgotten: its stored rows were removed, its files left as they are')
   }
 
   /** Forgets a VM's records (its row and, through the delete hooks, its snapshots and images) in one transaction. */

@@ -57,7 +57,11 @@ t.test('json:, protocols, data files outside, FIFOs, loops and foreign formats a
   await t.rejects(checkChain(`${vm}/nbd.qcow2`, 'qcow2', confine), { code: 'INVALID_PATH', message: /not a plain file path/ })
   img('create', '-q', '-f', 'qcow2', '-o', `data_file=${out}/data.raw`, `${vm}/data.qcow2`, '1M')
   t.match(await readQcow2Header(`${vm}/data.qcow2`), { dataFile: `${out}/data.raw` })
-  await t.rejects(checkChain(`${vm}/data.qcow2`, 'qcow2', confine), { code: 'INVALID_PATH', message: /data file .* outside/ })
+  await t.rejects(checkChain(`${vm}/data.qcow2`, 'qcow2', confine), { code: 'INVALID_PATH', message: /external data file/ })
+  // Inside the roots too, and relative: QEMU resolves a data file from its working directory,
+  // not the image's, so no check of the name could say what it opens.
+  img('create', '-q', '-f', 'qcow2', '-o', 'data_file=inside.raw', `${vm}/data-rel.qcow2`, '1M')
+  await t.rejects(checkChain(`${vm}/data-rel.qcow2`, 'qcow2', confine), { code: 'INVALID_PATH', message: /external data file/ })
   execFileSync('mkfifo', [`${vm}/fifo`])
   img('create', '-q', '-f', 'qcow2', '-u', '-b', `${vm}/fifo`, '-F', 'raw', `${vm}/onfifo.qcow2`, '1M')
   const t0 = performance.now()
@@ -98,4 +102,53 @@ t.test('QemuImg with a policy checks the chain before it runs qemu-img', async (
   t.equal((await q.info(`${vm}/guest.raw`)).format, 'raw')
   await q.create(`${vm}/good.qcow2`, 'qcow2', { sizeBytes: 1 << 20 })
   t.equal((await q.chain(`${vm}/good.qcow2`))[0]!.format, 'qcow2', 'a good image passes')
+})
+
+t.test('header extensions are read to their end however many there are, and a list that runs off is refused', async (t) => {
+  const { vm, confine } = setup(t)
+  img('create', '-q', '-f', 'qcow2', `${vm}/base.qcow2`, '1M')
+  img('create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', `${vm}/top.qcow2`)
+  // Rewrite top's extension area: 300 unknown extensions, then a backing-format extension naming
+  // vmdk, then END. A reader that stops counting early misses the format and probes the backing
+  // file (qcow2 magic: accepted); QEMU reads them all and would open the backing file as vmdk.
+  const { openSync, readSync, writeSync, closeSync } = await import('node:fs')
+  const fd = openSync(`${vm}/top.qcow2`, 'r+')
+  const head = Buffer.alloc(104)
+  readSync(fd, head, 0, 104, 0)
+  const extStart = head.readUInt32BE(100)
+  const backingOffset = Number(head.readBigUInt64BE(8))
+  const backingName = Buffer.alloc(head.readUInt32BE(16))
+  readSync(fd, backingName, 0, backingName.length, backingOffset)
+  const exts: Buffer[] = []
+  for (let i = 0; i < 300; i++) exts.push(Buffer.from([0x12, 0x34, 0x56, 0x78, 0, 0, 0, 0]))
+  const fmt = Buffer.alloc(16)
+  fmt.writeUInt32BE(0xe2792aca, 0)
+  fmt.writeUInt32BE(4, 4)
+  fmt.write('vmdk', 8)
+  exts.push(fmt, Buffer.alloc(8))
+  const area = Buffer.concat(exts)
+  const newBacking = extStart + area.length
+  writeSync(fd, area, 0, area.length, extStart)
+  writeSync(fd, backingName, 0, backingName.length, newBacking)
+  const off = Buffer.alloc(8)
+  off.writeBigUInt64BE(BigInt(newBacking))
+  writeSync(fd, off, 0, 8, 8)
+  closeSync(fd)
+  t.match(await readQcow2Header(`${vm}/top.qcow2`), { backing: 'base.qcow2', backingFormat: 'vmdk' }, 'the 301st extension is read')
+  await t.rejects(checkChain(`${vm}/top.qcow2`, 'qcow2', confine), { code: 'INVALID_PATH', message: /format vmdk is not supported/ })
+  // The END extension removed: the list runs into the backing file name and past it.
+  const fd2 = openSync(`${vm}/top.qcow2`, 'r+')
+  writeSync(fd2, Buffer.from([0x12, 0x34, 0x56, 0x78, 0, 0, 0, 0]), 0, 8, newBacking - 8)
+  closeSync(fd2)
+  await t.rejects(readQcow2Header(`${vm}/top.qcow2`), { code: 'INVALID_PATH', message: /header extension/ })
+})
+
+t.test('a file declared qcow2 without the qcow2 magic is refused, so nothing probes it', async (t) => {
+  const { vm, out, confine } = setup(t)
+  // A raw file holding a vmdk descriptor whose extent is outside: qemu-img snapshot (no -f in
+  // 7.2) would probe it as vmdk and open the extent.
+  writeFileSync(`${out}/extent`, Buffer.alloc(1024 * 1024))
+  writeFileSync(`${vm}/liar.qcow2`, `# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType="monolithicFlat"\nRW 2048 FLAT "${out}/extent" 0\n`)
+  await t.rejects(checkChain(`${vm}/liar.qcow2`, 'qcow2', confine), { code: 'INVALID_PATH', message: /not a qcow2 image/ })
+  await t.rejects(new QemuImg('qemu-img', confine).snapshot('create', `${vm}/liar.qcow2`, 's1'), { code: 'INVALID_PATH' })
 })

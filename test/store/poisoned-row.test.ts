@@ -1,6 +1,6 @@
 // A stored row that fails its schema, written behind a stopped daemon's back: the next daemon
-// starts, marks that VM needs-repair with the table, row and issue, refuses its operations with
-// 409 NEEDS_REPAIR, serves the other VMs normally (a real QEMU starts and snapshots), and lets the
+// starts, marks that VM quarantined with the table, row and issue, refuses its operations with
+// 409 STORE_ROW_INVALID, serves the other VMs normally (a real QEMU starts and snapshots), and lets the
 // operator delete the broken VM's records.
 import Database from 'better-sqlite3'
 import { join } from 'node:path'
@@ -62,24 +62,24 @@ t.test('poisoned rows in vms, snapshots and jobs: the daemon serves, the VMs wit
   ] as const) {
     const one = await td.api('GET', `/v1/vms/${name}`)
     t.equal(one.status, 200, `GET /v1/vms/${name} answers 200`)
-    t.equal(one.body.state, 'needs-repair', `${name} is needs-repair`)
+    t.equal(one.body.state, 'quarantined', `${name} is quarantined`)
     t.match(one.body.reason, new RegExp(`stored ${table} row ${key.replace('/', '\\/')} fails its schema`), `${name}'s reason names the table and the row`)
     t.match(one.body.repair.problems, [{ table, key, issue }], `${name}'s repair lists the bad row and what failed`)
   }
 
   const start = await td.api('POST', '/v1/vms/bad/start?wait=true')
   t.equal(start.status, 409, 'starting the broken VM answers 409')
-  t.equal(start.body.error.code, 'NEEDS_REPAIR')
-  t.match(start.body.error.message, /VM bad needs repair: stored vms row bad fails its schema: disks\.0\.file.*DELETE \/v1\/vms\/bad/)
+  t.equal(start.body.error.code, 'STORE_ROW_INVALID')
+  t.match(start.body.error.message, /VM bad is quarantined: stored vms row bad fails its schema: disks\.0\.file.*DELETE \/v1\/vms\/bad/)
   const snaps = await td.api('GET', '/v1/vms/badsnap/snapshots')
   t.equal(snaps.status, 409, "listing the broken VM's snapshots answers 409")
-  t.equal(snaps.body.error.code, 'NEEDS_REPAIR')
+  t.equal(snaps.body.error.code, 'STORE_ROW_INVALID')
   const snapCreate = await td.api('POST', '/v1/vms/badjob/snapshots', { name: 'x', kind: 'external' })
   t.equal(snapCreate.status, 409, 'a snapshot of a VM with a bad job row answers 409')
-  t.equal(snapCreate.body.error.code, 'NEEDS_REPAIR')
+  t.equal(snapCreate.body.error.code, 'STORE_ROW_INVALID')
   const job = await td.api('GET', `/v1/jobs/${badJobId}`)
   t.equal(job.status, 409, 'the bad job row itself answers 409, naming what failed')
-  t.match(job.body.error, { code: 'NEEDS_REPAIR', message: /state/ })
+  t.match(job.body.error, { code: 'STORE_ROW_INVALID', message: /state/ })
   const jobs = await td.api('GET', '/v1/jobs')
   t.equal(jobs.status, 200, 'GET /v1/jobs answers 200 (the bad row left out)')
   t.notOk(jobs.body.jobs.some((j: any) => j.id === badJobId), 'the bad job row is not listed')
@@ -94,7 +94,7 @@ t.test('poisoned rows in vms, snapshots and jobs: the daemon serves, the VMs wit
   // The operator's way out: delete the definition (deleteStorage is refused: its records cannot be trusted).
   const withStorage = await td.api('DELETE', '/v1/vms/bad?deleteStorage=true')
   t.equal(withStorage.status, 409, 'delete with deleteStorage is refused')
-  t.equal(withStorage.body.error.code, 'NEEDS_REPAIR')
+  t.equal(withStorage.body.error.code, 'STORE_ROW_INVALID')
   for (const name of ['bad', 'badsnap', 'badjob']) {
     t.equal((await td.api('DELETE', `/v1/vms/${name}`)).status, 204, `DELETE /v1/vms/${name} answers 204`)
     t.equal((await td.api('GET', `/v1/vms/${name}`)).status, 404, `${name} is gone`)
@@ -112,7 +112,7 @@ t.test('poisoned rows in vms, snapshots and jobs: the daemon serves, the VMs wit
       ['bad', 'shutoff'],
       ['good', 'shutoff'],
     ],
-    'after a restart nothing needs repair',
+    'after a restart nothing is quarantined',
   )
 })
 
