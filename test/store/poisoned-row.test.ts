@@ -119,10 +119,12 @@ t.test('poisoned rows in vms, snapshots and jobs: the daemon serves, the VMs wit
 t.test('a definition whose stored form fails the schema is refused at define (400), and nothing is stored', async (t) => {
   const td = await startTestDaemon(t)
   // 4096 characters relative: accepted as input, but its absolute stored form is over the limit.
+  // The path policy refuses it first (it checks the resolved form); the store's own check of the
+  // stored form (test/store/integrity.test.ts) is the second line behind it.
   const res = await td.api('POST', '/v1/vms', { name: 'long', disks: [{ id: 'vda', file: 'a'.repeat(4096) }] })
   t.equal(res.status, 400, 'define answers 400')
-  t.equal(res.body.error.code, 'INVALID_INPUT')
-  t.match(res.body.error.message, /as it would be stored is invalid/)
+  t.equal(res.body.error.code, 'INVALID_PATH')
+  t.match(res.body.error.message, /long as an absolute path; the limit is 4095/)
   t.equal((await td.api('GET', '/v1/vms/long')).status, 404, 'no VM was stored')
   const list = await td.api('GET', '/v1/vms')
   t.equal(list.status, 200, 'GET /v1/vms answers 200')
