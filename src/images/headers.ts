@@ -119,12 +119,14 @@ function headerPath(name: string, image: string, what: string, field: string): s
  * Checks every file QEMU or qemu-img opens for the image `file` of `format`, before any of them
  * is opened by anyone but qmpd: each layer is confined (`confine`, when given), must be a
  * regular file, and its header is read for the next layer (the backing file, as QEMU resolves
- * it) and an external data file, down the whole chain. A format of 'probe' is guessed from the
- * magic, as qemu-img would without -f. A layer that is missing ends the walk (QEMU or qemu-img
- * reports it); a missing top returns [].
- * @throws QmpdError INVALID_PATH when a file is outside the roots, not a regular file, named as json: or a protocol, in an unsupported format, or the chain loops or is deeper than MAX_CHAIN_DEPTH.
+ * it), down the whole chain; an image with an external data file, or declared qcow2 without the
+ * qcow2 magic, is refused. A format of 'probe' is guessed from the magic, as qemu-img would
+ * without -f; any format but qcow2, raw and 'probe' is refused. A layer that is missing ends the
+ * walk (QEMU or qemu-img reports it); a missing top returns [].
+ * @throws QmpdError INVALID_PATH when a file is outside the roots, not a regular file, named as json: or a protocol, in an
+ *   unsupported format, has a data file or no qcow2 magic, or the chain loops or is deeper than MAX_CHAIN_DEPTH.
  */
-export async function checkChain(file: string, format: 'qcow2' | 'raw' | 'probe', confine?: Confine, field = 'image'): Promise<CheckedLayer[]> {
+export async function checkChain(file: string, format: string, confine?: Confine, field = 'image'): Promise<CheckedLayer[]> {
   const layers: CheckedLayer[] = []
   const seen = new Set<string>()
   let cur = file

@@ -24,8 +24,9 @@ export type ImageInfo = z.output<typeof ImageInfo>
  * Runs qemu-img with an argument vector (never a shell). Never use it on an image a running QEMU
  * has open for writing: image locking refuses, and forcing it corrupts. Before each command that
  * opens an image (create with a backing file, info, chain, snapshot, commit, rebase), the image's
- * whole chain is checked (src/images/headers.ts): every layer and data file a header names must
- * be a regular file, and, with `confine` (the path policy), inside the allowed roots.
+ * whole chain is checked (src/images/headers.ts): every layer a header names must be a regular
+ * file, and, with `confine` (the path policy), inside the allowed roots; an image with an external
+ * data file is refused.
  */
 export class QemuImg {
   constructor(
@@ -38,7 +39,7 @@ export class QemuImg {
    * @throws QmpdError INVALID_PATH, as checkChain().
    */
   async guard(file: string, format: string, field = 'image'): Promise<CheckedLayer[]> {
-    return checkChain(file, format as 'qcow2', this.confine, field)
+    return checkChain(file, format, this.confine, field)
   }
 
   /**

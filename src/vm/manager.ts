@@ -297,12 +297,9 @@ export class VmManager {
     return this.view(def.name)
   }
 
-  /** All VMs. */
+  /** All VMs, quarantined ones included, by name: GET /v1/vms's pages put together. */
   async list(): Promise<VmView[]> {
-    const views = await Promise.all(this.deps.repo.list().map((r) => this.view(r.name)))
-    const broken = this.deps.repo.quarantine.vms()
-    if (broken.length === 0) return views
-    return [...views, ...broken.map((n) => this.quarantinedView(n))].sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0))
+    return (await this.page({ limit: Number.MAX_SAFE_INTEGER })).vms
   }
 
   /**
