@@ -34,6 +34,9 @@ import { Recovery } from './ops/recovery.ts'
 import { VmChecker } from './ops/check.ts'
 import { Reconciler } from './ops/reconcile.ts'
 import { lockStateDir } from './lock.ts'
+import { IdempotencyRepo } from './store/idempotency.ts'
+import { HostInfo } from './vm/host-info.ts'
+import type { VmState } from './vm/definition.ts'
 
 /** qmpd's version, reported by /healthz and the OpenAPI document. */
 export const VERSION = '0.1.0'
@@ -92,6 +95,7 @@ async function openDaemon(
   testHooks: { snapshots?: SnapshotTestHooks; vms?: VmTestHooks },
   releaseLock: () => Promise<void>,
 ): Promise<Daemon> {
+  const startedAt = new Date()
   const dbFile = join(config.stateDir, 'qmpd.db')
   refuseLostStore(config, dbFile, log)
   mkdirSync(join(config.stateDir, 'vms'), { recursive: true, mode: 0o750 })
@@ -154,6 +158,8 @@ async function openDaemon(
   // anything else runs"): an operation recovery finished or undid is no disagreement.
   await recovery.run()
   await reconciler.reconcileAll(vmRepo.list().map((r) => r.name))
+  const idempotency = new IdempotencyRepo(db)
+  const host = new HostInfo({ config, log, version: VERSION, startedAt, vmStates: () => vmStates(vmRepo, vms) })
   let closed = false
   return {
     config,
@@ -168,7 +174,8 @@ async function openDaemon(
     checker,
     reconciler,
     repos: { snapshots: snapshotRepo, journal: journalRepo },
-    app: (opts = {}) => buildApp({ services: { vms, jobs, bus, snapshots, blockJobs, state, checker, reconciler }, logger: log, version: VERSION, ...opts }),
+    app: (opts = {}) =>
+      buildApp({ services: { vms, jobs, bus, snapshots, blockJobs, state, checker, reconciler, idempotency, host, vmDir: (vm) => paths.vmDir(vm) }, logger: log, version: VERSION, ...opts }),
     async close(opts = {}) {
       if (closed) return
       closed = true
@@ -234,4 +241,17 @@ export function loadOrCreateToken(config: Config): { token: string; path?: strin
   renameSync(tmp, path)
   chmodSync(path, 0o600)
   return { token, path }
+}
+
+/** The state of every stored VM, from memory (quarantined ones as 'quarantined'): GET /v1/host's counts. */
+function vmStates(repo: VmRepo, vms: VmManager): Array<VmState | 'quarantined'> {
+  const out: Array<VmState | 'quarantined'> = repo.quarantine.vms().map(() => 'quarantined' as const)
+  for (const r of repo.list()) {
+    try {
+      out.push(vms.record(r.name).runtime.state)
+    } catch {
+      /* deleted meanwhile */
+    }
+  }
+  return out
 }

@@ -44,6 +44,8 @@ export type ErrorCode =
   /** A stored row of the VM fails its schema: the VM is `quarantined` until its definition is deleted. */
   | 'STORE_ROW_INVALID'
   | 'TIMEOUT'
+  /** An Idempotency-Key already answered another route or request body (409). */
+  | 'IDEMPOTENCY_KEY_REUSED'
   | 'INTERNAL'
 
 /** Extra, machine-readable facts about an error (QEMU's error class, the command, the zod issues…). */

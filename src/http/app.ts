@@ -23,6 +23,10 @@ import { QmpdError } from '../errors.ts'
 import { nextTurn } from '../util.ts'
 import { jobRoutes } from './routes/jobs.ts'
 import { vmRoutes } from './routes/vms.ts'
+import { schedulingRoutes } from './routes/scheduling.ts'
+import { installIdempotency } from './idempotency.ts'
+import type { IdempotencyRepo } from '../store/idempotency.ts'
+import type { HostInfo } from '../vm/host-info.ts'
 
 /** What the routes call: the services below the HTTP layer. */
 export interface Services {
@@ -34,6 +38,12 @@ export interface Services {
   state: StateService
   checker: VmChecker
   reconciler: Reconciler
+  /** Idempotency-Key records (src/http/idempotency.ts). */
+  idempotency: IdempotencyRepo
+  /** GET /v1/host. */
+  host: HostInfo
+  /** The directory of a VM (PathPolicy.vmDir). */
+  vmDir: (vm: string) => string
 }
 
 /** Options of the HTTP app. */
@@ -158,7 +168,10 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
 
   app.get('/openapi.json', { schema: { hide: true } }, async () => app.swagger())
   app.get('/healthz', { schema: { summary: 'Liveness', tags: ['daemon'] } }, async () => ({ status: 'ok', version: opts.version }))
+  // Before the routes: it wraps the handler of every POST registered after it.
+  installIdempotency(app, { repo: opts.services.idempotency, vms: opts.services.vms, jobs: opts.services.jobs })
   await app.register(vmRoutes, { services: opts.services })
+  await app.register(schedulingRoutes, { services: opts.services })
   await app.register(jobRoutes, { services: opts.services })
   await app.register(snapshotRoutes, { services: opts.services })
   await app.register(chainRoutes, { services: opts.services })

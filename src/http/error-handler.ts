@@ -42,6 +42,7 @@ export const STATUS_BY_CODE: Record<ErrorCode, number> = {
   VM_CRASHED: 502,
   QEMU_NOT_FOUND: 503,
   TIMEOUT: 504,
+  IDEMPOTENCY_KEY_REUSED: 409,
   INTERNAL: 500,
 }
 

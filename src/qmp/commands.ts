@@ -587,6 +587,29 @@ export interface VersionInfo {
   package: string
 }
 
+/** One device's or node's entry of query-blockstats, qapi/block-core.json BlockStats (the counters qmpd reads). */
+export interface BlockStats {
+  device?: string
+  'node-name'?: string
+  qdev?: string
+  stats: {
+    rd_bytes: number
+    wr_bytes: number
+    rd_operations: number
+    wr_operations: number
+    flush_operations: number
+    rd_total_time_ns: number
+    wr_total_time_ns: number
+    flush_total_time_ns: number
+  }
+}
+
+/** One entry of query-qmp-schema, qapi/introspect.json SchemaInfo (names are masked in the reply, commands keep theirs). */
+export interface SchemaInfo {
+  name: string
+  'meta-type': string
+}
+
 /** Reply of query-status, qapi/run-state.json StatusInfo. `singlestep` is deprecated in 8.1 and gone later. */
 export interface StatusInfo {
   status: RunState
@@ -632,6 +655,10 @@ export interface Commands {
   quit: { args: undefined; ret: Empty }
   /** Runs an HMP command; the reply is its text output (CRLF line ends), errors included as text. */
   'human-monitor-command': { args: { 'command-line': string; 'cpu-index'?: number }; ret: string }
+  /** I/O counters per block device; query-nodes false: the attached devices only (GET /v1/vms/{vm}/stats). */
+  'query-blockstats': { args: { 'query-nodes'?: boolean }; ret: BlockStats[] }
+  /** The QAPI schema QEMU speaks (GET /v1/host's probe reads its command names). */
+  'query-qmp-schema': { args: undefined; ret: SchemaInfo[] }
   transaction: {
     args: { actions: TransactionAction[]; properties?: { 'completion-mode'?: 'individual' | 'grouped' } }
     ret: Empty
@@ -810,4 +837,22 @@ export const replySchemas: { readonly [C in CommandName]?: z.ZodType<CommandRetu
     'error-desc': z.string().optional(),
   }),
   'human-monitor-command': z.string(),
+  'query-blockstats': z.array(
+    z.looseObject({
+      device: z.string().optional(),
+      'node-name': z.string().optional(),
+      qdev: z.string().optional(),
+      stats: z.looseObject({
+        rd_bytes: z.number(),
+        wr_bytes: z.number(),
+        rd_operations: z.number(),
+        wr_operations: z.number(),
+        flush_operations: z.number(),
+        rd_total_time_ns: z.number(),
+        wr_total_time_ns: z.number(),
+        flush_total_time_ns: z.number(),
+      }),
+    }),
+  ),
+  'query-qmp-schema': z.array(z.looseObject({ name: z.string(), 'meta-type': z.string() })),
 }

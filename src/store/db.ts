@@ -65,6 +65,18 @@ const MIGRATIONS: string[] = [
   `ALTER TABLE journal ADD COLUMN job TEXT;
    ALTER TABLE journal ADD COLUMN step TEXT;
    ALTER TABLE journal ADD COLUMN updated_at TEXT;`,
+  // 4: Idempotency-Key of POSTs that create a VM or a job (src/store/idempotency.ts); a key is
+  // written in the same transaction as the row it answers with
+  `CREATE TABLE idempotency_keys (
+     key TEXT PRIMARY KEY,
+     route TEXT NOT NULL,
+     body_hash TEXT NOT NULL,
+     kind TEXT NOT NULL,
+     target TEXT NOT NULL,
+     status INTEGER NOT NULL,
+     created_at TEXT NOT NULL
+   );
+   CREATE INDEX idempotency_keys_created ON idempotency_keys(created_at);`,
 ]
 
 /** Opens (creating when missing) the store at `file` in WAL mode and brings its schema up to date. */

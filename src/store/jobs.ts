@@ -5,6 +5,7 @@ import { z } from 'zod'
 import { QmpdError } from '../errors.ts'
 import { Job, JobError, JobProgress, JobState } from '../jobs/model.ts'
 import { isStoreWriteFailure, type Db } from './db.ts'
+import { writeClaimed } from './idempotency.ts'
 import { describeIssue } from './integrity.ts'
 
 const Row = z.strictObject({
@@ -73,7 +74,9 @@ export class JobRepo {
     this.flush()
     this.unwritten.delete(row.id)
     try {
-      this.write(row)
+      // A job's first row (queued) stores the Idempotency-Key of the request that made it, if any, in one transaction.
+      if (job.state === 'queued') writeClaimed(this.db, { kind: 'job', id: job.id }, () => (this.write(row), true))
+      else this.write(row)
     } catch (err) {
       if (!isStoreWriteFailure(err)) throw err
       this.keep(row, err)

@@ -4,6 +4,7 @@ import { z } from 'zod'
 import { QmpdError } from '../errors.ts'
 import { StoredDefinition, VmRuntime } from '../vm/definition.ts'
 import type { Db } from './db.ts'
+import { writeClaimed } from './idempotency.ts'
 import { purgeVm, Quarantine } from './integrity.ts'
 import { onRollback } from './tx.ts'
 
@@ -44,12 +45,15 @@ export class VmRepo {
     const now = new Date().toISOString()
     const definition = storedForm(StoredDefinition, rec.definition, 'definition', 'INVALID_INPUT')
     const runtime = storedForm(VmRuntime, rec.runtime, 'runtime', 'INVALID_INPUT')
-    const res = this.db
-      .prepare(
-        'INSERT OR IGNORE INTO vms (name, definition, runtime, created_at, updated_at) VALUES (?, ?, ?, ?, ?)',
-      )
-      .run(rec.name, definition, runtime, now, now)
-    return res.changes === 1
+    // A keyed POST /v1/vms (Idempotency-Key) stores its key in this very transaction.
+    return writeClaimed(this.db, { kind: 'vm', id: rec.name }, () => {
+      const res = this.db
+        .prepare(
+          'INSERT OR IGNORE INTO vms (name, definition, runtime, created_at, updated_at) VALUES (?, ?, ?, ?, ?)',
+        )
+        .run(rec.name, definition, runtime, now, now)
+      return res.changes === 1
+    })
   }
 
   /**

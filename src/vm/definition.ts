@@ -1,5 +1,6 @@
 // VM definitions and runtime records (zod); no behaviour.
 import { z } from 'zod'
+import { Labels } from './labels.ts'
 
 /** Names of VMs and snapshots: what libvirt accepts in a file name, minus surprises. */
 export const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/
@@ -48,6 +49,7 @@ export const VmDefinition = z
     append: z.string().max(4096).optional(),
     serialLog: z.boolean().default(true).describe('write the first serial port to serial.log in the VM directory'),
     guestAgent: z.boolean().default(false).describe('add a virtio-serial qemu-guest-agent channel on a socket qmpd owns'),
+    labels: Labels.optional(),
   })
   .superRefine((def, ctx) => {
     const seen = new Set<string>()
@@ -67,6 +69,7 @@ export const AdoptDefinition = z.strictObject({
   adopt: z.strictObject({
     qmpSocket: PathString.describe('path of the running QEMU\'s QMP unix socket (server mode)'),
   }),
+  labels: Labels.optional(),
 })
 export type AdoptDefinition = z.output<typeof AdoptDefinition>
 

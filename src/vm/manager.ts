@@ -43,6 +43,7 @@ import { cancelStaleMigration, contAfterMigration } from './migration.ts'
 import { endStrayQemus } from './stray.ts'
 import { endReceivers } from './receivers.ts'
 import { ChainCache } from './chain-cache.ts'
+import { matchesLabels, type LabelSelector } from './labels.ts'
 import type { Journal } from '../ops/journal.ts'
 import { START_OP, VM_DELETE_OP, type StartJournal, type VmDeleteJournal } from './plans.ts'
 
@@ -269,7 +270,7 @@ export class VmManager {
   private async adopt(def: AdoptDefinition): Promise<VmView> {
     if (this.deps.repo.get(def.name)) throw new QmpdError('VM_EXISTS', `a VM named ${def.name} already exists`, { vm: def.name })
     const socket = this.deps.paths.resolve(def.adopt.qmpSocket, this.deps.paths.vmDir(def.name), 'adopt.qmpSocket')
-    const stored: AdoptDefinition = { name: def.name, adopt: { qmpSocket: socket } }
+    const stored: AdoptDefinition = { name: def.name, adopt: { qmpSocket: socket }, ...(def.labels ? { labels: def.labels } : {}) }
     const log = this.deps.log.child({ vm: def.name })
     const qmp = await this.connectAdopted(socket, log)
     try {
@@ -330,10 +331,12 @@ export class VmManager {
    * Reads the VMs in memory, never the store; stopped disks' chains come from the chain cache, a
    * few VMs at a time, so a long list never holds the event loop or forks a qemu-img per disk.
    */
-  async page(opts: { limit: number; after?: string }): Promise<{ vms: VmView[]; next?: string }> {
+  async page(opts: { limit: number; after?: string; labels?: LabelSelector[] }): Promise<{ vms: VmView[]; next?: string }> {
     // Quarantined VMs (a stored row fails its schema) have no handle; they are listed as quarantined.
-    const quarantined = new Set(this.deps.repo.quarantine.vms())
-    const names = [...new Set([...this.handles.keys(), ...quarantined])].sort()
+    // A label filter leaves them out: their stored labels cannot be trusted.
+    const quarantined = new Set(opts.labels?.length ? [] : this.deps.repo.quarantine.vms())
+    const handles = [...this.handles.values()].filter((h) => !opts.labels?.length || matchesLabels(h.rec.definition, opts.labels))
+    const names = [...new Set([...handles.map((h) => h.name), ...quarantined])].sort()
     const from = opts.after === undefined ? 0 : names.findIndex((n) => n > opts.after!)
     const slice = from < 0 ? [] : names.slice(from, from + opts.limit)
     const views: Array<VmView | undefined> = Array.from({ length: slice.length })

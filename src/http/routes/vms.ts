@@ -4,6 +4,7 @@ import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod'
 import { z } from 'zod'
 import { CheckReport } from '../../ops/check-model.ts'
 import { AdoptDefinition, Name, VmDefinition } from '../../vm/definition.ts'
+import { parseSelectors } from '../../vm/labels.ts'
 import { jsonDepth, MAX_QMP_ARG_BYTES, MAX_QMP_ARG_DEPTH } from '../../vm/passthrough.ts'
 import type { Services } from '../app.ts'
 import { replyWithJob } from '../job-reply.ts'
@@ -61,10 +62,12 @@ export const vmRoutes: FastifyPluginAsyncZod<{ services: Services }> = async (ap
         querystring: z.strictObject({
           limit: z.coerce.number().int().min(1).max(LIST_MAX).default(LIST_DEFAULT).describe(`VMs per page (1-${LIST_MAX}, default ${LIST_DEFAULT})`),
           after: Name.optional().describe('start after this name: the previous page\'s `next`'),
+          label: z.union([z.string(), z.array(z.string())]).optional().describe('key=value (the label has that value) or key (the VM has it); repeat for AND'),
         }),
       },
     },
-    async (req) => vms.page({ limit: req.query.limit, ...(req.query.after !== undefined ? { after: req.query.after } : {}) }),
+    async (req) =>
+      vms.page({ limit: req.query.limit, ...(req.query.after !== undefined ? { after: req.query.after } : {}), labels: parseSelectors(req.query.label) }),
   )
 
   app.get('/v1/vms/:vm', { schema: { summary: 'One VM, with its disks\' backing chains as QEMU reports them', tags: ['vms'], params: VmParams } }, async (req) =>
