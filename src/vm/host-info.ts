@@ -154,7 +154,7 @@ export interface HostFingerprint {
   qemu: QemuProbe
   accel: ReturnType<typeof accelInfo>
   storage: { stateDir: ReturnType<typeof diskSpace>; allowedDirs: Array<ReturnType<typeof diskSpace>> }
-  vms: { total: number; byState: Record<string, number> }
+  vmCounts: { total: number; byState: Record<string, number> }
 }
 
 /** What the fingerprint reads besides the probe. */
@@ -198,7 +198,7 @@ export class HostInfo {
       qemu,
       accel: accelInfo(this.d.config),
       storage: { stateDir: diskSpace(this.d.config.stateDir), allowedDirs: this.d.config.allowedDirs.map(diskSpace) },
-      vms: { total: states.length, byState: counts },
+      vmCounts: { total: states.length, byState: counts },
     }
   }
 }

@@ -56,12 +56,18 @@ const HostReply = z.object({
   }),
   accel: z.object({ configured: z.string(), resolved: z.enum(['kvm', 'tcg']), usable: z.array(z.enum(['kvm', 'tcg'])) }),
   storage: z.object({ stateDir: Space, allowedDirs: z.array(Space) }),
-  vms: z.object({ total: z.number().int(), byState: z.record(z.string(), z.number().int()) }),
+  vmCounts: z.object({ total: z.number().int(), byState: z.record(z.string(), z.number().int()) }),
 })
 
 /** /v1/vms/{vm}/wait, /v1/vms/{vm}/stats and /v1/host. */
 export const schedulingRoutes: FastifyPluginAsyncZod<{ services: Services }> = async (app, { services }) => {
   const { vms, bus, jobs, snapshots, host } = services
+  // Long-polls in flight: a daemon that shuts down answers them (timedOut: true) rather than
+  // holding its close for up to an hour; the client polls again, the next daemon answers.
+  const polls = new Set<AbortController>()
+  app.addHook('preClose', async () => {
+    for (const p of polls) p.abort()
+  })
 
   app.get(
     '/v1/vms/:vm/wait',
@@ -83,11 +89,14 @@ export const schedulingRoutes: FastifyPluginAsyncZod<{ services: Services }> = a
     },
     async (req) => {
       const abort = new AbortController()
+      polls.add(abort)
+      // The client went away: stop waiting for it.
       const onClose = (): void => abort.abort()
       req.raw.once('close', onClose)
       try {
         return await waitForState(vms, bus, req.params.vm, req.query.state, req.query.timeoutSec * 1000, abort.signal)
       } finally {
+        polls.delete(abort)
         req.raw.off('close', onClose)
       }
     },
