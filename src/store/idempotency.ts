@@ -2,6 +2,7 @@
 // its VM or job, so key and row commit in one transaction; SQL only, no HTTP.
 import { AsyncLocalStorage } from 'node:async_hooks'
 import { z } from 'zod'
+import { failPoint } from '../ops/failpoints.ts'
 import type { Db } from './db.ts'
 import { onRollback, transaction } from './tx.ts'
 
@@ -64,8 +65,11 @@ export function withClaim<T>(claim: IdempotencyClaim, fn: () => T): T {
 export function writeClaimed(db: Db, answer: IdempotentAnswer, write: () => boolean): boolean {
   const claim = scope.getStore()
   if (!claim || claim.answer) return write()
-  return transaction(db, () => {
+  const written = transaction(db, () => {
     if (!write()) return false
+    // A crash test's daemon dies here, inside the open transaction: neither row nor key commits.
+    // (failPoint's kill-daemon path is synchronous up to the kill, so it may be called unawaited.)
+    void failPoint('idempotency.key.before')
     db.prepare('INSERT INTO idempotency_keys (key, route, body_hash, kind, target, status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)').run(
       claim.key,
       claim.route,
@@ -80,6 +84,9 @@ export function writeClaimed(db: Db, answer: IdempotentAnswer, write: () => bool
     claim.onAnswer?.()
     return true
   })
+  // ...and here, after the commit, before anything answered: both are stored.
+  if (written) void failPoint('idempotency.key.after')
+  return written
 }
 
 /** Repository of idempotency keys. */

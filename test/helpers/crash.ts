@@ -17,8 +17,8 @@ import { diskBytes, dumpRam, slotsOf, stampsOf } from './snap.ts'
 /** A `qmpd serve` child on a unix socket. */
 export interface ChildDaemon {
   child: ChildProcess
-  /** One request; `body` as JSON. Rejects when the daemon dies before answering. */
-  api(method: string, path: string, body?: unknown): Promise<{ status: number; body: any }>
+  /** One request; `body` as JSON, `headers` added. Rejects when the daemon dies before answering. */
+  api(method: string, path: string, body?: unknown, headers?: Record<string, string>): Promise<{ status: number; body: any }>
   /** Resolves with how the process ended, or undefined if it still runs after timeoutMs. */
   ended(timeoutMs: number): Promise<{ code: number | null; signal: string | null } | undefined>
   logs(): string
@@ -65,7 +65,7 @@ export async function startChildDaemon(
   }
   return {
     child,
-    api: (method, path, body) => http(sock, method, path, body),
+    api: (method, path, body, headers) => http(sock, method, path, body, headers),
     async ended(timeoutMs) {
       let timer: NodeJS.Timeout | undefined
       const r = await Promise.race([exit, new Promise<undefined>((res) => (timer = setTimeout(() => res(undefined), timeoutMs)))])
@@ -84,10 +84,10 @@ async function ping(sock: string): Promise<boolean> {
   }
 }
 
-function http(socketPath: string, method: string, path: string, body?: unknown): Promise<{ status: number; body: any }> {
+function http(socketPath: string, method: string, path: string, body?: unknown, headers: Record<string, string> = {}): Promise<{ status: number; body: any }> {
   return new Promise((resolve, reject) => {
     const payload = body === undefined ? undefined : JSON.stringify(body)
-    const req = request({ socketPath, method, path, headers: payload ? { 'content-type': 'application/json' } : {} }, (res) => {
+    const req = request({ socketPath, method, path, headers: { ...(payload ? { 'content-type': 'application/json' } : {}), ...headers } }, (res) => {
       let text = ''
       res.on('data', (d) => (text += d))
       res.on('end', () => resolve({ status: res.statusCode ?? 0, body: text ? JSON.parse(text) : undefined }))
