@@ -84,7 +84,12 @@ export function installIdempotency(app: FastifyInstance, deps: IdempotencyDeps):
     const inner = route.handler
     const wrapped = async function (this: FastifyInstance, req: FastifyRequest, reply: FastifyReply): Promise<unknown> {
       const key = req.headers['idempotency-key']
-      if (typeof key !== 'string') return inner.call(this, req, reply)
+      if (key === undefined) return inner.call(this, req, reply)
+      // The headers schema checks this already, unless a route brought a headers schema of its own;
+      // a header sent twice is an array and names no one request.
+      if (typeof key !== 'string' || !KEY.test(key)) {
+        throw new QmpdError('INVALID_INPUT', 'invalid headers: /idempotency-key must be one value of 1-255 visible ASCII characters', { issues: [{ path: '/idempotency-key', message: 'must be 1-255 visible ASCII characters, sent once' }] })
+      }
       const bodyHash = requestHash(req)
       const release = await locks.acquire(key)
       try {

@@ -87,3 +87,16 @@ t.test('keys survive a daemon restart and expire after 24 h', async (t) => {
   t.equal(repo.get('restart-1', Date.now() + IDEMPOTENCY_TTL_MS + 60_000), undefined, 'gone after 24 h')
   t.equal(repo.get('restart-1'), undefined, 'and deleted from the store')
 })
+
+t.test('a key sent twice in one request is 400, not ignored', async (t) => {
+  const td = await startTestDaemon(t)
+  const res = await td.app.inject({
+    method: 'POST',
+    url: '/v1/vms',
+    headers: { 'content-type': 'application/json', 'idempotency-key': ['k1', 'k2'] },
+    payload: JSON.stringify(def('dup')),
+  })
+  t.equal(res.statusCode, 400)
+  t.equal(JSON.parse(res.body).error.code, 'INVALID_INPUT')
+  t.equal((await td.api('GET', '/v1/vms/dup')).status, 404, 'nothing defined')
+})
