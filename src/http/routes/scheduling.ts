@@ -84,7 +84,7 @@ export const schedulingRoutes: FastifyPluginAsyncZod<{ services: Services }> = a
             .describe(`one state or a comma-separated list: ${WAITABLE_STATES.join(', ')}`),
           timeoutSec: z.coerce.number().int().min(0).max(3600).default(60).describe('answer with timedOut: true after this long (0-3600, default 60)'),
         }),
-        response: { 200: WaitReply, 400: ErrorBody, 404: ErrorBody },
+        response: { 200: WaitReply, 400: ErrorBody, 401: ErrorBody, 404: ErrorBody, 409: ErrorBody, 500: ErrorBody },
       },
     },
     async (req) => {
@@ -109,7 +109,7 @@ export const schedulingRoutes: FastifyPluginAsyncZod<{ services: Services }> = a
         summary: 'Resource use: QEMU CPU time and RSS, block I/O per disk, network (none yet), guest downtime, snapshot space',
         tags: ['vms'],
         params: VmParams,
-        response: { 200: StatsReply, 400: ErrorBody, 404: ErrorBody, 409: ErrorBody, 502: ErrorBody },
+        response: { 200: StatsReply, 400: ErrorBody, 401: ErrorBody, 404: ErrorBody, 409: ErrorBody, 500: ErrorBody, 502: ErrorBody },
       },
     },
     async (req) => vmStats({ vms, jobs, snapshotFiles: (vm) => snapshots.filesOf(vm), vmDir: (vm) => services.vmDir(vm) }, req.params.vm),
@@ -121,7 +121,7 @@ export const schedulingRoutes: FastifyPluginAsyncZod<{ services: Services }> = a
       schema: {
         summary: 'The host fingerprint: QEMU version and capabilities (probed once), accelerators, free space, VMs by state, qmpd version and uptime',
         tags: ['daemon'],
-        response: { 200: HostReply, 502: ErrorBody, 503: ErrorBody },
+        response: { 200: HostReply, 400: ErrorBody, 401: ErrorBody, 500: ErrorBody, 502: ErrorBody, 503: ErrorBody },
       },
     },
     async () => host.fingerprint(),
