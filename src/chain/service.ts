@@ -13,7 +13,8 @@ import type { Job } from '../jobs/model.ts'
 import type { Journal, Operation } from '../ops/journal.ts'
 import type { QmpClient } from '../qmp/index.ts'
 import type { SnapshotRepo } from '../store/snapshots.ts'
-import { isAdopted, NAME_PATTERN, PathString } from '../vm/definition.ts'
+import { NAME_PATTERN, PathString } from '../vm/definition.ts'
+import { requireAdoptedQemu } from '../vm/adopted.ts'
 import type { VmManager } from '../vm/manager.ts'
 import { assertState, isRunningState } from '../vm/states.ts'
 import { afterCommit, afterPull, commit, mirror, stream, type ChainDeps } from './editor.ts'
@@ -152,7 +153,7 @@ export class BlockJobService {
 
   private precheck(vm: string, disk: string, op: 'commit' | 'pull' | 'copy'): void {
     const rec = this.deps.vms.record(vm)
-    if (isAdopted(rec.definition)) throw new QmpdError('NOT_SUPPORTED', `VM ${vm} was adopted; qmpd runs block jobs only on VMs it defines`, { vm })
+    requireAdoptedQemu(vm, rec.definition, rec.runtime, `a ${op} block job`)
     if (!rec.runtime.disks.some((d) => d.id === disk)) throw new QmpdError('DISK_NOT_FOUND', `VM ${vm} has no disk ${disk}`, { vm, disk })
     assertState(vm, rec.runtime.state, op)
     this.assertIdle(vm, 'start another block job', disk)

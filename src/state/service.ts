@@ -11,6 +11,7 @@ import type { JobContext, JobManager } from '../jobs/manager.ts'
 import type { Job } from '../jobs/model.ts'
 import { VM_FILES } from '../vm/argv.ts'
 import { isAdopted, PathString } from '../vm/definition.ts'
+import { refuseRelaunch } from '../vm/adopted.ts'
 import { trackDowntime } from '../vm/downtime.ts'
 import type { VmManager } from '../vm/manager.ts'
 import type { Journal, Operation } from '../ops/journal.ts'
@@ -107,7 +108,7 @@ export class StateService {
   async restore(vm: string, body: StateFileBody): Promise<Job> {
     const raw = body.file
     const rec = this.deps.vms.record(vm)
-    if (isAdopted(rec.definition)) throw new QmpdError('NOT_SUPPORTED', `VM ${vm} was adopted`, { vm })
+    if (isAdopted(rec.definition)) refuseRelaunch(vm, 'a restore', 'RAM state loads only into a QEMU started with -incoming')
     const file = this.deps.paths.resolve(raw, this.deps.paths.vmDir(vm), 'file')
     const confine = (real: string): void => void this.deps.paths.confine(real, 'file')
     await checkMigrationStream(file, confine)
@@ -137,7 +138,9 @@ export class StateService {
 
   private precheck(vm: string, what: string, op: 'save' | 'managedsave'): void {
     const rec = this.deps.vms.record(vm)
-    if (isAdopted(rec.definition)) throw new QmpdError('NOT_SUPPORTED', `VM ${vm} was adopted; qmpd can ${what} only VMs it defines`, { vm })
+    // A save writes RAM through the adopted QEMU and quits it; a managed save exists only to be
+    // restored by the next start, which would need a new QEMU.
+    if (op === 'managedsave' && isAdopted(rec.definition)) refuseRelaunch(vm, 'a managed save', 'the next start restores it into a new QEMU')
     this.busyCheck(vm, what)
     const st = rec.runtime.state
     if (!this.deps.jobs.busy(vm)) assertState(vm, st, op)
@@ -169,7 +172,7 @@ export class StateService {
       const r = await o.step('save-ram', () =>
         saveRamState(qmp, {
           file,
-          socket: stateSocket(this.deps.paths.vmDir(vm), true),
+          socket: stateSocket(this.deps.paths.vmDir(vm), !isAdopted(this.deps.vms.record(vm).definition)),
           log: ctx.log,
           onProgress: (c, t) => ctx.setProgress(c, t),
           onMigrating: () => o.point('save-ram.migrating'),
