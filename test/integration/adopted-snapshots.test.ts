@@ -6,6 +6,7 @@ import { mkdtemp, readFile, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import t, { type Test } from 'tap'
+import { waitForExit } from '../../src/vm/proc.ts'
 import { eventually, guestCounters, op, startTestDaemon, type TestDaemon } from '../helpers/daemon.ts'
 import { checkDiskAgainstCounter, makeGuestDisk } from '../helpers/guest.ts'
 import { launchRawQemu, requireQemu, type RawQemu } from '../helpers/qemu.ts'
@@ -214,4 +215,16 @@ t.test('adopted QEMU: commit, pull and copy with pivot, and a memory-only checkp
   t.same((await td.api('GET', '/v1/vms/b/check')).body.problems, [], 'store, QEMU and files agree')
   for (const name of ['m1', 'b1']) t.equal((await td.api('DELETE', `/v1/vms/b/snapshots/${name}?wait=true&timeoutSec=120`)).status, 200, `delete ${name}`)
   t.notOk(existsSync(m1.snapshot.vmstateFile), 'the RAM state file is gone')
+
+  // A save writes RAM through the adopted QEMU (whose cwd is not the VM directory) and quits it.
+  const saved = await td.api('POST', '/v1/vms/b/save?wait=true&timeoutSec=120', { file: 'b.state' })
+  t.equal(saved.status, 200, `save: ${saved.body?.error?.message ?? 'done'}`)
+  t.ok(await waitForExit(raw.pid, 10_000), 'the adopted QEMU quit after the save')
+  t.equal((await readFile(join(vmDir, 'b.state'))).subarray(0, 4).toString('latin1'), 'QEVM', 'the saved state is a migration stream')
+  t.ok(await eventually(async () => (await td.api('GET', '/v1/vms/b')).body.state === 'shutoff'), 'the VM is shut off')
+  const off = await td.api('POST', '/v1/vms/b/snapshots', { name: 'late', kind: 'external', memory: false })
+  t.equal(off.status, 409, 'no snapshot of an adopted VM without its QEMU')
+  t.equal(off.body.error.code, 'ADOPTED_NEEDS_RELAUNCH')
+  const restore = await td.api('POST', '/v1/vms/b/restore', { file: 'b.state' })
+  t.equal(restore.body.error.code, 'ADOPTED_NEEDS_RELAUNCH', 'and no restore: it needs a new QEMU')
 })
