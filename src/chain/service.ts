@@ -115,7 +115,7 @@ export class BlockJobService {
   /**
    * Queues a commit, once `top` and `base` were found in the disk's chain as it is now (the job
    * finds them again when it runs).
-   * @throws QmpdError VM_NOT_FOUND, NOT_SUPPORTED, DISK_NOT_FOUND, INVALID_STATE or BUSY; INVALID_INPUT or INVALID_PATH for a
+   * @throws QmpdError VM_NOT_FOUND, ADOPTED_NEEDS_RELAUNCH (adopted, no QEMU), DISK_NOT_FOUND, INVALID_STATE or BUSY; INVALID_INPUT or INVALID_PATH for a
    * layer not in the chain or in the wrong order; INVALID_STATE when the merge would change what a snapshot reads; all before
    * any job is made.
    */
@@ -128,7 +128,8 @@ export class BlockJobService {
 
   /**
    * Queues a pull (block-stream into the active layer), once `base` was found in the disk's chain.
-   * @throws QmpdError VM_NOT_FOUND, NOT_SUPPORTED, DISK_NOT_FOUND, INVALID_STATE or BUSY; INVALID_INPUT or INVALID_PATH for a base not in the chain or nothing to pull; all before any job is made.
+   * @throws QmpdError VM_NOT_FOUND, ADOPTED_NEEDS_RELAUNCH (adopted, no QEMU), DISK_NOT_FOUND, INVALID_STATE or BUSY;
+   * INVALID_INPUT or INVALID_PATH for a base not in the chain or nothing to pull; all before any job is made.
    */
   async pull(vm: string, disk: string, body: PullBody): Promise<Job> {
     this.precheck(vm, disk, 'pull')
@@ -139,7 +140,7 @@ export class BlockJobService {
 
   /**
    * Queues a copy (blockdev-mirror, or qemu-img convert when off).
-   * @throws QmpdError VM_NOT_FOUND, NOT_SUPPORTED, DISK_NOT_FOUND, INVALID_INPUT, INVALID_PATH, FILE_EXISTS, INVALID_STATE or BUSY, before any job is made.
+   * @throws QmpdError VM_NOT_FOUND, ADOPTED_NEEDS_RELAUNCH (adopted, no QEMU), DISK_NOT_FOUND, INVALID_INPUT, INVALID_PATH, FILE_EXISTS, INVALID_STATE or BUSY, before any job is made.
    */
   copy(vm: string, disk: string, body: CopyBody): Job {
     this.precheck(vm, disk, 'copy')

@@ -39,7 +39,10 @@ export class StateService {
     return join(this.deps.paths.vmDir(vm), VM_FILES.managedSave)
   }
 
-  /** Queues a managed save: RAM to the VM's managed-save file, QEMU exits, state "saved". */
+  /**
+   * Queues a managed save: RAM to the VM's managed-save file, QEMU exits, state "saved".
+   * @throws QmpdError VM_NOT_FOUND; ADOPTED_NEEDS_RELAUNCH for an adopted VM; INVALID_STATE or BUSY, before any job is made.
+   */
   managedSave(vm: string): Job {
     this.precheck(vm, 'managed-save', 'managedsave')
     const file = this.managedSaveFile(vm)
@@ -103,7 +106,7 @@ export class StateService {
 
   /**
    * Queues a restore from a file (like virsh restore); the file is checked before anything is touched.
-   * @throws QmpdError VM_NOT_FOUND, INVALID_STATE, INVALID_PATH, NOT_SUPPORTED, INVALID_INPUT (not a RAM state file) or BUSY, before any job is made.
+   * @throws QmpdError VM_NOT_FOUND, INVALID_STATE, INVALID_PATH, ADOPTED_NEEDS_RELAUNCH (an adopted VM), INVALID_INPUT (not a RAM state file) or BUSY, before any job is made.
    */
   async restore(vm: string, body: StateFileBody): Promise<Job> {
     const raw = body.file

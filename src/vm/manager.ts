@@ -474,7 +474,10 @@ export class VmManager {
     this.deps.jobs.dropQueue(name)
   }
 
-  /** Queues a start: spawn QEMU (-S), connect QMP, then cont unless `paused`. */
+  /**
+   * Queues a start: spawn QEMU (-S), connect QMP, then cont unless `paused`.
+   * @throws QmpdError VM_NOT_FOUND; ADOPTED_NEEDS_RELAUNCH for an adopted VM; INVALID_STATE or BUSY, before any job is made.
+   */
   start(name: string, opts: StartOptions = {}): Job {
     const h = this.must(name)
     if (isAdopted(h.rec.definition)) refuseRelaunch(name, 'a start', 'qmpd starts only the QEMUs it launches')
