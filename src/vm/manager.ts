@@ -846,8 +846,11 @@ export class VmManager {
         const qmp = await this.connect(h.rec.definition.adopt.qmpSocket, h.log)
         this.armExit(h)
         this.attach(h, qmp)
+        // As for a QEMU qmpd launched: a checkpoint or save whose receiver died, QEMU jobs qmpd left.
+        await cancelStaleMigration(qmp, h.log, this.deps.paths.vmDir(h.name))
         const st = stateFromStatus(QueryStatus.parse(await qmp.execute('query-status')))
         this.setState(h, st.state, st.reason, {}, FACT)
+        await this.endOrphanedJobs(h, qmp)
         const found = await discoverAdoptedDisks(qmp, h.rec.runtime.disks)
         this.updateRuntime(h.name, { disks: mergeAdoptedDisks(h.rec.runtime.disks, found.disks) })
       } catch (err) {
