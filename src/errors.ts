@@ -26,6 +26,8 @@ export type ErrorCode =
   | 'INVALID_STATE'
   | 'BUSY'
   | 'NOT_SUPPORTED'
+  /** The VM was adopted: the operation needs a new QEMU process, which qmpd cannot launch for it. */
+  | 'ADOPTED_NEEDS_RELAUNCH'
   | 'QMP_COMMAND_FAILED'
   | 'QMP_DISCONNECTED'
   | 'QMP_PROTOCOL_ERROR'

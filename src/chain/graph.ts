@@ -3,7 +3,7 @@
 import { rmSync } from 'node:fs'
 import type { Logger } from 'pino'
 import type { ImageRow, SnapshotRepo } from '../store/snapshots.ts'
-import type { VmDefinition } from '../vm/definition.ts'
+import { isAdopted } from '../vm/definition.ts'
 import type { VmManager } from '../vm/manager.ts'
 
 /** What the image-graph code reads and writes: the VM records and the images/snapshots tables. */
@@ -23,8 +23,10 @@ export interface Layer {
 export function ensureBaseImages(g: GraphDeps, vm: string): void {
   const known = new Set(g.repo.images(vm).map((i) => i.file))
   const rec = g.vms.record(vm)
-  const def = rec.definition as VmDefinition
-  for (const d of def.disks) {
+  // An adopted VM has no disks in its definition: the roots are the files its QEMU ran on when
+  // qmpd first snapshotted it (discovered at adoption; called before the runtime moves on).
+  const def = rec.definition
+  for (const d of isAdopted(def) ? rec.runtime.disks : def.disks) {
     if (!known.has(d.file)) {
       g.repo.putImage({ vm, disk: d.id, file: d.file, format: d.format, backing: null, createdByQmpd: rec.runtime.createdFiles.includes(d.file) })
     }

@@ -13,7 +13,8 @@ import type { Job } from '../jobs/model.ts'
 import type { Journal, Operation } from '../ops/journal.ts'
 import type { QmpClient } from '../qmp/index.ts'
 import type { SnapshotRepo } from '../store/snapshots.ts'
-import { isAdopted, NAME_PATTERN, PathString } from '../vm/definition.ts'
+import { NAME_PATTERN, PathString } from '../vm/definition.ts'
+import { requireAdoptedQemu } from '../vm/adopted.ts'
 import type { VmManager } from '../vm/manager.ts'
 import { assertState, isRunningState } from '../vm/states.ts'
 import { afterCommit, afterPull, commit, mirror, stream, type ChainDeps } from './editor.ts'
@@ -114,7 +115,7 @@ export class BlockJobService {
   /**
    * Queues a commit, once `top` and `base` were found in the disk's chain as it is now (the job
    * finds them again when it runs).
-   * @throws QmpdError VM_NOT_FOUND, NOT_SUPPORTED, DISK_NOT_FOUND, INVALID_STATE or BUSY; INVALID_INPUT or INVALID_PATH for a
+   * @throws QmpdError VM_NOT_FOUND, ADOPTED_NEEDS_RELAUNCH (adopted, no QEMU), DISK_NOT_FOUND, INVALID_STATE or BUSY; INVALID_INPUT or INVALID_PATH for a
    * layer not in the chain or in the wrong order; INVALID_STATE when the merge would change what a snapshot reads; all before
    * any job is made.
    */
@@ -127,7 +128,8 @@ export class BlockJobService {
 
   /**
    * Queues a pull (block-stream into the active layer), once `base` was found in the disk's chain.
-   * @throws QmpdError VM_NOT_FOUND, NOT_SUPPORTED, DISK_NOT_FOUND, INVALID_STATE or BUSY; INVALID_INPUT or INVALID_PATH for a base not in the chain or nothing to pull; all before any job is made.
+   * @throws QmpdError VM_NOT_FOUND, ADOPTED_NEEDS_RELAUNCH (adopted, no QEMU), DISK_NOT_FOUND, INVALID_STATE or BUSY;
+   * INVALID_INPUT or INVALID_PATH for a base not in the chain or nothing to pull; all before any job is made.
    */
   async pull(vm: string, disk: string, body: PullBody): Promise<Job> {
     this.precheck(vm, disk, 'pull')
@@ -138,7 +140,7 @@ export class BlockJobService {
 
   /**
    * Queues a copy (blockdev-mirror, or qemu-img convert when off).
-   * @throws QmpdError VM_NOT_FOUND, NOT_SUPPORTED, DISK_NOT_FOUND, INVALID_INPUT, INVALID_PATH, FILE_EXISTS, INVALID_STATE or BUSY, before any job is made.
+   * @throws QmpdError VM_NOT_FOUND, ADOPTED_NEEDS_RELAUNCH (adopted, no QEMU), DISK_NOT_FOUND, INVALID_INPUT, INVALID_PATH, FILE_EXISTS, INVALID_STATE or BUSY, before any job is made.
    */
   copy(vm: string, disk: string, body: CopyBody): Job {
     this.precheck(vm, disk, 'copy')
@@ -152,7 +154,7 @@ export class BlockJobService {
 
   private precheck(vm: string, disk: string, op: 'commit' | 'pull' | 'copy'): void {
     const rec = this.deps.vms.record(vm)
-    if (isAdopted(rec.definition)) throw new QmpdError('NOT_SUPPORTED', `VM ${vm} was adopted; qmpd runs block jobs only on VMs it defines`, { vm })
+    requireAdoptedQemu(vm, rec.definition, rec.runtime, `a ${op} block job`)
     if (!rec.runtime.disks.some((d) => d.id === disk)) throw new QmpdError('DISK_NOT_FOUND', `VM ${vm} has no disk ${disk}`, { vm, disk })
     assertState(vm, rec.runtime.state, op)
     this.assertIdle(vm, 'start another block job', disk)

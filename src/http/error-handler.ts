@@ -23,6 +23,7 @@ export const STATUS_BY_CODE: Record<ErrorCode, number> = {
   INVALID_STATE: 409,
   BUSY: 409,
   NOT_SUPPORTED: 409,
+  ADOPTED_NEEDS_RELAUNCH: 409,
   JOB_CANCELLED: 409,
   INTERRUPTED: 500,
   /** The host could not write a file (ENOSPC, EIO): 507 Insufficient Storage. */

@@ -35,9 +35,12 @@ export async function liveChain(qmp: QmpClient, diskId: string): Promise<LiveLay
   return layers
 }
 
-/** The qmpd disk id of a query-block entry: the -device id, read from the qdev path. */
+/**
+ * The qmpd disk id of a query-block entry: the -device id, read from the qdev path; for a device
+ * without an id (an adopted QEMU's `-drive if=virtio,id=x`), the BlockBackend name.
+ */
 export function deviceId(b: { device?: string; qdev?: string }): string {
-  return b.qdev?.match(/\/peripheral\/([^/]+)/)?.[1] ?? b.qdev ?? b.device ?? ''
+  return b.qdev?.match(/\/peripheral\/([^/]+)/)?.[1] ?? (b.device || b.qdev) ?? ''
 }
 
 /** Internal snapshot tags per image file, as QEMU sees them (query-named-block-nodes). */

@@ -3,6 +3,7 @@ import { existsSync } from 'node:fs'
 import { toQmpdError } from '../errors.ts'
 import { deviceId } from '../images/graph.ts'
 import type { ImageInfo } from '../qmp/commands.ts'
+import { isAdopted } from '../vm/definition.ts'
 import type { CheckRun } from './check-context.ts'
 
 /** One layer of a disk's chain as QEMU or the image headers have it, top first. */
@@ -53,7 +54,7 @@ async function checkDisk(run: CheckRun, d: { id: string; file: string; format: '
     const top = chain[0]
     if (top && top.file !== d.file) await topMismatch(run, d, chain)
   } else {
-    if (!present) return
+    if (!present || isAdopted(run.rec.definition)) return // no QEMU: nothing qmpd may read it through
     try {
       chain = await headerChain(run, d.file)
     } catch (err) {
@@ -146,6 +147,9 @@ async function topMismatch(run: CheckRun, d: { id: string; file: string; gen: nu
 
 /** Every image graph row: its file exists and its header names the row's backing file. */
 export async function checkImages(run: CheckRun): Promise<void> {
+  // An adopted VM's images are read only through its QEMU (the disks' live chains), never with
+  // qemu-img: its own are its owner's, often outside qmpd's roots, and qmpd's overlays back onto them.
+  if (isAdopted(run.rec.definition)) return
   await Promise.all(
     run.images.map(async (row) => {
       run.counts.images++

@@ -6,7 +6,8 @@ import { ensureBaseImages } from '../chain/graph.ts'
 import { QmpdError } from '../errors.ts'
 import type { JobContext } from '../jobs/manager.ts'
 import type { Job } from '../jobs/model.ts'
-import { isAdopted, type VmDefinition, type VmRuntime, type VmState } from '../vm/definition.ts'
+import type { VmRuntime, VmState } from '../vm/definition.ts'
+import { planDefinition, requireAdoptedQemu } from '../vm/adopted.ts'
 import { isRunningState } from '../vm/states.ts'
 import type { Live, SnapshotDeps } from './deps.ts'
 import { createExternal } from './external.ts'
@@ -21,9 +22,8 @@ import { assertCreatable } from '../images/files.ts'
 /** Checks a creation request (already validated by the HTTP layer) at once, 4xx before any job, and queues it. */
 export function submitCreate(d: SnapshotDeps, busyCheck: (vm: string, what: string) => void, vm: string, body: CreateSnapshotBody): Job {
   const rec = d.vms.record(vm)
-  if (isAdopted(rec.definition)) throw new QmpdError('NOT_SUPPORTED', `VM ${vm} was adopted; qmpd snapshots only VMs it defines`, { vm })
   busyCheck(vm, 'take a snapshot')
-  const def = rec.definition
+  const def = planDefinition(rec.definition, rec.runtime)
   if (d.repo.get(vm, body.name)) throw new QmpdError('SNAPSHOT_EXISTS', `VM ${vm} already has a snapshot ${body.name}`, { vm, snapshot: body.name })
   for (const id of Object.keys(body.disks ?? {})) {
     if (!def.disks.some((x) => x.id === id)) throw new QmpdError('INVALID_INPUT', `VM ${vm} has no disk ${id}`, { vm, disk: id })
@@ -37,11 +37,12 @@ export function submitCreate(d: SnapshotDeps, busyCheck: (vm: string, what: stri
 /** Plans a creation from the VM's record and files as they are now (see planCreate). */
 function planFor(d: SnapshotDeps, vm: string, body: CreateSnapshotBody, state: VmState): CreatePlan {
   const rec = d.vms.record(vm)
+  requireAdoptedQemu(vm, rec.definition, { state }, 'a snapshot of its disks')
   return planCreate(
     {
       vm,
       state,
-      definition: rec.definition as VmDefinition,
+      definition: planDefinition(rec.definition, rec.runtime),
       runtime: rec.runtime,
       existing: d.repo.list(vm),
       vmDir: d.paths.vmDir(vm),

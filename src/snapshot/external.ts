@@ -8,6 +8,7 @@ import type { Operation } from '../ops/journal.ts'
 import type { QmpClient, TransactionAction } from '../qmp/index.ts'
 import { saveRamState, stateSocket } from '../state/ramfile.ts'
 import { trackDowntime } from '../vm/downtime.ts'
+import { isAdopted } from '../vm/definition.ts'
 import type { Live, SnapshotDeps } from './deps.ts'
 import { diskSwitch, transaction } from './disk-switch.ts'
 import { qemuGone, reserveFile, reserveFiles } from './files.ts'
@@ -82,7 +83,8 @@ export async function createExternal(
     }
     const ramFile = {
       file: s.vmstateFile!,
-      socket: stateSocket(d.paths.vmDir(vm), true),
+      // An adopted QEMU's cwd is its owner's: it gets the socket's absolute path.
+      socket: stateSocket(d.paths.vmDir(vm), !isAdopted(d.vms.record(vm).definition)),
       log: ctx.log,
       onProgress: (c: number, t: number) => ctx.setProgress(c, t),
       onMigrating: () => op.point('save-ram.migrating'),

@@ -1,7 +1,8 @@
 // Plans a snapshot creation from the VM and the request, refusing what cannot work; pure, touches
 // nothing.
 import { QmpdError } from '../errors.ts'
-import type { VmDefinition, VmRuntime, VmState } from '../vm/definition.ts'
+import type { VmRuntime, VmState } from '../vm/definition.ts'
+import type { PlanDefinition } from '../vm/adopted.ts'
 import { assertState, isRunningState } from '../vm/states.ts'
 import type { CreateSnapshotBody, Snapshot, SnapshotDisk } from './model.ts'
 
@@ -16,7 +17,8 @@ export interface CreatePlan {
 export interface PlanFacts {
   vm: string
   state: VmState
-  definition: VmDefinition
+  /** The disks' read-only flags and the guest agent (planDefinition(): a VM's own, or an adopted VM's discovered disks). */
+  definition: PlanDefinition
   runtime: Pick<VmRuntime, 'disks' | 'currentSnapshot'>
   /** The VM's snapshots now. */
   existing: readonly Snapshot[]

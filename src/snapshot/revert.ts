@@ -11,6 +11,7 @@ import { driveQemuJob } from '../jobs/qemu-job.ts'
 import { withReverter } from '../jobs/reverter.ts'
 import { loadRamState, stateSocket } from '../state/ramfile.ts'
 import { isAdopted } from '../vm/definition.ts'
+import { assertAdoptedRevert } from '../vm/adopted.ts'
 import { trackDowntime } from '../vm/downtime.ts'
 import { assertState, isRunningState } from '../vm/states.ts'
 import { mustSnapshot, type SnapshotDeps } from './deps.ts'
@@ -21,7 +22,7 @@ import type { RevertBody, Snapshot } from './model.ts'
 export function submitRevert(deps: SnapshotDeps, busyCheck: (vm: string, what: string) => void, vm: string, name: string, body: RevertBody): Job {
   const s = mustSnapshot(deps, vm, name)
   const rec = deps.vms.record(vm)
-  if (isAdopted(rec.definition)) throw new QmpdError('NOT_SUPPORTED', `VM ${vm} was adopted`, { vm })
+  if (isAdopted(rec.definition)) assertAdoptedRevert(vm, s, body.state ?? (s.memory ? 'running' : 'shutoff'), rec.runtime)
   busyCheck(vm, 'revert')
   const st = rec.runtime.state
   assertState(vm, st, 'snapshot-revert')

@@ -39,7 +39,8 @@ export class SnapshotService {
 
   /**
    * Validates a creation request at once (4xx before any job) and queues it.
-   * @throws QmpdError VM_NOT_FOUND, SNAPSHOT_EXISTS, INVALID_INPUT, INVALID_STATE, INVALID_PATH, FILE_EXISTS, NOT_SUPPORTED or BUSY, before any job is made.
+   * @throws QmpdError VM_NOT_FOUND, SNAPSHOT_EXISTS, INVALID_INPUT, INVALID_STATE, INVALID_PATH, FILE_EXISTS, NOT_SUPPORTED,
+   * ADOPTED_NEEDS_RELAUNCH (an adopted VM whose QEMU is gone) or BUSY, before any job is made.
    */
   create(vm: string, input: CreateSnapshotBody): Job {
     return submitCreate(this.deps, (v, what) => this.busyCheck(v, what), vm, input)
@@ -47,7 +48,7 @@ export class SnapshotService {
 
   /**
    * Validates and queues a revert.
-   * @throws QmpdError VM_NOT_FOUND, SNAPSHOT_NOT_FOUND, INVALID_STATE, NOT_SUPPORTED or BUSY, before any job is made.
+   * @throws QmpdError VM_NOT_FOUND, SNAPSHOT_NOT_FOUND, INVALID_STATE, ADOPTED_NEEDS_RELAUNCH (an adopted VM, unless an internal checkpoint is reverted in place) or BUSY, before any job is made.
    */
   revert(vm: string, name: string, input: RevertBody): Job {
     return submitRevert(this.deps, (v, what) => this.busyCheck(v, what), vm, name, input)

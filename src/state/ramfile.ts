@@ -32,13 +32,26 @@ export function partialName(file: string): string {
 export interface StateSocket {
   path: string
   qemuPath: string
+  /**
+   * A save to a QEMU whose cwd is elsewhere (an adopted one) when `path` is too long for
+   * sun_path: QEMU connects through the receiver's cwd, `/proc/<receiver pid>/cwd/<name>`.
+   */
+  viaReceiverCwd?: boolean
 }
 
-/** A fresh socket name in `dir`; QEMU runs with `dir` as cwd when qmpd launched it, so it gets a short relative path. */
+/** sun_path holds 108 bytes with its NUL; leave a margin (as src/vm/sockpath.ts). */
+const MAX_SUN_PATH = 100
+
+/**
+ * A fresh socket name in `dir`. QEMU runs with `dir` as cwd when qmpd launched it, so it gets a
+ * short relative path; any other QEMU (adopted: its cwd is its owner's) gets the absolute path,
+ * or, for a save when that is too long, the receiver's /proc cwd link (see StateSocket).
+ */
 export function stateSocket(dir: string, qemuCwdIsDir: boolean): StateSocket {
   const name = `mig-${randomBytes(4).toString('hex')}.sock`
   const path = join(dir, name)
-  return { path, qemuPath: qemuCwdIsDir ? name : path }
+  if (qemuCwdIsDir) return { path, qemuPath: name }
+  return { path, qemuPath: path, ...(Buffer.byteLength(path) > MAX_SUN_PATH ? { viaReceiverCwd: true } : {}) }
 }
 
 /**
@@ -151,7 +164,8 @@ export async function saveRamState(qmp: QmpClient, opts: SaveOptions): Promise<S
     })
     await qmp.execute('migrate-set-parameters', { 'max-bandwidth': UNCAPPED_BANDWIDTH })
     await opts.beforeMigrate?.()
-    await qmp.execute('migrate', { uri: `unix:${opts.socket.qemuPath}` })
+    const qemuPath = opts.socket.viaReceiverCwd ? `/proc/${receiver.pid}/cwd/${basename(opts.socket.path)}` : opts.socket.qemuPath
+    await qmp.execute('migrate', { uri: `unix:${qemuPath}` })
     await opts.onMigrating?.()
     if (opts.onProgress) {
       poll = setInterval(() => {
@@ -202,6 +216,8 @@ export async function saveRamState(qmp: QmpClient, opts: SaveOptions): Promise<S
 
 /** A receiver process (receiver.mjs) and what it has reported. */
 interface Receiver {
+  /** The receiver's PID (its cwd is the socket's directory). */
+  pid: number | undefined
   listening: Promise<void>
   /** The stream ended: its byte count (every byte is in the file, not yet flushed). */
   received: Promise<number>
@@ -247,6 +263,7 @@ function startReceiver(socketPath: string, partial: string): Receiver {
   ])
   const orFail = <T>(p: Promise<T>): Promise<T> => Promise.race([p, failed.then((m) => Promise.reject(new QmpdError('IO_ERROR', m)))])
   return {
+    pid: child.pid,
     listening: orFail(on('listening').then(() => undefined)),
     received: on('received').then(Number),
     synced: on('synced').then(() => undefined),

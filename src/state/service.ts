@@ -11,6 +11,7 @@ import type { JobContext, JobManager } from '../jobs/manager.ts'
 import type { Job } from '../jobs/model.ts'
 import { VM_FILES } from '../vm/argv.ts'
 import { isAdopted, PathString } from '../vm/definition.ts'
+import { refuseRelaunch } from '../vm/adopted.ts'
 import { trackDowntime } from '../vm/downtime.ts'
 import type { VmManager } from '../vm/manager.ts'
 import type { Journal, Operation } from '../ops/journal.ts'
@@ -38,7 +39,10 @@ export class StateService {
     return join(this.deps.paths.vmDir(vm), VM_FILES.managedSave)
   }
 
-  /** Queues a managed save: RAM to the VM's managed-save file, QEMU exits, state "saved". */
+  /**
+   * Queues a managed save: RAM to the VM's managed-save file, QEMU exits, state "saved".
+   * @throws QmpdError VM_NOT_FOUND; ADOPTED_NEEDS_RELAUNCH for an adopted VM; INVALID_STATE or BUSY, before any job is made.
+   */
   managedSave(vm: string): Job {
     this.precheck(vm, 'managed-save', 'managedsave')
     const file = this.managedSaveFile(vm)
@@ -102,12 +106,12 @@ export class StateService {
 
   /**
    * Queues a restore from a file (like virsh restore); the file is checked before anything is touched.
-   * @throws QmpdError VM_NOT_FOUND, INVALID_STATE, INVALID_PATH, NOT_SUPPORTED, INVALID_INPUT (not a RAM state file) or BUSY, before any job is made.
+   * @throws QmpdError VM_NOT_FOUND, INVALID_STATE, INVALID_PATH, ADOPTED_NEEDS_RELAUNCH (an adopted VM), INVALID_INPUT (not a RAM state file) or BUSY, before any job is made.
    */
   async restore(vm: string, body: StateFileBody): Promise<Job> {
     const raw = body.file
     const rec = this.deps.vms.record(vm)
-    if (isAdopted(rec.definition)) throw new QmpdError('NOT_SUPPORTED', `VM ${vm} was adopted`, { vm })
+    if (isAdopted(rec.definition)) refuseRelaunch(vm, 'a restore', 'RAM state loads only into a QEMU started with -incoming')
     const file = this.deps.paths.resolve(raw, this.deps.paths.vmDir(vm), 'file')
     const confine = (real: string): void => void this.deps.paths.confine(real, 'file')
     await checkMigrationStream(file, confine)
@@ -137,7 +141,9 @@ export class StateService {
 
   private precheck(vm: string, what: string, op: 'save' | 'managedsave'): void {
     const rec = this.deps.vms.record(vm)
-    if (isAdopted(rec.definition)) throw new QmpdError('NOT_SUPPORTED', `VM ${vm} was adopted; qmpd can ${what} only VMs it defines`, { vm })
+    // A save writes RAM through the adopted QEMU and quits it; a managed save exists only to be
+    // restored by the next start, which would need a new QEMU.
+    if (op === 'managedsave' && isAdopted(rec.definition)) refuseRelaunch(vm, 'a managed save', 'the next start restores it into a new QEMU')
     this.busyCheck(vm, what)
     const st = rec.runtime.state
     if (!this.deps.jobs.busy(vm)) assertState(vm, st, op)
@@ -169,7 +175,7 @@ export class StateService {
       const r = await o.step('save-ram', () =>
         saveRamState(qmp, {
           file,
-          socket: stateSocket(this.deps.paths.vmDir(vm), true),
+          socket: stateSocket(this.deps.paths.vmDir(vm), !isAdopted(this.deps.vms.record(vm).definition)),
           log: ctx.log,
           onProgress: (c, t) => ctx.setProgress(c, t),
           onMigrating: () => o.point('save-ram.migrating'),

@@ -41,6 +41,8 @@ import { assertState, isRunningState, type VmOperation } from './states.ts'
 export { isRunningState }
 import { cancelStaleMigration, contAfterMigration } from './migration.ts'
 import { endStrayQemus } from './stray.ts'
+import { discoverAdoptedDisks, mergeAdoptedDisks } from './adopted-disks.ts'
+import { refuseRelaunch } from './adopted.ts'
 import { endReceivers } from './receivers.ts'
 import { ChainCache } from './chain-cache.ts'
 import { matchesLabels, type LabelSelector } from './labels.ts'
@@ -277,10 +279,12 @@ export class VmManager {
       const status = QueryStatus.parse(await qmp.execute('query-status'))
       const pid = findQemuByArg(socket) ?? findQemuByArg(socket.split('/').pop()!)
       const info = pid ? procInfo(pid) : undefined
+      const found = await discoverAdoptedDisks(qmp)
+      if (found.skipped.length > 0) log.info({ skipped: found.skipped }, 'adopted QEMU: devices left out of snapshots')
       const runtime: VmRuntime = {
         ...stateFromStatus(status),
         qmpSocket: socket,
-        disks: [],
+        disks: found.disks,
         createdFiles: [],
         ...(pid && info ? { pid, pidStartTime: info.startTime } : {}),
       }
@@ -292,9 +296,11 @@ export class VmManager {
       throw err
     }
     const h = this.handleFor(this.deps.repo.get(def.name)!)
+    // Overlays and RAM state files qmpd makes for an adopted VM go under its VM directory.
+    mkdirSync(this.deps.paths.vmDir(def.name), { recursive: true, mode: 0o750 })
     this.armExit(h)
     this.attach(h, qmp)
-    h.log.info({ socket, pid: h.rec.runtime.pid }, 'vm adopted')
+    h.log.info({ socket, pid: h.rec.runtime.pid, disks: h.rec.runtime.disks.map((d) => d.id) }, 'vm adopted')
     return this.view(def.name)
   }
 
@@ -471,10 +477,13 @@ export class VmManager {
     this.deps.jobs.dropQueue(name)
   }
 
-  /** Queues a start: spawn QEMU (-S), connect QMP, then cont unless `paused`. */
+  /**
+   * Queues a start: spawn QEMU (-S), connect QMP, then cont unless `paused`.
+   * @throws QmpdError VM_NOT_FOUND; ADOPTED_NEEDS_RELAUNCH for an adopted VM; INVALID_STATE or BUSY, before any job is made.
+   */
   start(name: string, opts: StartOptions = {}): Job {
     const h = this.must(name)
-    if (isAdopted(h.rec.definition)) throw new QmpdError('INVALID_STATE', `VM ${name} was adopted; qmpd cannot start it`, { vm: name })
+    if (isAdopted(h.rec.definition)) refuseRelaunch(name, 'a start', 'qmpd starts only the QEMUs it launches')
     this.busyCheck(name, 'start the VM')
     this.expectStateToQueue(h, 'start')
     return this.deps.jobs.submit({ vm: name, op: 'start', params: opts, run: (ctx) => this.doStart(h, ctx, opts) })
@@ -840,8 +849,13 @@ export class VmManager {
         const qmp = await this.connect(h.rec.definition.adopt.qmpSocket, h.log)
         this.armExit(h)
         this.attach(h, qmp)
+        // As for a QEMU qmpd launched: a checkpoint or save whose receiver died, QEMU jobs qmpd left.
+        await cancelStaleMigration(qmp, h.log, this.deps.paths.vmDir(h.name))
         const st = stateFromStatus(QueryStatus.parse(await qmp.execute('query-status')))
         this.setState(h, st.state, st.reason, {}, FACT)
+        await this.endOrphanedJobs(h, qmp)
+        const found = await discoverAdoptedDisks(qmp, h.rec.runtime.disks)
+        this.updateRuntime(h.name, { disks: mergeAdoptedDisks(h.rec.runtime.disks, found.disks) })
       } catch (err) {
         this.setState(h, 'unknown', `cannot connect to the adopted QMP socket: ${toQmpdError(err).message}`, {}, FACT)
       }
