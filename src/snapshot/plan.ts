@@ -112,6 +112,7 @@ export function planCreate(f: PlanFacts, body: CreateSnapshotBody): CreatePlan {
     ...(body.kind === 'internal' && memory ? { vmstateDisk: captured[0]!.id } : {}),
     ...(body.live !== undefined && memory ? { live: body.live } : {}),
     ...(body.quiesce ? { quiesced: true } : {}),
+    definition: def,
   }
   return { snapshot, overlays }
 }
