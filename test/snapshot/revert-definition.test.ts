@@ -3,6 +3,7 @@
 import t from 'tap'
 import type { Snapshot } from '../../src/snapshot/model.ts'
 import { definitionRestore } from '../../src/snapshot/revert-definition.ts'
+import { parseSnapshotRow } from '../../src/store/snapshots.ts'
 import { VmDefinition } from '../../src/vm/definition.ts'
 
 const then = VmDefinition.parse({ name: 'v', memoryMiB: 32, disks: [{ id: 'vda', file: '/a' }, { id: 'vdb', file: '/b' }] })
@@ -39,4 +40,11 @@ t.test('the snapshot\'s definition, a removed disk back from its captured file, 
     { id: 'vdb', file: '/b', format: 'qcow2', gen: 0 },
   ])
   t.same(r!.leftBehind, ['vdc'], 'vdc is not cleaned up: its file stays')
+})
+
+t.test('a stored row from before definitions were recorded still loads; a recorded one loads with it', async (t) => {
+  const row = (s: Snapshot) => ({ vm: 'v', name: 's', body: JSON.stringify(s), created_at: s.createdAt })
+  t.equal(parseSnapshotRow(row(snap())).definition, undefined)
+  t.same(parseSnapshotRow(row(snap(then))).definition, then)
+  t.throws(() => parseSnapshotRow(row({ ...snap(), definition: { name: 'v', memoryMiB: 'x' } } as unknown as Snapshot)), 'a broken definition fails the row (the store quarantines it)')
 })
