@@ -6,7 +6,7 @@ import { ensureBaseImages } from '../chain/graph.ts'
 import { QmpdError } from '../errors.ts'
 import type { JobContext } from '../jobs/manager.ts'
 import type { Job } from '../jobs/model.ts'
-import type { VmRuntime, VmState } from '../vm/definition.ts'
+import { isAdopted, type VmRuntime, type VmState } from '../vm/definition.ts'
 import { planDefinition, requireAdoptedQemu } from '../vm/adopted.ts'
 import { isRunningState } from '../vm/states.ts'
 import type { Live, SnapshotDeps } from './deps.ts'
@@ -43,6 +43,7 @@ function planFor(d: SnapshotDeps, vm: string, body: CreateSnapshotBody, state: V
       vm,
       state,
       definition: planDefinition(rec.definition, rec.runtime),
+      ...(isAdopted(rec.definition) ? {} : { recorded: rec.definition }),
       runtime: rec.runtime,
       existing: d.repo.list(vm),
       vmDir: d.paths.vmDir(vm),

@@ -1,7 +1,7 @@
 // Plans a snapshot creation from the VM and the request, refusing what cannot work; pure, touches
 // nothing.
 import { QmpdError } from '../errors.ts'
-import type { VmRuntime, VmState } from '../vm/definition.ts'
+import type { VmDefinition, VmRuntime, VmState } from '../vm/definition.ts'
 import type { PlanDefinition } from '../vm/adopted.ts'
 import { assertState, isRunningState } from '../vm/states.ts'
 import type { CreateSnapshotBody, Snapshot, SnapshotDisk } from './model.ts'
@@ -19,6 +19,8 @@ export interface PlanFacts {
   state: VmState
   /** The disks' read-only flags and the guest agent (planDefinition(): a VM's own, or an adopted VM's discovered disks). */
   definition: PlanDefinition
+  /** The VM's stored definition, recorded in the snapshot (absent for adopted VMs: qmpd never relaunches them). */
+  recorded?: VmDefinition
   runtime: Pick<VmRuntime, 'disks' | 'currentSnapshot'>
   /** The VM's snapshots now. */
   existing: readonly Snapshot[]
@@ -114,6 +116,7 @@ export function planCreate(f: PlanFacts, body: CreateSnapshotBody): CreatePlan {
     ...(body.kind === 'internal' && memory ? { vmstateDisk: captured[0]!.id } : {}),
     ...(body.live !== undefined && memory ? { live: body.live } : {}),
     ...(body.quiesce ? { quiesced: true } : {}),
+    ...(f.recorded ? { definition: f.recorded } : {}),
   }
   return { snapshot, overlays }
 }

@@ -16,6 +16,7 @@ import { trackDowntime } from '../vm/downtime.ts'
 import { assertState, isRunningState } from '../vm/states.ts'
 import { mustSnapshot, type SnapshotDeps } from './deps.ts'
 import { reserveFile, uniqueFile, versionOf } from './files.ts'
+import { definitionRestore, recordRevert } from './revert-definition.ts'
 import type { RevertBody, Snapshot } from './model.ts'
 
 /** Checks a revert (its body already validated by the HTTP layer) and queues it. */
@@ -75,7 +76,7 @@ async function revertSteps(deps: SnapshotDeps, vm: string, s: Snapshot, body: Re
     await o.step('apply', async () => {
       for (const d of s.disks.filter((x) => x.mode === 'internal')) await deps.qemuImg.snapshot('apply', d.file, s.name)
     })
-    await o.step('commit', () => deps.vms.updateRuntime(vm, { currentSnapshot: s.name }))
+    await o.step('commit', () => recordRevert(deps, vm, s, () => ({ currentSnapshot: s.name })))
     await startAs(deps, vm, target, ctx, o)
   } else {
     await o.step('quit', () => deps.vms.quitInJob(vm, ctx))
@@ -99,6 +100,14 @@ async function revertSteps(deps: SnapshotDeps, vm: string, s: Snapshot, body: Re
 /** snapshot-load into a QEMU that runs (started paused first when the VM is off). */
 async function revertInternalCheckpoint(deps: SnapshotDeps, vm: string, s: Snapshot, target: 'running' | 'paused' | 'shutoff', ctx: JobContext, o: Operation): Promise<number> {
   let st = deps.vms.record(vm).runtime.state
+  // Device state loads only into the machine it was saved from: under another definition (memory,
+  // CPUs, disks...) QEMU is relaunched with the snapshot's, then snapshot-load runs in it.
+  const rec = deps.vms.record(vm)
+  if (definitionRestore(rec.definition, rec.runtime.disks, s)) {
+    if (isRunningState(st)) await o.step('quit', () => deps.vms.quitInJob(vm, ctx))
+    await o.step('definition', () => recordRevert(deps, vm, s, () => ({})))
+    st = deps.vms.record(vm).runtime.state
+  }
   if (!isRunningState(st)) {
     await o.step('launch', () => deps.vms.launchInJob(vm, ctx))
     st = 'paused'
@@ -118,7 +127,7 @@ async function revertInternalCheckpoint(deps: SnapshotDeps, vm: string, s: Snaps
       { log: ctx.log, onProgress: (c, t) => ctx.setProgress(c, t), manualFinalize: false },
     ),
   )
-  await o.step('commit', () => deps.vms.updateRuntime(vm, { currentSnapshot: s.name }))
+  await o.step('commit', () => recordRevert(deps, vm, s, () => ({ currentSnapshot: s.name })))
   if (target === 'running') await o.step('cont', () => deps.vms.contInJob(vm))
   else deps.vms.markPaused(vm)
   return dt.end()
@@ -159,15 +168,21 @@ async function switchToSnapshotImages(deps: SnapshotDeps, vm: string, s: Snapsho
       }),
     { body: { ...j, overlays: [...names.values()] } },
   )
-  const old = rt.disks
+  // Disks the snapshot's definition does not hold as they are now keep their files: no cleanup.
+  const leftBehind = definitionRestore(deps.vms.record(vm).definition, rt.disks, s)?.leftBehind ?? []
+  const old = rt.disks.filter((d) => !leftBehind.includes(d.id))
   await o.step('commit', () => deps.repo.tx(() => {
     ensureBaseImages(deps, vm)
     for (const c of created) deps.repo.putImage({ vm, disk: c.id, file: c.file, format: 'qcow2', backing: c.backing, createdByQmpd: true })
-    const disks = rt.disks.map((d) => {
-      const c = created.find((x) => x.id === d.id)
-      return c ? { ...d, file: c.file, format: 'qcow2' as const, gen: d.gen + 1 } : d
-    })
-    deps.vms.updateRuntime(vm, { disks, currentSnapshot: s.name })
+    recordRevert(deps, vm, s, (base) => ({
+      disks: base.map((d) => {
+        const c = created.find((x) => x.id === d.id)
+        return c ? { ...d, file: c.file, format: 'qcow2' as const, gen: d.gen + 1 } : d
+      }),
+      currentSnapshot: s.name,
+    }))
+    // A disk the restored definition brings back is in the image graph too.
+    ensureBaseImages(deps, vm)
   }))
   await o.step('cleanup', () => {
     for (const d of old) removeIfUnneeded(deps, vm, d.file, ctx)

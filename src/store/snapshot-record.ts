@@ -1,5 +1,6 @@
 // The snapshot record as stored (zod); no behaviour.
 import { z } from 'zod'
+import { StoredDefinition } from '../vm/definition.ts'
 
 /** How one disk took part in a snapshot. */
 export const SnapshotDisk = z.strictObject({
@@ -37,5 +38,11 @@ export const Snapshot = z.strictObject({
   qemuVersion: z.string().optional(),
   /** How RAM was captured: background-snapshot, precopy (disks switched in the final pause), paused, snapshot-save. */
   ramMethod: z.enum(['background-snapshot', 'precopy', 'paused', 'snapshot-save']).optional(),
+  /**
+   * The VM's definition at the snapshot's instant (as libvirt keeps the domain XML); a revert
+   * makes it the VM's definition again. Absent in rows written before qmpd recorded it: their
+   * revert keeps the definition the VM has.
+   */
+  definition: StoredDefinition.optional(),
 })
 export type Snapshot = z.output<typeof Snapshot>

@@ -99,6 +99,19 @@ export class VmRepo {
     if (undo) onRollback(this.db, undo)
   }
 
+  /**
+   * Stores a VM's definition and runtime together, in one statement (PATCH /v1/vms/{vm}, a revert
+   * that restores a snapshot's definition). `undo` runs if an enclosing transaction rolls back.
+   * @throws QmpdError INVALID_INPUT when the definition as it would be stored fails the read
+   *   path's schema; INTERNAL for such a runtime; DISK_FULL or IO_ERROR when the store cannot be written.
+   */
+  updateDefinition(name: string, definition: StoredDefinition, runtime: VmRuntime, undo?: () => void): void {
+    const def = storedForm(StoredDefinition, definition, 'definition', 'INVALID_INPUT')
+    const rt = storedForm(VmRuntime, runtime, 'runtime', 'INTERNAL')
+    this.db.prepare('UPDATE vms SET definition = ?, runtime = ?, updated_at = ? WHERE name = ?').run(def, rt, new Date().toISOString(), name)
+    if (undo) onRollback(this.db, undo)
+  }
+
   /** Forgets every stored row of a quarantined VM (src/store/integrity.ts purgeVm); its files stay. */
   purge(name: string): void {
     purgeVm(this.db, this.quarantine, name)

@@ -23,6 +23,7 @@ import { checkChain, type Confine } from '../images/headers.ts'
 import { reserveFile } from '../snapshot/files.ts'
 import { buildArgv, VM_FILES, type ActiveDisk } from './argv.ts'
 import { checkPassthrough, makePassthroughPolicy } from './passthrough.ts'
+import { disksAfterPatch, patchedDefinition } from './patch.ts'
 import {
   AdoptDefinition,
   isAdopted,
@@ -218,13 +219,7 @@ export class VmManager {
     if (typeof input === 'object' && input !== null && 'adopt' in input) return this.adopt(parseInput(AdoptDefinition, input))
     const def = parseInput(VmDefinition, input)
     const dir = this.deps.paths.vmDir(def.name)
-    const resolved: VmDefinition = {
-      ...def,
-      disks: def.disks.map((d, i) => ({ ...d, file: this.deps.paths.resolve(d.file, dir, `disks[${i}].file`) })),
-      ...(def.kernel ? { kernel: this.deps.paths.resolve(def.kernel, dir, 'kernel') } : {}),
-      ...(def.initrd ? { initrd: this.deps.paths.resolve(def.initrd, dir, 'initrd') } : {}),
-    }
-    await this.checkFiles(resolved, dir, 'define')
+    const resolved = await this.resolveDefinition(def)
     const runtime: VmRuntime = {
       state: 'shutoff',
       qmpSocket: join(dir, VM_FILES.qmpSocket),
@@ -238,6 +233,65 @@ export class VmManager {
     this.handleFor(rec)
     this.deps.log.info({ vm: def.name }, 'vm defined')
     return this.view(def.name)
+  }
+
+  /**
+   * A parsed definition with every path resolved and confined, and its files checked as at define
+   * (POST /v1/vms and PATCH /v1/vms/{vm} both come through here).
+   * @throws QmpdError INVALID_PATH.
+   */
+  private async resolveDefinition(def: VmDefinition): Promise<VmDefinition> {
+    const dir = this.deps.paths.vmDir(def.name)
+    const resolved: VmDefinition = {
+      ...def,
+      disks: def.disks.map((d, i) => ({ ...d, file: this.deps.paths.resolve(d.file, dir, `disks[${i}].file`) })),
+      ...(def.kernel ? { kernel: this.deps.paths.resolve(def.kernel, dir, 'kernel') } : {}),
+      ...(def.initrd ? { initrd: this.deps.paths.resolve(def.initrd, dir, 'initrd') } : {}),
+    }
+    await this.checkFiles(resolved, dir, 'define')
+    return resolved
+  }
+
+  /**
+   * PATCH /v1/vms/{vm}: applies a JSON merge patch to the stored definition of a VM that is off
+   * (src/vm/patch.ts), with the checks of define; one row write, so nothing to journal.
+   * @throws QmpdError VM_NOT_FOUND; NOT_SUPPORTED for an adopted VM; INVALID_STATE unless shut off
+   *   or crashed; BUSY with jobs queued; INVALID_INPUT or INVALID_PATH for a bad patch (nothing changed).
+   */
+  async patch(name: string, patch: unknown): Promise<VmView> {
+    const h = this.must(name)
+    const before = h.rec.definition
+    if (isAdopted(before)) throw new QmpdError('NOT_SUPPORTED', `VM ${name} was adopted: qmpd does not hold its definition`, { vm: name })
+    const refuse = (): void => {
+      this.expectState(h, 'vm-patch')
+      if (this.deps.jobs.busy(name)) throw new QmpdError('BUSY', `VM ${name} has queued or running jobs`, { vm: name })
+    }
+    refuse()
+    const after = await this.resolveDefinition(patchedDefinition(before, patch))
+    // The file checks awaited: look again right before the write.
+    refuse()
+    if (h.rec.definition !== before) throw new QmpdError('BUSY', `VM ${name} changed while the patch was checked; send it again`, { vm: name })
+    this.setDefinition(name, after, { disks: disksAfterPatch(before, after, h.rec.runtime.disks) })
+    h.log.info({ fields: Object.keys(patch as object) }, 'vm definition patched')
+    return this.view(name)
+  }
+
+  /**
+   * Stores a new definition with a runtime change, in one row write; inside a SnapshotRepo
+   * transaction a rollback puts the previous record back in memory too (see writeRuntime).
+   * @throws QmpdError INVALID_INPUT, INTERNAL, DISK_FULL or IO_ERROR from the store (nothing changed).
+   */
+  setDefinition(name: string, definition: StoredDefinition, patch: Partial<VmRuntime>): void {
+    const h = this.must(name)
+    const prev = { definition: h.rec.definition, runtime: h.rec.runtime }
+    const runtime: VmRuntime = { ...prev.runtime, ...patch }
+    this.deps.repo.updateDefinition(name, definition, runtime, () => {
+      if (h.rec.definition === definition) h.rec.definition = prev.definition
+      if (h.rec.runtime === runtime) h.rec.runtime = prev.runtime
+    })
+    // In place: callers may hold the record object (record()).
+    h.rec.definition = definition
+    h.rec.runtime = runtime
   }
 
   /**

@@ -53,6 +53,18 @@ export const VM_STATES = {
     accepts: ['shutoff', 'crashed', 'saved', 'starting'],
     hints: { running: () => 'stop it first', paused: () => 'stop it first', unknown: () => 'stop it first' },
   },
+  /**
+   * PATCH /v1/vms/{vm}: no QEMU, and no managed save (its device state belongs to the definition
+   * it was taken with; libvirt refuses the same).
+   */
+  'vm-patch': {
+    accepts: ['shutoff', 'crashed'],
+    hints: {
+      running: () => 'stop it first',
+      paused: () => 'stop it first',
+      saved: (vm) => `start it or discard the save (DELETE /v1/vms/${vm}/managedsave) first`,
+    },
+  },
   /** DELETE /v1/vms/{vm}/managedsave. */
   'managedsave-discard': { accepts: ['saved'], leaves: 'shutoff' },
 } as const satisfies Record<string, StateRule>

@@ -168,6 +168,26 @@ export const SCENARIOS: Scenario[] = [
   revertTo('revert internal disk snapshot', 'rid', [INT('i0', false), INT('i1', false)], 'i0', ['quit', 'apply', 'commit']),
   revertTo('revert external checkpoint', 'rec', [EXT('c0', true), EXT('c1', true)], 'c0', ['overlays', 'commit', 'load-ram']),
   revertTo('revert external disk snapshot', 'red', [EXT('s0'), EXT('s1')], 's0', ['quit', 'overlays', 'commit']),
+  {
+    ...revertTo('revert internal checkpoint taken under an older definition', 'rdd', [INT('i0')], 'i0', ['definition', 'launch', 'snapshot-load']),
+    setup: async (td) => {
+      await runningWith(td, 'rdd', [INT('i0')])
+      await op(td, 'rdd', 'stop', { force: true })
+      const r = await td.api('PATCH', '/v1/vms/rdd', { memoryMiB: 48 })
+      if (r.status !== 200) throw new Error(`PATCH rdd: ${r.status} ${JSON.stringify(r.body)}`)
+      await op(td, 'rdd', 'start')
+      await countOn(td, 'rdd')
+      return {}
+    },
+    after: async (t, td) => {
+      // A revert is always finished: once the job succeeded, the definition is the checkpoint's.
+      const job = ((await td.api('GET', '/v1/jobs?vm=rdd')).body.jobs as Array<{ op: string; state: string }>).filter((j) => j.op === 'snapshot-revert').at(-1)
+      const def = (await td.api('GET', '/v1/vms/rdd')).body.definition
+      if (job?.state === 'succeeded') t.equal(def.memoryMiB, 32, 'the revert restored the checkpoint\'s definition')
+      else t.ok(def.memoryMiB === 32 || def.memoryMiB === 48, `the definition is the old or the new one (${def.memoryMiB})`)
+      await usable(t, td, 'rdd')
+    },
+  },
   deleteOf('delete internal snapshot', 'di', [INT('i0'), INT('i1')], 'i0', ['tags', 'forget']),
   deleteOf('delete middle external snapshot, live', 'dem', [EXT('s0'), EXT('s1'), EXT('s2')], 's1', ['commit', 'rebase', 'forget']),
   deleteOf('delete latest external snapshot, live', 'del', [EXT('s0'), EXT('s1')], 's1', ['commit', 'forget']),

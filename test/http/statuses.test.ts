@@ -83,7 +83,7 @@ t.test('a known path with a wrong method is 405 with Allow; an unknown path is 4
   const { inject } = await setup(t)
   const cases: Array<[string, string, string]> = [
     ['DELETE', '/v1/vms', 'GET, HEAD, POST'],
-    ['PUT', '/v1/vms/demo', 'DELETE, GET, HEAD'],
+    ['PUT', '/v1/vms/demo', 'DELETE, GET, HEAD, PATCH'],
     ['GET', '/v1/vms/demo/start', 'POST'],
     ['DELETE', '/v1/jobs/00000000-0000-4000-8000-000000000000', 'GET, HEAD, PATCH'],
     ['POST', '/healthz', 'GET, HEAD'],

@@ -9,6 +9,7 @@ import { jsonDepth, MAX_QMP_ARG_BYTES, MAX_QMP_ARG_DEPTH } from '../../vm/passth
 import type { Services } from '../app.ts'
 import { replyWithJob } from '../job-reply.ts'
 import { ErrorBody, VmParams, WaitQuery } from '../schemas.ts'
+import { VmViewBody } from '../vm-view-schema.ts'
 
 const StartBody = z.strictObject({ paused: z.boolean().optional().describe('leave the guest paused after start') }).default({})
 const StopBody = z
@@ -72,6 +73,23 @@ export const vmRoutes: FastifyPluginAsyncZod<{ services: Services }> = async (ap
 
   app.get('/v1/vms/:vm', { schema: { summary: 'One VM, with its disks\' backing chains as QEMU reports them', tags: ['vms'], params: VmParams } }, async (req) =>
     vms.view(req.params.vm),
+  )
+
+  // RFC 7386 merge patches are JSON under their own media type: parsed (and limited) like JSON.
+  app.addContentTypeParser('application/merge-patch+json', { parseAs: 'string' }, app.getDefaultJsonParser('error', 'error'))
+  app.patch(
+    '/v1/vms/:vm',
+    {
+      schema: {
+        summary: 'Change a shut-off VM\'s definition with a JSON merge patch (RFC 7386), validated as POST /v1/vms validates',
+        tags: ['vms'],
+        params: VmParams,
+        body: z.record(z.string(), z.unknown()).describe('members to set; null removes a member; arrays (disks) are replaced whole'),
+        response: { 200: VmViewBody, 400: ErrorBody, 404: ErrorBody, 409: ErrorBody, 507: ErrorBody },
+      },
+    },
+    // Spread: a plain object type meets the loose schema's index signature, the VmView interface does not.
+    async (req) => ({ ...(await vms.patch(req.params.vm, req.body)) }),
   )
 
   app.get(
