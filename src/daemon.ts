@@ -34,6 +34,7 @@ import { Recovery } from './ops/recovery.ts'
 import { VmChecker } from './ops/check.ts'
 import { Reconciler } from './ops/reconcile.ts'
 import { lockStateDir } from './lock.ts'
+import { logAccelProbe } from './vm/accel.ts'
 
 /** qmpd's version, reported by /healthz and the OpenAPI document. */
 export const VERSION = '0.1.0'
@@ -154,6 +155,7 @@ async function openDaemon(
   // anything else runs"): an operation recovery finished or undid is no disagreement.
   await recovery.run()
   await reconciler.reconcileAll(vmRepo.list().map((r) => r.name))
+  if (config.accel !== 'tcg') logAccelProbe(config, log)
   let closed = false
   return {
     config,

@@ -1,4 +1,5 @@
 // Builds QEMU's command line from a VM definition; pure, launches nothing.
+import { smpArg } from './cpu.ts'
 import type { VmDefinition } from './definition.ts'
 
 /** Fixed names of the files QEMU creates in its VM directory (it runs with that directory as cwd). */
@@ -40,6 +41,8 @@ export const SANDBOX = 'on,obsolete=deny,elevateprivileges=deny,spawn=deny,resou
 /** Options of one launch that are not part of the definition. */
 export interface LaunchOptions {
   accel: 'kvm' | 'tcg'
+  /** -cpu model, chosen with the accelerator (src/vm/accel.ts); QEMU's default (qemu64) when absent. */
+  cpuModel?: string
   disks: ActiveDisk[]
   /** Start with -incoming defer (restore of saved RAM state follows over QMP). */
   incoming?: boolean
@@ -55,7 +58,8 @@ export function buildArgv(def: VmDefinition, opts: LaunchOptions): string[] {
     '-name', `guest=${def.name},debug-threads=on`,
     '-machine', def.machine,
     '-accel', opts.accel,
-    '-smp', String(def.cpus),
+    ...(opts.cpuModel ? ['-cpu', opts.cpuModel] : []),
+    '-smp', smpArg(def.cpus, def.cpu),
     '-m', `${def.memoryMiB}M`,
     '-nodefaults',
     '-no-user-config',

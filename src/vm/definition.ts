@@ -1,5 +1,6 @@
 // VM definitions and runtime records (zod); no behaviour.
 import { z } from 'zod'
+import { CpuSpec, topologyIssue } from './cpu.ts'
 
 /** Names of VMs and snapshots: what libvirt accepts in a file name, minus surprises. */
 export const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/
@@ -40,7 +41,9 @@ export const VmDefinition = z
   .strictObject({
     name: Name,
     machine: z.enum(['q35', 'pc']).default('q35'),
-    cpus: z.number().int().min(1).max(64).default(1),
+    cpus: z.number().int().min(1).max(64).optional().describe('number of vCPUs (default 1, or sockets*cores*threads of cpu)'),
+    cpu: CpuSpec.optional().describe('CPU model and topology; with a topology, cpus (when given) must equal sockets*cores*threads'),
+    accel: z.enum(['auto', 'kvm', 'tcg']).optional().describe("accelerator; default: the daemon's --accel. auto takes KVM only where the host probe ran a long-mode guest under it"),
     memoryMiB: z.number().int().min(16).max(1024 * 1024).default(128),
     disks: z.array(DiskDefinition).max(16).default([]),
     kernel: PathString.optional(),
@@ -55,6 +58,8 @@ export const VmDefinition = z
       if (seen.has(d.id)) ctx.addIssue({ code: 'custom', path: ['disks', i, 'id'], message: `duplicate disk id ${d.id}` })
       seen.add(d.id)
     })
+    const cpuIssue = topologyIssue(def.cpus, def.cpu)
+    if (cpuIssue) ctx.addIssue({ code: 'custom', path: ['cpu'], message: cpuIssue })
     if ((def.initrd || def.append) && !def.kernel) {
       ctx.addIssue({ code: 'custom', path: ['kernel'], message: 'initrd and append need a kernel' })
     }
@@ -105,6 +110,10 @@ export const VmRuntime = z.strictObject({
       }),
     )
     .default([]),
+  /** The accelerator and CPU model of the last launch, and why (src/vm/accel.ts). */
+  machine: z
+    .strictObject({ accel: z.enum(['kvm', 'tcg']), cpuModel: z.string(), reason: z.string(), qemuVersion: z.string().optional() })
+    .optional(),
   /** The snapshot the VM's current state descends from (set by create and revert). */
   currentSnapshot: z.string().optional(),
   /** Files qmpd created for this VM (removed by DELETE ?deleteStorage=true). */
