@@ -1,6 +1,7 @@
 // VM definitions and runtime records (zod); no behaviour.
 import { z } from 'zod'
 import { CpuSpec, topologyIssue } from './cpu.ts'
+import { DiskOptionFields, diskOptionIssue } from './disk-options.ts'
 
 /** Names of VMs and snapshots: what libvirt accepts in a file name, minus surprises. */
 export const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/
@@ -24,7 +25,7 @@ export const DiskDefinition = z.strictObject({
   id: z.string().regex(/^[a-z][a-z0-9]{0,15}$/, 'must match [a-z][a-z0-9]{0,15}, e.g. vda'),
   file: PathString.describe('image file; relative paths are under the VM directory'),
   format: z.enum(['qcow2', 'raw']).default('qcow2'),
-  bus: z.enum(['virtio', 'ide']).default('virtio'),
+  bus: z.enum(['virtio', 'virtio-scsi', 'sata', 'ide']).default('virtio').describe('virtio (virtio-blk), virtio-scsi, sata (AHCI) or ide'),
   sizeMiB: z
     .number()
     .int()
@@ -33,6 +34,7 @@ export const DiskDefinition = z.strictObject({
     .optional()
     .describe('create the image with qemu-img when the file does not exist'),
   readOnly: z.boolean().default(false),
+  ...DiskOptionFields,
 })
 export type DiskDefinition = z.output<typeof DiskDefinition>
 
@@ -57,6 +59,11 @@ export const VmDefinition = z
     def.disks.forEach((d, i) => {
       if (seen.has(d.id)) ctx.addIssue({ code: 'custom', path: ['disks', i, 'id'], message: `duplicate disk id ${d.id}` })
       seen.add(d.id)
+      const issue = diskOptionIssue(d)
+      if (issue) ctx.addIssue({ code: 'custom', path: ['disks', i], message: issue })
+      if (d.bootIndex !== undefined && def.disks.findIndex((o) => o.bootIndex === d.bootIndex) !== i) {
+        ctx.addIssue({ code: 'custom', path: ['disks', i, 'bootIndex'], message: `bootIndex ${d.bootIndex} is given twice` })
+      }
     })
     const cpuIssue = topologyIssue(def.cpus, def.cpu)
     if (cpuIssue) ctx.addIssue({ code: 'custom', path: ['cpu'], message: cpuIssue })
