@@ -9,6 +9,8 @@ export const VM_FILES = {
   qgaSocket: 'qga.sock',
   pidfile: 'qemu.pid',
   serialLog: 'serial.log',
+  /** The first serial port as a unix socket (definition serialSocket). */
+  consoleSocket: 'console.sock',
   qemuLog: 'qemu.log',
   /** RAM and device state of a managed save; the next start restores from it. */
   managedSave: 'managed.save',
@@ -72,7 +74,13 @@ export function buildArgv(def: VmDefinition, opts: LaunchOptions): string[] {
     // -S: no guest code runs before qmpd is connected and has subscribed to events.
     '-S',
   ]
-  argv.push('-serial', def.serialLog ? `file:${VM_FILES.serialLog}` : 'null')
+  if (def.serialSocket) {
+    // One chardev gives both: the socket for a console client, logfile= for serial.log.
+    const log = def.serialLog ? `,logfile=${VM_FILES.serialLog}` : ''
+    argv.push('-chardev', `socket,id=serial0,path=${VM_FILES.consoleSocket},server=on,wait=off${log}`, '-serial', 'chardev:serial0')
+  } else {
+    argv.push('-serial', def.serialLog ? `file:${VM_FILES.serialLog}` : 'null')
+  }
   if (def.kernel) argv.push('-kernel', def.kernel)
   if (def.initrd) argv.push('-initrd', def.initrd)
   if (def.append) argv.push('-append', def.append)

@@ -52,6 +52,7 @@ export const VmDefinition = z
     initrd: PathString.optional(),
     append: z.string().max(4096).optional(),
     serialLog: z.boolean().default(true).describe('write the first serial port to serial.log in the VM directory'),
+    serialSocket: z.boolean().optional().describe('also serve the first serial port on console.sock in the VM directory (a unix socket; default false; serial.log still gets everything when serialLog)'),
     guestAgent: z.boolean().default(false).describe('add a virtio-serial qemu-guest-agent channel on a socket qmpd owns'),
   })
   .superRefine((def, ctx) => {

@@ -79,6 +79,8 @@ export interface VmView {
   definition: StoredDefinition
   disks: DiskView[]
   exit?: VmRuntime['exit']
+  /** Where the first serial port goes (absent for adopted VMs). */
+  consoles?: { serial: { log?: string; socket?: string } }
   /** The accelerator, CPU model and vCPU topology of the last launch (absent before the first). */
   machine?: NonNullable<VmRuntime['machine']> & { topology: ReturnType<typeof topologyOf> }
   /** Set when the store disagrees with QEMU or the files in a way reconcile could not resolve. */
@@ -381,6 +383,7 @@ export class VmManager {
       definition: h.rec.definition,
       disks: await this.diskViews(h),
       ...(rt.exit ? { exit: rt.exit } : {}),
+      ...consolesOf(h.rec.definition, this.deps.paths.vmDir(name)),
       ...(rt.machine && !isAdopted(h.rec.definition) ? { machine: { ...rt.machine, topology: topologyOf(h.rec.definition.cpus, h.rec.definition.cpu) } } : {}),
       ...(rt.repair ? { repair: rt.repair } : {}),
       createdAt: h.rec.createdAt,
@@ -1294,6 +1297,18 @@ function disksFromQueryBlock(blocks: unknown): DiskView[] {
 }
 
 /** Parses input with a zod schema, turning failures into INVALID_INPUT with the issues. */
+function consolesOf(def: StoredDefinition, dir: string): Pick<VmView, 'consoles'> {
+  if (isAdopted(def)) return {}
+  return {
+    consoles: {
+      serial: {
+        ...(def.serialLog ? { log: join(dir, VM_FILES.serialLog) } : {}),
+        ...(def.serialSocket ? { socket: join(dir, VM_FILES.consoleSocket) } : {}),
+      },
+    },
+  }
+}
+
 function parseInput<S extends z.ZodType>(schema: S, input: unknown): z.output<S> {
   const r = schema.safeParse(input)
   if (!r.success) throw new QmpdError('INVALID_INPUT', z.prettifyError(r.error), { issues: r.error.issues })
