@@ -38,6 +38,8 @@ import { IdempotencyRepo } from './store/idempotency.ts'
 import { HostInfo } from './vm/host-info.ts'
 import type { VmState } from './vm/definition.ts'
 
+import { logAccelProbe } from './vm/accel.ts'
+
 /** qmpd's version, reported by /healthz and the OpenAPI document. */
 export const VERSION = '0.1.0'
 
@@ -160,6 +162,8 @@ async function openDaemon(
   await reconciler.reconcileAll(vmRepo.list().map((r) => r.name))
   const idempotency = new IdempotencyRepo(db)
   const host = new HostInfo({ config, log, version: VERSION, startedAt, vmStates: () => vmStates(vmRepo, vms) })
+
+  if (config.accel !== 'tcg') logAccelProbe(config, log)
   let closed = false
   return {
     config,

@@ -1,5 +1,6 @@
 // Backing-chain edits (commit, pull, copy) as steps on QEMU or qemu-img, with their image-graph
 // updates; no HTTP, no job queueing.
+import { blockdevProps } from '../vm/disk-options.ts'
 import { existsSync, rmSync } from 'node:fs'
 import type { Logger } from 'pino'
 import { QmpdError } from '../errors.ts'
@@ -250,10 +251,14 @@ export async function mirror(
   let added = false
   let readySeen = false
   try {
+    // The copy takes the disk's place on a pivot: it gets the disk's cache/aio/discard options.
+    const def = d.vms.record(vm).definition
+    const props = blockdevProps('disks' in def ? def.disks.find((x) => x.id === disk) : undefined)
     await qmp.execute('blockdev-add', {
       driver: format,
       'node-name': node,
-      file: { driver: 'file', filename: dest },
+      ...props.format,
+      file: { driver: 'file', filename: dest, ...props.file },
       ...(format === 'qcow2' ? { backing: backing ? backing.node! : null } : {}),
     } as never)
     added = true

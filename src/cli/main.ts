@@ -21,7 +21,7 @@ Options:
                       or ~/.local/state/qmpd)
   --qemu-binary PATH  qemu-system-x86_64 to run (default $QMPD_QEMU or from PATH)
   --qemu-img PATH     qemu-img to run (default $QMPD_QEMU_IMG or from PATH)
-  --accel A           auto (kvm when /dev/kvm is usable, else tcg), kvm or tcg
+  --accel A           auto (kvm where the host probe runs a long-mode guest under it, else tcg), kvm or tcg
   --allow-dir DIR     a directory outside the state dir where disks and snapshot files may live
   --log-level LEVEL   trace, debug, info (default), warn, error
   --parallel-disk-snapshots N

@@ -1,5 +1,7 @@
 // Builds QEMU's command line from a VM definition; pure, launches nothing.
+import { smpArg } from './cpu.ts'
 import type { VmDefinition } from './definition.ts'
+import { blockdevProps, writeCacheProp } from './disk-options.ts'
 
 /** Fixed names of the files QEMU creates in its VM directory (it runs with that directory as cwd). */
 export const VM_FILES = {
@@ -7,6 +9,8 @@ export const VM_FILES = {
   qgaSocket: 'qga.sock',
   pidfile: 'qemu.pid',
   serialLog: 'serial.log',
+  /** The first serial port as a unix socket (definition serialSocket). */
+  consoleSocket: 'console.sock',
   qemuLog: 'qemu.log',
   /** RAM and device state of a managed save; the next start restores from it. */
   managedSave: 'managed.save',
@@ -40,6 +44,8 @@ export const SANDBOX = 'on,obsolete=deny,elevateprivileges=deny,spawn=deny,resou
 /** Options of one launch that are not part of the definition. */
 export interface LaunchOptions {
   accel: 'kvm' | 'tcg'
+  /** -cpu model, chosen with the accelerator (src/vm/accel.ts); QEMU's default (qemu64) when absent. */
+  cpuModel?: string
   disks: ActiveDisk[]
   /** Start with -incoming defer (restore of saved RAM state follows over QMP). */
   incoming?: boolean
@@ -55,7 +61,8 @@ export function buildArgv(def: VmDefinition, opts: LaunchOptions): string[] {
     '-name', `guest=${def.name},debug-threads=on`,
     '-machine', def.machine,
     '-accel', opts.accel,
-    '-smp', String(def.cpus),
+    ...(opts.cpuModel ? ['-cpu', opts.cpuModel] : []),
+    '-smp', smpArg(def.cpus, def.cpu),
     '-m', `${def.memoryMiB}M`,
     '-nodefaults',
     '-no-user-config',
@@ -67,35 +74,55 @@ export function buildArgv(def: VmDefinition, opts: LaunchOptions): string[] {
     // -S: no guest code runs before qmpd is connected and has subscribed to events.
     '-S',
   ]
-  argv.push('-serial', def.serialLog ? `file:${VM_FILES.serialLog}` : 'null')
+  if (def.serialSocket) {
+    // One chardev gives both: the socket for a console client, logfile= for serial.log.
+    const log = def.serialLog ? `,logfile=${VM_FILES.serialLog}` : ''
+    argv.push('-chardev', `socket,id=serial0,path=${VM_FILES.consoleSocket},server=on,wait=off${log}`, '-serial', 'chardev:serial0')
+  } else {
+    argv.push('-serial', def.serialLog ? `file:${VM_FILES.serialLog}` : 'null')
+  }
   if (def.kernel) argv.push('-kernel', def.kernel)
   if (def.initrd) argv.push('-initrd', def.initrd)
   if (def.append) argv.push('-append', def.append)
   let ide = 0
+  let sata = 0
+  const explicitBoot = def.disks.some((d) => d.bootIndex !== undefined)
+  // sata on pc needs an AHCI controller (q35 has one built in: ide.0..ide.5); virtio-scsi one HBA.
+  if (def.machine === 'pc' && def.disks.some((d) => d.bus === 'sata')) argv.push('-device', JSON.stringify({ driver: 'ahci', id: 'ahci0' }))
+  if (def.disks.some((d) => d.bus === 'virtio-scsi')) argv.push('-device', JSON.stringify({ driver: 'virtio-scsi-pci', id: 'scsi0' }))
   opts.disks.forEach((disk, i) => {
     const spec = def.disks.find((d) => d.id === disk.id)
     const names = nodeNames(disk.id, disk.gen)
+    const props = blockdevProps(spec)
     argv.push(
       '-blockdev',
       JSON.stringify({
         driver: disk.format,
         'node-name': names.format,
         'read-only': spec?.readOnly ?? false,
-        discard: 'unmap',
-        file: { driver: 'file', filename: disk.file, 'node-name': names.protocol },
+        ...props.format,
+        file: { driver: 'file', filename: disk.file, 'node-name': names.protocol, ...props.file },
       }),
     )
     const device: Record<string, unknown> = { id: disk.id, drive: names.format }
-    if (spec?.bus === 'ide') {
+    if (spec?.bus === 'ide' || (spec?.bus === 'sata' && def.machine === 'q35')) {
       device['driver'] = 'ide-hd'
       // q35's AHCI has one device per port (ide.0..ide.5); pc's PIIX has two buses with two units each.
       if (def.machine === 'q35') device['bus'] = `ide.${ide}`
       else Object.assign(device, { bus: `ide.${ide >> 1}`, unit: ide & 1 })
       ide++
+    } else if (spec?.bus === 'sata') {
+      Object.assign(device, { driver: 'ide-hd', bus: `ahci0.${sata++}` })
+    } else if (spec?.bus === 'virtio-scsi') {
+      Object.assign(device, { driver: 'scsi-hd', bus: 'scsi0.0' })
     } else {
       device['driver'] = 'virtio-blk-pci'
     }
-    if (i === 0 && !def.kernel) device['bootindex'] = 0
+    device['write-cache'] = writeCacheProp(spec?.cache)
+    if (spec?.serial) device['serial'] = spec.serial
+    if (explicitBoot) {
+      if (spec?.bootIndex !== undefined) device['bootindex'] = spec.bootIndex
+    } else if (i === 0 && !def.kernel) device['bootindex'] = 0
     argv.push('-device', JSON.stringify(device))
   })
   if (def.guestAgent) {

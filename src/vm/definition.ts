@@ -1,5 +1,7 @@
 // VM definitions and runtime records (zod); no behaviour.
 import { z } from 'zod'
+import { CpuSpec, topologyIssue } from './cpu.ts'
+import { DiskOptionFields, diskOptionIssue } from './disk-options.ts'
 import { Labels } from './labels.ts'
 
 /** Names of VMs and snapshots: what libvirt accepts in a file name, minus surprises. */
@@ -24,7 +26,7 @@ export const DiskDefinition = z.strictObject({
   id: z.string().regex(/^[a-z][a-z0-9]{0,15}$/, 'must match [a-z][a-z0-9]{0,15}, e.g. vda'),
   file: PathString.describe('image file; relative paths are under the VM directory'),
   format: z.enum(['qcow2', 'raw']).default('qcow2'),
-  bus: z.enum(['virtio', 'ide']).default('virtio'),
+  bus: z.enum(['virtio', 'virtio-scsi', 'sata', 'ide']).default('virtio').describe('virtio (virtio-blk), virtio-scsi, sata (AHCI) or ide'),
   sizeMiB: z
     .number()
     .int()
@@ -33,6 +35,7 @@ export const DiskDefinition = z.strictObject({
     .optional()
     .describe('create the image with qemu-img when the file does not exist'),
   readOnly: z.boolean().default(false),
+  ...DiskOptionFields,
 })
 export type DiskDefinition = z.output<typeof DiskDefinition>
 
@@ -41,13 +44,16 @@ export const VmDefinition = z
   .strictObject({
     name: Name,
     machine: z.enum(['q35', 'pc']).default('q35'),
-    cpus: z.number().int().min(1).max(64).default(1),
+    cpus: z.number().int().min(1).max(64).optional().describe('number of vCPUs (default 1, or sockets*cores*threads of cpu)'),
+    cpu: CpuSpec.optional().describe('CPU model and topology; with a topology, cpus (when given) must equal sockets*cores*threads'),
+    accel: z.enum(['auto', 'kvm', 'tcg']).optional().describe("accelerator; default: the daemon's --accel. auto takes KVM only where the host probe ran a long-mode guest under it"),
     memoryMiB: z.number().int().min(16).max(1024 * 1024).default(128),
     disks: z.array(DiskDefinition).max(16).default([]),
     kernel: PathString.optional(),
     initrd: PathString.optional(),
     append: z.string().max(4096).optional(),
     serialLog: z.boolean().default(true).describe('write the first serial port to serial.log in the VM directory'),
+    serialSocket: z.boolean().optional().describe('also serve the first serial port on console.sock in the VM directory (a unix socket; default false; serial.log still gets everything when serialLog)'),
     guestAgent: z.boolean().default(false).describe('add a virtio-serial qemu-guest-agent channel on a socket qmpd owns'),
     labels: Labels.optional(),
   })
@@ -56,7 +62,14 @@ export const VmDefinition = z
     def.disks.forEach((d, i) => {
       if (seen.has(d.id)) ctx.addIssue({ code: 'custom', path: ['disks', i, 'id'], message: `duplicate disk id ${d.id}` })
       seen.add(d.id)
+      const issue = diskOptionIssue(d)
+      if (issue) ctx.addIssue({ code: 'custom', path: ['disks', i], message: issue })
+      if (d.bootIndex !== undefined && def.disks.findIndex((o) => o.bootIndex === d.bootIndex) !== i) {
+        ctx.addIssue({ code: 'custom', path: ['disks', i, 'bootIndex'], message: `bootIndex ${d.bootIndex} is given twice` })
+      }
     })
+    const cpuIssue = topologyIssue(def.cpus, def.cpu)
+    if (cpuIssue) ctx.addIssue({ code: 'custom', path: ['cpu'], message: cpuIssue })
     if ((def.initrd || def.append) && !def.kernel) {
       ctx.addIssue({ code: 'custom', path: ['kernel'], message: 'initrd and append need a kernel' })
     }
@@ -108,6 +121,10 @@ export const VmRuntime = z.strictObject({
       }),
     )
     .default([]),
+  /** The accelerator and CPU model of the last launch, and why (src/vm/accel.ts). */
+  machine: z
+    .strictObject({ accel: z.enum(['kvm', 'tcg']), cpuModel: z.string(), reason: z.string(), qemuVersion: z.string().optional() })
+    .optional(),
   /** The snapshot the VM's current state descends from (set by create and revert). */
   currentSnapshot: z.string().optional(),
   /** Files qmpd created for this VM (removed by DELETE ?deleteStorage=true). */

@@ -2,7 +2,7 @@
 // no snapshot logic.
 import { spawn, type ChildProcess } from 'node:child_process'
 import { rename, rm } from 'node:fs/promises'
-import { accessSync, constants as fsc, existsSync, mkdirSync, openSync, closeSync, lstatSync, readFileSync, rmSync, rmdirSync, statSync } from 'node:fs'
+import { existsSync, mkdirSync, openSync, closeSync, lstatSync, readFileSync, rmSync, rmdirSync, statSync } from 'node:fs'
 import { join } from 'node:path'
 import type { Logger } from 'pino'
 import { z } from 'zod'
@@ -22,6 +22,8 @@ import { assertCreatable, assertRegularFile } from '../images/files.ts'
 import { checkChain, type Confine } from '../images/headers.ts'
 import { reserveFile } from '../snapshot/files.ts'
 import { buildArgv, VM_FILES, type ActiveDisk } from './argv.ts'
+import { chooseMachine } from './accel.ts'
+import { assertKnownCpuModel, topologyOf } from './cpu.ts'
 import { checkPassthrough, makePassthroughPolicy } from './passthrough.ts'
 import { disksAfterPatch, patchedDefinition } from './patch.ts'
 import {
@@ -81,6 +83,10 @@ export interface VmView {
   definition: StoredDefinition
   disks: DiskView[]
   exit?: VmRuntime['exit']
+  /** Where the first serial port goes (absent for adopted VMs). */
+  consoles?: { serial: { log?: string; socket?: string } }
+  /** The accelerator, CPU model and vCPU topology of the last launch (absent before the first). */
+  machine?: NonNullable<VmRuntime['machine']> & { topology: ReturnType<typeof topologyOf> }
   /** Set when the store disagrees with QEMU or the files in a way reconcile could not resolve. */
   repair?: VmRuntime['repair'] & { problems?: RowProblem[] }
   createdAt: string
@@ -241,9 +247,11 @@ export class VmManager {
    * @throws QmpdError INVALID_PATH.
    */
   private async resolveDefinition(def: VmDefinition): Promise<VmDefinition> {
+    if (def.cpu?.model) await assertKnownCpuModel(this.deps.config.qemuBinary, def.cpu.model)
     const dir = this.deps.paths.vmDir(def.name)
     const resolved: VmDefinition = {
       ...def,
+      cpus: topologyOf(def.cpus, def.cpu).cpus,
       disks: def.disks.map((d, i) => ({ ...d, file: this.deps.paths.resolve(d.file, dir, `disks[${i}].file`) })),
       ...(def.kernel ? { kernel: this.deps.paths.resolve(def.kernel, dir, 'kernel') } : {}),
       ...(def.initrd ? { initrd: this.deps.paths.resolve(def.initrd, dir, 'initrd') } : {}),
@@ -438,6 +446,8 @@ export class VmManager {
       definition: h.rec.definition,
       disks: await this.diskViews(h),
       ...(rt.exit ? { exit: rt.exit } : {}),
+      ...consolesOf(h.rec.definition, this.deps.paths.vmDir(name)),
+      ...(rt.machine && !isAdopted(h.rec.definition) ? { machine: { ...rt.machine, topology: topologyOf(h.rec.definition.cpus, h.rec.definition.cpu) } } : {}),
       ...(rt.repair ? { repair: rt.repair } : {}),
       createdAt: h.rec.createdAt,
       updatedAt: h.rec.updatedAt,
@@ -993,17 +1003,6 @@ export class VmManager {
     })
   }
 
-  private resolveAccel(): 'kvm' | 'tcg' {
-    const { accel } = this.deps.config
-    if (accel !== 'auto') return accel
-    try {
-      accessSync('/dev/kvm', fsc.R_OK | fsc.W_OK)
-      return 'kvm'
-    } catch {
-      return 'tcg'
-    }
-  }
-
   private async doStart(h: Handle, ctx: JobContext, opts: StartOptions): Promise<unknown> {
     this.expectState(h, 'start')
     const t0 = performance.now()
@@ -1091,8 +1090,11 @@ export class VmManager {
     for (const f of [def.kernel, def.initrd]) {
       if (f && !existsSync(f)) throw new QmpdError('INVALID_STATE', `${f} does not exist`, { vm: h.name, file: f })
     }
-    const argv = buildArgv(def, { accel: this.resolveAccel(), disks, ...(opts.incoming ? { incoming: true } : {}) })
+    const machine = await chooseMachine(def, this.deps.config)
+    ctx.log.info(machine, 'accelerator chosen')
+    const argv = buildArgv(def, { accel: machine.accel, cpuModel: machine.cpuModel, disks, ...(opts.incoming ? { incoming: true } : {}) })
     await this.launch(h, ctx, argv)
+    this.updateRuntime(h.name, { machine })
     return h.qmp!
   }
 
@@ -1366,6 +1368,18 @@ function disksFromQueryBlock(blocks: unknown): DiskView[] {
 }
 
 /** Parses input with a zod schema, turning failures into INVALID_INPUT with the issues. */
+function consolesOf(def: StoredDefinition, dir: string): Pick<VmView, 'consoles'> {
+  if (isAdopted(def)) return {}
+  return {
+    consoles: {
+      serial: {
+        ...(def.serialLog ? { log: join(dir, VM_FILES.serialLog) } : {}),
+        ...(def.serialSocket ? { socket: join(dir, VM_FILES.consoleSocket) } : {}),
+      },
+    },
+  }
+}
+
 function parseInput<S extends z.ZodType>(schema: S, input: unknown): z.output<S> {
   const r = schema.safeParse(input)
   if (!r.success) throw new QmpdError('INVALID_INPUT', z.prettifyError(r.error), { issues: r.error.issues })
