@@ -1,4 +1,5 @@
 // Builds QEMU's command line from a VM definition; pure, launches nothing.
+import { needsSpawn, nicArgv } from './argv-net.ts'
 import type { VmDefinition } from './definition.ts'
 
 /** Fixed names of the files QEMU creates in its VM directory (it runs with that directory as cwd). */
@@ -37,6 +38,9 @@ export function nodeNames(disk: string, gen: number): { format: string; protocol
  */
 export const SANDBOX = 'on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny'
 
+/** The sandbox of a VM with a bridge NIC: QEMU forks qemu-bridge-helper, so spawn is allowed for it alone (docs/security.md). */
+export const SANDBOX_SPAWN = 'on,obsolete=deny,elevateprivileges=deny,spawn=allow,resourcecontrol=deny'
+
 /** Options of one launch that are not part of the definition. */
 export interface LaunchOptions {
   accel: 'kvm' | 'tcg'
@@ -61,7 +65,7 @@ export function buildArgv(def: VmDefinition, opts: LaunchOptions): string[] {
     '-no-user-config',
     '-display', 'none',
     '-msg', 'timestamp=on',
-    '-sandbox', SANDBOX,
+    '-sandbox', needsSpawn(def.nics ?? []) ? SANDBOX_SPAWN : SANDBOX,
     '-qmp', `unix:${VM_FILES.qmpSocket},server=on,wait=off`,
     '-pidfile', VM_FILES.pidfile,
     // -S: no guest code runs before qmpd is connected and has subscribed to events.
@@ -98,6 +102,7 @@ export function buildArgv(def: VmDefinition, opts: LaunchOptions): string[] {
     if (i === 0 && !def.kernel) device['bootindex'] = 0
     argv.push('-device', JSON.stringify(device))
   })
+  argv.push(...nicArgv(def.nics ?? []))
   if (def.guestAgent) {
     argv.push(
       '-chardev', `socket,id=qga0,path=${VM_FILES.qgaSocket},server=on,wait=off`,

@@ -1,5 +1,6 @@
 // VM definitions and runtime records (zod); no behaviour.
 import { z } from 'zod'
+import { NicDefinition, nicListIssues } from './nic.ts'
 
 /** Names of VMs and snapshots: what libvirt accepts in a file name, minus surprises. */
 export const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/
@@ -48,6 +49,7 @@ export const VmDefinition = z
     append: z.string().max(4096).optional(),
     serialLog: z.boolean().default(true).describe('write the first serial port to serial.log in the VM directory'),
     guestAgent: z.boolean().default(false).describe('add a virtio-serial qemu-guest-agent channel on a socket qmpd owns'),
+    nics: z.array(NicDefinition).max(8).optional().describe('network cards, in PCI order (see docs/api.md, "Network cards"); none when absent'),
   })
   .superRefine((def, ctx) => {
     const seen = new Set<string>()
@@ -55,6 +57,7 @@ export const VmDefinition = z
       if (seen.has(d.id)) ctx.addIssue({ code: 'custom', path: ['disks', i, 'id'], message: `duplicate disk id ${d.id}` })
       seen.add(d.id)
     })
+    for (const issue of nicListIssues(def.nics ?? [])) ctx.addIssue({ code: 'custom', ...issue })
     if ((def.initrd || def.append) && !def.kernel) {
       ctx.addIssue({ code: 'custom', path: ['kernel'], message: 'initrd and append need a kernel' })
     }

@@ -22,6 +22,8 @@ import { assertCreatable, assertRegularFile } from '../images/files.ts'
 import { checkChain, type Confine } from '../images/headers.ts'
 import { reserveFile } from '../snapshot/files.ts'
 import { buildArgv, VM_FILES, type ActiveDisk } from './argv.ts'
+import { checkNicsOnHost } from './net-host.ts'
+import { assignMacs } from './nic.ts'
 import { checkPassthrough, makePassthroughPolicy } from './passthrough.ts'
 import {
   AdoptDefinition,
@@ -220,8 +222,10 @@ export class VmManager {
       disks: def.disks.map((d, i) => ({ ...d, file: this.deps.paths.resolve(d.file, dir, `disks[${i}].file`) })),
       ...(def.kernel ? { kernel: this.deps.paths.resolve(def.kernel, dir, 'kernel') } : {}),
       ...(def.initrd ? { initrd: this.deps.paths.resolve(def.initrd, dir, 'initrd') } : {}),
+      ...(def.nics ? { nics: assignMacs(def.nics) } : {}),
     }
     await this.checkFiles(resolved, dir, 'define')
+    await checkNicsOnHost(resolved.nics ?? [])
     const runtime: VmRuntime = {
       state: 'shutoff',
       qmpSocket: join(dir, VM_FILES.qmpSocket),
@@ -993,6 +997,7 @@ export class VmManager {
     // Checked again here, not only at define: files can be swapped for symlinks, FIFOs or images
     // naming outside backing files after the define, and snapshots move the active layers.
     await this.checkFiles(def, dir, 'start', disks)
+    await checkNicsOnHost(def.nics ?? [])
     const created: string[] = []
     for (const disk of disks) {
       if (existsSync(disk.file)) continue

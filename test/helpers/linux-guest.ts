@@ -5,6 +5,9 @@
 // /mnt/data, starts qemu-ga on the org.qemu.guest_agent.0 virtio-serial port, prints
 // LINUX_GUEST_READY on the serial console and then writes a counter to /mnt/data/counter about
 // every 100 ms, forever, printing a GUEST_HEARTBEAT line after every 10th write.
+// With GUEST_NET_APPEND on the kernel command line it also loads virtio_net, configures eth0 for
+// QEMU's user-mode network (10.0.2.15/24, gateway 10.0.2.2) and runs busybox httpd on port 80,
+// serving /boot (a random id per boot), /mac (eth0's MAC) and /counter (the counter, in RAM).
 //
 // The build is cached under /var/tmp/qmpd-linux-guest/<hash>, the hash covering this file's own
 // source (recipe, /init, modules) and the architecture: the second run touches neither apt nor the
@@ -62,6 +65,19 @@ export const LINUX_GUEST_PACKAGES: readonly string[] = [...GUEST_DEB_PACKAGES, .
 
 /** Modules /init loads (their dependencies are found in the .ko files and loaded first). */
 const GUEST_MODULES = ['virtio_pci', 'virtio_blk', 'virtio_console']
+
+/** Modules /init loads only when the command line has GUEST_NET_APPEND (after GUEST_MODULES). */
+const GUEST_NET_MODULES = ['virtio_net']
+
+/** Append this to the kernel command line to have the guest bring up eth0 and serve HTTP on GUEST_HTTP_PORT. */
+export const GUEST_NET_APPEND = 'qmpd.net=1'
+
+/** The port busybox httpd listens on inside the guest, and the address /init gives eth0. */
+export const GUEST_HTTP_PORT = 80
+export const GUEST_NET_ADDR = '10.0.2.15'
+
+/** Line the guest prints once eth0 is configured and httpd runs (before LINUX_GUEST_READY). */
+export const GUEST_NET_READY = 'QMPD-GUEST-NET-UP'
 
 /** Parent directory of the cache entries (QMPD_LINUX_GUEST_CACHE overrides it). /var/tmp survives reboots, unlike /tmp on many hosts. */
 export const LINUX_GUEST_CACHE_ROOT = process.env['QMPD_LINUX_GUEST_CACHE'] ?? '/var/tmp/qmpd-linux-guest'
@@ -218,6 +234,7 @@ async function build(work: string, out: string): Promise<void> {
   if (modDirs.length !== 1 || kver === undefined) throw new Error(`linux guest: expected one kernel in ${kernelDeb.file}, found ${modDirs.join(', ')}`)
   const modRoot = join(root, 'lib/modules', kver)
   const modules = await resolveModules(modRoot, GUEST_MODULES)
+  const netModules = (await resolveModules(modRoot, [...GUEST_MODULES, ...GUEST_NET_MODULES])).filter((m) => !modules.some((b) => b.name === m.name))
 
   const qgaBin = join(root, 'usr/sbin/qemu-ga')
   const busybox = join(root, 'bin/busybox')
@@ -239,8 +256,8 @@ async function build(work: string, out: string): Promise<void> {
     for (const d of parentsOf(rel)) cpio.dir(d)
     cpio.file(rel, await readFile(lib), 0o755)
   }
-  for (const m of modules) cpio.file(`lib/modules/${m.name}.ko`, await readFile(m.file), 0o644)
-  cpio.file('init', Buffer.from(initScript(modules.map((m) => m.name))), 0o755)
+  for (const m of [...modules, ...netModules]) cpio.file(`lib/modules/${m.name}.ko`, await readFile(m.file), 0o644)
+  cpio.file('init', Buffer.from(initScript(modules.map((m) => m.name), netModules.map((m) => m.name))), 0o755)
 
   const kernelName = 'vmlinuz'
   const initrdName = 'initrd.cpio'
@@ -253,7 +270,7 @@ async function build(work: string, out: string): Promise<void> {
     initrd: initrdName,
     append: APPEND,
     packages: Object.fromEntries([kernelMeta, kernelDeb, busyboxDeb, qgaDeb].map((d) => [d.name, d.version])),
-    modules: modules.map((m) => m.name),
+    modules: [...modules, ...netModules].map((m) => m.name),
     libraries: libs,
     builtAt: new Date().toISOString(),
   }
@@ -415,7 +432,7 @@ function errText(err: unknown): string {
  * /dev/virtio-ports/<name> symlink that udev would create is made from sysfs. The port name
  * reaches the guest in a virtio-serial control message after the port appears, hence the wait.
  */
-function initScript(modules: string[]): string {
+function initScript(modules: string[], netModules: string[]): string {
   return `#!/bin/sh
 /bin/busybox --install -s /bin
 export PATH=/bin:/usr/sbin
@@ -464,12 +481,33 @@ done
 ) &
 n=0
 while ! pidof qemu-ga >/dev/null && [ $n -lt 50 ]; do usleep 100000; n=$((n + 1)); done
+
+www=
+if grep -q '${GUEST_NET_APPEND}' /proc/cmdline; then
+  for m in ${netModules.join(' ')}; do
+    insmod /lib/modules/$m.ko || say "insmod $m failed"
+  done
+  n=0
+  while [ ! -e /sys/class/net/eth0 ] && [ $n -lt 50 ]; do usleep 100000; n=$((n + 1)); done
+  ip link set lo up
+  ip addr add ${GUEST_NET_ADDR}/24 dev eth0 || say "no eth0"
+  ip link set eth0 up
+  ip route add default via 10.0.2.2
+  www=/run/www
+  mkdir -p $www
+  cat /proc/sys/kernel/random/uuid > $www/boot
+  cat /sys/class/net/eth0/address > $www/mac
+  echo 0 > $www/counter
+  httpd -p ${GUEST_HTTP_PORT} -h $www && echo ${GUEST_NET_READY} || say "httpd failed"
+fi
 echo ${LINUX_GUEST_READY}
 
 i=0
 while true; do
   i=$((i + 1))
   echo $i > ${GUEST_COUNTER_FILE}
+  # Renamed into place: httpd never serves a half-written file.
+  [ -n "$www" ] && echo $i > $www/.counter && mv $www/.counter $www/counter
   [ $((i % 10)) -eq 0 ] && echo "${GUEST_HEARTBEAT} $i"
   usleep 100000
 done
