@@ -1,6 +1,7 @@
 // Builds QEMU's command line from a VM definition; pure, launches nothing.
 import { needsSpawn, nicArgv } from './argv-net.ts'
 import type { VmDefinition } from './definition.ts'
+import { firmwareArgv, NVRAM_DISK_ID, type Ovmf } from './firmware.ts'
 
 /** Fixed names of the files QEMU creates in its VM directory (it runs with that directory as cwd). */
 export const VM_FILES = {
@@ -45,6 +46,8 @@ export const SANDBOX_SPAWN = 'on,obsolete=deny,elevateprivileges=deny,spawn=allo
 export interface LaunchOptions {
   accel: 'kvm' | 'tcg'
   disks: ActiveDisk[]
+  /** The OVMF build of a `firmware: uefi` VM (src/vm/firmware.ts findOvmf). */
+  ovmf?: Ovmf
   /** Start with -incoming defer (restore of saved RAM state follows over QMP). */
   incoming?: boolean
 }
@@ -55,9 +58,11 @@ export interface LaunchOptions {
  * -blockdev and -device take JSON (QEMU >= 6.2), so file names need no comma escaping.
  */
 export function buildArgv(def: VmDefinition, opts: LaunchOptions): string[] {
+  if (def.firmware === 'uefi' && !opts.ovmf) throw new Error('a UEFI VM needs opts.ovmf')
+  const fw = def.firmware === 'uefi' && opts.ovmf ? firmwareArgv(opts.ovmf, opts.disks) : undefined
   const argv = [
     '-name', `guest=${def.name},debug-threads=on`,
-    '-machine', def.machine,
+    '-machine', fw ? `${def.machine},${fw.machineProps}` : def.machine,
     '-accel', opts.accel,
     '-smp', String(def.cpus),
     '-m', `${def.memoryMiB}M`,
@@ -75,6 +80,7 @@ export function buildArgv(def: VmDefinition, opts: LaunchOptions): string[] {
   if (def.kernel) argv.push('-kernel', def.kernel)
   if (def.initrd) argv.push('-initrd', def.initrd)
   if (def.append) argv.push('-append', def.append)
+  if (fw) argv.push('-blockdev', fw.blockdev)
   let ide = 0
   opts.disks.forEach((disk, i) => {
     const spec = def.disks.find((d) => d.id === disk.id)
@@ -89,6 +95,8 @@ export function buildArgv(def: VmDefinition, opts: LaunchOptions): string[] {
         file: { driver: 'file', filename: disk.file, 'node-name': names.protocol },
       }),
     )
+    // The NVRAM is pflash1 (a -machine property set above), not a guest device.
+    if (fw && disk.id === NVRAM_DISK_ID) return
     const device: Record<string, unknown> = { id: disk.id, drive: names.format }
     if (spec?.bus === 'ide') {
       device['driver'] = 'ide-hd'

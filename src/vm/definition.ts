@@ -49,11 +49,14 @@ export const VmDefinition = z
     append: z.string().max(4096).optional(),
     serialLog: z.boolean().default(true).describe('write the first serial port to serial.log in the VM directory'),
     guestAgent: z.boolean().default(false).describe('add a virtio-serial qemu-guest-agent channel on a socket qmpd owns'),
+    firmware: z.enum(['bios', 'uefi']).optional().describe('bios (SeaBIOS, the default) or uefi (OVMF, with a per-VM NVRAM that snapshots include)'),
     nics: z.array(NicDefinition).max(8).optional().describe('network cards, in PCI order (see docs/api.md, "Network cards"); none when absent'),
   })
   .superRefine((def, ctx) => {
     const seen = new Set<string>()
     def.disks.forEach((d, i) => {
+      // The id of a UEFI VM's NVRAM in the snapshot engine (src/vm/firmware.ts).
+      if (d.id === 'nvram') ctx.addIssue({ code: 'custom', path: ['disks', i, 'id'], message: 'nvram is reserved for the UEFI variable store' })
       if (seen.has(d.id)) ctx.addIssue({ code: 'custom', path: ['disks', i, 'id'], message: `duplicate disk id ${d.id}` })
       seen.add(d.id)
     })

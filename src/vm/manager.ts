@@ -22,6 +22,7 @@ import { assertCreatable, assertRegularFile } from '../images/files.ts'
 import { checkChain, type Confine } from '../images/headers.ts'
 import { reserveFile } from '../snapshot/files.ts'
 import { buildArgv, VM_FILES, type ActiveDisk } from './argv.ts'
+import { ensureNvram, findOvmf, FW_CODE_NODE, NVRAM_DISK_ID, NVRAM_FILE } from './firmware.ts'
 import { checkNicsOnHost } from './net-host.ts'
 import { assignMacs } from './nic.ts'
 import { checkPassthrough, makePassthroughPolicy } from './passthrough.ts'
@@ -226,11 +227,14 @@ export class VmManager {
     }
     await this.checkFiles(resolved, dir, 'define')
     await checkNicsOnHost(resolved.nics ?? [])
+    // A UEFI VM's NVRAM is one more disk (src/vm/firmware.ts), created at the first start.
+    if (resolved.firmware === 'uefi') findOvmf()
+    const nvram = resolved.firmware === 'uefi' ? [{ id: NVRAM_DISK_ID, file: join(dir, NVRAM_FILE), format: 'qcow2' as const, gen: 0 }] : []
     const runtime: VmRuntime = {
       state: 'shutoff',
       qmpSocket: join(dir, VM_FILES.qmpSocket),
-      disks: resolved.disks.map((d) => ({ id: d.id, file: d.file, format: d.format, gen: 0 })),
-      createdFiles: [],
+      disks: [...resolved.disks.map((d) => ({ id: d.id, file: d.file, format: d.format, gen: 0 })), ...nvram],
+      createdFiles: nvram.map((d) => d.file),
     }
     if (!this.deps.repo.insert({ name: def.name, definition: resolved, runtime })) {
       throw new QmpdError('VM_EXISTS', `a VM named ${def.name} already exists`, { vm: def.name })
@@ -998,6 +1002,8 @@ export class VmManager {
     // naming outside backing files after the define, and snapshots move the active layers.
     await this.checkFiles(def, dir, 'start', disks)
     await checkNicsOnHost(def.nics ?? [])
+    const ovmf = def.firmware === 'uefi' ? findOvmf() : undefined
+    if (ovmf && (await ensureNvram(this.deps.qemuImg, disks, join(dir, NVRAM_FILE), ovmf))) ctx.log.info({ template: ovmf.varsTemplate }, 'nvram created')
     const created: string[] = []
     for (const disk of disks) {
       if (existsSync(disk.file)) continue
@@ -1025,7 +1031,7 @@ export class VmManager {
     for (const f of [def.kernel, def.initrd]) {
       if (f && !existsSync(f)) throw new QmpdError('INVALID_STATE', `${f} does not exist`, { vm: h.name, file: f })
     }
-    const argv = buildArgv(def, { accel: this.resolveAccel(), disks, ...(opts.incoming ? { incoming: true } : {}) })
+    const argv = buildArgv(def, { accel: this.resolveAccel(), disks, ...(ovmf ? { ovmf } : {}), ...(opts.incoming ? { incoming: true } : {}) })
     await this.launch(h, ctx, argv)
     return h.qmp!
   }
@@ -1282,6 +1288,8 @@ function disksFromQueryBlock(blocks: unknown): DiskView[] {
   for (const b of list) {
     if (!b.inserted) continue
     const id = deviceId(b)
+    // The firmware code is the host's (read-only, never snapshotted), not one of the VM's disks.
+    if (id === FW_CODE_NODE) continue
     const chain: ChainLayer[] = []
     for (let img: BlockImage | undefined = b.inserted.image; img; img = img['backing-image']) {
       chain.push({

@@ -8,6 +8,8 @@
 // With GUEST_NET_APPEND on the kernel command line it also loads virtio_net, configures eth0 for
 // QEMU's user-mode network (10.0.2.15/24, gateway 10.0.2.2) and runs busybox httpd on port 80,
 // serving /boot (a random id per boot), /mac (eth0's MAC) and /counter (the counter, in RAM).
+// With GUEST_EFI_APPEND too (a UEFI boot) it mounts efivarfs, and the CGI scripts
+// /cgi-bin/setvar?VALUE and /cgi-bin/getvar write and read the UEFI variable GUEST_EFIVAR.
 //
 // The build is cached under /var/tmp/qmpd-linux-guest/<hash>, the hash covering this file's own
 // source (recipe, /init, modules) and the architecture: the second run touches neither apt nor the
@@ -68,6 +70,15 @@ const GUEST_MODULES = ['virtio_pci', 'virtio_blk', 'virtio_console']
 
 /** Modules /init loads only when the command line has GUEST_NET_APPEND (after GUEST_MODULES). */
 const GUEST_NET_MODULES = ['virtio_net']
+
+/** Modules /init loads only when the command line has GUEST_EFI_APPEND. */
+const GUEST_EFI_MODULES = ['efivarfs']
+
+/** Append this (with GUEST_NET_APPEND) on a UEFI boot: efivarfs is mounted, /cgi-bin/setvar and getvar serve GUEST_EFIVAR. */
+export const GUEST_EFI_APPEND = 'qmpd.efi=1'
+
+/** The UEFI variable the guest's CGI scripts write (name-GUID, as efivarfs names it). */
+export const GUEST_EFIVAR = 'QmpdTest-5ad3c6a2-8f0e-4b7c-9a51-2e6f0d4c7b19'
 
 /** Append this to the kernel command line to have the guest bring up eth0 and serve HTTP on GUEST_HTTP_PORT. */
 export const GUEST_NET_APPEND = 'qmpd.net=1'
@@ -235,6 +246,7 @@ async function build(work: string, out: string): Promise<void> {
   const modRoot = join(root, 'lib/modules', kver)
   const modules = await resolveModules(modRoot, GUEST_MODULES)
   const netModules = (await resolveModules(modRoot, [...GUEST_MODULES, ...GUEST_NET_MODULES])).filter((m) => !modules.some((b) => b.name === m.name))
+  const efiModules = (await resolveModules(modRoot, GUEST_EFI_MODULES)).filter((m) => ![...modules, ...netModules].some((b) => b.name === m.name))
 
   const qgaBin = join(root, 'usr/sbin/qemu-ga')
   const busybox = join(root, 'bin/busybox')
@@ -256,8 +268,8 @@ async function build(work: string, out: string): Promise<void> {
     for (const d of parentsOf(rel)) cpio.dir(d)
     cpio.file(rel, await readFile(lib), 0o755)
   }
-  for (const m of [...modules, ...netModules]) cpio.file(`lib/modules/${m.name}.ko`, await readFile(m.file), 0o644)
-  cpio.file('init', Buffer.from(initScript(modules.map((m) => m.name), netModules.map((m) => m.name))), 0o755)
+  for (const m of [...modules, ...netModules, ...efiModules]) cpio.file(`lib/modules/${m.name}.ko`, await readFile(m.file), 0o644)
+  cpio.file('init', Buffer.from(initScript(modules.map((m) => m.name), netModules.map((m) => m.name), efiModules.map((m) => m.name))), 0o755)
 
   const kernelName = 'vmlinuz'
   const initrdName = 'initrd.cpio'
@@ -270,7 +282,7 @@ async function build(work: string, out: string): Promise<void> {
     initrd: initrdName,
     append: APPEND,
     packages: Object.fromEntries([kernelMeta, kernelDeb, busyboxDeb, qgaDeb].map((d) => [d.name, d.version])),
-    modules: [...modules, ...netModules].map((m) => m.name),
+    modules: [...modules, ...netModules, ...efiModules].map((m) => m.name),
     libraries: libs,
     builtAt: new Date().toISOString(),
   }
@@ -432,7 +444,7 @@ function errText(err: unknown): string {
  * /dev/virtio-ports/<name> symlink that udev would create is made from sysfs. The port name
  * reaches the guest in a virtio-serial control message after the port appears, hence the wait.
  */
-function initScript(modules: string[], netModules: string[]): string {
+function initScript(modules: string[], netModules: string[], efiModules: string[]): string {
   return `#!/bin/sh
 /bin/busybox --install -s /bin
 export PATH=/bin:/usr/sbin
@@ -498,6 +510,32 @@ if grep -q '${GUEST_NET_APPEND}' /proc/cmdline; then
   cat /proc/sys/kernel/random/uuid > $www/boot
   cat /sys/class/net/eth0/address > $www/mac
   echo 0 > $www/counter
+  if grep -q '${GUEST_EFI_APPEND}' /proc/cmdline; then
+    for m in ${efiModules.join(' ')}; do
+      insmod /lib/modules/$m.ko || say "insmod $m failed"
+    done
+    mount -t efivarfs efivarfs /sys/firmware/efi/efivars || say "mount efivarfs failed"
+    mkdir -p $www/cgi-bin
+    # efivarfs takes attributes (NV|BS|RT = 7, little endian) and data in one write(): staged in
+    # /tmp, copied with one dd block. Rewriting a variable is delete + create. CGI headers end in
+    # CRLF: busybox httpd passes them through, and Node's HTTP parser insists.
+    cat > $www/cgi-bin/setvar <<'CGI'
+#!/bin/sh
+v=/sys/firmware/efi/efivars/${GUEST_EFIVAR}
+printf '\\007\\000\\000\\000%s' "$QUERY_STRING" > /tmp/efivar.$$
+rm -f $v
+dd if=/tmp/efivar.$$ of=$v bs=4096 2>/dev/null
+rm -f /tmp/efivar.$$
+printf 'Content-Type: text/plain\\r\\n\\r\\n'
+tail -c +5 $v
+CGI
+    cat > $www/cgi-bin/getvar <<'CGI'
+#!/bin/sh
+printf 'Content-Type: text/plain\\r\\n\\r\\n'
+tail -c +5 /sys/firmware/efi/efivars/${GUEST_EFIVAR} 2>/dev/null || echo NOVAR
+CGI
+    chmod 755 $www/cgi-bin/setvar $www/cgi-bin/getvar
+  fi
   httpd -p ${GUEST_HTTP_PORT} -h $www && echo ${GUEST_NET_READY} || say "httpd failed"
 fi
 echo ${LINUX_GUEST_READY}
