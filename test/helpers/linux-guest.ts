@@ -56,11 +56,11 @@ export const GUEST_DEB_PACKAGES = ['linux-image-cloud-amd64', 'busybox-static', 
 
 /**
  * Packages the build needs installed on the HOST: apt (apt-get download), dpkg (dpkg-deb),
- * libc-bin (ldd), and the runtime libraries of qemu-guest-agent, which ldd resolves on the host
+ * libc-bin (ldd), e2fsprogs (chattr, copied into the guest with its libraries), and the runtime libraries of qemu-guest-agent, which ldd resolves on the host
  * and which are copied into the initramfs (all of them come with qemu-system-x86 already). The
  * cpio archive is written by this file, so cpio is not needed.
  */
-export const HOST_BUILD_PACKAGES = ['apt', 'dpkg', 'libc-bin', 'libglib2.0-0', 'libnuma1', 'libudev1', 'liburing2', 'libpcre2-8-0'] as const
+export const HOST_BUILD_PACKAGES = ['apt', 'dpkg', 'libc-bin', 'e2fsprogs', 'libglib2.0-0', 'libnuma1', 'libudev1', 'liburing2', 'libpcre2-8-0'] as const
 
 /** Every apt package the Linux test guest needs: downloaded ones first, then host-side ones. */
 export const LINUX_GUEST_PACKAGES: readonly string[] = [...GUEST_DEB_PACKAGES, ...HOST_BUILD_PACKAGES]
@@ -250,7 +250,10 @@ async function build(work: string, out: string): Promise<void> {
 
   const qgaBin = join(root, 'usr/sbin/qemu-ga')
   const busybox = join(root, 'bin/busybox')
-  const libs = await sharedLibraries(qgaBin)
+  // The host's chattr (e2fsprogs): busybox has none, and efivarfs makes the variables it creates
+  // immutable, so rewriting one needs chattr -i first.
+  const chattr = '/usr/bin/chattr'
+  const libs = [...new Set([...(await sharedLibraries(qgaBin)), ...(await sharedLibraries(chattr))])]
 
   const cpio = new CpioWriter()
   for (const d of ['bin', 'dev', 'proc', 'sys', 'run', 'tmp', 'mnt', 'mnt/data', 'lib', 'lib/modules', 'lib64', 'etc', 'usr', 'usr/sbin', 'var']) {
@@ -263,6 +266,7 @@ async function build(work: string, out: string): Promise<void> {
   cpio.file('bin/busybox', await readFile(busybox), 0o755)
   cpio.symlink('bin/sh', 'busybox')
   cpio.file('usr/sbin/qemu-ga', await readFile(qgaBin), 0o755)
+  cpio.file('usr/sbin/chattr', await readFile(chattr), 0o755)
   for (const lib of libs) {
     const rel = lib.replace(/^\/+/, '')
     for (const d of parentsOf(rel)) cpio.dir(d)
@@ -517,12 +521,14 @@ if grep -q '${GUEST_NET_APPEND}' /proc/cmdline; then
     mount -t efivarfs efivarfs /sys/firmware/efi/efivars || say "mount efivarfs failed"
     mkdir -p $www/cgi-bin
     # efivarfs takes attributes (NV|BS|RT = 7, little endian) and data in one write(): staged in
-    # /tmp, copied with one dd block. Rewriting a variable is delete + create. CGI headers end in
+    # /tmp, copied with one dd block. Rewriting a variable is delete + create; efivarfs makes
+    # variables it does not know immutable, hence chattr -i. CGI headers end in
     # CRLF: busybox httpd passes them through, and Node's HTTP parser insists.
     cat > $www/cgi-bin/setvar <<'CGI'
 #!/bin/sh
 v=/sys/firmware/efi/efivars/${GUEST_EFIVAR}
 printf '\\007\\000\\000\\000%s' "$QUERY_STRING" > /tmp/efivar.$$
+[ -e $v ] && chattr -i $v
 rm -f $v
 dd if=/tmp/efivar.$$ of=$v bs=4096 2>/dev/null
 rm -f /tmp/efivar.$$
