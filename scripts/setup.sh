@@ -8,6 +8,8 @@ need=()
 command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
 command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
 command -v qemu-io >/dev/null 2>&1 || need+=(qemu-utils)
+# UEFI VMs (firmware: uefi) and their test: OVMF and its firmware descriptors.
+[ -e /usr/share/qemu/firmware/60-edk2-x86_64.json ] || need+=(ovmf)
 if [ "${#need[@]}" -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

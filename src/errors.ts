@@ -45,6 +45,10 @@ export type ErrorCode =
   | 'DISK_FULL'
   /** A stored row of the VM fails its schema: the VM is `quarantined` until its definition is deleted. */
   | 'STORE_ROW_INVALID'
+  /** The host lacks what the definition asks for (a tap device, a bridge, qemu-bridge-helper or its permission). */
+  | 'HOST_RESOURCE_MISSING'
+  /** A forwarded host port (nics[].user.hostfwd) is taken on this host. */
+  | 'PORT_IN_USE'
   | 'TIMEOUT'
   /** An Idempotency-Key already answered another route or request body (409). */
   | 'IDEMPOTENCY_KEY_REUSED'

@@ -37,9 +37,13 @@ export async function liveChain(qmp: QmpClient, diskId: string): Promise<LiveLay
 
 /**
  * The qmpd disk id of a query-block entry: the -device id, read from the qdev path; for a device
- * without an id (an adopted QEMU's `-drive if=virtio,id=x`), the BlockBackend name.
+ * without an id (an adopted QEMU's `-drive if=virtio,id=x`), the BlockBackend name. The pflash
+ * devices of a UEFI VM are machine properties, not -devices: pflash1 is its NVRAM, which qmpd
+ * treats as the disk `nvram` (src/vm/firmware.ts), pflash0 the read-only firmware code `fw-code`.
  */
 export function deviceId(b: { device?: string; qdev?: string }): string {
+  if (b.qdev === '/machine/system.flash1') return 'nvram'
+  if (b.qdev === '/machine/system.flash0') return 'fw-code'
   return b.qdev?.match(/\/peripheral\/([^/]+)/)?.[1] ?? (b.device || b.qdev) ?? ''
 }
 

@@ -1,7 +1,9 @@
 // Builds QEMU's command line from a VM definition; pure, launches nothing.
+import { needsSpawn, nicArgv } from './argv-net.ts'
 import { smpArg } from './cpu.ts'
 import type { VmDefinition } from './definition.ts'
 import { blockdevProps, writeCacheProp } from './disk-options.ts'
+import { firmwareArgv, NVRAM_DISK_ID, type Ovmf } from './firmware.ts'
 
 /** Fixed names of the files QEMU creates in its VM directory (it runs with that directory as cwd). */
 export const VM_FILES = {
@@ -41,12 +43,17 @@ export function nodeNames(disk: string, gen: number): { format: string; protocol
  */
 export const SANDBOX = 'on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny'
 
+/** The sandbox of a VM with a bridge NIC: QEMU forks qemu-bridge-helper, so spawn is allowed for it alone (docs/security.md). */
+export const SANDBOX_SPAWN = 'on,obsolete=deny,elevateprivileges=deny,spawn=allow,resourcecontrol=deny'
+
 /** Options of one launch that are not part of the definition. */
 export interface LaunchOptions {
   accel: 'kvm' | 'tcg'
   /** -cpu model, chosen with the accelerator (src/vm/accel.ts); QEMU's default (qemu64) when absent. */
   cpuModel?: string
   disks: ActiveDisk[]
+  /** The OVMF build of a `firmware: uefi` VM (src/vm/firmware.ts findOvmf). */
+  ovmf?: Ovmf
   /** Start with -incoming defer (restore of saved RAM state follows over QMP). */
   incoming?: boolean
 }
@@ -57,9 +64,11 @@ export interface LaunchOptions {
  * -blockdev and -device take JSON (QEMU >= 6.2), so file names need no comma escaping.
  */
 export function buildArgv(def: VmDefinition, opts: LaunchOptions): string[] {
+  if (def.firmware === 'uefi' && !opts.ovmf) throw new Error('a UEFI VM needs opts.ovmf')
+  const fw = def.firmware === 'uefi' && opts.ovmf ? firmwareArgv(opts.ovmf, opts.disks) : undefined
   const argv = [
     '-name', `guest=${def.name},debug-threads=on`,
-    '-machine', def.machine,
+    '-machine', fw ? `${def.machine},${fw.machineProps}` : def.machine,
     '-accel', opts.accel,
     ...(opts.cpuModel ? ['-cpu', opts.cpuModel] : []),
     '-smp', smpArg(def.cpus, def.cpu),
@@ -68,7 +77,7 @@ export function buildArgv(def: VmDefinition, opts: LaunchOptions): string[] {
     '-no-user-config',
     '-display', 'none',
     '-msg', 'timestamp=on',
-    '-sandbox', SANDBOX,
+    '-sandbox', needsSpawn(def.nics ?? []) ? SANDBOX_SPAWN : SANDBOX,
     '-qmp', `unix:${VM_FILES.qmpSocket},server=on,wait=off`,
     '-pidfile', VM_FILES.pidfile,
     // -S: no guest code runs before qmpd is connected and has subscribed to events.
@@ -84,6 +93,7 @@ export function buildArgv(def: VmDefinition, opts: LaunchOptions): string[] {
   if (def.kernel) argv.push('-kernel', def.kernel)
   if (def.initrd) argv.push('-initrd', def.initrd)
   if (def.append) argv.push('-append', def.append)
+  if (fw) argv.push('-blockdev', fw.blockdev)
   let ide = 0
   let sata = 0
   const explicitBoot = def.disks.some((d) => d.bootIndex !== undefined)
@@ -104,6 +114,8 @@ export function buildArgv(def: VmDefinition, opts: LaunchOptions): string[] {
         file: { driver: 'file', filename: disk.file, 'node-name': names.protocol, ...props.file },
       }),
     )
+    // The NVRAM is pflash1 (a -machine property set above), not a guest device.
+    if (fw && disk.id === NVRAM_DISK_ID) return
     const device: Record<string, unknown> = { id: disk.id, drive: names.format }
     if (spec?.bus === 'ide' || (spec?.bus === 'sata' && def.machine === 'q35')) {
       device['driver'] = 'ide-hd'
@@ -125,6 +137,7 @@ export function buildArgv(def: VmDefinition, opts: LaunchOptions): string[] {
     } else if (i === 0 && !def.kernel) device['bootindex'] = 0
     argv.push('-device', JSON.stringify(device))
   })
+  argv.push(...nicArgv(def.nics ?? []))
   if (def.guestAgent) {
     argv.push(
       '-chardev', `socket,id=qga0,path=${VM_FILES.qgaSocket},server=on,wait=off`,

@@ -3,6 +3,7 @@ import { z } from 'zod'
 import { CpuSpec, topologyIssue } from './cpu.ts'
 import { DiskOptionFields, diskOptionIssue } from './disk-options.ts'
 import { Labels } from './labels.ts'
+import { NicDefinition, nicListIssues } from './nic.ts'
 
 /** Names of VMs and snapshots: what libvirt accepts in a file name, minus surprises. */
 export const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/
@@ -56,10 +57,14 @@ export const VmDefinition = z
     serialSocket: z.boolean().optional().describe('also serve the first serial port on console.sock in the VM directory (a unix socket; default false; serial.log still gets everything when serialLog)'),
     guestAgent: z.boolean().default(false).describe('add a virtio-serial qemu-guest-agent channel on a socket qmpd owns'),
     labels: Labels.optional(),
+    firmware: z.enum(['bios', 'uefi']).optional().describe('bios (SeaBIOS, the default) or uefi (OVMF, with a per-VM NVRAM that snapshots include)'),
+    nics: z.array(NicDefinition).max(8).optional().describe('network cards, in PCI order (see docs/api.md, "Network cards"); none when absent'),
   })
   .superRefine((def, ctx) => {
     const seen = new Set<string>()
     def.disks.forEach((d, i) => {
+      // The id of a UEFI VM's NVRAM in the snapshot engine (src/vm/firmware.ts).
+      if (d.id === 'nvram') ctx.addIssue({ code: 'custom', path: ['disks', i, 'id'], message: 'nvram is reserved for the UEFI variable store' })
       if (seen.has(d.id)) ctx.addIssue({ code: 'custom', path: ['disks', i, 'id'], message: `duplicate disk id ${d.id}` })
       seen.add(d.id)
       const issue = diskOptionIssue(d)
@@ -70,6 +75,7 @@ export const VmDefinition = z
     })
     const cpuIssue = topologyIssue(def.cpus, def.cpu)
     if (cpuIssue) ctx.addIssue({ code: 'custom', path: ['cpu'], message: cpuIssue })
+    for (const issue of nicListIssues(def.nics ?? [])) ctx.addIssue({ code: 'custom', ...issue })
     if ((def.initrd || def.append) && !def.kernel) {
       ctx.addIssue({ code: 'custom', path: ['kernel'], message: 'initrd and append need a kernel' })
     }

@@ -24,6 +24,9 @@ import { reserveFile } from '../snapshot/files.ts'
 import { buildArgv, VM_FILES, type ActiveDisk } from './argv.ts'
 import { chooseMachine } from './accel.ts'
 import { assertKnownCpuModel, topologyOf } from './cpu.ts'
+import { ensureNvram, findOvmf, FW_CODE_NODE, NVRAM_DISK_ID, NVRAM_FILE } from './firmware.ts'
+import { checkNicsOnHost } from './net-host.ts'
+import { assignMacs } from './nic.ts'
 import { checkPassthrough, makePassthroughPolicy } from './passthrough.ts'
 import { disksAfterPatch, patchedDefinition } from './patch.ts'
 import {
@@ -226,11 +229,12 @@ export class VmManager {
     const def = parseInput(VmDefinition, input)
     const dir = this.deps.paths.vmDir(def.name)
     const resolved = await this.resolveDefinition(def)
+    const nvram = resolved.firmware === 'uefi' ? [{ id: NVRAM_DISK_ID, file: join(dir, NVRAM_FILE), format: 'qcow2' as const, gen: 0 }] : []
     const runtime: VmRuntime = {
       state: 'shutoff',
       qmpSocket: join(dir, VM_FILES.qmpSocket),
-      disks: resolved.disks.map((d) => ({ id: d.id, file: d.file, format: d.format, gen: 0 })),
-      createdFiles: [],
+      disks: [...resolved.disks.map((d) => ({ id: d.id, file: d.file, format: d.format, gen: 0 })), ...nvram],
+      createdFiles: nvram.map((d) => d.file),
     }
     if (!this.deps.repo.insert({ name: def.name, definition: resolved, runtime })) {
       throw new QmpdError('VM_EXISTS', `a VM named ${def.name} already exists`, { vm: def.name })
@@ -255,8 +259,12 @@ export class VmManager {
       disks: def.disks.map((d, i) => ({ ...d, file: this.deps.paths.resolve(d.file, dir, `disks[${i}].file`) })),
       ...(def.kernel ? { kernel: this.deps.paths.resolve(def.kernel, dir, 'kernel') } : {}),
       ...(def.initrd ? { initrd: this.deps.paths.resolve(def.initrd, dir, 'initrd') } : {}),
+      ...(def.nics ? { nics: assignMacs(def.nics) } : {}),
     }
     await this.checkFiles(resolved, dir, 'define')
+    await checkNicsOnHost(resolved.nics ?? [])
+    // A UEFI VM's NVRAM is one more disk (src/vm/firmware.ts), created at the first start.
+    if (resolved.firmware === 'uefi') findOvmf()
     return resolved
   }
 
@@ -279,7 +287,12 @@ export class VmManager {
     // The file checks awaited: look again right before the write.
     refuse()
     if (h.rec.definition !== before) throw new QmpdError('BUSY', `VM ${name} changed while the patch was checked; send it again`, { vm: name })
-    this.setDefinition(name, after, { disks: disksAfterPatch(before, after, h.rec.runtime.disks) })
+    const disks = disksAfterPatch(before, after, h.rec.runtime.disks)
+    // The NVRAM stays with the VM while it is UEFI (its variables), and is made at the next start when it becomes UEFI.
+    const nvramFile = join(this.deps.paths.vmDir(name), NVRAM_FILE)
+    const nvram = after.firmware === 'uefi' ? [h.rec.runtime.disks.find((d) => d.id === NVRAM_DISK_ID) ?? { id: NVRAM_DISK_ID, file: nvramFile, format: 'qcow2' as const, gen: 0 }] : []
+    const createdFiles = h.rec.runtime.createdFiles.includes(nvramFile) || nvram.length === 0 ? h.rec.runtime.createdFiles : [...h.rec.runtime.createdFiles, nvramFile]
+    this.setDefinition(name, after, { disks: [...disks, ...nvram], createdFiles })
     h.log.info({ fields: Object.keys(patch as object) }, 'vm definition patched')
     return this.view(name)
   }
@@ -1063,6 +1076,9 @@ export class VmManager {
     // Checked again here, not only at define: files can be swapped for symlinks, FIFOs or images
     // naming outside backing files after the define, and snapshots move the active layers.
     await this.checkFiles(def, dir, 'start', disks)
+    await checkNicsOnHost(def.nics ?? [])
+    const ovmf = def.firmware === 'uefi' ? findOvmf() : undefined
+    if (ovmf && (await ensureNvram(this.deps.qemuImg, disks, join(dir, NVRAM_FILE), ovmf))) ctx.log.info({ template: ovmf.varsTemplate }, 'nvram created')
     const created: string[] = []
     for (const disk of disks) {
       if (existsSync(disk.file)) continue
@@ -1092,7 +1108,7 @@ export class VmManager {
     }
     const machine = await chooseMachine(def, this.deps.config)
     ctx.log.info(machine, 'accelerator chosen')
-    const argv = buildArgv(def, { accel: machine.accel, cpuModel: machine.cpuModel, disks, ...(opts.incoming ? { incoming: true } : {}) })
+    const argv = buildArgv(def, { accel: machine.accel, cpuModel: machine.cpuModel, disks, ...(ovmf ? { ovmf } : {}), ...(opts.incoming ? { incoming: true } : {}) })
     await this.launch(h, ctx, argv)
     this.updateRuntime(h.name, { machine })
     return h.qmp!
@@ -1350,6 +1366,8 @@ function disksFromQueryBlock(blocks: unknown): DiskView[] {
   for (const b of list) {
     if (!b.inserted) continue
     const id = deviceId(b)
+    // The firmware code is the host's (read-only, never snapshotted), not one of the VM's disks.
+    if (id === FW_CODE_NODE) continue
     const chain: ChainLayer[] = []
     for (let img: BlockImage | undefined = b.inserted.image; img; img = img['backing-image']) {
       chain.push({

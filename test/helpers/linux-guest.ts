@@ -5,6 +5,11 @@
 // /mnt/data, starts qemu-ga on the org.qemu.guest_agent.0 virtio-serial port, prints
 // LINUX_GUEST_READY on the serial console and then writes a counter to /mnt/data/counter about
 // every 100 ms, forever, printing a GUEST_HEARTBEAT line after every 10th write.
+// With GUEST_NET_APPEND on the kernel command line it also loads virtio_net, configures eth0 for
+// QEMU's user-mode network (10.0.2.15/24, gateway 10.0.2.2) and runs busybox httpd on port 80,
+// serving /boot (a random id per boot), /mac (eth0's MAC) and /counter (the counter, in RAM).
+// With GUEST_EFI_APPEND too (a UEFI boot) it mounts efivarfs, and the CGI scripts
+// /cgi-bin/setvar?VALUE and /cgi-bin/getvar write and read the UEFI variable GUEST_EFIVAR.
 //
 // The build is cached under /var/tmp/qmpd-linux-guest/<hash>, the hash covering this file's own
 // source (recipe, /init, modules) and the architecture: the second run touches neither apt nor the
@@ -51,17 +56,39 @@ export const GUEST_DEB_PACKAGES = ['linux-image-cloud-amd64', 'busybox-static', 
 
 /**
  * Packages the build needs installed on the HOST: apt (apt-get download), dpkg (dpkg-deb),
- * libc-bin (ldd), and the runtime libraries of qemu-guest-agent, which ldd resolves on the host
+ * libc-bin (ldd), e2fsprogs (chattr, copied into the guest with its libraries), and the runtime libraries of qemu-guest-agent, which ldd resolves on the host
  * and which are copied into the initramfs (all of them come with qemu-system-x86 already). The
  * cpio archive is written by this file, so cpio is not needed.
  */
-export const HOST_BUILD_PACKAGES = ['apt', 'dpkg', 'libc-bin', 'libglib2.0-0', 'libnuma1', 'libudev1', 'liburing2', 'libpcre2-8-0'] as const
+export const HOST_BUILD_PACKAGES = ['apt', 'dpkg', 'libc-bin', 'e2fsprogs', 'libglib2.0-0', 'libnuma1', 'libudev1', 'liburing2', 'libpcre2-8-0'] as const
 
 /** Every apt package the Linux test guest needs: downloaded ones first, then host-side ones. */
 export const LINUX_GUEST_PACKAGES: readonly string[] = [...GUEST_DEB_PACKAGES, ...HOST_BUILD_PACKAGES]
 
 /** Modules /init loads (their dependencies are found in the .ko files and loaded first). */
 const GUEST_MODULES = ['virtio_pci', 'virtio_blk', 'virtio_console']
+
+/** Modules /init loads only when the command line has GUEST_NET_APPEND (after GUEST_MODULES). */
+const GUEST_NET_MODULES = ['virtio_net']
+
+/** Modules /init loads only when the command line has GUEST_EFI_APPEND. */
+const GUEST_EFI_MODULES = ['efivarfs']
+
+/** Append this (with GUEST_NET_APPEND) on a UEFI boot: efivarfs is mounted, /cgi-bin/setvar and getvar serve GUEST_EFIVAR. */
+export const GUEST_EFI_APPEND = 'qmpd.efi=1'
+
+/** The UEFI variable the guest's CGI scripts write (name-GUID, as efivarfs names it). */
+export const GUEST_EFIVAR = 'QmpdTest-5ad3c6a2-8f0e-4b7c-9a51-2e6f0d4c7b19'
+
+/** Append this to the kernel command line to have the guest bring up eth0 and serve HTTP on GUEST_HTTP_PORT. */
+export const GUEST_NET_APPEND = 'qmpd.net=1'
+
+/** The port busybox httpd listens on inside the guest, and the address /init gives eth0. */
+export const GUEST_HTTP_PORT = 80
+export const GUEST_NET_ADDR = '10.0.2.15'
+
+/** Line the guest prints once eth0 is configured and httpd runs (before LINUX_GUEST_READY). */
+export const GUEST_NET_READY = 'QMPD-GUEST-NET-UP'
 
 /** Parent directory of the cache entries (QMPD_LINUX_GUEST_CACHE overrides it). /var/tmp survives reboots, unlike /tmp on many hosts. */
 export const LINUX_GUEST_CACHE_ROOT = process.env['QMPD_LINUX_GUEST_CACHE'] ?? '/var/tmp/qmpd-linux-guest'
@@ -218,10 +245,15 @@ async function build(work: string, out: string): Promise<void> {
   if (modDirs.length !== 1 || kver === undefined) throw new Error(`linux guest: expected one kernel in ${kernelDeb.file}, found ${modDirs.join(', ')}`)
   const modRoot = join(root, 'lib/modules', kver)
   const modules = await resolveModules(modRoot, GUEST_MODULES)
+  const netModules = (await resolveModules(modRoot, [...GUEST_MODULES, ...GUEST_NET_MODULES])).filter((m) => !modules.some((b) => b.name === m.name))
+  const efiModules = (await resolveModules(modRoot, GUEST_EFI_MODULES)).filter((m) => ![...modules, ...netModules].some((b) => b.name === m.name))
 
   const qgaBin = join(root, 'usr/sbin/qemu-ga')
   const busybox = join(root, 'bin/busybox')
-  const libs = await sharedLibraries(qgaBin)
+  // The host's chattr (e2fsprogs): busybox has none, and efivarfs makes the variables it creates
+  // immutable, so rewriting one needs chattr -i first.
+  const chattr = '/usr/bin/chattr'
+  const libs = [...new Set([...(await sharedLibraries(qgaBin)), ...(await sharedLibraries(chattr))])]
 
   const cpio = new CpioWriter()
   for (const d of ['bin', 'dev', 'proc', 'sys', 'run', 'tmp', 'mnt', 'mnt/data', 'lib', 'lib/modules', 'lib64', 'etc', 'usr', 'usr/sbin', 'var']) {
@@ -234,13 +266,14 @@ async function build(work: string, out: string): Promise<void> {
   cpio.file('bin/busybox', await readFile(busybox), 0o755)
   cpio.symlink('bin/sh', 'busybox')
   cpio.file('usr/sbin/qemu-ga', await readFile(qgaBin), 0o755)
+  cpio.file('usr/sbin/chattr', await readFile(chattr), 0o755)
   for (const lib of libs) {
     const rel = lib.replace(/^\/+/, '')
     for (const d of parentsOf(rel)) cpio.dir(d)
     cpio.file(rel, await readFile(lib), 0o755)
   }
-  for (const m of modules) cpio.file(`lib/modules/${m.name}.ko`, await readFile(m.file), 0o644)
-  cpio.file('init', Buffer.from(initScript(modules.map((m) => m.name))), 0o755)
+  for (const m of [...modules, ...netModules, ...efiModules]) cpio.file(`lib/modules/${m.name}.ko`, await readFile(m.file), 0o644)
+  cpio.file('init', Buffer.from(initScript(modules.map((m) => m.name), netModules.map((m) => m.name), efiModules.map((m) => m.name))), 0o755)
 
   const kernelName = 'vmlinuz'
   const initrdName = 'initrd.cpio'
@@ -253,7 +286,7 @@ async function build(work: string, out: string): Promise<void> {
     initrd: initrdName,
     append: APPEND,
     packages: Object.fromEntries([kernelMeta, kernelDeb, busyboxDeb, qgaDeb].map((d) => [d.name, d.version])),
-    modules: modules.map((m) => m.name),
+    modules: [...modules, ...netModules, ...efiModules].map((m) => m.name),
     libraries: libs,
     builtAt: new Date().toISOString(),
   }
@@ -415,7 +448,7 @@ function errText(err: unknown): string {
  * /dev/virtio-ports/<name> symlink that udev would create is made from sysfs. The port name
  * reaches the guest in a virtio-serial control message after the port appears, hence the wait.
  */
-function initScript(modules: string[]): string {
+function initScript(modules: string[], netModules: string[], efiModules: string[]): string {
   return `#!/bin/sh
 /bin/busybox --install -s /bin
 export PATH=/bin:/usr/sbin
@@ -464,12 +497,61 @@ done
 ) &
 n=0
 while ! pidof qemu-ga >/dev/null && [ $n -lt 50 ]; do usleep 100000; n=$((n + 1)); done
+
+www=
+if grep -q '${GUEST_NET_APPEND}' /proc/cmdline; then
+  for m in ${netModules.join(' ')}; do
+    insmod /lib/modules/$m.ko || say "insmod $m failed"
+  done
+  n=0
+  while [ ! -e /sys/class/net/eth0 ] && [ $n -lt 50 ]; do usleep 100000; n=$((n + 1)); done
+  ip link set lo up
+  ip addr add ${GUEST_NET_ADDR}/24 dev eth0 || say "no eth0"
+  ip link set eth0 up
+  ip route add default via 10.0.2.2
+  www=/run/www
+  mkdir -p $www
+  cat /proc/sys/kernel/random/uuid > $www/boot
+  cat /sys/class/net/eth0/address > $www/mac
+  echo 0 > $www/counter
+  if grep -q '${GUEST_EFI_APPEND}' /proc/cmdline; then
+    for m in ${efiModules.join(' ')}; do
+      insmod /lib/modules/$m.ko || say "insmod $m failed"
+    done
+    mount -t efivarfs efivarfs /sys/firmware/efi/efivars || say "mount efivarfs failed"
+    mkdir -p $www/cgi-bin
+    # efivarfs takes attributes (NV|BS|RT = 7, little endian) and data in one write(): staged in
+    # /tmp, copied with one dd block. Rewriting a variable is delete + create; efivarfs makes
+    # variables it does not know immutable, hence chattr -i. CGI headers end in
+    # CRLF: busybox httpd passes them through, and Node's HTTP parser insists.
+    cat > $www/cgi-bin/setvar <<'CGI'
+#!/bin/sh
+v=/sys/firmware/efi/efivars/${GUEST_EFIVAR}
+printf '\\007\\000\\000\\000%s' "$QUERY_STRING" > /tmp/efivar.$$
+[ -e $v ] && chattr -i $v
+rm -f $v
+dd if=/tmp/efivar.$$ of=$v bs=4096 2>/dev/null
+rm -f /tmp/efivar.$$
+printf 'Content-Type: text/plain\\r\\n\\r\\n'
+tail -c +5 $v
+CGI
+    cat > $www/cgi-bin/getvar <<'CGI'
+#!/bin/sh
+printf 'Content-Type: text/plain\\r\\n\\r\\n'
+tail -c +5 /sys/firmware/efi/efivars/${GUEST_EFIVAR} 2>/dev/null || echo NOVAR
+CGI
+    chmod 755 $www/cgi-bin/setvar $www/cgi-bin/getvar
+  fi
+  httpd -p ${GUEST_HTTP_PORT} -h $www && echo ${GUEST_NET_READY} || say "httpd failed"
+fi
 echo ${LINUX_GUEST_READY}
 
 i=0
 while true; do
   i=$((i + 1))
   echo $i > ${GUEST_COUNTER_FILE}
+  # Renamed into place: httpd never serves a half-written file.
+  [ -n "$www" ] && echo $i > $www/.counter && mv $www/.counter $www/counter
   [ $((i % 10)) -eq 0 ] && echo "${GUEST_HEARTBEAT} $i"
   usleep 100000
 done
