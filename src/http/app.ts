@@ -3,11 +3,12 @@
 import { createHash, timingSafeEqual } from 'node:crypto'
 import fastifySwagger from '@fastify/swagger'
 import fastifySwaggerUi from '@fastify/swagger-ui'
-import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify'
+import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyReply } from 'fastify'
 import { jsonSchemaTransform, serializerCompiler, validatorCompiler, type ZodTypeProvider } from 'fastify-type-provider-zod'
 import type { Logger } from 'pino'
 import { z } from 'zod'
 import type { EventBus } from '../events/bus.ts'
+import { Metrics } from '../events/metrics.ts'
 import type { JobManager } from '../jobs/manager.ts'
 import type { VmManager } from '../vm/manager.ts'
 import type { SnapshotService } from '../snapshot/service.ts'
@@ -86,7 +87,7 @@ export const HTTP_LIMITS: HttpLimits = {
 }
 
 /** Routes whose query strings are strict even without a query schema of their own. */
-const STRICT_QUERY = /^\/(v1\/|healthz$|openapi\.json$|$)/
+const STRICT_QUERY = /^\/(v1\/|healthz$|openapi\.json$|metrics$|$)/
 
 /** "Scheme credentials" of an Authorization header (RFC 7235). */
 const AUTHORIZATION = /^([!#$%&'*+.^_`|~0-9A-Za-z-]+) +(\S+) *$/
@@ -189,6 +190,24 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
       },
     },
     async () => ({ name: 'qmpd' as const, version: opts.version, docs: '/docs', openapi: '/openapi.json', health: '/healthz' }),
+  )
+  // Prometheus metrics, behind the token like the rest of the API (docs/api.md "Metrics").
+  const metrics = new Metrics(opts.services.bus, opts.services.vms)
+  app.addHook('onClose', async () => metrics.close())
+  app.get(
+    '/metrics',
+    {
+      schema: {
+        summary: 'Prometheus metrics (text exposition format): jobs, job durations, guest downtime, VMs by state, QMP latency, event-loop delay',
+        tags: ['daemon'],
+        operationId: 'getMetrics',
+        response: { 200: { description: 'Prometheus text format 0.0.4', content: { 'text/plain': { schema: z.string() } } } },
+      },
+    },
+    async (_req, reply) => {
+      const { text, contentType } = await metrics.scrape()
+      return (reply as FastifyReply).type(contentType).send(text)
+    },
   )
   await app.register(vmRoutes, { services: opts.services })
   await app.register(jobRoutes, { services: opts.services })

@@ -39,6 +39,10 @@ t.test('every operation answers as the document declares, and every operation wa
   t.equal((await guarded.api('GET', '/v1/vms')).status, 401, 'the API needs the token')
   t.equal((await guarded.api('GET', '/v1/vms', undefined, { authorization: 'Bearer contract-token' })).status, 200)
   is(await api('GET', '/healthz?bogus=1'), 400, 'GET /healthz?bogus=1')
+  is(await guarded.api('GET', '/metrics'), 401, 'metrics need the token')
+  const metrics = await td.app.inject({ method: 'GET', url: '/metrics' })
+  t.equal(metrics.statusCode, 200)
+  t.equal(contracts[0]!.check('GET', '/metrics', metrics.statusCode, metrics.headers['content-type'] as string, metrics.body).problem, undefined, 'GET /metrics is text/plain as declared')
 
   // VMs.
   await defineGuestVm(td, 'c1')
