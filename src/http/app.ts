@@ -194,6 +194,7 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
   // Prometheus metrics, behind the token like the rest of the API (docs/api.md "Metrics").
   const metrics = new Metrics(opts.services.bus, opts.services.vms)
   app.addHook('onClose', async () => metrics.close())
+  app.decorate('metrics', metrics)
   app.get(
     '/metrics',
     {
