@@ -10,6 +10,8 @@ export interface Config {
   stateDir: string
   /** "host:port" or "unix:/path". */
   listen: string
+  /** Optional second listener serving only GET /metrics, without a token (localhost or a private address). */
+  metricsListen?: string
   qemuBinary: string
   qemuImgBinary: string
   /** 'auto' picks kvm when /dev/kvm is usable, else tcg. */
@@ -59,9 +61,11 @@ export function defaultStateDir(env: NodeJS.ProcessEnv = process.env): string {
 export function makeConfig(over: Partial<Config> = {}, env: NodeJS.ProcessEnv = process.env): Config {
   const stateDir = resolve(over.stateDir ?? env['QMPD_STATE_DIR'] ?? defaultStateDir(env))
   const token = over.token ?? (env['QMPD_TOKEN'] || undefined)
+  const metricsListen = over.metricsListen ?? (env['QMPD_METRICS_LISTEN'] || undefined)
   return {
     stateDir,
     listen: over.listen ?? env['QMPD_LISTEN'] ?? '127.0.0.1:7777',
+    ...(metricsListen ? { metricsListen } : {}),
     qemuBinary: over.qemuBinary ?? env['QMPD_QEMU'] ?? 'qemu-system-x86_64',
     qemuImgBinary: over.qemuImgBinary ?? env['QMPD_QEMU_IMG'] ?? 'qemu-img',
     accel: over.accel ?? parseAccel(env['QMPD_ACCEL']),

@@ -3,12 +3,14 @@
 import { parseArgs } from 'node:util'
 import { makeConfig, parseCount } from '../config.ts'
 import { startDaemon, VERSION } from '../daemon.ts'
+import { listenMetrics } from '../http/metrics-server.ts'
 import { listen } from '../http/server.ts'
 
 const HELP = `qmpd ${VERSION}: snapshots, checkpoints and saved state of QEMU VMs over QMP
 
 Usage:
-  qmpd serve [--listen ADDR] [--state-dir DIR] [--qemu-binary PATH] [--qemu-img PATH]
+  qmpd serve [--listen ADDR] [--metrics-listen ADDR] [--state-dir DIR]
+             [--qemu-binary PATH] [--qemu-img PATH]
              [--accel auto|kvm|tcg] [--allow-dir DIR]... [--log-level LEVEL]
              [--parallel-disk-snapshots N] [--qmp-passthrough [--qmp-allow CMD]...]
              [--fresh-store]
@@ -17,6 +19,9 @@ Usage:
 Options:
   --listen ADDR       host:port (default 127.0.0.1:7777; needs the bearer token) or unix:/path
                       (mode 0660, no token)
+  --metrics-listen ADDR
+                      also serve GET /metrics alone on ADDR, without a token (give it
+                      127.0.0.1:PORT or a private address; also $QMPD_METRICS_LISTEN)
   --state-dir DIR     everything qmpd keeps (default $QMPD_STATE_DIR, $XDG_STATE_HOME/qmpd,
                       or ~/.local/state/qmpd)
   --qemu-binary PATH  qemu-system-x86_64 to run (default $QMPD_QEMU or from PATH)
@@ -46,6 +51,7 @@ export async function main(argv: string[]): Promise<number> {
     allowPositionals: true,
     options: {
       listen: { type: 'string' },
+      'metrics-listen': { type: 'string' },
       'state-dir': { type: 'string' },
       'qemu-binary': { type: 'string' },
       'qemu-img': { type: 'string' },
@@ -76,6 +82,7 @@ export async function main(argv: string[]): Promise<number> {
   const parallel = parseCount(values['parallel-disk-snapshots'], '--parallel-disk-snapshots')
   const config = makeConfig({
     ...(values.listen ? { listen: values.listen } : {}),
+    ...(values['metrics-listen'] ? { metricsListen: values['metrics-listen'] } : {}),
     ...(values['state-dir'] ? { stateDir: values['state-dir'] } : {}),
     ...(values['qemu-binary'] ? { qemuBinary: values['qemu-binary'] } : {}),
     ...(values['qemu-img'] ? { qemuImgBinary: values['qemu-img'] } : {}),
@@ -93,6 +100,8 @@ export async function main(argv: string[]): Promise<number> {
   // either way, but an exiting daemon would leave every VM unmanaged. Log loudly and serve on.
   process.on('unhandledRejection', (err) => daemon.log.error({ err }, 'unhandled rejection (a qmpd bug)'))
   const { app } = await listen(daemon, config.listen)
+  const metricsServer = config.metricsListen ? await listenMetrics(app, config.metricsListen) : undefined
+  if (metricsServer) daemon.log.info({ address: metricsServer.address }, 'serving GET /metrics without a token')
   daemon.log.info({ stateDir: config.stateDir, version: VERSION }, 'qmpd serving')
   await new Promise<void>((resolve) => {
     const stop = (sig: string): void => {
@@ -102,6 +111,7 @@ export async function main(argv: string[]): Promise<number> {
     process.once('SIGINT', stop)
     process.once('SIGTERM', stop)
   })
+  await metricsServer?.server.close()
   await app.close()
   await daemon.close()
   return 0

@@ -3,11 +3,12 @@
 import { createHash, timingSafeEqual } from 'node:crypto'
 import fastifySwagger from '@fastify/swagger'
 import fastifySwaggerUi from '@fastify/swagger-ui'
-import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify'
+import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyReply } from 'fastify'
 import { jsonSchemaTransform, serializerCompiler, validatorCompiler, type ZodTypeProvider } from 'fastify-type-provider-zod'
 import type { Logger } from 'pino'
 import { z } from 'zod'
 import type { EventBus } from '../events/bus.ts'
+import { Metrics } from '../events/metrics.ts'
 import type { JobManager } from '../jobs/manager.ts'
 import type { VmManager } from '../vm/manager.ts'
 import type { SnapshotService } from '../snapshot/service.ts'
@@ -22,6 +23,9 @@ import { errorBody, installErrorHandler } from './error-handler.ts'
 import { QmpdError } from '../errors.ts'
 import { nextTurn } from '../util.ts'
 import { jobRoutes } from './routes/jobs.ts'
+import { DOCUMENT_TAGS, installDocumentRules, isOpenPath, transformDocument } from './openapi.ts'
+import { Health } from './replies.ts'
+import { DebugRequestLog } from './request-log.ts'
 import { vmRoutes } from './routes/vms.ts'
 import { schedulingRoutes } from './routes/scheduling.ts'
 import { installIdempotency } from './idempotency.ts'
@@ -92,11 +96,8 @@ export const HTTP_LIMITS: HttpLimits = {
   maxRequestsPerSocket: 1_000,
 }
 
-/** Paths served without a token: liveness and the API's own documentation (no VM data). */
-const PUBLIC_PREFIXES = ['/healthz', '/docs', '/openapi.json']
-
 /** Routes whose query strings are strict even without a query schema of their own. */
-const STRICT_QUERY = /^\/(v1\/|healthz$|openapi\.json$)/
+const STRICT_QUERY = /^\/(v1\/|healthz$|openapi\.json$|metrics$|$)/
 
 /** "Scheme credentials" of an Authorization header (RFC 7235). */
 const AUTHORIZATION = /^([!#$%&'*+.^_`|~0-9A-Za-z-]+) +(\S+) *$/
@@ -113,6 +114,7 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
     // eslint-disable-next-line @typescript-eslint/no-unnecessary-type-assertion -- tsc needs it: pino's Logger is not fastify's logger type
     loggerInstance: opts.logger.child({ component: 'http' }) as FastifyBaseLogger,
     bodyLimit: 1024 * 1024,
+    logController: new DebugRequestLog(),
     keepAliveTimeout: limits.keepAliveTimeoutMs,
     requestTimeout: limits.requestTimeoutMs,
     maxRequestsPerSocket: limits.maxRequestsPerSocket,
@@ -131,6 +133,18 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
     route.schema.querystring ??= z.strictObject({})
   })
   installErrorHandler(app)
+  installDocumentRules(app)
+  // An empty body sent as application/json is no body (read as {} below), as curl -H 'Content-Type:
+  // application/json' -d '' sends it; anything else goes to fastify's own (poisoning-safe) parser.
+  const json = app.getDefaultJsonParser('error', 'error')
+  app.removeContentTypeParser('application/json')
+  app.addContentTypeParser('application/json', { parseAs: 'string' }, (req, body, done) => {
+    if (body.toString().trim() === '') {
+      done(null, undefined)
+      return
+    }
+    void json(req, body.toString(), done)
+  })
   // `curl -X POST …/pause` sends no body at all; treat that as {} so optional bodies stay optional.
   // A JSON `null` is a body, and never the object a route expects: refused.
   app.addHook('preValidation', async (req) => {
@@ -145,7 +159,7 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
     const expected = digest(opts.token)
     app.addHook('onRequest', async (req, reply) => {
       const path = req.url.split('?')[0] ?? ''
-      if (PUBLIC_PREFIXES.some((p) => path === p || path.startsWith(p + '/'))) return
+      if (isOpenPath(path)) return
       // RFC 7235: the scheme is case-insensitive ("bearer", "BEARER"); the token is compared as sent.
       const m = AUTHORIZATION.exec(req.headers.authorization ?? '')
       const ok = m !== null && m[1]!.toLowerCase() === 'bearer' && timingSafeEqual(digest(m[2]!), expected)
@@ -158,16 +172,54 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
 
   await app.register(fastifySwagger, {
     openapi: {
-      info: { title: 'qmpd', description: 'Snapshots, checkpoints and saved state of QEMU VMs, over QMP', version: opts.version },
-      components: { securitySchemes: { bearer: { type: 'http', scheme: 'bearer' } } },
+      info: { title: 'qmpd', description: 'Snapshots, checkpoints and saved state of QEMU VMs, over QMP', version: opts.version, license: { name: 'MIT', url: 'https://opensource.org/license/mit' } },
+      servers: [{ url: '/', description: 'this daemon (TCP --listen, default 127.0.0.1:7777; or its unix socket)' }],
+      tags: DOCUMENT_TAGS,
+      components: { securitySchemes: { bearer: { type: 'http', scheme: 'bearer', description: 'the token of <state-dir>/token or QMPD_TOKEN; not needed on the unix socket' } } },
       security: [{ bearer: [] }],
     },
     transform: jsonSchemaTransform,
+    transformObject: transformDocument,
   })
   await app.register(fastifySwaggerUi, { routePrefix: '/docs' })
 
-  app.get('/openapi.json', { schema: { hide: true } }, async () => app.swagger())
-  app.get('/healthz', { schema: { summary: 'Liveness', tags: ['daemon'] } }, async () => ({ status: 'ok', version: opts.version }))
+  app.get(
+    '/openapi.json',
+    { schema: { summary: 'This OpenAPI document', tags: ['daemon'], operationId: 'getOpenApi', response: { 200: z.looseObject({ openapi: z.string() }) } } },
+    async () => app.swagger() as { openapi: string },
+  )
+  app.get('/healthz', { schema: { summary: 'Liveness', tags: ['daemon'], operationId: 'getHealth', response: { 200: Health } } }, async () => ({ status: 'ok' as const, version: opts.version }))
+  app.get(
+    '/',
+    {
+      schema: {
+        summary: 'Where the API is described (no token needed)',
+        tags: ['daemon'],
+        operationId: 'getRoot',
+        response: { 200: z.object({ name: z.literal('qmpd'), version: z.string(), docs: z.string(), openapi: z.string(), health: z.string() }) },
+      },
+    },
+    async () => ({ name: 'qmpd' as const, version: opts.version, docs: '/docs', openapi: '/openapi.json', health: '/healthz' }),
+  )
+  // Prometheus metrics, behind the token like the rest of the API (docs/api.md "Metrics").
+  const metrics = new Metrics(opts.services.bus, opts.services.vms)
+  app.addHook('onClose', async () => metrics.close())
+  app.decorate('metrics', metrics)
+  app.get(
+    '/metrics',
+    {
+      schema: {
+        summary: 'Prometheus metrics (text exposition format): jobs, job durations, guest downtime, VMs by state, QMP latency, event-loop delay',
+        tags: ['daemon'],
+        operationId: 'getMetrics',
+        response: { 200: { description: 'Prometheus text format 0.0.4', content: { 'text/plain': { schema: z.string() } } } },
+      },
+    },
+    async (_req, reply) => {
+      const { text, contentType } = await metrics.scrape()
+      return (reply as FastifyReply).type(contentType).send(text)
+    },
+  )
   // Before the routes: it wraps the handler of every POST registered after it.
   installIdempotency(app, { repo: opts.services.idempotency, vms: opts.services.vms, jobs: opts.services.jobs })
   await app.register(vmRoutes, { services: opts.services })

@@ -115,6 +115,10 @@ export function installErrorHandler(app: FastifyInstance): void {
       req.log.error({ err, issues: err.cause.issues }, 'response does not match its schema')
       return reply.code(500).send(errorBody('INTERNAL', 'response does not match its schema'))
     }
+    if (err.statusCode === 415) {
+      const type = String(req.headers['content-type'] ?? '(none)')
+      return reply.code(415).send(errorBody('INVALID_INPUT', `unsupported media type ${type}: send the body as JSON with Content-Type: application/json`, { fastifyCode: err.code }))
+    }
     if (typeof err.statusCode === 'number' && err.statusCode >= 400 && err.statusCode < 500) {
       // fastify's own client errors: bad JSON, wrong content type, body too large…
       return reply.code(err.statusCode).send(errorBody(err.statusCode === 401 ? 'UNAUTHORIZED' : 'INVALID_INPUT', err.message, { fastifyCode: err.code }))

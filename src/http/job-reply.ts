@@ -14,7 +14,7 @@ export async function replyWithJob(
   jobs: JobManager,
   job: Job,
   query: { wait: boolean; timeoutSec: number },
-): Promise<unknown> {
+): Promise<FastifyReply> {
   reply.header('Location', `/v1/jobs/${job.id}`)
   if (!query.wait) return reply.code(202).send(job)
   const done = await jobs.wait(job.id, query.timeoutSec * 1000)

@@ -50,6 +50,15 @@ export interface QmpClientOptions {
   maxLineBytes?: number
 }
 
+/** Observers of every command's reply time (metrics); they must not throw or block. */
+const replyObservers = new Set<(command: string, ms: number) => void>()
+
+/** Calls `fn(command, ms)` for every reply (success or QMP error) of any client; returns the unsubscribe. */
+export function observeQmpReplies(fn: (command: string, ms: number) => void): () => void {
+  replyObservers.add(fn)
+  return () => replyObservers.delete(fn)
+}
+
 /** Options of connect(). */
 export interface ConnectOptions {
   /** Bounds socket connect + greeting + qmp_capabilities together. Default DEFAULT_CONNECT_TIMEOUT_MS. */
@@ -635,6 +644,7 @@ export class QmpClient extends EventEmitter<QmpClientEventMap> {
     }
     this.settle(p)
     const ms = elapsed(p.sentAt)
+    for (const observe of replyObservers) observe(p.command, ms)
     // The capabilities handshake settles at once: events that follow it must find connect()'s
     // caller already listening.
     const urgent = p.command === 'qmp_capabilities'

@@ -12,6 +12,7 @@ import type { SnapshotTestHooks } from '../../src/snapshot/service.ts'
 import type { VmTestHooks } from '../../src/vm/manager.ts'
 import { RISKY_QMP_COMMANDS } from '../../src/vm/passthrough.ts'
 import { isAlive, waitForExit } from '../../src/vm/proc.ts'
+import { contractOf } from './contract.ts'
 import { GUEST_COUNTER_ADDR, makeGuestDisk, parseCounters, type GuestCounters } from './guest.ts'
 
 /** A daemon under test with an injected-request helper. */
@@ -19,7 +20,7 @@ export interface TestDaemon {
   daemon: Daemon
   app: FastifyInstance
   stateDir: string
-  /** Sends a request through fastify.inject; `body` is sent as JSON. */
+  /** Sends a request through fastify.inject; `body` is sent as JSON. A response the OpenAPI document does not declare fails the test. */
   api(method: string, url: string, body?: unknown, headers?: Record<string, string>): Promise<{ status: number; body: any; headers: Record<string, unknown> }>
   /** Closes the daemon (QEMUs keep running, like a daemon restart). */
   close(opts?: { drainTimeoutMs?: number }): Promise<void>
@@ -78,6 +79,9 @@ export async function startTestDaemon(
         headers: { ...(body !== undefined ? { 'content-type': 'application/json' } : {}), ...headers },
         ...(body !== undefined ? { payload: JSON.stringify(body) } : {}),
       })
+      // Every response a test receives is checked against the API's own document (test/helpers/contract.ts).
+      const verdict = contractOf(app).check(method, url, res.statusCode, res.headers['content-type'] as string | undefined, res.body)
+      if (verdict.problem) t.fail(`response breaks the OpenAPI contract: ${verdict.problem}`)
       const parsed = res.body ? JSON.parse(res.body) : undefined
       for (const vm of (parsed?.vms ?? [parsed]) as Array<{ pid?: number } | undefined>) if (vm?.pid) pids.add(vm.pid)
       if (parsed?.result?.pid) pids.add(parsed.result.pid)

@@ -1,4 +1,5 @@
 // The SSE stream GET /v1/events; a slow client is dropped, never waited for.
+import type { FastifyReply } from 'fastify'
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod'
 import { z } from 'zod'
 import type { BusEvent } from '../../events/bus.ts'
@@ -25,6 +26,8 @@ export const eventRoutes: FastifyPluginAsyncZod<{ services: Services; maxPending
       schema: {
         summary: 'Live event stream (text/event-stream): job state and progress, VM state, QEMU events',
         tags: ['events'],
+        operationId: 'streamEvents',
+        response: { 200: { description: 'Server-Sent Events: `event:` job, vm or qmp (then dropped or shutdown when the stream ends), `data:` the event as JSON', content: { 'text/event-stream': { schema: z.string() } } } },
         querystring: z.strictObject({
           vm: Name.optional(),
           types: z
@@ -36,7 +39,7 @@ export const eventRoutes: FastifyPluginAsyncZod<{ services: Services; maxPending
     },
     (req, reply) => {
       // HEAD (fastify serves it for every GET): the stream's headers, no stream.
-      if (req.method === 'HEAD') return reply.code(200).header('content-type', 'text/event-stream').header('cache-control', 'no-cache').send()
+      if (req.method === 'HEAD') return void (reply as FastifyReply).code(200).header('content-type', 'text/event-stream').header('cache-control', 'no-cache').send()
       const types = new Set((req.query.types ?? 'job,vm,qmp').split(','))
       const vm = req.query.vm
       reply.hijack()

@@ -2,9 +2,9 @@
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod'
 import { z } from 'zod'
 import { QmpdError } from '../../errors.ts'
-import { Job } from '../../jobs/model.ts'
 import { Name } from '../../vm/definition.ts'
 import type { Services } from '../app.ts'
+import { errors, Job } from '../replies.ts'
 import { JobParams } from '../schemas.ts'
 
 /** /v1/jobs: history, one job, cancel. */
@@ -17,6 +17,7 @@ export const jobRoutes: FastifyPluginAsyncZod<{ services: Services }> = async (a
       schema: {
         summary: 'Jobs, newest first',
         tags: ['jobs'],
+        operationId: 'listJobs',
         querystring: z.strictObject({ vm: Name.optional(), limit: z.coerce.number().int().min(1).max(1000).default(100) }),
         response: { 200: z.object({ jobs: z.array(Job) }) },
       },
@@ -24,7 +25,7 @@ export const jobRoutes: FastifyPluginAsyncZod<{ services: Services }> = async (a
     async (req) => ({ jobs: jobs.list({ ...(req.query.vm ? { vm: req.query.vm } : {}), limit: req.query.limit }) }),
   )
 
-  app.get('/v1/jobs/:id', { schema: { summary: 'One job, with live progress', tags: ['jobs'], params: JobParams, response: { 200: Job } } }, async (req) => {
+  app.get('/v1/jobs/:id', { schema: { summary: 'One job, with live progress', tags: ['jobs'], operationId: 'getJob', params: JobParams, response: { 200: Job } } }, async (req) => {
     const job = jobs.get(req.params.id)
     if (!job) throw new QmpdError('JOB_NOT_FOUND', `no job ${req.params.id}`, { job: req.params.id })
     return job
@@ -36,8 +37,9 @@ export const jobRoutes: FastifyPluginAsyncZod<{ services: Services }> = async (a
       schema: {
         summary: 'Cancel a queued job, or a running block job (a copy cancelled once ready keeps its point-in-time copy)',
         tags: ['jobs'],
+        operationId: 'cancelJob',
         params: JobParams,
-        response: { 200: Job },
+        response: { 200: Job, ...errors(409, 502, 504) },
       },
     },
     async (req) => jobs.cancel(req.params.id),
@@ -49,8 +51,9 @@ export const jobRoutes: FastifyPluginAsyncZod<{ services: Services }> = async (a
         schema: {
           summary: { pause: 'Pause a running block job', resume: 'Resume a paused block job', complete: 'Complete a ready block job (pivot)' }[action],
           tags: ['jobs'],
+          operationId: `${action}Job`,
           params: JobParams,
-          response: { 200: Job },
+          response: { 200: Job, ...errors(409, 502, 504) },
         },
       },
       async (req) => jobs.control(req.params.id, action),
@@ -62,9 +65,10 @@ export const jobRoutes: FastifyPluginAsyncZod<{ services: Services }> = async (a
       schema: {
         summary: 'Change a running block job\'s speed limit',
         tags: ['jobs'],
+        operationId: 'setJobSpeed',
         params: JobParams,
         body: z.strictObject({ speedBytesPerSec: z.number().int().min(0).describe('0 = unlimited') }),
-        response: { 200: Job },
+        response: { 200: Job, ...errors(409, 502, 504) },
       },
     },
     async (req) => jobs.control(req.params.id, 'speed', req.body.speedBytesPerSec),

@@ -6,7 +6,8 @@ import { CreateSnapshotBody, RevertBody } from '../../snapshot/model.ts'
 import { Name } from '../../vm/definition.ts'
 import type { Services } from '../app.ts'
 import { replyWithJob } from '../job-reply.ts'
-import { VmParams, WaitQuery } from '../schemas.ts'
+import { errors, jobReplies, SnapshotList, SnapshotView } from '../replies.ts'
+import { BoolQuery, VmParams, WaitQuery } from '../schemas.ts'
 
 const SnapParams = z.strictObject({ vm: Name, snap: Name })
 
@@ -20,19 +21,21 @@ export const snapshotRoutes: FastifyPluginAsyncZod<{ services: Services }> = asy
       schema: {
         summary: 'Take a snapshot: internal or external, disk-only or with memory (a job; its result is the snapshot)',
         tags: ['snapshots'],
+        operationId: 'createSnapshot',
         params: VmParams,
         querystring: WaitQuery,
         body: CreateSnapshotBody,
+        response: jobReplies(),
       },
     },
     async (req, reply) => replyWithJob(reply, jobs, snapshots.create(req.params.vm, req.body), req.query),
   )
 
-  app.get('/v1/vms/:vm/snapshots', { schema: { summary: 'All snapshots of a VM with their tree and the current one', tags: ['snapshots'], params: VmParams } }, async (req) => ({
+  app.get('/v1/vms/:vm/snapshots', { schema: { summary: 'All snapshots of a VM with their tree and the current one', tags: ['snapshots'], operationId: 'listSnapshots', params: VmParams, response: { 200: SnapshotList, ...errors(409, 502) } } }, async (req) => ({
     snapshots: await snapshots.list(req.params.vm),
   }))
 
-  app.get('/v1/vms/:vm/snapshots/:snap', { schema: { summary: 'One snapshot', tags: ['snapshots'], params: SnapParams } }, async (req) =>
+  app.get('/v1/vms/:vm/snapshots/:snap', { schema: { summary: 'One snapshot', tags: ['snapshots'], operationId: 'getSnapshot', params: SnapParams, response: { 200: SnapshotView, ...errors(409, 502) } } }, async (req) =>
     snapshots.get(req.params.vm, req.params.snap),
   )
 
@@ -42,9 +45,11 @@ export const snapshotRoutes: FastifyPluginAsyncZod<{ services: Services }> = asy
       schema: {
         summary: 'Revert the VM to a snapshot (any kind, any branch; a job)',
         tags: ['snapshots'],
+        operationId: 'revertSnapshot',
         params: SnapParams,
         querystring: WaitQuery,
         body: RevertBody,
+        response: jobReplies(),
       },
     },
     async (req, reply) => replyWithJob(reply, jobs, snapshots.revert(req.params.vm, req.params.snap, req.body), req.query),
@@ -56,10 +61,12 @@ export const snapshotRoutes: FastifyPluginAsyncZod<{ services: Services }> = asy
       schema: {
         summary: 'Delete a snapshot; external images are merged out of every chain without changing what any state reads (a job)',
         tags: ['snapshots'],
+        operationId: 'deleteSnapshot',
         params: SnapParams,
+        response: jobReplies(),
         querystring: WaitQuery.extend({
-          children: z.stringbool().default(false).describe('delete the whole subtree'),
-          metadataOnly: z.stringbool().default(false).describe('forget the snapshot, touch no file'),
+          children: BoolQuery(false, 'also delete every descendant of the snapshot (its whole subtree); without it, a snapshot with children is deleted alone and its children move up to its parent'),
+          metadataOnly: BoolQuery(false, 'forget the snapshot, touch no file'),
         }),
       },
     },

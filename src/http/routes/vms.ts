@@ -1,5 +1,6 @@
 // Routes of VMs (define, adopt, lifecycle, check, repair, QMP escape hatch); they validate and call
 // services, nothing more.
+import type { FastifyReply } from 'fastify'
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod'
 import { z } from 'zod'
 import { CheckReport } from '../../ops/check-model.ts'
@@ -8,8 +9,8 @@ import { parseSelectors } from '../../vm/labels.ts'
 import { jsonDepth, MAX_QMP_ARG_BYTES, MAX_QMP_ARG_DEPTH } from '../../vm/passthrough.ts'
 import type { Services } from '../app.ts'
 import { replyWithJob } from '../job-reply.ts'
-import { ErrorBody, VmParams, WaitQuery } from '../schemas.ts'
-import { VmViewBody } from '../vm-view-schema.ts'
+import { errors, HOST_ERRORS, jobReplies, QmpReply, VmPage, VmView } from '../replies.ts'
+import { BoolQuery, VmParams, WaitQuery } from '../schemas.ts'
 
 const StartBody = z.strictObject({ paused: z.boolean().optional().describe('leave the guest paused after start') }).default({})
 const StopBody = z
@@ -48,7 +49,9 @@ export const vmRoutes: FastifyPluginAsyncZod<{ services: Services }> = async (ap
       schema: {
         summary: 'Define a VM, or adopt a running QEMU by its QMP socket',
         tags: ['vms'],
+        operationId: 'defineVm',
         body: z.union([VmDefinition, AdoptDefinition]),
+        response: { 201: VmView, ...errors(409, 422, ...HOST_ERRORS) },
       },
     },
     async (req, reply) => reply.code(201).header('Location', `/v1/vms/${req.body.name}`).send(await vms.define(req.body)),
@@ -60,6 +63,8 @@ export const vmRoutes: FastifyPluginAsyncZod<{ services: Services }> = async (ap
       schema: {
         summary: 'List VMs by name, a page at a time (follow `next` with ?after=)',
         tags: ['vms'],
+        operationId: 'listVms',
+        response: { 200: VmPage },
         querystring: z.strictObject({
           limit: z.coerce.number().int().min(1).max(LIST_MAX).default(LIST_DEFAULT).describe(`VMs per page (1-${LIST_MAX}, default ${LIST_DEFAULT})`),
           after: Name.optional().describe('start after this name: the previous page\'s `next`'),
@@ -71,7 +76,7 @@ export const vmRoutes: FastifyPluginAsyncZod<{ services: Services }> = async (ap
       vms.page({ limit: req.query.limit, ...(req.query.after !== undefined ? { after: req.query.after } : {}), labels: parseSelectors(req.query.label) }),
   )
 
-  app.get('/v1/vms/:vm', { schema: { summary: 'One VM, with its disks\' backing chains as QEMU reports them', tags: ['vms'], params: VmParams } }, async (req) =>
+  app.get('/v1/vms/:vm', { schema: { summary: 'One VM, with its disks\' backing chains as QEMU reports them', tags: ['vms'], operationId: 'getVm', params: VmParams, response: { 200: VmView, ...errors(409) } } }, async (req) =>
     vms.view(req.params.vm),
   )
 
@@ -83,9 +88,10 @@ export const vmRoutes: FastifyPluginAsyncZod<{ services: Services }> = async (ap
       schema: {
         summary: 'Change a shut-off VM\'s definition with a JSON merge patch (RFC 7386), validated as POST /v1/vms validates',
         tags: ['vms'],
+        operationId: 'patchVm',
         params: VmParams,
         body: z.record(z.string(), z.unknown()).describe('members to set; null removes a member; arrays (disks) are replaced whole'),
-        response: { 200: VmViewBody, 400: ErrorBody, 404: ErrorBody, 409: ErrorBody, 507: ErrorBody },
+        response: { 200: VmView, ...errors(409, 422, 507) },
       },
     },
     // Spread: a plain object type meets the loose schema's index signature, the VmView interface does not.
@@ -99,7 +105,8 @@ export const vmRoutes: FastifyPluginAsyncZod<{ services: Services }> = async (ap
         summary: 'Compare the store with QEMU and the files for one VM (read-only; problems say what repair would do)',
         tags: ['vms'],
         params: VmParams,
-        response: { 200: CheckReport, 404: ErrorBody },
+        operationId: 'checkVm',
+        response: { 200: CheckReport, ...errors(409, ...HOST_ERRORS) },
       },
     },
     async (req) => checker.check(req.params.vm),
@@ -113,7 +120,8 @@ export const vmRoutes: FastifyPluginAsyncZod<{ services: Services }> = async (ap
         tags: ['vms'],
         params: VmParams,
         body: EmptyBody,
-        response: { 200: CheckReport, 404: ErrorBody, 409: ErrorBody },
+        operationId: 'repairVm',
+        response: { 200: CheckReport, ...errors(409, ...HOST_ERRORS) },
       },
     },
     async (req) => reconciler.repair(req.params.vm),
@@ -125,34 +133,36 @@ export const vmRoutes: FastifyPluginAsyncZod<{ services: Services }> = async (ap
       schema: {
         summary: 'Delete a VM that is not running',
         tags: ['vms'],
+        operationId: 'deleteVm',
+        response: { 204: z.null().describe('deleted'), ...errors(409, 507) },
         params: VmParams,
-        querystring: z.strictObject({ deleteStorage: z.stringbool().default(false).describe('also remove the files qmpd created') }),
+        querystring: z.strictObject({ deleteStorage: BoolQuery(false, 'also remove the files qmpd created') }),
       },
     },
     async (req, reply) => {
       await vms.delete(req.params.vm, { deleteStorage: req.query.deleteStorage })
-      return reply.code(204).send()
+      return (reply as FastifyReply).code(204).send()
     },
   )
 
   app.post(
     '/v1/vms/:vm/start',
-    { schema: { summary: 'Start the VM (a job)', tags: ['vms'], params: VmParams, querystring: WaitQuery, body: StartBody } },
+    { schema: { summary: 'Start the VM (a job)', tags: ['vms'], operationId: 'startVm', params: VmParams, querystring: WaitQuery, body: StartBody, response: jobReplies() } },
     async (req, reply) => replyWithJob(reply, jobs, vms.start(req.params.vm, req.body), req.query),
   )
   app.post(
     '/v1/vms/:vm/stop',
-    { schema: { summary: 'Stop the VM: ACPI powerdown, then quit after timeoutSec; force quits at once (a job)', tags: ['vms'], params: VmParams, querystring: WaitQuery, body: StopBody } },
+    { schema: { summary: 'Stop the VM: ACPI powerdown, then quit after timeoutSec; force quits at once (a job)', tags: ['vms'], operationId: 'stopVm', params: VmParams, querystring: WaitQuery, body: StopBody, response: jobReplies() } },
     async (req, reply) => replyWithJob(reply, jobs, vms.stop(req.params.vm, req.body), req.query),
   )
   app.post(
     '/v1/vms/:vm/pause',
-    { schema: { summary: 'Pause the guest (a job)', tags: ['vms'], params: VmParams, querystring: WaitQuery, body: EmptyBody } },
+    { schema: { summary: 'Pause the guest (a job)', tags: ['vms'], operationId: 'pauseVm', params: VmParams, querystring: WaitQuery, body: EmptyBody, response: jobReplies() } },
     async (req, reply) => replyWithJob(reply, jobs, vms.pause(req.params.vm), req.query),
   )
   app.post(
     '/v1/vms/:vm/resume',
-    { schema: { summary: 'Resume a paused guest (a job)', tags: ['vms'], params: VmParams, querystring: WaitQuery, body: EmptyBody } },
+    { schema: { summary: 'Resume a paused guest (a job)', tags: ['vms'], operationId: 'resumeVm', params: VmParams, querystring: WaitQuery, body: EmptyBody, response: jobReplies() } },
     async (req, reply) => replyWithJob(reply, jobs, vms.resume(req.params.vm), req.query),
   )
 
@@ -162,8 +172,10 @@ export const vmRoutes: FastifyPluginAsyncZod<{ services: Services }> = async (ap
       schema: {
         summary: 'Send a QMP command to the VM\'s QEMU (escape hatch: off unless --qmp-passthrough, then an allow-list; outside the job queue; logged)',
         tags: ['vms'],
+        operationId: 'qmpCommand',
         params: VmParams,
         body: QmpBody,
+        response: { 200: QmpReply, ...errors(403, 409, 422, 502, 504) },
       },
     },
     async (req) => ({ return: await vms.qmpPassthrough(req.params.vm, req.body.execute, req.body.arguments) }),
