@@ -4,6 +4,7 @@ import { parseArgs } from 'node:util'
 import { makeConfig, parseCount } from '../config.ts'
 import { startDaemon, VERSION } from '../daemon.ts'
 import { listen } from '../http/server.ts'
+import { runClient } from './client-main.ts'
 
 const HELP = `qmpd ${VERSION}: snapshots, checkpoints and saved state of QEMU VMs over QMP
 
@@ -12,6 +13,8 @@ Usage:
              [--accel auto|kvm|tcg] [--allow-dir DIR]... [--log-level LEVEL]
              [--parallel-disk-snapshots N] [--qmp-passthrough [--qmp-allow CMD]...]
              [--fresh-store]
+  qmpd vm|snapshot|disk|save|restore|managedsave|job|events|completion ...
+                      the client commands (qmpd vm --help, …; README "Command line")
   qmpd --help | --version
 
 Options:
@@ -41,6 +44,8 @@ Environment: QMPD_TOKEN fixes the API token; otherwise it is generated into <sta
 
 /** Entry point of the qmpd command. */
 export async function main(argv: string[]): Promise<number> {
+  // Everything but `serve` (and a bare qmpd, --help or --version) is a client command.
+  if (argv[0] !== 'serve' && !(argv.length <= 1 && ['--help', '-h', '--version', undefined].includes(argv[0]))) return runClient(argv)
   const { values, positionals } = parseArgs({
     args: argv,
     allowPositionals: true,
