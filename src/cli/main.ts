@@ -4,6 +4,7 @@ import { parseArgs } from 'node:util'
 import { makeConfig, parseCount } from '../config.ts'
 import { startDaemon, VERSION } from '../daemon.ts'
 import { listen } from '../http/server.ts'
+import { qemuVersion } from '../vm/qemu-version.ts'
 import { runClient } from './client-main.ts'
 
 const HELP = `qmpd ${VERSION}: snapshots, checkpoints and saved state of QEMU VMs over QMP
@@ -97,6 +98,10 @@ export async function main(argv: string[]): Promise<number> {
   // A bug in one operation must not take the control plane down with it: QEMUs keep running
   // either way, but an exiting daemon would leave every VM unmanaged. Log loudly and serve on.
   process.on('unhandledRejection', (err) => daemon.log.error({ err }, 'unhandled rejection (a qmpd bug)'))
+  // Once per start: which QEMU the VMs will run (a missing binary is a warning; adopted VMs need none).
+  const qemu = await qemuVersion(config.qemuBinary)
+  if (qemu.version) daemon.log.info({ qemuBinary: config.qemuBinary, qemuVersion: qemu.version }, 'QEMU binary')
+  else daemon.log.warn({ qemuBinary: config.qemuBinary, err: qemu.error }, 'QEMU binary cannot report its version: starting VMs will fail')
   const { app } = await listen(daemon, config.listen)
   daemon.log.info({ stateDir: config.stateDir, version: VERSION }, 'qmpd serving')
   await new Promise<void>((resolve) => {
