@@ -75,8 +75,14 @@ export async function followJob(client: QmpdClient, job: Job, opts: FollowJobOpt
     bar.update(p.current, { done: formatBytes(p.current), all: formatBytes(p.total), rate: formatBytes(rate) })
   }
   try {
-    const done = await waitForJob(client, job.id, { onProgress: update, signal: detach.signal })
+    // A block job in `ready` (a copy or a commit without pivot) waits for complete or cancel: the
+    // wait ends there and says so.
+    const done = await waitForJob(client, job.id, { onProgress: update, signal: detach.signal, untilReady: true })
     bar?.stop()
+    if (done.state === 'ready') {
+      process.stderr.write(`job ${done.id} is ready: it keeps mirroring until POST /v1/jobs/${done.id}/complete, or qmpd job cancel ${done.id} (a copy then keeps its point-in-time copy)\n`)
+      return done
+    }
     if (done.state !== 'succeeded') {
       const e = done.error
       throw Object.assign(new CliError(`job ${done.id} (${done.op}) ${done.state}${e ? `: ${e.message} (${e.code})` : ''}`, EXIT.jobFailed), { job: done })

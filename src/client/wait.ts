@@ -18,6 +18,8 @@ export interface WaitOptions {
   reconnects?: number
   /** Called when the helper falls back to polling, with why. */
   onFallback?: (reason: string) => void
+  /** Also resolve when the job is `ready` (a block job waiting for complete or cancel). */
+  untilReady?: boolean
 }
 
 /** True when a job in this state will not change any more. */
@@ -31,6 +33,11 @@ export async function getJob(client: QmpdClient, id: string): Promise<Job> {
   return body as Job
 }
 
+/** Whether waiting for this job ends here. */
+function ends(job: Job, opts: WaitOptions): boolean {
+  return isFinalState(job.state) || (opts.untilReady === true && job.state === 'ready')
+}
+
 async function poll(client: QmpdClient, id: string, opts: WaitOptions): Promise<Job> {
   let last = ''
   for (;;) {
@@ -39,14 +46,14 @@ async function poll(client: QmpdClient, id: string, opts: WaitOptions): Promise<
     const seen = JSON.stringify([job.state, job.progress])
     if (seen !== last) opts.onProgress?.(job)
     last = seen
-    if (isFinalState(job.state)) return job
+    if (ends(job, opts)) return job
     await sleep(opts.pollMs ?? 500, undefined, opts.signal ? { signal: opts.signal } : {})
   }
 }
 
 /**
  * Resolves with the job once it is final (succeeded, failed or cancelled: the caller reads
- * job.state). Subscribes to GET /v1/events?types=job&job=<id> before reading the job, so no change
+ * job.state), or `ready` with `untilReady`. Subscribes to GET /v1/events?types=job&job=<id> before reading the job, so no change
  * falls between; a broken stream is resumed with Last-Event-ID, and after `reconnects` failures
  * (or a daemon that refuses ?job=) it polls.
  * @throws ApiError when the job does not exist (404) or the daemon refuses the token.
@@ -79,7 +86,7 @@ export async function waitForJob(client: QmpdClient, id: string, opts: WaitOptio
       }
       const now = await getJob(client, id)
       opts.onProgress?.(now)
-      if (isFinalState(now.state)) {
+      if (ends(now, opts)) {
         local.abort()
         return now
       }
@@ -91,11 +98,11 @@ export async function waitForJob(client: QmpdClient, id: string, opts: WaitOptio
           if (ev.event === 'job') {
             const job = (ev.data as JobEventData).job
             opts.onProgress?.(job)
-            if (isFinalState(job.state)) return job
+            if (ends(job, opts)) return job
           } else if (ev.event === 'gap') {
             const job = await getJob(client, id)
             opts.onProgress?.(job)
-            if (isFinalState(job.state)) return job
+            if (ends(job, opts)) return job
           }
           next = await stream.next()
         }
