@@ -5,6 +5,8 @@ import { makeConfig, parseCount } from '../config.ts'
 import { startDaemon, VERSION } from '../daemon.ts'
 import { listenMetrics } from '../http/metrics-server.ts'
 import { listen } from '../http/server.ts'
+import { qemuVersion } from '../vm/qemu-version.ts'
+import { runClient } from './client-main.ts'
 
 const HELP = `qmpd ${VERSION}: snapshots, checkpoints and saved state of QEMU VMs over QMP
 
@@ -14,6 +16,8 @@ Usage:
              [--accel auto|kvm|tcg] [--allow-dir DIR]... [--log-level LEVEL]
              [--parallel-disk-snapshots N] [--qmp-passthrough [--qmp-allow CMD]...]
              [--fresh-store]
+  qmpd vm|snapshot|disk|save|restore|managedsave|job|events|completion ...
+                      the client commands (qmpd vm --help, …; README "Command line")
   qmpd --help | --version
 
 Options:
@@ -46,6 +50,8 @@ Environment: QMPD_TOKEN fixes the API token; otherwise it is generated into <sta
 
 /** Entry point of the qmpd command. */
 export async function main(argv: string[]): Promise<number> {
+  // Everything but `serve` (and a bare qmpd, --help or --version) is a client command.
+  if (argv[0] !== 'serve' && !(argv.length <= 1 && ['--help', '-h', '--version', undefined].includes(argv[0]))) return runClient(argv)
   const { values, positionals } = parseArgs({
     args: argv,
     allowPositionals: true,
@@ -99,6 +105,10 @@ export async function main(argv: string[]): Promise<number> {
   // A bug in one operation must not take the control plane down with it: QEMUs keep running
   // either way, but an exiting daemon would leave every VM unmanaged. Log loudly and serve on.
   process.on('unhandledRejection', (err) => daemon.log.error({ err }, 'unhandled rejection (a qmpd bug)'))
+  // Once per start: which QEMU the VMs will run (a missing binary is a warning; adopted VMs need none).
+  const qemu = await qemuVersion(config.qemuBinary)
+  if (qemu.version) daemon.log.info({ qemuBinary: config.qemuBinary, qemuVersion: qemu.version }, 'QEMU binary')
+  else daemon.log.warn({ qemuBinary: config.qemuBinary, err: qemu.error }, 'QEMU binary cannot report its version: starting VMs will fail')
   const { app } = await listen(daemon, config.listen)
   const metricsServer = config.metricsListen ? await listenMetrics(app, config.metricsListen) : undefined
   if (metricsServer) daemon.log.info({ address: metricsServer.address }, 'serving GET /metrics without a token')

@@ -81,6 +81,9 @@ t.test('qmpd serve over TCP: generated token, 401 without it, docs, and a VM def
   const token = readFileSync(tokenFile, 'utf8').trim()
   t.ok(token.length >= 32)
   t.match(logs(), tokenFile, 'the token path is logged')
+  const versionLines = logs().split('\n').filter((l) => l.includes('"msg":"QEMU binary"'))
+  t.equal(versionLines.length, 1, 'the QEMU binary is logged once at start')
+  t.match(versionLines[0], /"qemuVersion":"QEMU emulator version \d+\.\d+/, 'with the version it reports')
 
   const noAuth = await http({ port, path: '/v1/vms' })
   t.equal(noAuth.status, 401)

@@ -3,6 +3,7 @@ import type { FastifyReply } from 'fastify'
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod'
 import { z } from 'zod'
 import type { BusEvent } from '../../events/bus.ts'
+import { EventReplay } from '../../events/replay.ts'
 import { Name } from '../../vm/definition.ts'
 import type { Services } from '../app.ts'
 
@@ -17,9 +18,11 @@ export const eventRoutes: FastifyPluginAsyncZod<{ services: Services; maxPending
   const limit = maxPendingBytes ?? SSE_MAX_PENDING_BYTES
   // Open streams never end by themselves: end them when the server closes, or close would wait forever.
   const open = new Set<() => void>()
+  const replay = new EventReplay(services.bus)
   app.addHook('preClose', async () => {
     for (const end of open) end()
   })
+  app.addHook('onClose', async () => replay.close())
   app.get(
     '/v1/events',
     {
@@ -34,7 +37,9 @@ export const eventRoutes: FastifyPluginAsyncZod<{ services: Services; maxPending
             .string()
             .regex(/^(job|vm|qmp)(,(job|vm|qmp))*$/, 'a comma-separated list of job, vm, qmp')
             .optional(),
+          job: z.string().min(1).max(64).optional().describe('only the events of this job (type job)'),
         }),
+        headers: z.object({ 'last-event-id': z.string().regex(/^\d{1,15}$/, 'the id of the last event received').optional() }),
       },
     },
     (req, reply) => {
@@ -42,11 +47,12 @@ export const eventRoutes: FastifyPluginAsyncZod<{ services: Services; maxPending
       if (req.method === 'HEAD') return void (reply as FastifyReply).code(200).header('content-type', 'text/event-stream').header('cache-control', 'no-cache').send()
       const types = new Set((req.query.types ?? 'job,vm,qmp').split(','))
       const vm = req.query.vm
+      const job = req.query.job
+      const lastId = req.headers['last-event-id'] !== undefined ? Number(req.headers['last-event-id']) : undefined
       reply.hijack()
       const res = reply.raw
       res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache', connection: 'keep-alive', 'x-accel-buffering': 'no' })
       res.write(`: qmpd event stream\n\n`)
-      let id = 0
       let closed = false
       const close = (): void => {
         if (closed) return
@@ -68,15 +74,16 @@ export const eventRoutes: FastifyPluginAsyncZod<{ services: Services; maxPending
         grace.unref()
         res.end(last, destroy)
       }
-      const send = (ev: BusEvent): void => {
-        if (closed || !types.has(ev.type) || (vm && ev.vm !== vm)) return
+      const wanted = (ev: BusEvent): boolean => types.has(ev.type) && (!vm || ev.vm === vm) && (!job || (ev.type === 'job' && ev.job.id === job))
+      const send = ({ id, ev }: { id: number; ev: BusEvent }): void => {
+        if (closed || !wanted(ev)) return
         if (res.writableLength > limit) {
           req.log.warn('SSE client dropped: too slow')
           close()
           finish(`event: dropped\ndata: ${JSON.stringify({ reason: `client too slow: over ${limit} bytes unread` })}\n\n`)
           return
         }
-        res.write(`id: ${++id}\nevent: ${ev.type}\ndata: ${JSON.stringify(ev)}\n\n`)
+        res.write(`id: ${id}\nevent: ${ev.type}\ndata: ${JSON.stringify(ev)}\n\n`)
       }
       const shutdown = (): void => {
         if (closed) return
@@ -84,7 +91,14 @@ export const eventRoutes: FastifyPluginAsyncZod<{ services: Services; maxPending
         finish(`event: shutdown\ndata: ${JSON.stringify({ reason: 'qmpd is shutting down' })}\n\n`)
       }
       open.add(shutdown)
-      const unsubscribe = services.bus.subscribe(send)
+      // Last-Event-ID: what the client missed, still kept, goes first; a `gap` event says some of it
+      // is gone (the client re-reads the state it follows, GET /v1/jobs/{id}).
+      if (lastId !== undefined) {
+        const { events, complete } = replay.since(lastId)
+        if (!complete) res.write(`event: gap\ndata: ${JSON.stringify({ reason: 'events after the Last-Event-ID are no longer kept' })}\n\n`)
+        for (const e of events) send(e)
+      }
+      const unsubscribe = replay.subscribe(send)
       const heartbeat = setInterval(() => res.write(': keep-alive\n\n'), HEARTBEAT_MS)
       heartbeat.unref()
       // A client that goes away: the stream ends and its socket with it.
