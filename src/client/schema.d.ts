@@ -236,7 +236,7 @@ export interface paths {
             cookie?: never;
         };
         /** Long-poll until the VM is in one of the given states (at once when it already is); answers its exit record */
-        get: operations["getVmsVmWait"];
+        get: operations["waitVm"];
         put?: never;
         post?: never;
         delete?: never;
@@ -253,7 +253,7 @@ export interface paths {
             cookie?: never;
         };
         /** Resource use: QEMU CPU time and RSS, block I/O per disk, network (none yet), guest downtime, snapshot space */
-        get: operations["getVmsVmStats"];
+        get: operations["getVmStats"];
         put?: never;
         post?: never;
         delete?: never;
@@ -2655,7 +2655,7 @@ export interface operations {
             };
         };
     };
-    getVmsVmWait: {
+    waitVm: {
         parameters: {
             query: {
                 /** @description one state or a comma-separated list: shutoff, crashed, running, paused, saved */
@@ -2740,7 +2740,7 @@ export interface operations {
             };
         };
     };
-    getVmsVmStats: {
+    getVmStats: {
         parameters: {
             query?: never;
             header?: never;

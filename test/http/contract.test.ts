@@ -56,6 +56,13 @@ t.test('every operation answers as the document declares, and every operation wa
   is(await api('GET', '/v1/vms/c1'), 200, 'GET /v1/vms/c1')
   is(await api('GET', '/v1/vms/nope'), 404, 'GET /v1/vms/nope')
   is(await api('GET', '/v1/vms/c1/check'), 200, 'GET /v1/vms/c1/check')
+  is(await api('PATCH', '/v1/vms/c1', { memoryMiB: 64 }), 200, 'PATCH /v1/vms/c1')
+  is(await api('PATCH', '/v1/vms/c1', { memoryMiB: 1 }), 400, 'PATCH /v1/vms/c1 with a bad value')
+  is(await api('PATCH', '/v1/vms/nope', { memoryMiB: 64 }), 404, 'PATCH /v1/vms/nope')
+  is(await api('GET', '/v1/vms/c1/wait?state=shutoff&timeoutSec=1'), 200, 'GET /v1/vms/c1/wait')
+  is(await api('GET', '/v1/vms/c1/wait?state=bogus'), 400, 'GET /v1/vms/c1/wait?state=bogus')
+  is(await api('GET', '/v1/vms/c1/stats'), 200, 'GET /v1/vms/c1/stats of a shut-off VM')
+  is(await api('GET', '/v1/host'), 200, 'GET /v1/host')
   is(await api('POST', '/v1/vms/c1/repair'), 200, 'POST /v1/vms/c1/repair')
   is(await api('POST', '/v1/vms/c1/pause'), 409, 'pause a shut-off VM')
   const started = await td.app.inject({ method: 'POST', url: `/v1/vms/c1/start${w}`, headers: { 'content-type': 'application/json' }, payload: '' })
@@ -67,6 +74,8 @@ t.test('every operation answers as the document declares, and every operation wa
   await jobIn(td, pause.body.id, ['succeeded'])
   is(await api('POST', `/v1/vms/c1/resume${w}`), 200, 'POST /v1/vms/c1/resume')
   is(await api('POST', '/v1/vms/c1/qmp', { execute: 'query-status' }), 200, 'POST /v1/vms/c1/qmp')
+  is(await api('PATCH', '/v1/vms/c1', { memoryMiB: 32 }), 409, 'PATCH a running VM')
+  is(await api('GET', '/v1/vms/c1/stats'), 200, 'GET /v1/vms/c1/stats of a running VM')
   is(await api('POST', '/v1/vms/c1/qmp', { execute: 'no-such-command' }), 422, 'POST /v1/vms/c1/qmp')
 
   // Snapshots: internal ones on c1, external ones on c2 (one VM cannot have both).

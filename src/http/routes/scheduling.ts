@@ -75,6 +75,7 @@ export const schedulingRoutes: FastifyPluginAsyncZod<{ services: Services }> = a
       schema: {
         summary: 'Long-poll until the VM is in one of the given states (at once when it already is); answers its exit record',
         tags: ['vms'],
+        operationId: 'waitVm',
         params: VmParams,
         querystring: z.strictObject({
           state: z
@@ -108,6 +109,7 @@ export const schedulingRoutes: FastifyPluginAsyncZod<{ services: Services }> = a
       schema: {
         summary: 'Resource use: QEMU CPU time and RSS, block I/O per disk, network (none yet), guest downtime, snapshot space',
         tags: ['vms'],
+        operationId: 'getVmStats',
         params: VmParams,
         response: { 200: StatsReply, 400: ErrorBody, 401: ErrorBody, 404: ErrorBody, 409: ErrorBody, 500: ErrorBody, 502: ErrorBody },
       },
@@ -121,6 +123,7 @@ export const schedulingRoutes: FastifyPluginAsyncZod<{ services: Services }> = a
       schema: {
         summary: 'The host fingerprint: QEMU version and capabilities (probed once), accelerators, free space, VMs by state, qmpd version and uptime',
         tags: ['daemon'],
+        operationId: 'getHost',
         response: { 200: HostReply, 400: ErrorBody, 401: ErrorBody, 500: ErrorBody, 502: ErrorBody, 503: ErrorBody },
       },
     },
