@@ -1,7 +1,7 @@
 // The host fingerprint of GET /v1/host: QEMU's version and capabilities (probed once per binary,
 // cached), the accelerators, free space, VM counts; starts only a short-lived probe QEMU of its own.
 import { execFile, spawn } from 'node:child_process'
-import { accessSync, constants as fsc, mkdtempSync, rmSync, statfsSync } from 'node:fs'
+import { mkdtempSync, rmSync, statfsSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { promisify } from 'node:util'
@@ -10,6 +10,7 @@ import type { Config } from '../config.ts'
 import { QmpdError } from '../errors.ts'
 import { QmpClient } from '../qmp/index.ts'
 import { sleep } from '../util.ts'
+import { probeAccel, type AccelProbe } from './accel-probe.ts'
 import type { VmState } from './definition.ts'
 import { isAlive, waitForExit } from './proc.ts'
 
@@ -53,21 +54,29 @@ export interface QemuProbe {
   probedAt: string
 }
 
+/** What GET /v1/host says about accelerators. */
+export interface AccelInfo {
+  configured: string
+  /** What a VM without its own `accel` runs under. */
+  resolved: 'kvm' | 'tcg'
+  usable: Array<'kvm' | 'tcg'>
+  /** The host probe's verdict on KVM (src/vm/accel-probe.ts); not run under --accel tcg. */
+  kvm: { probed: false; reason: string } | { probed: true; usable: true; cpuModel: string } | { probed: true; usable: false; reason: string }
+}
+
 /**
- * Accelerators: the ones usable here and the one qmpd's `auto` resolves to. Mirrors
- * VmManager.resolveAccel (kvm when /dev/kvm can be opened read-write); this one function is what
- * switches to the real KVM probe (src/vm/accel-probe.ts) once it exists.
+ * Accelerators: the ones usable here and the one qmpd's `auto` resolves to, from the same host
+ * probe VM launches use (run once per binary; under --accel tcg it is not run, and KVM is not
+ * claimed usable).
  */
-export function accelInfo(config: Pick<Config, 'accel'>): { configured: string; resolved: 'kvm' | 'tcg'; usable: Array<'kvm' | 'tcg'> } {
-  let kvm = false
-  try {
-    accessSync('/dev/kvm', fsc.R_OK | fsc.W_OK)
-    kvm = true
-  } catch {
-    kvm = false
+export async function accelInfo(config: Pick<Config, 'accel' | 'qemuBinary'>, probe: (binary: string) => Promise<AccelProbe> = probeAccel): Promise<AccelInfo> {
+  if (config.accel === 'tcg') {
+    return { configured: 'tcg', resolved: 'tcg', usable: ['tcg'], kvm: { probed: false, reason: 'the daemon runs with --accel tcg: the KVM probe is not run' } }
   }
-  const usable: Array<'kvm' | 'tcg'> = kvm ? ['kvm', 'tcg'] : ['tcg']
-  return { configured: config.accel, resolved: config.accel === 'auto' ? usable[0]! : config.accel, usable }
+  const p = await probe(config.qemuBinary)
+  const kvm: AccelInfo['kvm'] = p.kvm.usable ? { probed: true, usable: true, cpuModel: p.kvm.cpuModel } : { probed: true, usable: false, reason: p.kvm.reason }
+  const usable: Array<'kvm' | 'tcg'> = p.kvm.usable ? ['kvm', 'tcg'] : ['tcg']
+  return { configured: config.accel, resolved: config.accel === 'auto' ? usable[0]! : 'kvm', usable, kvm }
 }
 
 /** Free and total bytes of the filesystem holding `path` (statfs: f_bavail, what an unprivileged writer gets). */
@@ -152,7 +161,7 @@ export async function probeQemu(binary: string, log: Logger): Promise<QemuProbe>
 export interface HostFingerprint {
   qmpd: { version: string; pid: number; startedAt: string; uptimeSec: number }
   qemu: QemuProbe
-  accel: ReturnType<typeof accelInfo>
+  accel: AccelInfo
   storage: { stateDir: ReturnType<typeof diskSpace>; allowedDirs: Array<ReturnType<typeof diskSpace>> }
   vmCounts: { total: number; byState: Record<string, number> }
 }
@@ -196,7 +205,7 @@ export class HostInfo {
     return {
       qmpd: { version: this.d.version, pid: process.pid, startedAt: this.d.startedAt.toISOString(), uptimeSec: Math.round((Date.now() - this.d.startedAt.getTime()) / 1000) },
       qemu,
-      accel: accelInfo(this.d.config),
+      accel: await accelInfo(this.d.config),
       storage: { stateDir: diskSpace(this.d.config.stateDir), allowedDirs: this.d.config.allowedDirs.map(diskSpace) },
       vmCounts: { total: states.length, byState: counts },
     }

@@ -54,7 +54,16 @@ const HostReply = z.object({
     migrationCapabilities: z.array(z.string()),
     probedAt: z.string(),
   }),
-  accel: z.object({ configured: z.string(), resolved: z.enum(['kvm', 'tcg']), usable: z.array(z.enum(['kvm', 'tcg'])) }),
+  accel: z.object({
+    configured: z.string(),
+    resolved: z.enum(['kvm', 'tcg']),
+    usable: z.array(z.enum(['kvm', 'tcg'])),
+    kvm: z.union([
+      z.object({ probed: z.literal(false), reason: z.string() }),
+      z.object({ probed: z.literal(true), usable: z.literal(true), cpuModel: z.string() }),
+      z.object({ probed: z.literal(true), usable: z.literal(false), reason: z.string() }),
+    ]).describe("the host probe's verdict on KVM (not run under --accel tcg)"),
+  }),
   storage: z.object({ stateDir: Space, allowedDirs: z.array(Space) }),
   vmCounts: z.object({ total: z.number().int(), byState: z.record(z.string(), z.number().int()) }),
 })
