@@ -2,6 +2,7 @@
 // disks become, and the store write that makes it so; no QEMU, no files.
 import { isDeepStrictEqual } from 'node:util'
 import { isAdopted, type StoredDefinition, type VmDefinition, type VmRuntime } from '../vm/definition.ts'
+import { NVRAM_DISK_ID } from '../vm/firmware.ts'
 import type { SnapshotDeps } from './deps.ts'
 import type { Snapshot } from './model.ts'
 
@@ -25,20 +26,36 @@ export interface DefinitionRestore {
  * snapshot's definition starts from the file the snapshot captured.
  */
 export function definitionRestore(current: StoredDefinition, active: VmRuntime['disks'], s: Snapshot): DefinitionRestore | undefined {
-  const old = s.definition
-  if (!old || isAdopted(old) || isAdopted(current) || isDeepStrictEqual(old, current)) return undefined
+  const recorded = s.definition
+  if (!recorded || isAdopted(recorded) || isAdopted(current) || isDeepStrictEqual(machineOf(recorded), machineOf(current))) return undefined
+  // Labels are the VM's tags for whoever manages it (a scheduler's), not its machine: they stay.
+  const { labels: _recordedLabels, ...rest } = recorded
+  const old: VmDefinition = { ...rest, ...(current.labels ? { labels: current.labels } : {}) }
+  const uefi = (d: VmDefinition): boolean => d.firmware === 'uefi'
   const same = (id: string): boolean => {
+    // The NVRAM is no disk of the definition: it is the same while the VM stays UEFI.
+    if (id === NVRAM_DISK_ID) return uefi(current) && uefi(old)
     const a = current.disks.find((x) => x.id === id)
     const b = old.disks.find((x) => x.id === id)
     return !!a && !!b && a.file === b.file && a.format === b.format
   }
-  const disks = old.disks.map((d) => {
+  const ids = [...old.disks.map((d) => ({ id: d.id, file: d.file, format: d.format })), ...(uefi(old) ? [{ id: NVRAM_DISK_ID, file: undefined, format: 'qcow2' as const }] : [])]
+  const disks = ids.flatMap((d) => {
     const cur = active.find((x) => x.id === d.id)
-    if (cur && same(d.id)) return cur
+    if (cur && same(d.id)) return [cur]
     const captured = s.disks.find((x) => x.id === d.id)
-    return { id: d.id, file: captured?.file ?? d.file, format: captured?.format ?? d.format, gen: (cur?.gen ?? -1) + 1 }
+    const file = captured?.file ?? d.file
+    // A UEFI snapshot without its NVRAM (taken before qmpd kept one): the VM's current one stays.
+    if (!file) return cur ? [cur] : []
+    return [{ id: d.id, file, format: captured?.format ?? d.format, gen: (cur?.gen ?? -1) + 1 }]
   })
-  return { definition: old, disks, leftBehind: active.filter((d) => !same(d.id)).map((d) => d.id) }
+  return { definition: old, disks, leftBehind: active.filter((d) => !same(d.id) && !disks.includes(d)).map((d) => d.id) }
+}
+
+/** A definition without what is not the machine (labels): two definitions that differ only there need no relaunch. */
+function machineOf(d: VmDefinition): Omit<VmDefinition, 'labels'> {
+  const { labels: _labels, ...machine } = d
+  return machine
 }
 
 /**

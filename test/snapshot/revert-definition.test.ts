@@ -48,3 +48,24 @@ t.test('a stored row from before definitions were recorded still loads; a record
   t.same(parseSnapshotRow(row(snap(then))).definition, then)
   t.throws(() => parseSnapshotRow(row({ ...snap(), definition: { name: 'v', memoryMiB: 'x' } } as unknown as Snapshot)), 'a broken definition fails the row (the store quarantines it)')
 })
+
+t.test('labels are not the machine: a label-only difference restores nothing, and a revert keeps the labels the VM has now', async (t) => {
+  const labelled = VmDefinition.parse({ ...JSON.parse(JSON.stringify(then)), labels: { owner: 'sched' } })
+  t.equal(definitionRestore(labelled, active, snap(then)), undefined, 'no relaunch for a label change')
+  const now = VmDefinition.parse({ ...JSON.parse(JSON.stringify(then)), memoryMiB: 64, labels: { owner: 'sched' } })
+  const r = definitionRestore(now, active, snap(VmDefinition.parse({ ...JSON.parse(JSON.stringify(then)), labels: { owner: 'old' } })))
+  t.equal(r!.definition.memoryMiB, 32)
+  t.same(r!.definition.labels, { owner: 'sched' })
+})
+
+t.test('a UEFI VM keeps its NVRAM through a revert to another definition', async (t) => {
+  const uefi = VmDefinition.parse({ name: 'v', memoryMiB: 32, firmware: 'uefi', disks: [{ id: 'vda', file: '/a' }] })
+  const s: Snapshot = { ...snap(uefi), disks: [{ id: 'vda', mode: 'internal', file: '/a', format: 'qcow2' }, { id: 'nvram', mode: 'internal', file: '/nv', format: 'qcow2' }] }
+  const live = [{ id: 'vda', file: '/a', format: 'qcow2' as const, gen: 1 }, { id: 'nvram', file: '/nv', format: 'qcow2' as const, gen: 3 }]
+  const r = definitionRestore({ ...uefi, memoryMiB: 64 }, live, s)
+  t.same(r!.disks, live, 'both disks keep their active layers')
+  t.same(r!.leftBehind, [])
+  const ext: Snapshot = { ...s, kind: 'external', disks: [{ id: 'vda', mode: 'external', file: '/a', format: 'qcow2' }, { id: 'nvram', mode: 'external', file: '/nv', format: 'qcow2' }] }
+  const back = definitionRestore({ ...uefi, memoryMiB: 64 }, live, ext)
+  t.ok(back!.disks.some((d) => d.id === 'nvram'), 'the NVRAM is a runtime disk of the restored UEFI definition')
+})
