@@ -34,6 +34,7 @@ import { Recovery } from './ops/recovery.ts'
 import { VmChecker } from './ops/check.ts'
 import { Reconciler } from './ops/reconcile.ts'
 import { lockStateDir } from './lock.ts'
+import { assertPatchKeepsSnapshots } from './snapshot/patch-guard.ts'
 import { IdempotencyRepo } from './store/idempotency.ts'
 import { HostInfo } from './vm/host-info.ts'
 import type { VmState } from './vm/definition.ts'
@@ -142,6 +143,7 @@ async function openDaemon(
   snapshots.busyCheck = busy
   state.busyCheck = busy
   vms.busyCheck = busy
+  vms.patchCheck = (vm, before, after, fresh) => assertPatchKeepsSnapshots(snapshotRepo, vm, before, after, fresh)
   const vmBusy = (vm: string): boolean => jobs.busy(vm) || blockJobs.busy(vm) !== undefined
   const checker = new VmChecker({
     vms,

@@ -162,6 +162,11 @@ export class VmManager {
   private chainCache?: ChainCache
   /** Refuses stopping a VM whose disks a block job is busy with (set by the daemon). */
   busyCheck: (vm: string, what: string) => void = () => {}
+  /**
+   * Refuses a PATCH whose new runtime disks would run on an image that snapshots hold (set by the
+   * daemon from the snapshot store: src/snapshot/patch-guard.ts).
+   */
+  patchCheck: (vm: string, before: VmDefinition, after: VmDefinition, fresh: VmRuntime['disks']) => void = () => {}
 
   constructor(
     private readonly deps: {
@@ -288,6 +293,7 @@ export class VmManager {
     refuse()
     if (h.rec.definition !== before) throw new QmpdError('BUSY', `VM ${name} changed while the patch was checked; send it again`, { vm: name })
     const disks = disksAfterPatch(before, after, h.rec.runtime.disks)
+    this.patchCheck(name, before, after, disks.filter((d) => !h.rec.runtime.disks.includes(d)))
     // The NVRAM stays with the VM while it is UEFI (its variables), and is made at the next start when it becomes UEFI.
     const nvramFile = join(this.deps.paths.vmDir(name), NVRAM_FILE)
     const nvram = after.firmware === 'uefi' ? [h.rec.runtime.disks.find((d) => d.id === NVRAM_DISK_ID) ?? { id: NVRAM_DISK_ID, file: nvramFile, format: 'qcow2' as const, gen: 0 }] : []
