@@ -23,7 +23,24 @@ export function patchedDefinition(current: VmDefinition, patch: unknown): VmDefi
     const where = r.error.issues.map((i) => `/${i.path.map(String).join('/')} ${i.message}`).join('; ')
     throw new QmpdError('INVALID_INPUT', `the patched definition is invalid: ${where}`, { issues: r.error.issues })
   }
-  return r.data
+  return keepMacs(current, r.data)
+}
+
+/**
+ * A merge patch replaces `nics` whole: a NIC it names again by id without a MAC keeps the MAC
+ * it had (generated at define, stable from then on); only new NICs get a new one at resolve time.
+ */
+function keepMacs(before: VmDefinition, after: VmDefinition): VmDefinition {
+  if (!after.nics) return after
+  const taken = new Set(after.nics.flatMap((n) => (n.mac ? [n.mac] : [])))
+  const nics = after.nics.map((n) => {
+    if (n.mac) return n
+    const mac = before.nics?.find((o) => o.id === n.id)?.mac
+    if (!mac || taken.has(mac)) return n
+    taken.add(mac)
+    return { ...n, mac }
+  })
+  return { ...after, nics }
 }
 
 /**

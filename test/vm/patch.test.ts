@@ -71,3 +71,12 @@ t.test('runtime disks: kept where id and file stay, fresh where new or changed, 
     { id: 'vdd', file: '/d', format: 'qcow2', gen: 0 },
   ])
 })
+
+t.test('a NIC named again without a MAC keeps the one it had; a new NIC gets none here (resolve assigns it)', async (t) => {
+  const withNic = VmDefinition.parse({ ...base, nics: [{ id: 'net0', mac: '52:54:00:12:34:56', user: {} }] })
+  const after = patchedDefinition(withNic, { nics: [{ id: 'net0', user: { hostfwd: [{ proto: 'tcp', hostPort: 8080, guestPort: 80 }] } }, { id: 'net1', user: {} }] })
+  t.equal(after.nics![0]!.mac, '52:54:00:12:34:56')
+  t.equal(after.nics![1]!.mac, undefined)
+  const renamed = patchedDefinition(withNic, { nics: [{ id: 'lan', user: {} }] })
+  t.equal(renamed.nics![0]!.mac, undefined, 'another id is another NIC')
+})
