@@ -12,6 +12,7 @@ import type { Operation } from '../ops/journal.ts'
 import { driveQemuJob } from '../jobs/qemu-job.ts'
 import type { QmpClient } from '../qmp/index.ts'
 import type { ImageRow } from '../store/snapshots.ts'
+import { requireAdoptedQemu } from '../vm/adopted.ts'
 import { assertState, isRunningState } from '../vm/states.ts'
 import { mustSnapshot, type SnapshotDeps } from './deps.ts'
 import { qemuGone } from './files.ts'
@@ -28,6 +29,8 @@ export function submitDelete(deps: SnapshotDeps, busyCheck: (vm: string, what: s
   const rec = deps.vms.record(vm)
   const st = rec.runtime.state
   assertState(vm, st, 'snapshot-delete')
+  // Offline, a delete runs qemu-img on the files; an adopted VM's are its owner's (metadataOnly touches none).
+  if (!opts.metadataOnly) requireAdoptedQemu(vm, rec.definition, rec.runtime, `deleting snapshot ${name}`)
   return deps.jobs.submit({ vm, op: DELETE_OP, params: { snapshot: name, ...opts }, run: (ctx) => doDelete(deps, vm, name, opts, ctx) })
 }
 
@@ -56,6 +59,8 @@ export function rerunDelete(deps: SnapshotDeps, vm: string, j: DeleteJournal): J
 
 async function doDelete(deps: SnapshotDeps, vm: string, name: string, opts: DeleteOptions, ctx: JobContext): Promise<unknown> {
   mustSnapshot(deps, vm, name)
+  const rec = deps.vms.record(vm)
+  if (!opts.metadataOnly) requireAdoptedQemu(vm, rec.definition, rec.runtime, `deleting snapshot ${name}`)
   const j: DeleteJournal = { snapshot: name, ...opts }
   const o = deps.journal.begin({ vm, op: DELETE_OP, job: ctx.id, body: j, qemuPid: () => deps.vms.record(vm).runtime.pid })
   try {

@@ -216,6 +216,7 @@ t.test('adopted QEMU: commit, pull and copy with pivot, and a memory-only checkp
   for (const name of ['m1', 'b1']) t.equal((await td.api('DELETE', `/v1/vms/b/snapshots/${name}?wait=true&timeoutSec=120`)).status, 200, `delete ${name}`)
   t.notOk(existsSync(m1.snapshot.vmstateFile), 'the RAM state file is gone')
 
+  await snap(td, 'b', { name: 'b2', kind: 'external', memory: false })
   // A save writes RAM through the adopted QEMU (whose cwd is not the VM directory) and quits it.
   const saved = await td.api('POST', '/v1/vms/b/save?wait=true&timeoutSec=120', { file: 'b.state' })
   t.equal(saved.status, 200, `save: ${saved.body?.error?.message ?? 'done'}`)
@@ -227,4 +228,8 @@ t.test('adopted QEMU: commit, pull and copy with pivot, and a memory-only checkp
   t.equal(off.body.error.code, 'ADOPTED_NEEDS_RELAUNCH')
   const restore = await td.api('POST', '/v1/vms/b/restore', { file: 'b.state' })
   t.equal(restore.body.error.code, 'ADOPTED_NEEDS_RELAUNCH', 'and no restore: it needs a new QEMU')
+  const del = await td.api('DELETE', '/v1/vms/b/snapshots/b2')
+  t.equal(del.status, 409, 'no delete that would run qemu-img on the files of an adopted VM without its QEMU')
+  t.equal(del.body.error.code, 'ADOPTED_NEEDS_RELAUNCH')
+  t.equal((await td.api('DELETE', '/v1/vms/b/snapshots/b2?metadataOnly=true&wait=true')).status, 200, 'forgetting it touches no file: allowed')
 })
