@@ -78,6 +78,9 @@ export function installIdempotency(app: FastifyInstance, deps: IdempotencyDeps):
   app.addHook('onRoute', (route) => {
     const methods = ([] as string[]).concat(route.method)
     if (!methods.includes('POST') || !route.url.startsWith('/v1/')) return
+    // A route whose answer is neither the VM nor the job it creates (repair answers a check report)
+    // opts out: a replay could only answer the job. Such routes are idempotent by themselves.
+    if ((route.config as { idempotencyKey?: boolean } | undefined)?.idempotencyKey === false) return
     route.schema ??= {}
     route.schema.headers ??= KeyHeaders
     const routeName = `POST ${route.url}`

@@ -100,3 +100,15 @@ t.test('a key sent twice in one request is 400, not ignored', async (t) => {
   t.equal(JSON.parse(res.body).error.code, 'INVALID_INPUT')
   t.equal((await td.api('GET', '/v1/vms/dup')).status, 404, 'nothing defined')
 })
+
+t.test('repair opts out: it answers its check report each time, never a replayed job', async (t) => {
+  const td = await startTestDaemon(t)
+  t.equal((await td.api('POST', '/v1/vms', def('fix'))).status, 201)
+  const key = { 'idempotency-key': 'repair-1' }
+  for (const n of [1, 2]) {
+    const r = await td.api('POST', '/v1/vms/fix/repair', {}, key)
+    t.equal(r.status, 200, `repair ${n}`)
+    t.equal(r.headers['idempotent-replayed'], undefined, `repair ${n} is no replay`)
+    t.type(r.body.problems, Array, `repair ${n} answers the check report`)
+  }
+})

@@ -115,6 +115,8 @@ export const vmRoutes: FastifyPluginAsyncZod<{ services: Services }> = async (ap
   app.post(
     '/v1/vms/:vm/repair',
     {
+      // Repair is idempotent by itself and answers a check report, not its job: no key replay.
+      config: { idempotencyKey: false },
       schema: {
         summary: 'Reconcile the VM now (as at daemon start); clears needs-repair when the check then passes; answers the check',
         tags: ['vms'],
