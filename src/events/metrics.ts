@@ -21,7 +21,21 @@ function seconds(from?: string, to?: string): number | undefined {
  * of snapshots by kind, VMs by state (read at scrape), QMP command latency, and prom-client's
  * process metrics (event-loop delay among them). close() unsubscribes.
  */
+/** Distinct QMP command names the latency histogram labels (QEMU 7.2 has about 250 commands). */
+export const MAX_COMMAND_LABELS = 300
+
 export class Metrics {
+  /** Command names seen as label values; bounded, since the passthrough takes any `query-*` name. */
+  private readonly commands = new Set<string>()
+
+  /** The `command` label of a QMP reply: its name, or `other` once MAX_COMMAND_LABELS names were seen. */
+  private commandLabel(command: string): string {
+    if (this.commands.has(command)) return command
+    if (this.commands.size >= MAX_COMMAND_LABELS) return 'other'
+    this.commands.add(command)
+    return command
+  }
+
   readonly registry = new Registry()
   private readonly unsubscribe: Array<() => void> = []
 
@@ -74,7 +88,7 @@ export class Metrics {
       bus.subscribe((ev) => {
         if (ev.type === 'job' && isFinal(ev.job.state)) ended(ev.job)
       }),
-      observeQmpReplies((command, ms) => qmp.observe({ command }, ms / 1000)),
+      observeQmpReplies((command, ms) => qmp.observe({ command: this.commandLabel(command) }, ms / 1000)),
     )
   }
 

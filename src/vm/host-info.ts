@@ -11,6 +11,7 @@ import { QmpdError } from '../errors.ts'
 import { QmpClient } from '../qmp/index.ts'
 import { sleep } from '../util.ts'
 import { probeAccel, type AccelProbe } from './accel-probe.ts'
+import { SANDBOX } from './argv.ts'
 import type { VmState } from './definition.ts'
 import { isAlive, waitForExit } from './proc.ts'
 
@@ -105,6 +106,9 @@ export async function qemuVersion(binary: string): Promise<{ version: string; li
   return { version: m?.[1] ?? line, line }
 }
 
+/** How long the probe QEMU's QMP socket gets to answer, retries included. */
+const PROBE_CONNECT_MS = 10_000
+
 /**
  * Starts a QEMU with no machine (-machine none, paused, no devices) on a QMP socket of its own,
  * reads its version, command names and migration capabilities, and ends it (quit, then SIGKILL
@@ -115,7 +119,7 @@ export async function probeQemu(binary: string, log: Logger): Promise<QemuProbe>
   const { version, line } = await qemuVersion(binary)
   const dir = mkdtempSync(join(tmpdir(), 'qmpd-probe-'))
   const socket = join(dir, 'qmp.sock')
-  const child = spawn(binary, ['-machine', 'none', '-nodefaults', '-display', 'none', '-S', '-qmp', `unix:${socket},server=on,wait=off`], { stdio: 'ignore' })
+  const child = spawn(binary, ['-machine', 'none', '-nodefaults', '-no-user-config', '-display', 'none', '-sandbox', SANDBOX, '-S', '-qmp', `unix:${socket},server=on,wait=off`], { stdio: 'ignore' })
   const failed = new Promise<never>((_, reject) => {
     child.once('error', (err) => reject(new QmpdError('QEMU_NOT_FOUND', `cannot start ${binary}: ${err.message}`, { binary }, { cause: err })))
     child.once('exit', (code, signal) => reject(new QmpdError('QEMU_START_FAILED', `probe QEMU exited (${signal ?? code})`, { binary })))
@@ -124,12 +128,13 @@ export async function probeQemu(binary: string, log: Logger): Promise<QemuProbe>
   const qmp = new QmpClient({ logger: log.child({ component: 'host-probe' }) })
   try {
     const connect = async (): Promise<void> => {
-      for (let i = 0; ; i++) {
+      const deadline = Date.now() + PROBE_CONNECT_MS
+      for (;;) {
         try {
           await qmp.connect({ path: socket }, { timeoutMs: 2_000 })
           return
         } catch (err) {
-          if (i >= 200) throw new QmpdError('QEMU_START_FAILED', `probe QEMU's QMP did not answer: ${(err as Error).message}`, { binary }, { cause: err })
+          if (Date.now() >= deadline) throw new QmpdError('QEMU_START_FAILED', `probe QEMU's QMP did not answer: ${(err as Error).message}`, { binary }, { cause: err })
           await sleep(50)
         }
       }
