@@ -1742,10 +1742,7 @@ export interface operations {
     repairVm: {
         parameters: {
             query?: never;
-            header?: {
-                /** @description the same key with the same request answers the VM or job the first request created (24 h); another request under it is 409 */
-                "idempotency-key"?: string;
-            };
+            header?: never;
             path: {
                 /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
                 vm: string;
@@ -2895,6 +2892,24 @@ export interface operations {
                             /** @enum {string} */
                             resolved: "kvm" | "tcg";
                             usable: ("kvm" | "tcg")[];
+                            /** @description the host probe's verdict on KVM (not run under --accel tcg) */
+                            kvm: {
+                                /** @enum {boolean} */
+                                probed: false;
+                                reason: string;
+                            } | {
+                                /** @enum {boolean} */
+                                probed: true;
+                                /** @enum {boolean} */
+                                usable: true;
+                                cpuModel: string;
+                            } | {
+                                /** @enum {boolean} */
+                                probed: true;
+                                /** @enum {boolean} */
+                                usable: false;
+                                reason: string;
+                            };
                         };
                         storage: {
                             stateDir: {

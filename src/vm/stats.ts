@@ -35,7 +35,7 @@ export interface VmStats {
   /** QEMU's VmRSS, bytes. */
   rssBytes: number | null
   disks: DiskStats[] | null
-  /** Per NIC; always [] today: qmpd defines no NICs yet and QEMU 7.2 has no QMP query for netdev counters. */
+  /** Per NIC; always [] today: QEMU 7.2 has no QMP query for netdev counters (query-stats has no net provider), and the host side of a tap NIC (/sys/class/net/IF/statistics) is not read yet. */
   net: Array<{ netdev: string; rxBytes: number; txBytes: number; rxPackets: number; txPackets: number }> | null
   /** The guest's pauses the VM's jobs measured (snapshots, reverts: their results' downtimeMs). */
   downtime: { totalMs: number; count: number }
