@@ -1,8 +1,9 @@
 // The optional metrics-only listener (--metrics-listen): GET /metrics without a token; nothing else.
+import { chmodSync, rmSync } from 'node:fs'
 import Fastify, { type FastifyInstance } from 'fastify'
 import type { Metrics } from '../events/metrics.ts'
 import { QmpdError } from '../errors.ts'
-import { parseListen } from './server.ts'
+import { claimUnixPath, parseListen } from './server.ts'
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -14,7 +15,7 @@ declare module 'fastify' {
 /**
  * Listens on `spec` (host:port or unix:/path) with one route, GET /metrics, answered from the
  * API app's registry without a token: give it a localhost or private address only.
- * @throws QmpdError INVALID_INPUT for a bad address, or when the app has no metrics.
+ * @throws QmpdError INVALID_INPUT for a bad address, a unix path that is not a stale socket, or when the app has no metrics; BUSY when something listens on the unix path.
  */
 export async function listenMetrics(app: FastifyInstance, spec: string): Promise<{ server: FastifyInstance; address: string }> {
   const target = parseListen(spec)
@@ -25,6 +26,11 @@ export async function listenMetrics(app: FastifyInstance, spec: string): Promise
     const { text, contentType } = await metrics.scrape()
     return reply.type(contentType).send(text)
   })
-  const address = target.kind === 'unix' ? (await server.listen({ path: target.path }), `unix:${target.path}`) : await server.listen({ host: target.host, port: target.port })
-  return { server, address }
+  if (target.kind === 'tcp') return { server, address: await server.listen({ host: target.host, port: target.port }) }
+  // As the API's socket: only nothing or a stale socket is replaced; mode 0660.
+  await claimUnixPath(target.path)
+  rmSync(target.path, { force: true })
+  await server.listen({ path: target.path })
+  chmodSync(target.path, 0o660)
+  return { server, address: `unix:${target.path}` }
 }
