@@ -4,6 +4,7 @@ import { smpArg } from './cpu.ts'
 import type { VmDefinition } from './definition.ts'
 import { blockdevProps, writeCacheProp } from './disk-options.ts'
 import { firmwareArgv, NVRAM_DISK_ID, type Ovmf } from './firmware.ts'
+import { cdromArgv, vncArg } from './media.ts'
 
 /** Fixed names of the files QEMU creates in its VM directory (it runs with that directory as cwd). */
 export const VM_FILES = {
@@ -96,7 +97,7 @@ export function buildArgv(def: VmDefinition, opts: LaunchOptions): string[] {
   if (fw) argv.push('-blockdev', fw.blockdev)
   let ide = 0
   let sata = 0
-  const explicitBoot = def.disks.some((d) => d.bootIndex !== undefined)
+  const explicitBoot = def.disks.some((d) => d.bootIndex !== undefined) || (def.cdroms ?? []).some((c) => c.bootIndex !== undefined)
   // sata on pc needs an AHCI controller (q35 has one built in: ide.0..ide.5); virtio-scsi one HBA.
   if (def.machine === 'pc' && def.disks.some((d) => d.bus === 'sata')) argv.push('-device', JSON.stringify({ driver: 'ahci', id: 'ahci0' }))
   if (def.disks.some((d) => d.bus === 'virtio-scsi')) argv.push('-device', JSON.stringify({ driver: 'virtio-scsi-pci', id: 'scsi0' }))
@@ -137,6 +138,8 @@ export function buildArgv(def: VmDefinition, opts: LaunchOptions): string[] {
     } else if (i === 0 && !def.kernel) device['bootindex'] = 0
     argv.push('-device', JSON.stringify(device))
   })
+  argv.push(...cdromArgv(def.cdroms ?? [], def.machine, ide))
+  if (def.vnc) argv.push('-vnc', vncArg(def.vnc))
   argv.push(...nicArgv(def.nics ?? []))
   if (def.guestAgent) {
     argv.push(

@@ -58,6 +58,23 @@ export const VmDefinition = z
     guestAgent: z.boolean().default(false).describe('add a virtio-serial qemu-guest-agent channel on a socket qmpd owns'),
     labels: Labels.optional(),
     firmware: z.enum(['bios', 'uefi']).optional().describe('bios (SeaBIOS, the default) or uefi (OVMF, with a per-VM NVRAM that snapshots include)'),
+    cdroms: z
+      .array(
+        z.strictObject({
+          file: PathString.describe('an ISO image (or any raw image), attached read-only; relative paths are under the VM directory'),
+          bootIndex: z.number().int().min(0).max(99).optional(),
+        }),
+      )
+      .max(4)
+      .optional()
+      .describe('CD-ROMs cd0, cd1, ... on IDE/AHCI ports after the disks: read-only, in no snapshot'),
+    vnc: z
+      .union([
+        z.strictObject({ unix: z.literal(true) }).describe('a unix socket, vnc.sock in the VM directory'),
+        z.strictObject({ port: z.number().int().min(5900).max(65535) }).describe('a TCP port on 127.0.0.1 only'),
+      ])
+      .optional()
+      .describe('a VNC display (none when absent)'),
     nics: z.array(NicDefinition).max(8).optional().describe('network cards, in PCI order (see docs/api.md, "Network cards"); none when absent'),
   })
   .superRefine((def, ctx) => {
@@ -65,6 +82,7 @@ export const VmDefinition = z
     def.disks.forEach((d, i) => {
       // The id of a UEFI VM's NVRAM in the snapshot engine (src/vm/firmware.ts).
       if (d.id === 'nvram') ctx.addIssue({ code: 'custom', path: ['disks', i, 'id'], message: 'nvram is reserved for the UEFI variable store' })
+      if (/^cd[0-9]+$/.test(d.id)) ctx.addIssue({ code: 'custom', path: ['disks', i, 'id'], message: `${d.id} is reserved for CD-ROMs (cdroms)` })
       if (seen.has(d.id)) ctx.addIssue({ code: 'custom', path: ['disks', i, 'id'], message: `duplicate disk id ${d.id}` })
       seen.add(d.id)
       const issue = diskOptionIssue(d)
@@ -76,6 +94,14 @@ export const VmDefinition = z
     const cpuIssue = topologyIssue(def.cpus, def.cpu)
     if (cpuIssue) ctx.addIssue({ code: 'custom', path: ['cpu'], message: cpuIssue })
     for (const issue of nicListIssues(def.nics ?? [])) ctx.addIssue({ code: 'custom', ...issue })
+    // q35's AHCI ports (ide.0-5) take ide and sata disks; pc's PIIX (2 buses x 2 units) only ide ones.
+    const idePorts = def.disks.filter((d) => d.bus === 'ide' || (d.bus === 'sata' && def.machine === 'q35')).length + (def.cdroms?.length ?? 0)
+    const maxIde = def.machine === 'q35' ? 6 : 4
+    if (def.cdroms?.length && idePorts > maxIde) {
+      ctx.addIssue({ code: 'custom', path: ['cdroms'], message: `${idePorts} IDE/SATA devices (disks and CD-ROMs) but machine ${def.machine} has ${maxIde} ports` })
+    }
+    const boots = [...def.disks.map((d) => d.bootIndex), ...(def.cdroms ?? []).map((c) => c.bootIndex)].filter((b) => b !== undefined)
+    if (def.cdroms?.length && new Set(boots).size !== boots.length) ctx.addIssue({ code: 'custom', path: ['cdroms'], message: 'a bootIndex is given twice (disks and CD-ROMs share them)' })
     if ((def.initrd || def.append) && !def.kernel) {
       ctx.addIssue({ code: 'custom', path: ['kernel'], message: 'initrd and append need a kernel' })
     }

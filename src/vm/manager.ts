@@ -25,6 +25,7 @@ import { buildArgv, VM_FILES, type ActiveDisk } from './argv.ts'
 import { chooseMachine } from './accel.ts'
 import { assertKnownCpuModel, topologyOf } from './cpu.ts'
 import { ensureNvram, findOvmf, FW_CODE_NODE, NVRAM_DISK_ID, NVRAM_FILE } from './firmware.ts'
+import { checkVncPort, VNC_SOCKET } from './media.ts'
 import { checkNicsOnHost } from './net-host.ts'
 import { assignMacs } from './nic.ts'
 import { checkPassthrough, makePassthroughPolicy } from './passthrough.ts'
@@ -87,7 +88,7 @@ export interface VmView {
   disks: DiskView[]
   exit?: VmRuntime['exit']
   /** Where the first serial port goes (absent for adopted VMs). */
-  consoles?: { serial: { log?: string; socket?: string } }
+  consoles?: { serial: { log?: string; socket?: string }; vnc?: { socket: string } | { host: string; port: number } }
   /** The accelerator, CPU model and vCPU topology of the last launch (absent before the first). */
   machine?: NonNullable<VmRuntime['machine']> & { topology: ReturnType<typeof topologyOf> }
   /** Set when the store disagrees with QEMU or the files in a way reconcile could not resolve. */
@@ -265,9 +266,11 @@ export class VmManager {
       ...(def.kernel ? { kernel: this.deps.paths.resolve(def.kernel, dir, 'kernel') } : {}),
       ...(def.initrd ? { initrd: this.deps.paths.resolve(def.initrd, dir, 'initrd') } : {}),
       ...(def.nics ? { nics: assignMacs(def.nics) } : {}),
+      ...(def.cdroms ? { cdroms: def.cdroms.map((c, i) => ({ ...c, file: this.deps.paths.resolve(c.file, dir, `cdroms[${i}].file`) })) } : {}),
     }
     await this.checkFiles(resolved, dir, 'define')
     await checkNicsOnHost(resolved.nics ?? [])
+    await checkVncPort(resolved.vnc)
     // A UEFI VM's NVRAM is one more disk (src/vm/firmware.ts), created at the first start.
     if (resolved.firmware === 'uefi') findOvmf()
     return resolved
@@ -346,6 +349,11 @@ export class VmManager {
       if (!f) continue
       confine(f, field)
       assertRegularFile(f, field, { allowMissing: true })
+    }
+    // A CD-ROM is never created: it must be there, a regular file (QEMU opens it read-only as raw).
+    for (const [i, cd] of (def.cdroms ?? []).entries()) {
+      confine(cd.file, `cdroms[${i}].file`)
+      assertRegularFile(cd.file, `cdroms[${i}].file`)
     }
   }
 
@@ -1083,6 +1091,7 @@ export class VmManager {
     // naming outside backing files after the define, and snapshots move the active layers.
     await this.checkFiles(def, dir, 'start', disks)
     await checkNicsOnHost(def.nics ?? [])
+    await checkVncPort(def.vnc)
     const ovmf = def.firmware === 'uefi' ? findOvmf() : undefined
     if (ovmf && (await ensureNvram(this.deps.qemuImg, disks, join(dir, NVRAM_FILE), ovmf))) ctx.log.info({ template: ovmf.varsTemplate }, 'nvram created')
     const created: string[] = []
@@ -1367,10 +1376,11 @@ interface BlockImage {
 
 /** Maps query-block's devices to qmpd disk ids (the -device id) and flattens each backing chain. */
 function disksFromQueryBlock(blocks: unknown): DiskView[] {
-  const list = blocks as Array<{ device?: string; qdev?: string; inserted?: { 'node-name'?: string; image: BlockImage } }>
+  const list = blocks as Array<{ device?: string; qdev?: string; removable?: boolean; inserted?: { 'node-name'?: string; image: BlockImage } }>
   const out: DiskView[] = []
   for (const b of list) {
-    if (!b.inserted) continue
+    // CD-ROMs (removable media) are in the definition's cdroms, never snapshotted: not disks.
+    if (!b.inserted || b.removable) continue
     const id = deviceId(b)
     // The firmware code is the host's (read-only, never snapshotted), not one of the VM's disks.
     if (id === FW_CODE_NODE) continue
@@ -1400,6 +1410,7 @@ function consolesOf(def: StoredDefinition, dir: string): Pick<VmView, 'consoles'
         ...(def.serialLog ? { log: join(dir, VM_FILES.serialLog) } : {}),
         ...(def.serialSocket ? { socket: join(dir, VM_FILES.consoleSocket) } : {}),
       },
+      ...(def.vnc ? { vnc: 'unix' in def.vnc ? { socket: join(dir, VNC_SOCKET) } : { host: '127.0.0.1', port: def.vnc.port } } : {}),
     },
   }
 }
