@@ -790,6 +790,19 @@ export interface components {
                  * @enum {string}
                  */
                 firmware?: "bios" | "uefi";
+                /** @description CD-ROMs cd0, cd1, ... on IDE/AHCI ports after the disks: read-only, in no snapshot */
+                cdroms?: {
+                    /** @description an ISO image (or any raw image), attached read-only; relative paths are under the VM directory */
+                    file: string;
+                    bootIndex?: number;
+                }[];
+                /** @description a VNC display (none when absent) */
+                vnc?: {
+                    /** @enum {boolean} */
+                    unix: true;
+                } | {
+                    port: number;
+                };
                 /** @description network cards, in PCI order (see docs/api.md, "Network cards"); none when absent */
                 nics?: {
                     id: string;
@@ -1184,6 +1197,19 @@ export interface operations {
                      * @enum {string}
                      */
                     firmware?: "bios" | "uefi";
+                    /** @description CD-ROMs cd0, cd1, ... on IDE/AHCI ports after the disks: read-only, in no snapshot */
+                    cdroms?: {
+                        /** @description an ISO image (or any raw image), attached read-only; relative paths are under the VM directory */
+                        file: string;
+                        bootIndex?: number;
+                    }[];
+                    /** @description a VNC display (none when absent) */
+                    vnc?: {
+                        /** @enum {boolean} */
+                        unix: true;
+                    } | {
+                        port: number;
+                    };
                     /** @description network cards, in PCI order (see docs/api.md, "Network cards"); none when absent */
                     nics?: {
                         id: string;
