@@ -19,9 +19,9 @@ export function assertPatchKeepsSnapshots(repo: SnapshotRepo, vm: string, before
   }
   const images = repo.images(vm)
   const frozen = new Set(images.flatMap((i) => (i.backing ? [i.backing] : [])))
-  // An external snapshot's disks are its frozen images; an internal one's tags live in images
-  // the guest may go on writing (the tags stay).
-  for (const s of snapshots) if (s.kind === 'external') for (const d of s.disks) frozen.add(d.file)
+  // An external snapshot's captured disks are its frozen images (an excluded disk's file is the
+  // live one); an internal one's tags live in images the guest may go on writing (the tags stay).
+  for (const s of snapshots) if (s.kind === 'external') for (const d of s.disks) if (d.mode === 'external') frozen.add(d.file)
   for (const d of fresh) {
     if (frozen.has(d.file)) {
       throw new QmpdError('INVALID_STATE', `disk ${d.id} would run on ${d.file}, an image that snapshots of VM ${vm} hold (the guest would write into them): give it another file`, { vm, disk: d.id, file: d.file })

@@ -139,7 +139,8 @@ export function buildArgv(def: VmDefinition, opts: LaunchOptions): string[] {
     argv.push('-device', JSON.stringify(device))
   })
   argv.push(...cdromArgv(def.cdroms ?? [], def.machine, ide))
-  if (def.vnc) argv.push('-vnc', vncArg(def.vnc))
+  // -nodefaults leaves out the graphics card: a display needs one, or VNC shows only QEMU's placeholder.
+  if (def.vnc) argv.push('-device', JSON.stringify({ driver: 'VGA', id: 'video0' }), '-vnc', vncArg(def.vnc))
   argv.push(...nicArgv(def.nics ?? []))
   if (def.guestAgent) {
     argv.push(

@@ -82,7 +82,9 @@ export const VmDefinition = z
     def.disks.forEach((d, i) => {
       // The id of a UEFI VM's NVRAM in the snapshot engine (src/vm/firmware.ts).
       if (d.id === 'nvram') ctx.addIssue({ code: 'custom', path: ['disks', i, 'id'], message: 'nvram is reserved for the UEFI variable store' })
-      if (/^cd[0-9]+$/.test(d.id)) ctx.addIssue({ code: 'custom', path: ['disks', i, 'id'], message: `${d.id} is reserved for CD-ROMs (cdroms)` })
+      // Only the ids the CD-ROMs take: stored VMs with a disk named cd0 and no cdroms still load.
+      const cd = /^cd([0-9]+)$/.exec(d.id)
+      if (cd && Number(cd[1]) < (def.cdroms?.length ?? 0)) ctx.addIssue({ code: 'custom', path: ['disks', i, 'id'], message: `${d.id} is the id of a CD-ROM (cdroms[${cd[1]}])` })
       if (seen.has(d.id)) ctx.addIssue({ code: 'custom', path: ['disks', i, 'id'], message: `duplicate disk id ${d.id}` })
       seen.add(d.id)
       const issue = diskOptionIssue(d)

@@ -49,7 +49,7 @@ export function vncArg(vnc: VncSpec): string {
 
 /**
  * Refuses a VNC port something on this host already holds, before QEMU would fail on it.
- * @throws QmpdError PORT_IN_USE.
+ * @throws QmpdError PORT_IN_USE; HOST_RESOURCE_MISSING when the port cannot be bound for another reason.
  */
 export async function checkVncPort(vnc: VncSpec | undefined): Promise<void> {
   if (!vnc || 'unix' in vnc) return
@@ -58,5 +58,7 @@ export async function checkVncPort(vnc: VncSpec | undefined): Promise<void> {
     srv.once('error', (e) => resolve(e))
     srv.listen({ host: '127.0.0.1', port: vnc.port, exclusive: true }, () => srv.close(() => resolve(undefined)))
   })
-  if (err) throw new QmpdError('PORT_IN_USE', `vnc.port: 127.0.0.1:${vnc.port} is not free on this host (${err.code ?? err.message})`, { port: vnc.port })
+  if (!err) return
+  if (err.code === 'EADDRINUSE') throw new QmpdError('PORT_IN_USE', `vnc.port: 127.0.0.1:${vnc.port} is already in use on this host`, { port: vnc.port })
+  throw new QmpdError('HOST_RESOURCE_MISSING', `vnc.port: cannot bind 127.0.0.1:${vnc.port}: ${err.message}`, { port: vnc.port, reason: err.code ?? err.message })
 }

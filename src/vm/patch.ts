@@ -18,7 +18,10 @@ export function patchedDefinition(current: VmDefinition, patch: unknown): VmDefi
   if ('name' in patch && patch.name !== current.name) {
     throw new QmpdError('INVALID_INPUT', `name cannot change (${current.name}): define a new VM instead`, { vm: current.name })
   }
-  const r = VmDefinition.safeParse(mergePatch(current, patch))
+  const merged = mergePatch(current, patch) as Record<string, unknown>
+  // vnc is one of two shapes ({unix} or {port}): a patch names the new one whole, not a merge of both.
+  if ('vnc' in patch && patch.vnc !== null) merged['vnc'] = patch.vnc
+  const r = VmDefinition.safeParse(merged)
   if (!r.success) {
     const where = r.error.issues.map((i) => `/${i.path.map(String).join('/')} ${i.message}`).join('; ')
     throw new QmpdError('INVALID_INPUT', `the patched definition is invalid: ${where}`, { issues: r.error.issues })

@@ -73,6 +73,12 @@ t.test('an ISO on cd0 and VNC on a unix socket: snapshot kinds leave the ISO out
   const short = shortSocketPath(join(dir, 'vnc.sock'))
   t.teardown(short.release)
   t.equal(await rfbBanner({ path: short.path }), 'RFB 003.008\n', 'the VNC socket speaks RFB')
+  // A graphics card is there to show (without one VNC serves only QEMU's placeholder and
+  // screendump has no console to dump).
+  const shot = join(dir, 'screen.ppm')
+  const dump = await td.api('POST', '/v1/vms/m/qmp', { execute: 'screendump', arguments: { filename: shot } })
+  t.equal(dump.status, 200, `screendump: ${JSON.stringify(dump.body.error ?? '')}`)
+  t.match(readFileSync(shot).subarray(0, 20).toString('latin1'), /^P6\n\d+ \d+\n255\n/, 'the display is a real framebuffer (PPM)')
 
   const cp = await op(td, 'm', 'snapshots', { name: 'cp', kind: 'internal' })
   t.equal(cp.state, 'succeeded', 'an internal checkpoint with a read-only CD-ROM attached')
@@ -123,7 +129,9 @@ t.test('bad media and taken ports: a clear 4xx, nothing created', async (t) => {
     t.match(r.body.error.message, why, `${file}: ${r.body.error.message}`)
   }
   t.equal((await td.api('POST', '/v1/vms', { name: 'bad', cdroms: [{ file: '/etc/hostname' }] })).status, 400, 'an ISO outside the roots')
-  t.equal((await td.api('POST', '/v1/vms', { name: 'bad', disks: [{ id: 'cd0', file: 'x.qcow2' }] })).status, 400, 'cd0 is no disk id')
+  const clash = await td.api('POST', '/v1/vms', { name: 'bad', disks: [{ id: 'cd0', file: 'x.qcow2', sizeMiB: 1 }], cdroms: [{ file: 'missing.iso' }] })
+  t.equal(clash.status, 400, 'a disk cannot take the id of a CD-ROM')
+  t.match(clash.body.error.message, /id of a CD-ROM/)
   t.equal((await td.api('POST', '/v1/vms', { name: 'bad', vnc: { port: 80 } })).status, 400, 'a VNC port below 5900')
   const holder: Server = createServer()
   await new Promise<void>((r) => holder.listen(0, '127.0.0.1', r))

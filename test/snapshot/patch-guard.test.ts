@@ -26,4 +26,6 @@ t.test('an external snapshot froze /s/a.qcow2: a disk put back on it, or a firmw
   t.throws(() => assertPatchKeepsSnapshots(repo, 'v', def, def, [{ id: 'vdb', file: '/s/a.qcow2', format: 'qcow2', gen: 0 }]), { code: 'INVALID_STATE', message: /snapshots of VM v hold/ })
   t.throws(() => assertPatchKeepsSnapshots(repo, 'v', def, { ...def, firmware: 'uefi' }, []), { code: 'INVALID_STATE', message: /firmware/ })
   t.doesNotThrow(() => assertPatchKeepsSnapshots(repo, 'v', def, { ...def, memoryMiB: 256 }, [{ id: 'vdb', file: '/s/b.qcow2', format: 'qcow2', gen: 0 }]), 'a new file is fine')
+  repo.put({ vm: 'v', name: 'e2', kind: 'external', memory: false, createdAt: '2026-01-02T00:00:00.000Z', vmState: 'shutoff', disks: [{ id: 'vda', mode: 'external', file: '/s/a.1.qcow2', format: 'qcow2', overlay: '/s/a.2.qcow2' }, { id: 'scratch', mode: 'excluded', file: '/s/scratch.raw', format: 'raw' }] } as never)
+  t.doesNotThrow(() => assertPatchKeepsSnapshots(repo, 'v', def, def, [{ id: 'tmp', file: '/s/scratch.raw', format: 'raw', gen: 0 }]), 'an excluded disk\'s file is live, not frozen')
 })

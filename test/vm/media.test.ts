@@ -25,6 +25,8 @@ t.test('VNC: a relative unix socket, or a display on 127.0.0.1', async (t) => {
   t.equal(vncArg({ port: 5901 }), '127.0.0.1:1')
   const argv = buildArgv(VmDefinition.parse({ name: 'v', vnc: { port: 5900 } }), { accel: 'tcg', disks: [] })
   t.equal(argv[argv.indexOf('-vnc') + 1], '127.0.0.1:0')
+  t.same(devices(argv).find((d) => d.driver === 'VGA'), { driver: 'VGA', id: 'video0' }, 'a display device for VNC to show')
+  t.notOk(buildArgv(VmDefinition.parse({ name: 'v' }), { accel: 'tcg', disks: [] }).includes('VGA'), 'none without VNC')
 })
 
 t.test('the schema refuses what cannot be attached', async (t) => {
@@ -33,5 +35,8 @@ t.test('the schema refuses what cannot be attached', async (t) => {
   t.ok(bad({ name: 'v', machine: 'pc', disks: [0, 1, 2].map((i) => ({ id: `hd${String.fromCharCode(97 + i)}`, file: `/${i}`, bus: 'ide' })), cdroms: [{ file: '/i' }, { file: '/j' }] }), 'pc has 4 IDE ports')
   t.ok(bad({ name: 'v', disks: [{ id: 'vda', file: '/a', bootIndex: 0 }], cdroms: [{ file: '/i', bootIndex: 0 }] }), 'one bootIndex twice')
   t.ok(bad({ name: 'v', vnc: { port: 5900, unix: true } }), 'VNC is a socket or a port')
+  t.ok(bad({ name: 'v', disks: [{ id: 'cd0', file: '/a' }], cdroms: [{ file: '/i' }] }), 'cd0 is the first CD-ROM\'s id')
+  t.notOk(bad({ name: 'v', disks: [{ id: 'cd0', file: '/a' }] }), 'a disk named cd0 on a VM without CD-ROMs (rows stored before cdroms existed) still parses')
+  t.notOk(bad({ name: 'v', disks: [{ id: 'cd1', file: '/a' }], cdroms: [{ file: '/i' }] }), 'cd1 is free with one CD-ROM')
   t.notOk(bad({ name: 'v', cdroms: [{ file: '/i', bootIndex: 0 }], disks: [{ id: 'vda', file: '/a', bootIndex: 1 }] }))
 })

@@ -80,3 +80,9 @@ t.test('a NIC named again without a MAC keeps the one it had; a new NIC gets non
   const renamed = patchedDefinition(withNic, { nics: [{ id: 'lan', user: {} }] })
   t.equal(renamed.nics![0]!.mac, undefined, 'another id is another NIC')
 })
+
+t.test('vnc is replaced whole: a socket becomes a port without naming unix: null', async (t) => {
+  const withVnc = VmDefinition.parse({ ...base, vnc: { unix: true } })
+  t.same(patchedDefinition(withVnc, { vnc: { port: 5901 } }).vnc, { port: 5901 })
+  t.equal(patchedDefinition(withVnc, { vnc: null }).vnc, undefined, 'null removes it')
+})
