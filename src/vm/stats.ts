@@ -2,6 +2,7 @@
 // from query-blockstats, guest downtime from job results, snapshot space from the files; reads only.
 import { readFileSync, statSync } from 'node:fs'
 import { join } from 'node:path'
+import { QmpdError } from '../errors.ts'
 import type { JobManager } from '../jobs/manager.ts'
 import type { QmpClient } from '../qmp/index.ts'
 import { VM_FILES } from './argv.ts'
@@ -101,7 +102,8 @@ async function diskStats(qmp: QmpClient, diskIds: string[]): Promise<DiskStats[]
 /**
  * The VM's resource use now. A VM without a QEMU answers its snapshot space and downtime, with
  * null for CPU, memory, disks and network.
- * @throws QmpdError VM_NOT_FOUND; QMP errors of query-blockstats while QEMU runs.
+ * @throws QmpdError VM_NOT_FOUND; QMP errors of query-blockstats while QEMU runs (not a lost
+ *   connection: QEMU quitting mid-request gives null disks).
  */
 export async function vmStats(d: VmStatsDeps, name: string): Promise<VmStats> {
   const rec = d.vms.record(name)
@@ -116,7 +118,13 @@ export async function vmStats(d: VmStatsDeps, name: string): Promise<VmStats> {
     } catch {
       qmp = undefined // no QMP connection right now: block I/O unknown
     }
-    if (qmp) disks = await diskStats(qmp, rt.disks.map((x) => x.id))
+    try {
+      if (qmp) disks = await diskStats(qmp, rt.disks.map((x) => x.id))
+    } catch (err) {
+      // QEMU went away between the check above and the reply (a stop or save finishing): the VM
+      // is no longer running, and its block I/O is unknown, as for a stopped VM.
+      if (!(err instanceof QmpdError && err.code === 'QMP_DISCONNECTED')) throw err
+    }
   }
   // Jobs of this VM since it was defined (an older VM of the same name had its own).
   const jobs = d.jobs.list({ vm: name, limit: 100_000 }).filter((j) => j.createdAt >= rec.createdAt)
