@@ -3111,6 +3111,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description Error: INTERRUPTED, INTERNAL */
             500: {
                 headers: {

@@ -25,7 +25,7 @@ export const jobRoutes: FastifyPluginAsyncZod<{ services: Services }> = async (a
     async (req) => ({ jobs: jobs.list({ ...(req.query.vm ? { vm: req.query.vm } : {}), limit: req.query.limit }) }),
   )
 
-  app.get('/v1/jobs/:id', { schema: { summary: 'One job, with live progress', tags: ['jobs'], operationId: 'getJob', params: JobParams, response: { 200: Job } } }, async (req) => {
+  app.get('/v1/jobs/:id', { schema: { summary: 'One job, with live progress', tags: ['jobs'], operationId: 'getJob', params: JobParams, response: { 200: Job, ...errors(409) } } }, async (req) => {
     const job = jobs.get(req.params.id)
     if (!job) throw new QmpdError('JOB_NOT_FOUND', `no job ${req.params.id}`, { job: req.params.id })
     return job
