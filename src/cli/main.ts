@@ -107,7 +107,7 @@ export async function main(argv: string[]): Promise<number> {
   process.on('unhandledRejection', (err) => daemon.log.error({ err }, 'unhandled rejection (a qmpd bug)'))
   // Once per start: which QEMU the VMs will run (a missing binary is a warning; adopted VMs need none).
   const qemu = await qemuVersion(config.qemuBinary)
-  if (qemu.version) daemon.log.info({ qemuBinary: config.qemuBinary, qemuVersion: qemu.version }, 'QEMU binary')
+  if (qemu.line !== undefined) daemon.log.info({ qemuBinary: config.qemuBinary, qemuVersion: qemu.line }, 'QEMU binary')
   else daemon.log.warn({ qemuBinary: config.qemuBinary, err: qemu.error }, 'QEMU binary cannot report its version: starting VMs will fail')
   const { app } = await listen(daemon, config.listen)
   const metricsServer = config.metricsListen ? await listenMetrics(app, config.metricsListen) : undefined

@@ -1,12 +1,13 @@
 // Host probe: can KVM run a guest that needs what a Linux kernel needs? Runs QEMU on qmpd's own
 // boot-sector guest in a temporary directory it removes; touches no VM and no store.
-import { execFile, spawn } from 'node:child_process'
+import { spawn } from 'node:child_process'
 import { constants as fsc } from 'node:fs'
 import { mkdtemp, open, readFile, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { SANDBOX } from './argv.ts'
 import { PROBE_GUEST_EXIT, PROBE_STAGES, probeGuestSector } from './probe-guest.ts'
+import { qemuVersion as readQemuVersion } from './qemu-version.ts'
 
 /** What the probe found out about one QEMU binary on this host. */
 export interface AccelProbe {
@@ -121,7 +122,7 @@ export function describeFailure(model: string, run: GuestRun, timeoutMs: number)
 export async function runAccelProbe(opts: ProbeOptions): Promise<AccelProbe> {
   const t0 = performance.now()
   const timeoutMs = opts.timeoutMs ?? PROBE_TIMEOUT_MS
-  const qemuVersion = await versionOf(opts.binary)
+  const qemuVersion = (await readQemuVersion(opts.binary)).line
   const done = (kvm: AccelProbe['kvm']): AccelProbe => ({
     binary: opts.binary,
     ...(qemuVersion ? { qemuVersion } : {}),
@@ -145,12 +146,6 @@ export async function runAccelProbe(opts: ProbeOptions): Promise<AccelProbe> {
   } finally {
     await rm(dir, { recursive: true, force: true })
   }
-}
-
-function versionOf(binary: string): Promise<string | undefined> {
-  return new Promise((resolve) => {
-    execFile(binary, ['--version'], { timeout: 10_000 }, (err, stdout) => resolve(err ? undefined : stdout.split('\n')[0]?.trim() || undefined))
-  })
 }
 
 const probes = new Map<string, Promise<AccelProbe>>()

@@ -1,10 +1,9 @@
 // The host fingerprint of GET /v1/host: QEMU's version and capabilities (probed once per binary,
 // cached), the accelerators, free space, VM counts; starts only a short-lived probe QEMU of its own.
-import { execFile, spawn } from 'node:child_process'
+import { spawn } from 'node:child_process'
 import { mkdtempSync, rmSync, statfsSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { promisify } from 'node:util'
 import type { Logger } from 'pino'
 import type { Config } from '../config.ts'
 import { QmpdError } from '../errors.ts'
@@ -14,8 +13,7 @@ import { probeAccel, type AccelProbe } from './accel-probe.ts'
 import { SANDBOX } from './argv.ts'
 import type { VmState } from './definition.ts'
 import { isAlive, waitForExit } from './proc.ts'
-
-const run = promisify(execFile)
+import { qemuVersion as readQemuVersion } from './qemu-version.ts'
 
 /** QMP commands whose presence a scheduler or an operator may care about (what qmpd uses, and what newer QEMUs add). */
 export const COMMANDS_OF_INTEREST = [
@@ -95,15 +93,9 @@ export function diskSpace(path: string): { path: string; freeBytes: number; tota
  * @throws QmpdError QEMU_NOT_FOUND when the binary cannot be run.
  */
 export async function qemuVersion(binary: string): Promise<{ version: string; line: string }> {
-  let out: string
-  try {
-    out = (await run(binary, ['--version'], { timeout: 10_000 })).stdout
-  } catch (err) {
-    throw new QmpdError('QEMU_NOT_FOUND', `cannot run ${binary} --version: ${(err as Error).message}`, { binary }, { cause: err })
-  }
-  const line = out.split('\n')[0]!.trim()
-  const m = /version (\d+\.\d+\.\d+)/.exec(line)
-  return { version: m?.[1] ?? line, line }
+  const v = await readQemuVersion(binary)
+  if (v.error !== undefined) throw new QmpdError('QEMU_NOT_FOUND', `cannot run ${binary} --version: ${v.error}`, { binary })
+  return { version: v.version, line: v.line }
 }
 
 /** How long the probe QEMU's QMP socket gets to answer, retries included. */
