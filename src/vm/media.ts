@@ -1,7 +1,7 @@
 // Removable media and the display of a VM qmpd launches: CD-ROM and VNC arguments for QEMU and
 // the host checks they need; pure except for the port probe, launches nothing.
-import { createServer } from 'node:net'
 import { QmpdError } from '../errors.ts'
+import { bindError } from './net-host.ts'
 
 /** A CD-ROM as the definition holds it (file resolved by PathPolicy at define). */
 export interface CdromSpec {
@@ -53,11 +53,7 @@ export function vncArg(vnc: VncSpec): string {
  */
 export async function checkVncPort(vnc: VncSpec | undefined): Promise<void> {
   if (!vnc || 'unix' in vnc) return
-  const err = await new Promise<NodeJS.ErrnoException | undefined>((resolve) => {
-    const srv = createServer()
-    srv.once('error', (e) => resolve(e))
-    srv.listen({ host: '127.0.0.1', port: vnc.port, exclusive: true }, () => srv.close(() => resolve(undefined)))
-  })
+  const err = await bindError('tcp', '127.0.0.1', vnc.port)
   if (!err) return
   if (err.code === 'EADDRINUSE') throw new QmpdError('PORT_IN_USE', `vnc.port: 127.0.0.1:${vnc.port} is already in use on this host`, { port: vnc.port })
   throw new QmpdError('HOST_RESOURCE_MISSING', `vnc.port: cannot bind 127.0.0.1:${vnc.port}: ${err.message}`, { port: vnc.port, reason: err.code ?? err.message })

@@ -105,7 +105,7 @@ export function bridgeAcl(file: string, bridge: string, depth = 0): 'allowed' | 
 
 /** Binds the forwarded host address and port for a moment: the answer QEMU would get now. */
 async function checkPortFree(f: HostForward, field: string, nic: string): Promise<void> {
-  const err = await tryBind(f)
+  const err = await bindError(f.proto, f.hostAddr, f.hostPort)
   if (!err) return
   const data = { nic, proto: f.proto, hostAddr: f.hostAddr, hostPort: f.hostPort, reason: err.code ?? err.message }
   if (err.code === 'EADDRINUSE') {
@@ -114,19 +114,20 @@ async function checkPortFree(f: HostForward, field: string, nic: string): Promis
   throw new QmpdError('HOST_RESOURCE_MISSING', `${field}: cannot bind ${f.proto} ${f.hostAddr}:${f.hostPort}: ${err.message}`, data)
 }
 
-function tryBind(f: HostForward): Promise<NodeJS.ErrnoException | undefined> {
+/** Binds `port` on `host` for a moment and lets go: the error a listener there would get, or undefined when it is free. */
+export function bindError(proto: 'tcp' | 'udp', host: string, port: number): Promise<NodeJS.ErrnoException | undefined> {
   return new Promise((resolve) => {
-    if (f.proto === 'udp') {
+    if (proto === 'udp') {
       const s = createSocket('udp4')
       s.once('error', (err) => {
         s.close()
         resolve(err)
       })
-      s.bind(f.hostPort, f.hostAddr, () => s.close(() => resolve(undefined)))
+      s.bind(port, host, () => s.close(() => resolve(undefined)))
       return
     }
     const srv = createServer()
     srv.once('error', (err) => resolve(err))
-    srv.listen({ host: f.hostAddr, port: f.hostPort, exclusive: true }, () => srv.close(() => resolve(undefined)))
+    srv.listen({ host, port, exclusive: true }, () => srv.close(() => resolve(undefined)))
   })
 }
