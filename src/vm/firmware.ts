@@ -15,6 +15,11 @@ export const NVRAM_DISK_ID = 'nvram'
 /** The NVRAM's file in the VM directory: a qcow2 copy of OVMF's variable template. */
 export const NVRAM_FILE = 'nvram.qcow2'
 
+/** The runtime disk of a UEFI VM's NVRAM before its first start: nvram.qcow2 in the VM directory. */
+export function nvramDisk(vmDir: string): ActiveDisk {
+  return { id: NVRAM_DISK_ID, file: join(vmDir, NVRAM_FILE), format: 'qcow2', gen: 0 }
+}
+
 /** Node name of the read-only firmware code (pflash0). */
 export const FW_CODE_NODE = 'fw-code'
 

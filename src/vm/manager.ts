@@ -24,7 +24,7 @@ import { reserveFile } from '../snapshot/files.ts'
 import { buildArgv, VM_FILES, type ActiveDisk } from './argv.ts'
 import { chooseMachine } from './accel.ts'
 import { assertKnownCpuModel, topologyOf } from './cpu.ts'
-import { ensureNvram, findOvmf, FW_CODE_NODE, NVRAM_DISK_ID, NVRAM_FILE } from './firmware.ts'
+import { ensureNvram, findOvmf, FW_CODE_NODE, NVRAM_DISK_ID, NVRAM_FILE, nvramDisk } from './firmware.ts'
 import { checkVncPort, VNC_SOCKET } from './media.ts'
 import { checkNicsOnHost } from './net-host.ts'
 import { assignMacs } from './nic.ts'
@@ -235,7 +235,7 @@ export class VmManager {
     const def = parseInput(VmDefinition, input)
     const dir = this.deps.paths.vmDir(def.name)
     const resolved = await this.resolveDefinition(def)
-    const nvram = resolved.firmware === 'uefi' ? [{ id: NVRAM_DISK_ID, file: join(dir, NVRAM_FILE), format: 'qcow2' as const, gen: 0 }] : []
+    const nvram = resolved.firmware === 'uefi' ? [nvramDisk(dir)] : []
     const runtime: VmRuntime = {
       state: 'shutoff',
       qmpSocket: join(dir, VM_FILES.qmpSocket),
@@ -298,9 +298,9 @@ export class VmManager {
     const disks = disksAfterPatch(before, after, h.rec.runtime.disks)
     this.patchCheck(name, before, after, disks.filter((d) => !h.rec.runtime.disks.includes(d)))
     // The NVRAM stays with the VM while it is UEFI (its variables), and is made at the next start when it becomes UEFI.
-    const nvramFile = join(this.deps.paths.vmDir(name), NVRAM_FILE)
-    const nvram = after.firmware === 'uefi' ? [h.rec.runtime.disks.find((d) => d.id === NVRAM_DISK_ID) ?? { id: NVRAM_DISK_ID, file: nvramFile, format: 'qcow2' as const, gen: 0 }] : []
-    const createdFiles = h.rec.runtime.createdFiles.includes(nvramFile) || nvram.length === 0 ? h.rec.runtime.createdFiles : [...h.rec.runtime.createdFiles, nvramFile]
+    const fresh = nvramDisk(this.deps.paths.vmDir(name))
+    const nvram = after.firmware === 'uefi' ? [h.rec.runtime.disks.find((d) => d.id === NVRAM_DISK_ID) ?? fresh] : []
+    const createdFiles = h.rec.runtime.createdFiles.includes(fresh.file) || nvram.length === 0 ? h.rec.runtime.createdFiles : [...h.rec.runtime.createdFiles, fresh.file]
     this.setDefinition(name, after, { disks: [...disks, ...nvram], createdFiles })
     h.log.info({ fields: Object.keys(patch as object) }, 'vm definition patched')
     return this.view(name)
