@@ -29,8 +29,7 @@ export function definitionRestore(current: StoredDefinition, active: VmRuntime['
   const recorded = s.definition
   if (!recorded || isAdopted(recorded) || isAdopted(current) || isDeepStrictEqual(machineOf(recorded), machineOf(current))) return undefined
   // Labels are the VM's tags for whoever manages it (a scheduler's), not its machine: they stay.
-  const { labels: _recordedLabels, ...rest } = recorded
-  const old: VmDefinition = { ...rest, ...(current.labels ? { labels: current.labels } : {}) }
+  const old: VmDefinition = { ...machineOf(recorded), ...(current.labels ? { labels: current.labels } : {}) }
   const uefi = (d: VmDefinition): boolean => d.firmware === 'uefi'
   const same = (id: string): boolean => {
     // The NVRAM is no disk of the definition: it is the same while the VM stays UEFI.
