@@ -1,11 +1,10 @@
 // UEFI with real QEMU: OVMF boots the Linux test guest's EFI-stub kernel (-kernel through
 // fw_cfg), the guest writes a UEFI variable through efivarfs (CGI in its httpd, reached by a
 // hostfwd), and internal and external checkpoints bring the variable back on revert. One boot.
-import { createServer } from 'node:net'
 import { dirname, join } from 'node:path'
-import { get } from 'node:http'
 import t from 'tap'
-import { eventually, op, startTestDaemon } from '../helpers/daemon.ts'
+import { op, startTestDaemon } from '../helpers/daemon.ts'
+import { freePort, guestGet as guestGetFor } from '../helpers/guest-http.ts'
 import { ensureLinuxGuest, GUEST_EFI_APPEND, GUEST_HTTP_PORT, GUEST_NET_APPEND } from '../helpers/linux-guest.ts'
 import { requireQemu } from '../helpers/qemu.ts'
 import { revert, snap } from '../helpers/snap.ts'
@@ -14,49 +13,8 @@ t.before(() => {
   requireQemu(t)
 })
 
-function httpGet(port: number, path: string): Promise<{ status: number; body: string }> {
-  return new Promise((resolve, reject) => {
-    const req = get({ host: '127.0.0.1', port, path, agent: false, timeout: 10_000 }, (res) => {
-      let body = ''
-      res.setEncoding('utf8')
-      res.on('data', (c: string) => (body += c))
-      res.on('end', () => resolve({ status: res.statusCode ?? 0, body }))
-      res.on('error', reject)
-    })
-    req.on('timeout', () => req.destroy(new Error('timeout')))
-    req.on('error', reject)
-  })
-}
-
-/** The guest's answer (retried: slirp accepts connections before the guest listens). */
-async function guestGet(port: number, path: string, timeoutMs = 30_000): Promise<string> {
-  let body: string | undefined
-  let last: unknown
-  await eventually(
-    async () => {
-      try {
-        const r = await httpGet(port, path)
-        if (r.status === 200) body = r.body.trim()
-        else last = `HTTP ${r.status}`
-      } catch (err) {
-        last = err
-      }
-      return body !== undefined
-    },
-    timeoutMs,
-    250,
-  )
-  if (body === undefined) throw new Error(`GET :${port}${path} never answered: ${String(last)}`)
-  return body
-}
-
-async function freePort(): Promise<number> {
-  const srv = createServer()
-  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r))
-  const port = (srv.address() as { port: number }).port
-  await new Promise((r) => srv.close(r))
-  return port
-}
+/** The guest's answer: retried for 30 s, 10 s per request (OVMF under TCG is slow). */
+const guestGet = (port: number, path: string, timeoutMs = 30_000): Promise<string> => guestGetFor(port, path, timeoutMs, 10_000)
 
 t.test('a UEFI guest keeps its NVRAM variables across internal and external checkpoint reverts', async (t) => {
   const guest = await ensureLinuxGuest()

@@ -8,6 +8,7 @@ import { connect, createServer, type AddressInfo, type Server } from 'node:net'
 import { join } from 'node:path'
 import t from 'tap'
 import { defineGuestVm, op, startTestDaemon, type TestDaemon } from '../helpers/daemon.ts'
+import { freePort } from '../helpers/guest-http.ts'
 import { requireQemu } from '../helpers/qemu.ts'
 import { shortSocketPath } from '../../src/vm/sockpath.ts'
 
@@ -43,14 +44,6 @@ async function cdState(td: TestDaemon, vm: string): Promise<{ ro: boolean; file:
   // A -device with an id and no backend child: its qdev path is the id itself.
   const cd = blocks.find((b) => b.qdev === 'cd0')
   return cd && { ro: cd.inserted?.ro, file: cd.inserted?.file, removable: cd.removable }
-}
-
-async function freePort(): Promise<number> {
-  const s = createServer()
-  await new Promise<void>((r) => s.listen(0, '127.0.0.1', r))
-  const port = (s.address() as AddressInfo).port
-  await new Promise((r) => s.close(r))
-  return port
 }
 
 t.test('an ISO on cd0 and VNC on a unix socket: snapshot kinds leave the ISO out', async (t) => {

@@ -2,64 +2,18 @@
 // guest, before and after a live external checkpoint's revert; MACs; and the host checks that
 // refuse a tap, a bridge or a forwarded port the host cannot give.
 import { existsSync } from 'node:fs'
-import { get } from 'node:http'
 import { createServer, type Server } from 'node:net'
 import { dirname } from 'node:path'
 import t, { type Test } from 'tap'
 import { eventually, op, startTestDaemon, type TestDaemon } from '../helpers/daemon.ts'
 import { ensureLinuxGuest, GUEST_HTTP_PORT, GUEST_NET_APPEND } from '../helpers/linux-guest.ts'
+import { freePort, guestGet } from '../helpers/guest-http.ts'
 import { requireQemu } from '../helpers/qemu.ts'
 import { revert, snap } from '../helpers/snap.ts'
 
 t.before(() => {
   requireQemu(t)
 })
-
-/** GET http://127.0.0.1:port/path on a fresh connection (no keep-alive across QEMU relaunches). */
-function httpGet(port: number, path: string, timeoutMs = 5_000): Promise<{ status: number; body: string }> {
-  return new Promise((resolve, reject) => {
-    const req = get({ host: '127.0.0.1', port, path, agent: false, timeout: timeoutMs }, (res) => {
-      let body = ''
-      res.setEncoding('utf8')
-      res.on('data', (c: string) => (body += c))
-      res.on('end', () => resolve({ status: res.statusCode ?? 0, body }))
-      res.on('error', reject)
-    })
-    req.on('timeout', () => req.destroy(new Error('timeout')))
-    req.on('error', reject)
-  })
-}
-
-/** The guest's answer once it serves (slirp accepts the connection before the guest listens). */
-async function guestGet(port: number, path: string, timeoutMs = 60_000): Promise<string> {
-  let last: unknown
-  let body: string | undefined
-  const ok = await eventually(
-    async () => {
-      try {
-        const r = await httpGet(port, path)
-        if (r.status === 200) body = r.body.trim()
-        else last = `HTTP ${r.status}`
-      } catch (err) {
-        last = err
-      }
-      return body !== undefined
-    },
-    timeoutMs,
-    250,
-  )
-  if (!ok || body === undefined) throw new Error(`GET :${port}${path} never answered: ${String(last)}`)
-  return body
-}
-
-/** A port the kernel just gave out and took back: free now. */
-async function freePort(): Promise<number> {
-  const srv = createServer()
-  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r))
-  const port = (srv.address() as { port: number }).port
-  await new Promise((r) => srv.close(r))
-  return port
-}
 
 async function holdPort(t: Test): Promise<{ port: number; srv: Server }> {
   const srv = createServer()
