@@ -18,6 +18,7 @@ import { mustSnapshot, type SnapshotDeps } from './deps.ts'
 import { qemuGone } from './files.ts'
 import { sleep } from '../util.ts'
 import type { Snapshot, SnapshotDisk } from './model.ts'
+import { assertDeleteKeepsTags, assertTagsDeletableLive } from './mixed.ts'
 
 /** What a delete does: children: the whole subtree; metadataOnly: forget, touch no file. */
 export type DeleteOptions = { children?: boolean; metadataOnly?: boolean }
@@ -30,7 +31,15 @@ export function submitDelete(deps: SnapshotDeps, busyCheck: (vm: string, what: s
   const st = rec.runtime.state
   assertState(vm, st, 'snapshot-delete')
   // Offline, a delete runs qemu-img on the files; an adopted VM's are its owner's (metadataOnly touches none).
-  if (!opts.metadataOnly) requireAdoptedQemu(vm, rec.definition, rec.runtime, `deleting snapshot ${name}`)
+  if (!opts.metadataOnly) {
+    requireAdoptedQemu(vm, rec.definition, rec.runtime, `deleting snapshot ${name}`)
+    // Mixed kinds: refused at once (409) when a tag would be lost or cannot be reached live.
+    for (const n of opts.children ? subtreePostOrder(deps, vm, name) : [name]) {
+      const s = mustSnapshot(deps, vm, n)
+      assertDeleteKeepsTags(deps, vm, s)
+      if (isRunningState(st)) assertTagsDeletableLive(deps, vm, s)
+    }
+  }
   return deps.jobs.submit({ vm, op: DELETE_OP, params: { snapshot: name, ...opts }, run: (ctx) => doDelete(deps, vm, name, opts, ctx) })
 }
 
@@ -133,7 +142,19 @@ async function deleteData(deps: SnapshotDeps, vm: string, s: Snapshot, ctx: JobC
     const captured = s.disks.filter((d) => d.mode === 'internal')
     if (qmp) {
       const tags = await liveInternalSnapshots(qmp)
-      const present = captured.filter((d) => tags.get(d.file)?.some((t) => t.name === s.name))
+      // A tag in an image QEMU does not have open (one an external snapshot's revert left
+      // behind, on a VM with both kinds) is deleted with qemu-img, as offline.
+      const open = new Set<string>()
+      for (const d of captured) for (const l of await liveChain(qmp, d.id)) open.add(l.file)
+      for (const d of captured.filter((x) => !open.has(x.file))) {
+        await o.step('tags-offline', async () => {
+          const info = await deps.qemuImg.chain(d.file)
+          if (!info[0]?.snapshots?.some((t) => t.name === s.name)) return
+          await deps.qemuImg.snapshot('delete', d.file, s.name)
+          done.push(`deleted tag ${s.name} in ${d.file}`)
+        })
+      }
+      const present = captured.filter((d) => open.has(d.file) && tags.get(d.file)?.some((t) => t.name === s.name))
       if (present.length === 0) return done
       const nodes = await topNodes(qmp, present.map((d) => d.id))
       // Verified above: snapshot-delete of a missing tag would "succeed" silently.

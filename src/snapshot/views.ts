@@ -54,6 +54,13 @@ async function internalSizes(d: SnapshotDeps, vm: string, snaps: Snapshot[]): Pr
       const info = await d.qemuImg.chain(disk.file, { forceShare: true }).catch(() => [])
       for (const l of info) byFile.set(l.filename, (l.snapshots ?? []).map((x) => ({ name: x.name, vmStateSize: x['vm-state-size'] })))
     }
+    // With external snapshots too, a checkpoint's tag may be in an image off the active chains.
+    for (const s of wanted) {
+      const file = s.disks.find((x) => x.id === s.vmstateDisk)?.file
+      if (!file || byFile.has(file)) continue
+      const info = await d.qemuImg.info(file, { forceShare: true }).catch(() => undefined)
+      if (info) byFile.set(file, (info.snapshots ?? []).map((x) => ({ name: x.name, vmStateSize: x['vm-state-size'] })))
+    }
   }
   for (const s of wanted) {
     const file = s.disks.find((x) => x.id === s.vmstateDisk)?.file
