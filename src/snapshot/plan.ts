@@ -52,14 +52,6 @@ export function planCreate(f: PlanFacts, body: CreateSnapshotBody): CreatePlan {
   if (body.vmstateFile && !(body.kind === 'external' && memory)) {
     throw new QmpdError('INVALID_INPUT', 'vmstateFile applies only to external snapshots with memory', {})
   }
-  const otherKind = f.existing.find((s) => s.kind !== body.kind)
-  if (otherKind) {
-    throw new QmpdError(
-      'NOT_SUPPORTED',
-      `VM ${vm} already has ${otherKind.kind} snapshot ${otherKind.name}; internal and external snapshots cannot be mixed on one VM (delete the others first)`,
-      { vm },
-    )
-  }
   const dir = f.vmDir
   const disks: SnapshotDisk[] = []
   const overlays: CreatePlan['overlays'] = []

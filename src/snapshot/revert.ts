@@ -18,6 +18,7 @@ import { mustSnapshot, type SnapshotDeps } from './deps.ts'
 import { reserveFile, uniqueFile, versionOf } from './files.ts'
 import { definitionRestore, recordRevert } from './revert-definition.ts'
 import type { RevertBody, Snapshot } from './model.ts'
+import { assertTaggedImages, needsMixedRevert, revertMixed } from './revert-mixed.ts'
 
 /** Checks a revert (its body already validated by the HTTP layer) and queues it. */
 export function submitRevert(deps: SnapshotDeps, busyCheck: (vm: string, what: string) => void, vm: string, name: string, body: RevertBody): Job {
@@ -69,7 +70,11 @@ async function revertSteps(deps: SnapshotDeps, vm: string, s: Snapshot, body: Re
   else if (s.disks.some((d) => d.mode === 'excluded')) warnings.push(`disks ${s.disks.filter((d) => d.mode === 'excluded').map((d) => d.id).join(', ')} were not part of the snapshot and were not rolled back`)
   const t0 = performance.now()
   let downtimeMs: number | undefined
-  if (s.kind === 'internal' && loadRam) {
+  if (needsMixedRevert(deps, vm, s)) {
+    // A tag outside the active layer (external snapshots taken since): src/snapshot/revert-mixed.ts.
+    assertTaggedImages(s, existsSync)
+    downtimeMs = await revertMixed(deps, vm, s, target, ctx, o, j)
+  } else if (s.kind === 'internal' && loadRam) {
     downtimeMs = await revertInternalCheckpoint(deps, vm, s, target, ctx, o)
   } else if (s.kind === 'internal') {
     await o.step('quit', () => deps.vms.quitInJob(vm, ctx))
