@@ -107,7 +107,8 @@ const create = (name: string, vm: string, pre: Array<Record<string, unknown>>, b
   after: (t, td) => usable(t, td, vm),
 })
 
-const revertTo = (name: string, vm: string, pre: Array<Record<string, unknown>>, target: string, risky: string[]): Scenario => ({
+/** A revert of a running guest with snapshots `pre` to `target`, judged usable afterwards. */
+export const revertTo = (name: string, vm: string, pre: Array<Record<string, unknown>>, target: string, risky: string[]): Scenario => ({
   name,
   vm,
   op: 'snapshot-revert',
@@ -153,8 +154,9 @@ const chainJob = (name: string, vm: string, job: 'commit' | 'pull' | 'copy', bod
   after: (t, td) => usable(t, td, vm),
 })
 
-const EXT = (name: string, memory = false, live?: boolean) => ({ name, kind: 'external', memory, ...(live !== undefined ? { live } : {}) })
-const INT = (name: string, memory = true) => ({ name, kind: 'internal', memory })
+/** Bodies of an external and an internal snapshot for the scenarios. */
+export const EXT = (name: string, memory = false, live?: boolean) => ({ name, kind: 'external', memory, ...(live !== undefined ? { live } : {}) })
+export const INT = (name: string, memory = true) => ({ name, kind: 'internal', memory })
 
 export const SCENARIOS: Scenario[] = [
   create('create internal checkpoint', 'ci', [INT('i0')], INT('n'), ['snapshot-save', 'commit']),
