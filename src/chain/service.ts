@@ -244,6 +244,18 @@ export class BlockJobService {
     }
   }
 
+  /**
+   * Refuses a merge that would change what an internal snapshot holds: a tag in a layer reads the
+   * clusters it does not hold from that layer's backing chain, which the merge changes (`why`).
+   */
+  private guardTags(vm: string, disk: string, layers: Layer[], changed: number[], why: string): void {
+    const files = new Set(changed.map((i) => layers[i]!.file))
+    const tags = this.deps.snapshots.repo.list(vm).filter((s) => s.kind === 'internal' && s.disks.some((d) => d.id === disk && d.mode === 'internal' && files.has(d.file)))
+    if (tags.length === 0) return
+    const names = tags.map((s) => s.name)
+    throw new QmpdError('INVALID_STATE', `internal snapshot${names.length > 1 ? 's' : ''} ${names.join(', ')} would change: ${why}; delete ${names.length > 1 ? 'them' : 'it'} first`, { disk, tags: names })
+  }
+
   private speedControls(ctx: JobContext, qmp: QmpClient, jobId: string, opts: { complete?: boolean }): void {
     ctx.setControls({
       pause: () => qmp.execute('job-pause', { id: jobId }).then(() => ctx.setPhase('paused')),
@@ -273,6 +285,7 @@ export class BlockJobService {
     if (base <= top) throw new QmpdError('INVALID_INPUT', `base ${layers[base]!.file} is not below top ${layers[top]!.file}`, { disk })
     const merged = Array.from({ length: base - top }, (_, i) => top + i)
     this.guardWrites(vm, disk, layers, base, merged)
+    this.guardTags(vm, disk, layers, merged, 'this commit writes into the image below them')
     return { top, base }
   }
 
@@ -280,6 +293,7 @@ export class BlockJobService {
   private planPull(vm: string, disk: string, layers: Layer[], body: PullBody): number {
     const base = body.base ? this.find(vm, disk, layers, body.base, 'base') : layers.length
     if (base <= 1) throw new QmpdError('INVALID_INPUT', `disk ${disk}: nothing between the active layer and ${body.base ?? 'the bottom'} to pull`, { disk })
+    this.guardTags(vm, disk, layers, [0], 'this pull replaces the backing they read through')
     return base
   }
 

@@ -39,7 +39,7 @@ export class SnapshotService {
 
   /**
    * Validates a creation request at once (4xx before any job) and queues it.
-   * @throws QmpdError VM_NOT_FOUND, SNAPSHOT_EXISTS, INVALID_INPUT, INVALID_STATE, INVALID_PATH, FILE_EXISTS, NOT_SUPPORTED,
+   * @throws QmpdError VM_NOT_FOUND, SNAPSHOT_EXISTS, INVALID_INPUT, INVALID_STATE, INVALID_PATH, FILE_EXISTS,
    * ADOPTED_NEEDS_RELAUNCH (an adopted VM whose QEMU is gone) or BUSY, before any job is made.
    */
   create(vm: string, input: CreateSnapshotBody): Job {

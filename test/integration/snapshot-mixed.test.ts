@@ -55,6 +55,11 @@ t.test('mixed internal/external snapshots revert exactly', async (t) => {
   t.same(await tagsOf(where.int1![0]!), ['int1'])
   t.same(await tagsOf(where.int2![0]!), ['int2'])
   t.same(await tagsOf(where.ck![0]!), ['ck'])
+  // A pull into the active layer would change what ck's tag reads through its backing.
+  const pull = await td.api('POST', `/v1/vms/${VM}/disks/vda/pull?wait=true`, {})
+  t.equal(pull.status, 409, 'a pull under a tag is refused')
+  t.same(pull.body.error.details.tags, ['ck'], 'naming the tag')
+  t.same(files(td), where.ck, 'nothing moved')
   const ckSlots = slotsOf(seen.ck![0]!)
   t.ok(ckSlots.some((s) => s), 'the guest had written before ck')
 
