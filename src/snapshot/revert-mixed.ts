@@ -15,7 +15,7 @@ import { reserveFile, uniqueFile } from './files.ts'
 import { deleteTagsLive } from './internal.ts'
 import { tagPlacements } from './mixed.ts'
 import type { Snapshot } from './model.ts'
-import { recordRevert } from './revert-definition.ts'
+import { definitionRestore, recordRevert } from './revert-definition.ts'
 import type { RevertJournal } from './revert.ts'
 
 /** True when some captured disk of internal snapshot `s` has its tag outside the active layer. */
@@ -47,7 +47,10 @@ export async function revertMixed(
   const copies = new Map<string, string>()
   for (const x of captured) if (placements.get(x.id) === 'copy') copies.set(x.id, uniqueFile(dir, `${x.id}-${s.name}-r`, '.qcow2', [...copies.values()]))
   const loadRam = s.memory && target !== 'shutoff'
-  const before = deps.vms.record(vm).runtime.disks
+  // Disks the snapshot's definition no longer holds keep their files (as in an external revert).
+  const rec = deps.vms.record(vm)
+  const leftBehind = definitionRestore(rec.definition, rec.runtime.disks, s)?.leftBehind ?? []
+  const before = rec.runtime.disks.filter((x) => !leftBehind.includes(x.id))
   await o.step('quit', () => deps.vms.quitInJob(vm, ctx))
   await o.step(
     'copy',
