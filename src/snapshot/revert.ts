@@ -11,7 +11,7 @@ import { driveQemuJob } from '../jobs/qemu-job.ts'
 import { withReverter } from '../jobs/reverter.ts'
 import { loadRamState, stateSocket } from '../state/ramfile.ts'
 import { isAdopted } from '../vm/definition.ts'
-import { assertAdoptedRevert } from '../vm/adopted.ts'
+import { assertAdoptedRevert, refuseRelaunch } from '../vm/adopted.ts'
 import { trackDowntime } from '../vm/downtime.ts'
 import { assertState, isRunningState } from '../vm/states.ts'
 import { mustSnapshot, type SnapshotDeps } from './deps.ts'
@@ -24,7 +24,10 @@ import { assertTaggedImages, needsMixedRevert, revertMixed } from './revert-mixe
 export function submitRevert(deps: SnapshotDeps, busyCheck: (vm: string, what: string) => void, vm: string, name: string, body: RevertBody): Job {
   const s = mustSnapshot(deps, vm, name)
   const rec = deps.vms.record(vm)
-  if (isAdopted(rec.definition)) assertAdoptedRevert(vm, s, body.state ?? (s.memory ? 'running' : 'shutoff'), rec.runtime)
+  if (isAdopted(rec.definition)) {
+    assertAdoptedRevert(vm, s, body.state ?? (s.memory ? 'running' : 'shutoff'), rec.runtime)
+    if (needsMixedRevert(deps, vm, s)) refuseRelaunch(vm, `reverting to ${s.name}`, 'its tag is in an image that is no longer the active layer: QEMU must open it, or a copy, from the start')
+  }
   busyCheck(vm, 'revert')
   const st = rec.runtime.state
   assertState(vm, st, 'snapshot-revert')
