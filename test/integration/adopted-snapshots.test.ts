@@ -165,6 +165,17 @@ for (const mode of ['blockdev', 'drive'] as const) {
     t.same(tags, [], 'the tags are gone from the adopted disk')
     const check2 = await td.api('GET', '/v1/vms/a/check')
     t.same(check2.body.problems, [], 'store, QEMU and files agree at the end')
+
+    // 4. Mixed kinds: a checkpoint whose image an external snapshot froze needs a new QEMU.
+    await snap(td, 'a', { name: 'i3', kind: 'internal', memory: true })
+    await snap(td, 'a', { name: 'x1', kind: 'external', memory: false })
+    const rMixed = await td.api('POST', '/v1/vms/a/snapshots/i3/revert?wait=true', { state: 'paused' })
+    t.equal(rMixed.status, 409, 'revert of a checkpoint in a frozen image refused')
+    t.equal(rMixed.body.error.code, 'ADOPTED_NEEDS_RELAUNCH')
+    t.match(rMixed.body.error.message, /no longer the active layer/)
+    const dMixed = await td.api('DELETE', '/v1/vms/a/snapshots/i3?wait=true')
+    t.equal(dMixed.status, 409, 'its tag, in a backing file QEMU holds read-only, is not deleted live')
+    t.equal(raw.pid, (await td.api('GET', '/v1/vms/a')).body.pid, 'the same QEMU process runs on')
   })
 }
 
