@@ -17,6 +17,7 @@ import type { VmManager } from '../vm/manager.ts'
 import type { Journal, Operation } from '../ops/journal.ts'
 import { assertState } from '../vm/states.ts'
 import { checkMigrationStream, loadRamState, saveRamState, stateSocket } from './ramfile.ts'
+import type { RamFormat } from './ramformat.ts'
 import { RESTORE_OP, SAVE_OP, type RestorePlan, type SavePlan } from './plans.ts'
 
 /** Body of POST /v1/vms/{vm}/save and /restore. */
@@ -129,7 +130,7 @@ export class StateService {
           try {
             const r = await o.step('load-ram', () => loadRamState(qmp, { file, check: confine, socket: stateSocket(this.deps.paths.vmDir(vm), true), log: ctx.log }))
             await o.step('cont', () => this.deps.vms.contInJob(vm))
-            return { file, bytes: r.bytes, ms: r.ms, state: 'running' }
+            return { file, bytes: r.bytes, ms: r.ms, format: r.format, state: 'running' }
           } catch (err) {
             await this.deps.vms.quitInJob(vm, ctx)
             throw err
@@ -159,7 +160,7 @@ export class StateService {
    * on and the journal entry ends (a failure the daemon lives through is undone here; a crash is
    * recovery's).
    */
-  private async saveAndQuit(vm: string, file: string, op: 'save' | 'managedsave', ctx: JobContext, o: Operation): Promise<{ file: string; bytes: number; ms: number; downtimeMs: number }> {
+  private async saveAndQuit(vm: string, file: string, op: 'save' | 'managedsave', ctx: JobContext, o: Operation): Promise<{ file: string; bytes: number; ms: number; downtimeMs: number; format: RamFormat }> {
     const st = this.deps.vms.record(vm).runtime.state
     try {
       assertState(vm, st, op)
@@ -183,7 +184,7 @@ export class StateService {
       )
       saved = true
       await o.step('quit', () => this.deps.vms.quitInJob(vm, ctx))
-      return { file, bytes: r.bytes, ms: r.ms, downtimeMs: dt.end() }
+      return { file, bytes: r.bytes, ms: r.ms, downtimeMs: dt.end(), format: r.format }
     } catch (err) {
       dt.end()
       // Once the file is whole, the save has happened: quitting is all that is left, and a
