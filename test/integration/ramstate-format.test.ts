@@ -103,13 +103,16 @@ t.test('a mapped-ram file is refused by a QEMU without mapped-ram, or loaded by 
   writeFileSync(file, head)
   t.equal((await checkStateFile(file)).format, 'mapped-ram')
   // A failed job under ?wait=true answers with its error (and the status of its code).
+  const restores = async () => ((await td.api('GET', '/v1/jobs?vm=nf&limit=1000')).body.jobs as Array<{ op: string }>).filter((j) => j.op === 'restore').length
   const res = await td.api('POST', '/v1/vms/nf/restore?wait=true&timeoutSec=60', { file })
   if (mapped) {
     t.equal(res.body.error?.code, 'QMP_COMMAND_FAILED', 'QEMU tried the truncated file and failed it')
+    t.equal(await restores(), 1, 'in a job')
   } else {
     t.equal(res.status, 409, 'refused: no mapped-ram in this QEMU')
     t.equal(res.body.error.code, 'NOT_SUPPORTED')
     t.match(res.body.error.message, /mapped-ram/)
+    t.equal(await restores(), 0, 'before any job was made')
   }
   t.equal((await td.api('GET', '/v1/vms/nf')).body.state, 'shutoff', 'the VM is as before')
   t.equal((await readFile(file)).length, head.length, 'the file is untouched')
