@@ -39,6 +39,11 @@ export interface StateSocket {
    * sun_path: QEMU connects through the receiver's cwd, `/proc/<receiver pid>/cwd/<name>`.
    */
   viaReceiverCwd?: boolean
+  /**
+   * QEMU was launched by qmpd (runs as qmpd's user, in `dir`): it may open qmpd's /proc fd links,
+   * so the mapped-ram file: path is open to it. An adopted QEMU (maybe another user) keeps the stream.
+   */
+  ownQemu: boolean
 }
 
 /** sun_path holds 108 bytes with its NUL; leave a margin (as src/vm/sockpath.ts). */
@@ -52,8 +57,8 @@ const MAX_SUN_PATH = 100
 export function stateSocket(dir: string, qemuCwdIsDir: boolean): StateSocket {
   const name = `mig-${randomBytes(4).toString('hex')}.sock`
   const path = join(dir, name)
-  if (qemuCwdIsDir) return { path, qemuPath: name }
-  return { path, qemuPath: path, ...(Buffer.byteLength(path) > MAX_SUN_PATH ? { viaReceiverCwd: true } : {}) }
+  if (qemuCwdIsDir) return { path, qemuPath: name, ownQemu: true }
+  return { path, qemuPath: path, ownQemu: false, ...(Buffer.byteLength(path) > MAX_SUN_PATH ? { viaReceiverCwd: true } : {}) }
 }
 
 /**
@@ -162,7 +167,7 @@ export async function saveRamState(qmp: QmpClient, opts: SaveOptions): Promise<S
   // A stopped guest's RAM goes through a mapped-ram file: migration where QEMU has one. A live
   // migration (background-snapshot, pre-copy) keeps the stream: mapped-ram excludes the former,
   // and the latter's pages would be written again as they change.
-  if (fileMig && !opts.background && !opts.beforeSwitchover) {
+  if (fileMig && opts.socket.ownQemu && !opts.background && !opts.beforeSwitchover) {
     await opts.beforeMigrate?.()
     const r = await saveToFile(qmp, fileMig, { file: opts.file, partial, log: opts.log, ...pick(opts) })
     return { bytes: r.bytes, ms: Math.round(performance.now() - t0), format: 'mapped-ram', directIo: r.directIo }
