@@ -137,7 +137,7 @@ async function openDaemon(
   registerSnapshotRecovery(recovery, snapshotDeps)
   const blockJobs = new BlockJobService({ vms, jobs, snapshots, paths, qemuImg, journal, log: log.child({ component: 'blockjobs' }) })
   registerChainRecovery(recovery, { vms, repo: snapshotRepo, qemuImg, vmDir: (vm) => paths.vmDir(vm) })
-  const state = new StateService({ vms, jobs, paths, journal, log: log.child({ component: 'state' }) })
+  const state = new StateService({ vms, jobs, paths, journal, log: log.child({ component: 'state' }), qemuBinary: config.qemuBinary })
   registerStateRecovery(recovery, { vms, journal: journalRepo })
   const busy = (vm: string, what: string): void => blockJobs.assertIdle(vm, what)
   snapshots.busyCheck = busy

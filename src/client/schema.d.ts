@@ -685,6 +685,8 @@ export interface components {
             qemuVersion?: string;
             /** @enum {string} */
             ramMethod?: "background-snapshot" | "precopy" | "paused" | "snapshot-save";
+            /** @enum {string} */
+            ramFormat?: "stream" | "mapped-ram";
             definition?: {
                 /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
                 name: string;

@@ -176,6 +176,8 @@ export type MigrationCapability =
   | 'background-snapshot'
   | 'zero-copy-send'
   | 'postcopy-preempt'
+  /** QEMU 9.0+: RAM pages at fixed offsets of a file: migration (multifd writes them in parallel). */
+  | 'mapped-ram'
 
 /** One capability switch, as taken by migrate-set-capabilities and returned by query-migrate-capabilities. */
 export interface MigrationCapabilityStatus {
@@ -388,6 +390,8 @@ export interface MigrationParameters {
   'x-checkpoint-delay'?: number
   'block-incremental'?: boolean
   'multifd-channels'?: number
+  /** QEMU 9.1+: a mapped-ram file: migration opens the file O_DIRECT. */
+  'direct-io'?: boolean
   'xbzrle-cache-size'?: number
   'max-postcopy-bandwidth'?: number
   'max-cpu-throttle'?: number
@@ -641,6 +645,7 @@ export interface Commands {
   'query-migrate-capabilities': { args: undefined; ret: MigrationCapabilityStatus[] }
   'migrate-set-capabilities': { args: { capabilities: MigrationCapabilityStatus[] }; ret: Empty }
   'migrate-set-parameters': { args: MigrateSetParametersArgs; ret: Empty }
+  'query-migrate-parameters': { args: undefined; ret: MigrationParameters }
   /** Returns at once; completion shows in MIGRATION events (capability `events`) or query-migrate. No `file:` URI in 7.2. */
   migrate: { args: { uri: string; blk?: boolean; inc?: boolean; detach?: boolean; resume?: boolean }; ret: Empty }
   /** Only legal in a QEMU started with `-incoming defer`. */
@@ -659,6 +664,8 @@ export interface Commands {
   'query-blockstats': { args: { 'query-nodes'?: boolean }; ret: BlockStats[] }
   /** The QAPI schema QEMU speaks (GET /v1/host's probe reads its command names). */
   'query-qmp-schema': { args: undefined; ret: SchemaInfo[] }
+  /** QemuOpts-based command-line options and their parameters, qapi/misc.json CommandLineOptionInfo. */
+  'query-command-line-options': { args: { option?: string }; ret: Array<{ option: string; parameters: Array<{ name: string; type: string }> }> }
   transaction: {
     args: { actions: TransactionAction[]; properties?: { 'completion-mode'?: 'individual' | 'grouped' } }
     ret: Empty

@@ -79,7 +79,7 @@ async function doCreate(
   const journalBody: CreateJournal = { plan, wasRunning: state === 'running' }
   const o = d.journal.begin({ vm, op: CREATE_OP, job: ctx.id, body: journalBody, qemuPid: () => d.vms.record(vm).runtime.pid })
   try {
-    const ram: { method?: Snapshot['ramMethod'] } = {}
+    const ram: { method?: Snapshot['ramMethod']; format?: Snapshot['ramFormat'] } = {}
     let downtimeMs = 0
     if (s.kind === 'internal') downtimeMs = await createInternal(d, vm, plan, live, ctx, o)
     else downtimeMs = await createExternal(d, vm, plan, live, ctx, body, ram, o)
@@ -89,6 +89,7 @@ async function doCreate(
       downtimeMs,
       ...(live ? { qemuVersion: versionOf(live.qmp) } : {}),
       ...(ram.method ? { ramMethod: ram.method } : {}),
+      ...(ram.format ? { ramFormat: ram.format } : {}),
     }
     // The files it froze are final now: stat them (thread pool) while the metadata commits.
     const size = s.kind === 'external' ? externalBytes(final) : undefined

@@ -31,7 +31,7 @@ export async function createExternal(
   live: Live | undefined,
   ctx: JobContext,
   body: CreateSnapshotBody,
-  ram: { method?: Snapshot['ramMethod'] },
+  ram: { method?: Snapshot['ramMethod']; format?: Snapshot['ramFormat'] },
   op: Operation,
 ): Promise<number> {
   const s = plan.snapshot
@@ -97,6 +97,7 @@ export async function createExternal(
         // writes RAM as it was at the stop: disks and RAM are from one instant. Migration
         // capabilities and parameters are set before the stop (saveRamState's beforeMigrate).
         ram.method = 'background-snapshot'
+        ram.format = 'stream'
         await op.step('save-ram', () =>
           saveRamState(qmp, {
             ...ramFile,
@@ -116,6 +117,7 @@ export async function createExternal(
       }
       ctx.log.info('background-snapshot unavailable (no userfaultfd write-protect); pre-copy with the disk switch in the final pause')
       ram.method = 'precopy'
+      ram.format = 'stream'
       let downtimeMs = 0
       await op.step('save-ram', () =>
         saveRamState(qmp, {
@@ -137,8 +139,8 @@ export async function createExternal(
       r.add('resume the guest', () => d.vms.contInJob(vm).catch(() => {}))
     }
     let downtimeMs = 0
-    await op.step('save-ram', () =>
-      saveRamState(qmp, {
+    await op.step('save-ram', async () => {
+      const saved = await saveRamState(qmp, {
         ...ramFile,
         // RAM is all in the file (not yet flushed): switch the disks and let the guest go; the
         // fsync that follows does not keep it paused.
@@ -148,8 +150,9 @@ export async function createExternal(
           else d.vms.markPaused(vm)
           downtimeMs = dt.end()
         },
-      }),
-    )
+      })
+      ram.format = saved.format
+    })
     return downtimeMs
   })
 }

@@ -13,6 +13,8 @@ import { fileKind, openRegularFile } from '../images/files.ts'
 import type { QmpClient } from '../qmp/index.ts'
 import { shortSocketPath } from '../vm/sockpath.ts'
 import { settlesWithin } from '../util.ts'
+import { fileMigrationSupport, loadFromFile, saveToFile } from './filemig.ts'
+import { FORMAT_HEADER_BYTES, parseStateFormat, type RamFormat, type StateFormat } from './ramformat.ts'
 
 /** QEMU_VM_FILE_MAGIC ("QEVM") and QEMU_VM_FILE_VERSION, the first 8 bytes of a migration stream (migration/savevm.c). */
 const STREAM_MAGIC = Buffer.from([0x51, 0x45, 0x56, 0x4d, 0x00, 0x00, 0x00, 0x03])
@@ -37,6 +39,11 @@ export interface StateSocket {
    * sun_path: QEMU connects through the receiver's cwd, `/proc/<receiver pid>/cwd/<name>`.
    */
   viaReceiverCwd?: boolean
+  /**
+   * QEMU was launched by qmpd (runs as qmpd's user, in `dir`): it may open qmpd's /proc fd links,
+   * so the mapped-ram file: path is open to it. An adopted QEMU (maybe another user) keeps the stream.
+   */
+  ownQemu: boolean
 }
 
 /** sun_path holds 108 bytes with its NUL; leave a margin (as src/vm/sockpath.ts). */
@@ -50,8 +57,8 @@ const MAX_SUN_PATH = 100
 export function stateSocket(dir: string, qemuCwdIsDir: boolean): StateSocket {
   const name = `mig-${randomBytes(4).toString('hex')}.sock`
   const path = join(dir, name)
-  if (qemuCwdIsDir) return { path, qemuPath: name }
-  return { path, qemuPath: path, ...(Buffer.byteLength(path) > MAX_SUN_PATH ? { viaReceiverCwd: true } : {}) }
+  if (qemuCwdIsDir) return { path, qemuPath: name, ownQemu: true }
+  return { path, qemuPath: path, ownQemu: false, ...(Buffer.byteLength(path) > MAX_SUN_PATH ? { viaReceiverCwd: true } : {}) }
 }
 
 /**
@@ -61,6 +68,15 @@ export function stateSocket(dir: string, qemuCwdIsDir: boolean): StateSocket {
  * @throws QmpdError INVALID_INPUT when it is missing, unreadable or not a migration stream; INVALID_PATH when it is not a regular file or `check` refuses its real path.
  */
 export async function checkMigrationStream(file: string, check?: (real: string) => void): Promise<number> {
+  return (await checkStateFile(file, check)).size
+}
+
+/**
+ * Like checkMigrationStream, and also reads the file's format (stream or mapped-ram) and the
+ * capabilities its loader needs, from the configuration section QEMU wrote into it.
+ * @throws QmpdError as checkMigrationStream.
+ */
+export async function checkStateFile(file: string, check?: (real: string) => void): Promise<StateFormat & { size: number }> {
   const fh = await openStateFile(file, check)
   try {
     return await readStreamHeader(fh, file)
@@ -74,18 +90,21 @@ async function openStateFile(file: string, check?: (real: string) => void): Prom
   return openRegularFile(file, 'file', check)
 }
 
-/** The size of an open state file, after checking its magic. */
-async function readStreamHeader(fh: FileHandle, file: string): Promise<number> {
-  const header = Buffer.alloc(STREAM_MAGIC.length)
+/** The size and format of an open state file, after checking its magic. */
+async function readStreamHeader(fh: FileHandle, file: string): Promise<StateFormat & { size: number }> {
+  const header = Buffer.alloc(FORMAT_HEADER_BYTES)
   let size: number
+  let got: number
   try {
     size = (await fh.stat()).size
-    await fh.read(header, 0, header.length, 0)
+    got = (await fh.read(header, 0, header.length, 0)).bytesRead
   } catch (err) {
     throw new QmpdError('INVALID_INPUT', `${file} cannot be read: ${(err as Error).message}`, { file })
   }
-  if (!header.equals(STREAM_MAGIC)) throw new QmpdError('INVALID_INPUT', `${file} is not a QEMU migration stream`, { file })
-  return size
+  if (got < STREAM_MAGIC.length || !header.subarray(0, STREAM_MAGIC.length).equals(STREAM_MAGIC)) {
+    throw new QmpdError('INVALID_INPUT', `${file} is not a QEMU migration stream`, { file })
+  }
+  return { size, ...parseStateFormat(header.subarray(0, got)) }
 }
 
 /** Options of saveRamState. */
@@ -125,6 +144,10 @@ export interface SaveOptions {
 export interface SaveResult {
   bytes: number
   ms: number
+  /** mapped-ram: a file: migration with multifd (QEMU 9.0+, guest stopped); stream: the socket stream. */
+  format: RamFormat
+  /** The mapped-ram file was written O_DIRECT. */
+  directIo?: boolean
 }
 
 /**
@@ -140,6 +163,15 @@ export async function saveRamState(qmp: QmpClient, opts: SaveOptions): Promise<S
   // A partial file of this name can only be left by a save a crash interrupted (one save per
   // file at a time: the VM's queue, and O_EXCL on the final name): it is never a whole stream.
   await rm(partial, { force: true })
+  const fileMig = await fileMigrationSupport(qmp)
+  // A stopped guest's RAM goes through a mapped-ram file: migration where QEMU has one. A live
+  // migration (background-snapshot, pre-copy) keeps the stream: mapped-ram excludes the former,
+  // and the latter's pages would be written again as they change.
+  if (fileMig && opts.socket.ownQemu && !opts.background && !opts.beforeSwitchover) {
+    await opts.beforeMigrate?.()
+    const r = await saveToFile(qmp, fileMig, { file: opts.file, partial, log: opts.log, ...pick(opts) })
+    return { bytes: r.bytes, ms: Math.round(performance.now() - t0), format: 'mapped-ram', directIo: r.directIo }
+  }
   const receiver = startReceiver(opts.socket.path, partial)
   let writeError: QmpdError | undefined
   // Not awaited on purpose: a listener, not a step. `failed` resolves only if the receiver
@@ -160,6 +192,8 @@ export async function saveRamState(qmp: QmpClient, opts: SaveOptions): Promise<S
         { capability: 'events', state: true },
         { capability: 'background-snapshot', state: !!opts.background },
         { capability: 'pause-before-switchover', state: !!opts.beforeSwitchover },
+        // Left on by a mapped-ram save or load on this QEMU; the socket stream takes neither.
+        ...(fileMig ? [{ capability: 'mapped-ram' as const, state: false }, { capability: 'multifd' as const, state: false }] : []),
       ],
     })
     await qmp.execute('migrate-set-parameters', { 'max-bandwidth': UNCAPPED_BANDWIDTH })
@@ -197,7 +231,7 @@ export async function saveRamState(qmp: QmpClient, opts: SaveOptions): Promise<S
     await Promise.race([receiver.synced, receiver.failed.then((m) => Promise.reject(writeError ?? new QmpdError('IO_ERROR', m)))])
     await rename(partial, opts.file)
     await fsyncDir(dir)
-    return { bytes, ms: Math.round(performance.now() - t0) }
+    return { bytes, ms: Math.round(performance.now() - t0), format: 'stream' }
   } catch (err) {
     // A background snapshot still streaming is let run to its end for the reason above (the
     // receiver drains it); anything else is cancelled and its receiver ended at once.
@@ -307,6 +341,11 @@ export async function finishReceivedState(qmp: QmpClient | undefined, file: stri
   return true
 }
 
+/** The refusal to load a mapped-ram file into a QEMU that has no mapped-ram capability. */
+export function mappedRamUnsupported(file: string): QmpdError {
+  return new QmpdError('NOT_SUPPORTED', `${file} is a mapped-ram RAM state file; this QEMU has no mapped-ram migration capability (QEMU 9.0+ loads it)`, { file, format: 'mapped-ram' })
+}
+
 /** Options of loadRamState. */
 export interface LoadOptions {
   file: string
@@ -317,11 +356,13 @@ export interface LoadOptions {
 }
 
 /**
- * Feeds a RAM state file to a QEMU started with -incoming defer: QEMU listens on the socket
- * (migrate-incoming), qmpd connects and streams the file. Resolves when QEMU reports the incoming
+ * Feeds a RAM state file to a QEMU started with -incoming defer, in the format the file's header
+ * says: a stream goes through the socket (QEMU listens with migrate-incoming, qmpd connects and
+ * streams the file); a mapped-ram file is loaded by QEMU itself (filemig.ts), refused with
+ * NOT_SUPPORTED by a QEMU without mapped-ram before anything is loaded. Resolves when QEMU reports the incoming
  * migration completed; the guest is then paused (QEMU runs with -S) until cont.
  */
-export async function loadRamState(qmp: QmpClient, opts: LoadOptions): Promise<{ bytes: number; ms: number }> {
+export async function loadRamState(qmp: QmpClient, opts: LoadOptions): Promise<{ bytes: number; ms: number; format: RamFormat }> {
   const t0 = performance.now()
   // Opened once, here, and streamed from this descriptor: what was checked is what QEMU gets.
   const fh = await openStateFile(opts.file, opts.check)
@@ -333,8 +374,14 @@ export async function loadRamState(qmp: QmpClient, opts: LoadOptions): Promise<{
   }
 }
 
-async function loadFrom(qmp: QmpClient, opts: LoadOptions, fh: FileHandle, t0: number, onStream: () => void): Promise<{ bytes: number; ms: number }> {
-  const size = await readStreamHeader(fh, opts.file)
+async function loadFrom(qmp: QmpClient, opts: LoadOptions, fh: FileHandle, t0: number, onStream: () => void): Promise<{ bytes: number; ms: number; format: RamFormat }> {
+  const { size, format } = await readStreamHeader(fh, opts.file)
+  if (format === 'mapped-ram') {
+    const s = await fileMigrationSupport(qmp)
+    if (!s) throw mappedRamUnsupported(opts.file)
+    await loadFromFile(qmp, s, fh, opts.file, opts.log)
+    return { bytes: size, ms: Math.round(performance.now() - t0), format }
+  }
   await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] })
   const events = qmp.events({ names: ['MIGRATION'] })
   let sock: Socket | undefined
@@ -372,11 +419,20 @@ async function loadFrom(qmp: QmpClient, opts: LoadOptions, fh: FileHandle, t0: n
     }
     // QEMU has read the stream to its end marker: the load is done, whatever the sending side is
     // still doing (waiting for the socket to drain or close). Not waiting for it saved ~20 ms.
-    return { bytes: size, ms: Math.round(performance.now() - t0) }
+    return { bytes: size, ms: Math.round(performance.now() - t0), format }
   } finally {
     sock?.destroy()
     await events.return?.()
     await rm(opts.socket.path, { force: true })
+  }
+}
+
+/** The optional hooks of a save that the file: path runs too. */
+function pick(opts: SaveOptions): Pick<SaveOptions, 'onProgress' | 'afterTransfer' | 'onMigrating'> {
+  return {
+    ...(opts.onProgress ? { onProgress: opts.onProgress } : {}),
+    ...(opts.afterTransfer ? { afterTransfer: opts.afterTransfer } : {}),
+    ...(opts.onMigrating ? { onMigrating: opts.onMigrating } : {}),
   }
 }
 

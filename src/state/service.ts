@@ -16,7 +16,9 @@ import { trackDowntime } from '../vm/downtime.ts'
 import type { VmManager } from '../vm/manager.ts'
 import type { Journal, Operation } from '../ops/journal.ts'
 import { assertState } from '../vm/states.ts'
-import { checkMigrationStream, loadRamState, saveRamState, stateSocket } from './ramfile.ts'
+import { checkStateFile, loadRamState, saveRamState, stateSocket } from './ramfile.ts'
+import type { RamFormat } from './ramformat.ts'
+import { assertLoadable } from './load-check.ts'
 import { RESTORE_OP, SAVE_OP, type RestorePlan, type SavePlan } from './plans.ts'
 
 /** Body of POST /v1/vms/{vm}/save and /restore. */
@@ -32,7 +34,7 @@ export class StateService {
   /** Refuses work on a VM whose disks a block job is busy with (set by the daemon). */
   busyCheck: (vm: string, what: string) => void = () => {}
 
-  constructor(private readonly deps: { vms: VmManager; jobs: JobManager; paths: PathPolicy; journal: Journal; log: Logger }) {}
+  constructor(private readonly deps: { vms: VmManager; jobs: JobManager; paths: PathPolicy; journal: Journal; log: Logger; qemuBinary?: string }) {}
 
   /** The managed-save file of a VM. */
   managedSaveFile(vm: string): string {
@@ -106,7 +108,8 @@ export class StateService {
 
   /**
    * Queues a restore from a file (like virsh restore); the file is checked before anything is touched.
-   * @throws QmpdError VM_NOT_FOUND, INVALID_STATE, INVALID_PATH, ADOPTED_NEEDS_RELAUNCH (an adopted VM), INVALID_INPUT (not a RAM state file) or BUSY, before any job is made.
+   * @throws QmpdError VM_NOT_FOUND, INVALID_STATE, INVALID_PATH, ADOPTED_NEEDS_RELAUNCH (an adopted VM), INVALID_INPUT (not a RAM state file),
+   *   NOT_SUPPORTED (a mapped-ram file, QEMU without mapped-ram) or BUSY, before any job is made.
    */
   async restore(vm: string, body: StateFileBody): Promise<Job> {
     const raw = body.file
@@ -114,7 +117,7 @@ export class StateService {
     if (isAdopted(rec.definition)) refuseRelaunch(vm, 'a restore', 'RAM state loads only into a QEMU started with -incoming')
     const file = this.deps.paths.resolve(raw, this.deps.paths.vmDir(vm), 'file')
     const confine = (real: string): void => void this.deps.paths.confine(real, 'file')
-    await checkMigrationStream(file, confine)
+    await assertLoadable(this.deps.qemuBinary, await checkStateFile(file, confine), file)
     const st = rec.runtime.state
     // With jobs queued the state will change first: the job's launch checks again (as a start).
     if (!this.deps.jobs.busy(vm)) assertState(vm, st, 'restore')
@@ -129,7 +132,7 @@ export class StateService {
           try {
             const r = await o.step('load-ram', () => loadRamState(qmp, { file, check: confine, socket: stateSocket(this.deps.paths.vmDir(vm), true), log: ctx.log }))
             await o.step('cont', () => this.deps.vms.contInJob(vm))
-            return { file, bytes: r.bytes, ms: r.ms, state: 'running' }
+            return { file, bytes: r.bytes, ms: r.ms, format: r.format, state: 'running' }
           } catch (err) {
             await this.deps.vms.quitInJob(vm, ctx)
             throw err
@@ -159,7 +162,7 @@ export class StateService {
    * on and the journal entry ends (a failure the daemon lives through is undone here; a crash is
    * recovery's).
    */
-  private async saveAndQuit(vm: string, file: string, op: 'save' | 'managedsave', ctx: JobContext, o: Operation): Promise<{ file: string; bytes: number; ms: number; downtimeMs: number }> {
+  private async saveAndQuit(vm: string, file: string, op: 'save' | 'managedsave', ctx: JobContext, o: Operation): Promise<{ file: string; bytes: number; ms: number; downtimeMs: number; format: RamFormat }> {
     const st = this.deps.vms.record(vm).runtime.state
     try {
       assertState(vm, st, op)
@@ -183,7 +186,7 @@ export class StateService {
       )
       saved = true
       await o.step('quit', () => this.deps.vms.quitInJob(vm, ctx))
-      return { file, bytes: r.bytes, ms: r.ms, downtimeMs: dt.end() }
+      return { file, bytes: r.bytes, ms: r.ms, downtimeMs: dt.end(), format: r.format }
     } catch (err) {
       dt.end()
       // Once the file is whole, the save has happened: quitting is all that is left, and a

@@ -38,6 +38,8 @@ export const Snapshot = z.strictObject({
   qemuVersion: z.string().optional(),
   /** How RAM was captured: background-snapshot, precopy (disks switched in the final pause), paused, snapshot-save. */
   ramMethod: z.enum(['background-snapshot', 'precopy', 'paused', 'snapshot-save']).optional(),
+  /** external memory: how the RAM state file is laid out (stream, or mapped-ram: needs a QEMU with the mapped-ram capability to load). */
+  ramFormat: z.enum(['stream', 'mapped-ram']).optional(),
   /**
    * The VM's definition at the snapshot's instant (as libvirt keeps the domain XML); a revert
    * makes it the VM's definition again. Absent in rows written before qmpd recorded it: their

@@ -4,6 +4,8 @@ import type { Test } from 'tap'
 import { isAlive, waitForExit } from '../../src/vm/proc.ts'
 import { shortSocketPath } from '../../src/vm/sockpath.ts'
 import { RawQmp } from './rawqmp.ts'
+import { checkStateFile } from '../../src/state/ramfile.ts'
+import type { RamFormat } from '../../src/state/ramformat.ts'
 import { mkdtemp, readFile, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -110,14 +112,19 @@ export async function revert(td: TestDaemon, vm: string, name: string, body: Rec
 }
 
 /**
- * Starts plain qemu-system-x86_64 (no qmpd) in `dir` with `argv` + -incoming "exec:cat FILE", waits
- * until the incoming migration completed, and returns its QMP client; the test reaps it.
+ * Starts plain qemu-system-x86_64 (no qmpd) in `dir` with `argv` and loads `stateFile` the way
+ * docs/snapshots.md tells a user to, by the file's format: a stream with -incoming "exec:cat FILE",
+ * a mapped-ram file with -incoming defer, the mapped-ram and multifd capabilities, and
+ * migrate-incoming file:FILE. Waits until the load completed and returns its QMP client (and
+ * the format it loaded); the test reaps it.
  */
-export async function restoreWithPlainQemu(t: Test, dir: string, argv: string[], stateFile: string): Promise<RawQmp> {
+export async function restoreWithPlainQemu(t: Test, dir: string, argv: string[], stateFile: string): Promise<RawQmp & { format?: RamFormat }> {
+  const { format } = await checkStateFile(stateFile)
   // Without qmpd's -sandbox: it forbids the fork and exec that `exec:cat` needs.
   const i = argv.indexOf('-sandbox')
   const plain = i >= 0 ? [...argv.slice(0, i), ...argv.slice(i + 2)] : argv
-  const child = spawn('qemu-system-x86_64', [...plain, '-incoming', `exec:cat ${stateFile}`], { cwd: dir, stdio: 'ignore' })
+  const incoming = format === 'mapped-ram' ? 'defer' : `exec:cat ${stateFile}`
+  const child = spawn('qemu-system-x86_64', [...plain, '-incoming', incoming], { cwd: dir, stdio: 'ignore' })
   t.teardown(async () => {
     if (child.pid && isAlive(child.pid)) child.kill('SIGKILL')
     if (child.pid) await waitForExit(child.pid, 5000)
@@ -134,9 +141,13 @@ export async function restoreWithPlainQemu(t: Test, dir: string, argv: string[],
     short.release()
   }
   t.teardown(() => qmp.close())
+  if (format === 'mapped-ram') {
+    await qmp.cmd('migrate-set-capabilities', { capabilities: [{ capability: 'mapped-ram', state: true }, { capability: 'multifd', state: true }] })
+    await qmp.cmd('migrate-incoming', { uri: `file:${stateFile}` })
+  }
   for (const deadline = Date.now() + 20_000; (await qmp.cmd('query-migrate')).status !== 'completed'; ) {
     if (Date.now() > deadline) throw new Error('plain QEMU did not finish loading the state')
     await new Promise((r) => setTimeout(r, 50))
   }
-  return qmp
+  return Object.assign(qmp, { format })
 }
