@@ -6,6 +6,7 @@ import type { Job } from '../jobs/model.ts'
 import type { SnapshotRepo } from '../store/snapshots.ts'
 import { submitCreate } from './create.ts'
 import { submitDelete, type DeleteOptions } from './delete.ts'
+import { submitExport, type ExportBody } from './export.ts'
 import type { SnapshotDeps } from './deps.ts'
 import type { CreateSnapshotBody, RevertBody } from './model.ts'
 import { submitRevert } from './revert.ts'
@@ -60,6 +61,14 @@ export class SnapshotService {
    */
   delete(vm: string, name: string, opts: DeleteOptions): Job {
     return submitDelete(this.deps, (v, what) => this.busyCheck(v, what), vm, name, opts)
+  }
+
+  /**
+   * Validates and queues an export of one disk of a snapshot into a new standalone image.
+   * @throws QmpdError VM_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, INVALID_INPUT, INVALID_PATH, FILE_EXISTS, INVALID_STATE or BUSY, before any job is made.
+   */
+  export(vm: string, name: string, body: ExportBody): Job {
+    return submitExport(this.deps, (v, what) => this.busyCheck(v, what), vm, name, body)
   }
 
   /** Records the VM's original disk files as the roots of the image graph (created by the user). */
