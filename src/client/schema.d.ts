@@ -82,7 +82,7 @@ export interface paths {
         /** List VMs by name, a page at a time (follow `next` with ?after=) */
         get: operations["listVms"];
         put?: never;
-        /** Define a VM, or adopt a running QEMU by its QMP socket */
+        /** Define a VM, adopt a running QEMU by its QMP socket, or clone a VM from a disk snapshot (linked or full) */
         post: operations["defineVm"];
         delete?: never;
         options?: never;
@@ -859,6 +859,7 @@ export interface components {
                     };
                 }[];
             };
+            clones?: string[];
             children: string[];
             current: boolean;
             sizeBytes: number;
@@ -1276,6 +1277,24 @@ export interface operations {
                     labels?: {
                         [key: string]: string;
                     };
+                } | {
+                    /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
+                    name: string;
+                    clone: {
+                        /** @description the source VM */
+                        vm: string;
+                        /** @description a disk snapshot of it (external or internal) */
+                        snapshot: string;
+                        /**
+                         * @description true: qcow2 overlays on the snapshot's frozen images (kept while the clone exists); false: flattened copies
+                         * @default false
+                         */
+                        linked?: boolean;
+                    };
+                    /** @description labels of the VM: a scheduler finds its VMs again with GET /v1/vms?label=key=value */
+                    labels?: {
+                        [key: string]: string;
+                    };
                 };
             };
         };
@@ -1302,6 +1321,15 @@ export interface operations {
             };
             /** @description Error: UNAUTHORIZED */
             401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            404: {
                 headers: {
                     [name: string]: unknown;
                 };
