@@ -1,12 +1,14 @@
 // VM clones from a disk snapshot (POST /v1/vms {name, clone}): linked (a qcow2 overlay on the
 // frozen image) or full (a flattened copy), as a journaled job in the source VM's queue; and the
 // guard that keeps what linked clones read. Never writes an image of the source VM.
-import { mkdirSync, rmSync } from 'node:fs'
+import { copyFile } from 'node:fs/promises'
+import { existsSync, mkdirSync, rmSync } from 'node:fs'
 import { join } from 'node:path'
 import { z } from 'zod'
 import { QmpdError } from '../errors.ts'
 import type { JobContext } from '../jobs/manager.ts'
 import type { Recovery, RecoveryOutcome } from '../ops/recovery.ts'
+import { VM_FILES } from '../vm/argv.ts'
 import { isAdopted, Name, type DiskDefinition, type VmDefinition } from '../vm/definition.ts'
 import { Labels } from '../vm/labels.ts'
 import type { VmView } from '../vm/manager.ts'
@@ -54,7 +56,7 @@ interface ClonedDisk {
  * @throws QmpdError VM_NOT_FOUND or SNAPSHOT_NOT_FOUND for the source, VM_EXISTS, NOT_SUPPORTED (a checkpoint, an adopted
  *   source, UEFI, excluded disks or no recorded definition), INVALID_STATE, BUSY; the job's error when the copy fails.
  */
-export async function cloneVm(d: SnapshotDeps, busyCheck: (vm: string, what: string) => void, input: CloneDefinition): Promise<VmView> {
+export async function cloneVm(d: SnapshotDeps, busyCheck: (vm: string, what: string) => void, input: CloneDefinition): Promise<VmView & { clone: unknown }> {
   const { vm: source, snapshot, linked } = input.clone
   const s = mustSnapshot(d, source, snapshot)
   if (d.vms.has(input.name)) throw new QmpdError('VM_EXISTS', `a VM named ${input.name} already exists`, { vm: input.name })
@@ -68,14 +70,17 @@ export async function cloneVm(d: SnapshotDeps, busyCheck: (vm: string, what: str
     if (!linked) return { spec, from, file: join(dir, `${spec.id}.${spec.format}`), format: spec.format }
     return { spec, from, file: join(dir, `${spec.id}.qcow2`), format: 'qcow2', ...(from.mode === 'internal' ? { base: join(dir, `${spec.id}-base.qcow2`) } : {}) }
   })
-  const j: CloneJournal = { source, snapshot, name: input.name, linked, files: disks.flatMap((x) => [x.file, ...(x.base ? [x.base] : [])]) }
+  // An external checkpoint's RAM state becomes the clone's managed save: its first start loads it (a fork).
+  const ram = s.memory && s.vmstateFile ? [join(dir, VM_FILES.managedSave)] : []
+  const j: CloneJournal = { source, snapshot, name: input.name, linked, files: [...disks.flatMap((x) => [x.file, ...(x.base ? [x.base] : [])]), ...ram] }
   const job = d.jobs.submit({ vm: source, op: CLONE_OP, params: { snapshot, name: input.name, linked }, run: (ctx) => doClone(d, def, disks, input, j, ctx) })
   const done = await d.jobs.wait(job.id, 24 * 3600_000)
   if (done.state !== 'succeeded') {
     const e = done.error ?? { code: 'INTERNAL', message: `clone job ${job.id} ended ${done.state}` }
     throw new QmpdError(e.code as QmpdError['code'], e.message, { ...e.details, job: job.id })
   }
-  return d.vms.view(input.name)
+  // The view, plus what the clone job did (its warnings: a fork's NIC caveat).
+  return { ...(await d.vms.view(input.name)), clone: done.result }
 }
 
 /** The recorded definition a clone starts from. */
@@ -83,8 +88,8 @@ function cloneableDefinition(s: Snapshot): VmDefinition {
   const def = s.definition
   if (!def) throw new QmpdError('NOT_SUPPORTED', `snapshot ${s.name} was taken before qmpd recorded definitions with snapshots: it cannot be cloned`, { snapshot: s.name })
   if (isAdopted(def)) throw new QmpdError('NOT_SUPPORTED', `snapshot ${s.name} is of an adopted VM: qmpd does not know its QEMU command line`, { snapshot: s.name })
-  if (s.memory) {
-    throw new QmpdError('NOT_SUPPORTED', `snapshot ${s.name} is a checkpoint: clones that run on from its RAM state are not implemented yet; clone a disk snapshot`, { snapshot: s.name })
+  if (s.memory && !(s.kind === 'external' && s.vmstateFile)) {
+    throw new QmpdError('NOT_SUPPORTED', `snapshot ${s.name} is an internal checkpoint: its RAM state lives in the qcow2 and is not copied; clone an external checkpoint or a disk snapshot`, { snapshot: s.name })
   }
   if (def.firmware === 'uefi') throw new QmpdError('NOT_SUPPORTED', `snapshot ${s.name} is of a UEFI VM: cloning its NVRAM is not implemented yet`, { snapshot: s.name })
   return def
@@ -109,6 +114,8 @@ async function doClone(d: SnapshotDeps, def: VmDefinition, disks: ClonedDisk[], 
         await d.qemuImg.runWithProgress(convertArgs(x.from, j.snapshot, x.base ? 'qcow2' : x.format, target, qemuRuns), (pct) => ctx.setProgress(i * 100 + pct, disks.length * 100), ctx.signal)
         if (x.base) await d.qemuImg.create(x.file, 'qcow2', { backing: { file: x.base, format: 'qcow2' } })
       }
+      // A copy, not a link: the start that loads it removes the clone's managed save afterwards.
+      if (s.memory && s.vmstateFile) await copyFile(d.paths.confine(s.vmstateFile, 'RAM state file'), join(dir, VM_FILES.managedSave))
     })
     const clone: VmDefinition = {
       ...def,
@@ -125,6 +132,7 @@ async function doClone(d: SnapshotDeps, def: VmDefinition, disks: ClonedDisk[], 
     await o.step('define', async () => {
       await d.vms.define(clone)
       d.vms.updateRuntime(j.name, { createdFiles: [...d.vms.record(j.name).runtime.createdFiles, ...j.files] })
+      if (s.memory) d.vms.markSaved(j.name)
     })
     await o.step('pin', () => {
       if (j.linked && s.disks.some((x) => x.mode === 'external')) d.repo.put({ ...s, clones: [...new Set([...(s.clones ?? []), j.name])] })
@@ -137,7 +145,10 @@ async function doClone(d: SnapshotDeps, def: VmDefinition, disks: ClonedDisk[], 
     throw err
   }
   ctx.log.info({ clone: j.name, snapshot: j.snapshot, linked: j.linked }, 'vm cloned from a snapshot')
-  return { vm: j.name, snapshot: j.snapshot, linked: j.linked, files: j.files }
+  const warnings = s.memory && def.nics?.length
+    ? ['the RAM state carries the source\'s NIC state: until the guest resets its NICs it keeps using the source\'s MAC addresses and IP configuration; do not put both VMs on one network segment']
+    : []
+  return { vm: j.name, snapshot: j.snapshot, linked: j.linked, files: j.files, ramState: s.memory, warnings }
 }
 
 function removeFiles(j: CloneJournal): void {
@@ -193,6 +204,8 @@ export function registerCloneRecovery(recovery: Recovery, d: SnapshotDeps): void
     }
     const s = d.repo.get(j.source, j.snapshot)
     if (j.linked && s && s.disks.some((x) => x.mode === 'external') && !s.clones?.includes(j.name)) d.repo.put({ ...s, clones: [...(s.clones ?? []), j.name] })
+    const save = join(d.paths.vmDir(j.name), VM_FILES.managedSave)
+    if (j.files.includes(save) && existsSync(save) && d.vms.record(j.name).runtime.state === 'shutoff') d.vms.markSaved(j.name)
     return { action: 'forward', detail: `clone ${j.name} was defined`, result: { vm: j.name } }
   })
 }

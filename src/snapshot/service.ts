@@ -78,7 +78,7 @@ export class SnapshotService {
    * its disks, the snapshot's recorded definition with new MACs.
    * @throws QmpdError VM_NOT_FOUND, SNAPSHOT_NOT_FOUND, VM_EXISTS, NOT_SUPPORTED, INVALID_STATE or BUSY; the copy job's error.
    */
-  clone(input: CloneDefinition): Promise<VmView> {
+  clone(input: CloneDefinition): Promise<VmView & { clone: unknown }> {
     return cloneVm(this.deps, (v, what) => this.busyCheck(v, what), input)
   }
 

@@ -5,7 +5,8 @@ import { join } from 'node:path'
 import t, { type Test } from 'tap'
 import { defineGuestVm, eventually, guestCounters, op, startTestDaemon, type TestDaemon } from '../helpers/daemon.ts'
 import { requireQemu } from '../helpers/qemu.ts'
-import { diskBytes, snap } from '../helpers/snap.ts'
+import { checkDiskAgainstCounter, checkStampsAgainstCounter } from '../helpers/guest.ts'
+import { diskBytes, dumpRam, revert, slotsOf, snap, stampsOf } from '../helpers/snap.ts'
 
 t.before(() => {
   requireQemu(t)
@@ -114,7 +115,7 @@ t.test('linked and full clones of a middle internal snapshot; bad requests chang
     [{ name: 'x1', clone: { vm: 'nope', snapshot: 'i1' } }, 404, /no VM named nope/],
     [{ name: 'x1', clone: { vm: 'isrc', snapshot: 'nope' } }, 404, /no snapshot nope/],
     [{ name: 'lic', clone: { vm: 'isrc', snapshot: 'i1' } }, 409, /already exists/],
-    [{ name: 'x1', clone: { vm: 'isrc', snapshot: 'cp' } }, 409, /checkpoint/],
+    [{ name: 'x1', clone: { vm: 'isrc', snapshot: 'cp' } }, 409, /internal checkpoint/],
     [{ name: 'x1', clone: { vm: 'isrc', snapshot: 'i1', linked: 'yes' } }, 400, /linked|union|clone/i],
     [{ name: 'x1', clone: { vm: 'isrc', snapshot: 'i1' }, memoryMiB: 64 }, 400, /memoryMiB|union|unrecognized/i],
     [{ name: '../x', clone: { vm: 'isrc', snapshot: 'i1' } }, 400, /name|union/i],
@@ -126,4 +127,35 @@ t.test('linked and full clones of a middle internal snapshot; bad requests chang
   }
   t.notOk(existsSync(join(td.stateDir, 'vms', 'x1')), 'no directory for a refused clone')
   t.equal((await td.api('GET', '/v1/vms/x1')).status, 404, 'and no VM')
+})
+
+t.test('a clone of an external checkpoint runs on from its RAM state: a fork', async (t) => {
+  const td = await startTestDaemon(t)
+  await defineGuestVm(td, 'csrc', { disks: 1, stampMiB: 1, memoryMiB: 32 })
+  await op(td, 'csrc', 'start')
+  await runOn(t, td, 'csrc')
+  await snap(td, 'csrc', { name: 'cp', kind: 'external', memory: true })
+  await runOn(t, td, 'csrc')
+  const fork = await clone(t, td, { name: 'fork', clone: { vm: 'csrc', snapshot: 'cp', linked: true } })
+  t.equal(fork.state, 'saved', 'the fork waits to load the checkpoint\'s RAM state at its first start')
+  t.equal(fork.clone.ramState, true)
+  const t0 = Date.now()
+  await op(td, 'fork', 'start', { paused: true })
+  t.comment(`the fork's first start (load of the RAM state) took ${Date.now() - t0} ms`)
+  const forkRam = await dumpRam(td, 'fork', 1)
+  // The truth: the source reverted to the same checkpoint.
+  await revert(td, 'csrc', 'cp', { state: 'paused' })
+  const srcRam = await dumpRam(td, 'csrc', 1)
+  const c = forkRam.counters.counter
+  t.ok(c > 0, `the fork's guest RAM holds the checkpoint's counter (${c})`)
+  t.same(forkRam.counters, srcRam.counters, 'the fork\'s counters are the checkpoint\'s (the source reverted to it)')
+  t.ok(forkRam.stamps.equals(srcRam.stamps), 'and so is every stamped page')
+  t.same(checkStampsAgainstCounter(stampsOf(forkRam), c, forkRam.counters.pending), [], 'the stamps agree with the counter')
+  const forkDisk = td.daemon.vms.record('fork').runtime.disks[0]!.file
+  t.same(checkDiskAgainstCounter(slotsOf(await diskBytes(forkDisk)), c, forkRam.counters.pending, 0), [], 'the fork\'s disk is from the same instant as its RAM')
+  await op(td, 'fork', 'resume')
+  t.ok(await eventually(async () => (await guestCounters(td, 'fork')).counter > c + 20, 30_000), 'the fork runs on from there')
+  t.notOk(existsSync(join(td.stateDir, 'vms', 'fork', 'managed.save')), 'its copy of the RAM state went once loaded')
+  await op(td, 'fork', 'stop', { force: true })
+  await op(td, 'csrc', 'stop', { force: true })
 })
