@@ -132,7 +132,8 @@ async function openDaemon(
     ...(testHooks.snapshots ? { hooks: testHooks.snapshots } : {}),
   }
   const snapshots = new SnapshotService(snapshotDeps)
-  vms.onDelete({ files: (vm) => snapshots.filesOf(vm), forget: (vm) => snapshots.forgetVm(vm) })
+  // Asked only with deleteStorage, before anything is removed: linked clones' backing files stay.
+  vms.onDelete({ files: (vm) => (snapshots.assertNoClones(vm), snapshots.filesOf(vm)), forget: (vm) => snapshots.forgetVm(vm) })
   registerVmRecovery(recovery, { vms, vmDir: (vm) => paths.vmDir(vm), forget: (vm) => vms.forget(vm) })
   registerSnapshotRecovery(recovery, snapshotDeps)
   const blockJobs = new BlockJobService({ vms, jobs, snapshots, paths, qemuImg, journal, log: log.child({ component: 'blockjobs' }) })

@@ -14,6 +14,7 @@ import type { QmpClient } from '../qmp/index.ts'
 import type { ImageRow } from '../store/snapshots.ts'
 import { requireAdoptedQemu } from '../vm/adopted.ts'
 import { assertState, isRunningState } from '../vm/states.ts'
+import { assertNoLinkedClones } from './clone.ts'
 import { mustSnapshot, type SnapshotDeps } from './deps.ts'
 import { qemuGone } from './files.ts'
 import { sleep } from '../util.ts'
@@ -26,6 +27,7 @@ export type DeleteOptions = { children?: boolean; metadataOnly?: boolean }
 /** Validates and queues a delete (children: the whole subtree; metadataOnly: forget, touch no file). */
 export function submitDelete(deps: SnapshotDeps, busyCheck: (vm: string, what: string) => void, vm: string, name: string, opts: DeleteOptions): Job {
   mustSnapshot(deps, vm, name)
+  assertNoLinkedClones(deps, vm, name)
   busyCheck(vm, `delete snapshot ${name}`)
   const rec = deps.vms.record(vm)
   const st = rec.runtime.state

@@ -14,6 +14,8 @@ import { cancelStaleMigration } from '../vm/migration.ts'
 import { isRunningState } from '../vm/states.ts'
 import { commitCreate, CREATE_OP, CreateJournal } from './create.ts'
 import { DELETE_OP, rerunDelete, DeleteJournal } from './delete.ts'
+import { registerCloneRecovery } from './clone.ts'
+import { registerExportRecovery } from './export.ts'
 import type { SnapshotDeps } from './deps.ts'
 import { deleteTagsLive } from './internal.ts'
 import { undoLiveOverlays } from './external.ts'
@@ -24,6 +26,8 @@ export function registerSnapshotRecovery(recovery: Recovery, d: SnapshotDeps): v
   recovery.register(CREATE_OP, (e, log) => recoverCreate(d, e, CreateJournal.parse(e.body), log))
   recovery.register(REVERT_OP, (e, log) => recoverRevert(d, e, RevertJournal.parse(e.body), log))
   recovery.register(DELETE_OP, (e, log) => recoverDelete(d, e, DeleteJournal.parse(e.body), log))
+  registerExportRecovery(recovery)
+  registerCloneRecovery(recovery, d)
 }
 
 /**

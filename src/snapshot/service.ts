@@ -3,9 +3,12 @@
 import type { Logger } from 'pino'
 import { ensureBaseImages, neededFiles, removeIfUnneeded } from '../chain/graph.ts'
 import type { Job } from '../jobs/model.ts'
+import type { VmView } from '../vm/manager.ts'
 import type { SnapshotRepo } from '../store/snapshots.ts'
 import { submitCreate } from './create.ts'
+import { assertNoClonesOfVm, cloneVm, type CloneDefinition } from './clone.ts'
 import { submitDelete, type DeleteOptions } from './delete.ts'
+import { submitExport, type ExportBody } from './export.ts'
 import type { SnapshotDeps } from './deps.ts'
 import type { CreateSnapshotBody, RevertBody } from './model.ts'
 import { submitRevert } from './revert.ts'
@@ -60,6 +63,31 @@ export class SnapshotService {
    */
   delete(vm: string, name: string, opts: DeleteOptions): Job {
     return submitDelete(this.deps, (v, what) => this.busyCheck(v, what), vm, name, opts)
+  }
+
+  /**
+   * Validates and queues an export of one disk of a snapshot into a new standalone image.
+   * @throws QmpdError VM_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, INVALID_INPUT, INVALID_PATH, FILE_EXISTS, INVALID_STATE or BUSY, before any job is made.
+   */
+  export(vm: string, name: string, body: ExportBody): Job {
+    return submitExport(this.deps, (v, what) => this.busyCheck(v, what), vm, name, body)
+  }
+
+  /**
+   * Defines a new VM from a disk snapshot (POST /v1/vms with `clone`): linked or full copies of
+   * its disks, the snapshot's recorded definition with new MACs.
+   * @throws QmpdError VM_NOT_FOUND, SNAPSHOT_NOT_FOUND, VM_EXISTS, NOT_SUPPORTED, INVALID_STATE or BUSY; the copy job's error.
+   */
+  clone(input: CloneDefinition): Promise<VmView & { clone: unknown }> {
+    return cloneVm(this.deps, (v, what) => this.busyCheck(v, what), input)
+  }
+
+  /**
+   * Refuses deleting a VM's storage while linked clones read its snapshot images.
+   * @throws QmpdError INVALID_STATE naming the clones.
+   */
+  assertNoClones(vm: string): void {
+    assertNoClonesOfVm(this.deps, vm)
   }
 
   /** Records the VM's original disk files as the roots of the image graph (created by the user). */

@@ -46,5 +46,10 @@ export const Snapshot = z.strictObject({
    * revert keeps the definition the VM has.
    */
   definition: StoredDefinition.optional(),
+  /**
+   * VMs defined as linked clones of this snapshot (src/snapshot/clone.ts): their overlays are
+   * backed by its frozen images, so it and the snapshots below it are kept while they exist.
+   */
+  clones: z.array(z.string()).optional(),
 })
 export type Snapshot = z.output<typeof Snapshot>

@@ -481,6 +481,11 @@ export class VmManager {
     }
   }
 
+  /** Whether a VM of that name is defined (quarantined ones included). */
+  has(name: string): boolean {
+    return this.handles.has(name) || this.deps.repo.quarantine.has(name) || this.deps.repo.get(name) !== undefined
+  }
+
   /**
    * The record of a VM (throws VM_NOT_FOUND).
    * @throws QmpdError VM_NOT_FOUND.

@@ -45,6 +45,8 @@ export const VM_STATES = {
     hints: { saved: (vm) => `start it or discard the save (DELETE /v1/vms/${vm}/managedsave) before reverting` },
   },
   'snapshot-delete': { accepts: [...SETTLED, 'saved'] },
+  /** Reads a snapshot's frozen data into a new file; the VM may run (src/snapshot/export.ts). */
+  'snapshot-export': { accepts: [...SETTLED, 'saved'] },
   commit: { accepts: SETTLED },
   pull: { accepts: SETTLED },
   copy: { accepts: SETTLED },

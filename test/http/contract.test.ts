@@ -90,6 +90,16 @@ t.test('every operation answers as the document declares, and every operation wa
   await defineGuestVm(td, 'c2')
   is(await api('POST', `/v1/vms/c2/start${w}`), 200, 'start c2')
   is(await api('POST', `/v1/vms/c2/snapshots${w}`, { name: 'e1', kind: 'external', memory: false }), 200, 'external snapshot')
+  is(await api('POST', `/v1/vms/c2/snapshots/e1/export${w}`, { file: 'e1.qcow2' }), 200, 'export a snapshot')
+  is(await api('POST', `/v1/vms/c2/snapshots/e1/export${w}`, { file: 'e1.qcow2' }), 409, 'export onto an existing file')
+  const exp = await api('POST', '/v1/vms/c2/snapshots/e1/export', { file: 'e1.raw', format: 'raw' })
+  is(exp, 202, 'export as a job')
+  t.equal((await jobIn(td, exp.body.id, ['succeeded', 'failed'])).state, 'succeeded', 'the export job succeeded')
+  is(await api('POST', '/v1/vms/c2/snapshots/none/export', { file: 'x.qcow2' }), 404, 'export of an unknown snapshot')
+  is(await api('POST', '/v1/vms/c2/snapshots/e1/export', { file: 'x.qcow2', format: 'vmdk' }), 400, 'export in an unknown format')
+  is(await api('POST', '/v1/vms', { name: 'c2full', clone: { vm: 'c2', snapshot: 'e1' } }), 201, 'clone a VM from a snapshot')
+  is(await api('POST', '/v1/vms', { name: 'c2x', clone: { vm: 'c2', snapshot: 'none' } }), 404, 'clone from an unknown snapshot')
+  is(await api('DELETE', '/v1/vms/c2full?deleteStorage=true'), 204, 'delete the clone')
   // A refusal at submit makes no job (docs/api.md): the commit would write into e1's image.
   const before = (await api('GET', '/v1/jobs?vm=c2&limit=1000')).body.jobs.length
   const commit = await api('POST', `/v1/vms/c2/disks/vda/commit${w}`, {})

@@ -22,6 +22,7 @@ t.test('keeps the accepted states each operation had when they were checked inli
     'snapshot-create-quiesce': ['running'],
     'snapshot-revert': ['running', 'paused', 'shutoff', 'crashed'],
     'snapshot-delete': ['running', 'paused', 'shutoff', 'crashed', 'saved'],
+    'snapshot-export': ['running', 'paused', 'shutoff', 'crashed', 'saved'],
     commit: ['running', 'paused', 'shutoff', 'crashed'],
     pull: ['running', 'paused', 'shutoff', 'crashed'],
     copy: ['running', 'paused', 'shutoff', 'crashed'],

@@ -1,7 +1,8 @@
-// Routes of snapshots (create, list, revert, delete); they validate and call SnapshotService,
+// Routes of snapshots (create, list, revert, delete, export); they validate and call SnapshotService,
 // nothing more.
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod'
 import { z } from 'zod'
+import { ExportBody } from '../../snapshot/export.ts'
 import { CreateSnapshotBody, RevertBody } from '../../snapshot/model.ts'
 import { Name } from '../../vm/definition.ts'
 import type { Services } from '../app.ts'
@@ -72,5 +73,21 @@ export const snapshotRoutes: FastifyPluginAsyncZod<{ services: Services }> = asy
     },
     async (req, reply) =>
       replyWithJob(reply, jobs, snapshots.delete(req.params.vm, req.params.snap, { children: req.query.children, metadataOnly: req.query.metadataOnly }), req.query),
+  )
+
+  app.post(
+    '/v1/vms/:vm/snapshots/:snap/export',
+    {
+      schema: {
+        summary: 'Export one disk of a snapshot as a new standalone image (qcow2 or raw, backing chain flattened; a job with progress; the VM may run)',
+        tags: ['snapshots'],
+        operationId: 'exportSnapshot',
+        params: SnapParams,
+        querystring: WaitQuery,
+        body: ExportBody,
+        response: jobReplies(),
+      },
+    },
+    async (req, reply) => replyWithJob(reply, jobs, snapshots.export(req.params.vm, req.params.snap, req.body), req.query),
   )
 }

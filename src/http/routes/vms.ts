@@ -1,9 +1,10 @@
-// Routes of VMs (define, adopt, lifecycle, check, repair, QMP escape hatch); they validate and call
+// Routes of VMs (define, adopt, clone, lifecycle, check, repair, QMP escape hatch); they validate and call
 // services, nothing more.
 import type { FastifyReply } from 'fastify'
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod'
 import { z } from 'zod'
 import { CheckReport } from '../../ops/check-model.ts'
+import { CloneDefinition } from '../../snapshot/clone.ts'
 import { AdoptDefinition, Name, VmDefinition } from '../../vm/definition.ts'
 import { parseSelectors } from '../../vm/labels.ts'
 import { jsonDepth, MAX_QMP_ARG_BYTES, MAX_QMP_ARG_DEPTH } from '../../vm/passthrough.ts'
@@ -47,14 +48,18 @@ export const vmRoutes: FastifyPluginAsyncZod<{ services: Services }> = async (ap
     '/v1/vms',
     {
       schema: {
-        summary: 'Define a VM, or adopt a running QEMU by its QMP socket',
+        summary: 'Define a VM, adopt a running QEMU by its QMP socket, or clone a VM from a disk snapshot (linked or full)',
         tags: ['vms'],
         operationId: 'defineVm',
-        body: z.union([VmDefinition, AdoptDefinition]),
-        response: { 201: VmView, ...errors(409, 422, ...HOST_ERRORS) },
+        body: z.union([VmDefinition, AdoptDefinition, CloneDefinition]),
+        response: { 201: VmView, ...errors(404, 409, 422, ...HOST_ERRORS) },
       },
     },
-    async (req, reply) => reply.code(201).header('Location', `/v1/vms/${req.body.name}`).send(await vms.define(req.body)),
+    async (req, reply) =>
+      reply
+        .code(201)
+        .header('Location', `/v1/vms/${req.body.name}`)
+        .send(await ('clone' in req.body ? services.snapshots.clone(req.body) : vms.define(req.body))),
   )
 
   app.get(
