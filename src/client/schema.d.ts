@@ -538,6 +538,41 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/vms/{vm}/exports": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The VM's open NBD exports */
+        get: operations["listExports"];
+        put?: never;
+        /** Export a point-in-time view of disks read-only over NBD (image fleecing), optionally with a frozen dirty bitmap */
+        post: operations["createExport"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/vms/{vm}/exports/{id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post?: never;
+        /** End an export: drop its NBD clients, cancel the fleecing job, remove the scratch node and file */
+        delete: operations["deleteExport"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/events": {
         parameters: {
             query?: never;
@@ -847,6 +882,19 @@ export interface components {
             sizeBytes: number;
         } & {
             [key: string]: unknown;
+        };
+        Export: {
+            id: string;
+            /** @description unix socket of the VM's NBD server (mode 0600, owned by qmpd's user) */
+            socket: string;
+            disks: {
+                disk: string;
+                /** @description the NBD export name: nbd+unix:///<exportName>?socket=<socket> */
+                exportName: string;
+                /** @description the meta context of the frozen bitmap: qemu:dirty-bitmap:<name> */
+                bitmap?: string;
+            }[];
+            createdAt: string;
         };
     };
     responses: never;
@@ -1292,7 +1340,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -1414,7 +1462,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -1423,7 +1471,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -1485,7 +1533,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -1494,7 +1542,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -1569,7 +1617,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -1578,7 +1626,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -1700,7 +1748,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -1709,7 +1757,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -1835,7 +1883,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -1844,7 +1892,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -1983,7 +2031,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -1992,7 +2040,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2142,7 +2190,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -2151,7 +2199,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2296,7 +2344,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -2305,7 +2353,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2450,7 +2498,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -2459,7 +2507,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2604,7 +2652,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -2613,7 +2661,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2734,7 +2782,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -2743,7 +2791,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2837,7 +2885,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -2846,7 +2894,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3102,7 +3150,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3111,7 +3159,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3176,7 +3224,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3185,7 +3233,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3282,7 +3330,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3291,7 +3339,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3370,7 +3418,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3379,7 +3427,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3458,7 +3506,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3467,7 +3515,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3546,7 +3594,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3555,7 +3603,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3634,7 +3682,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3643,7 +3691,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3759,7 +3807,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3768,7 +3816,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3892,7 +3940,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3901,7 +3949,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3991,7 +4039,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -4000,7 +4048,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -4135,7 +4183,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -4144,7 +4192,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -4307,7 +4355,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -4316,7 +4364,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -4469,7 +4517,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -4478,7 +4526,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -4644,7 +4692,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -4653,7 +4701,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -4798,7 +4846,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -4807,7 +4855,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -4929,7 +4977,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -4938,7 +4986,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -5032,7 +5080,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -5041,7 +5089,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -5189,7 +5237,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -5198,7 +5246,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -5227,6 +5275,308 @@ export interface operations {
             };
             /** @description Error: QMP_COMMAND_REFUSED, HOST_RESOURCE_MISSING */
             422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: INTERRUPTED, INTERNAL */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: QMP_COMMAND_FAILED, QMP_DISCONNECTED, QMP_PROTOCOL_ERROR, QMP_CONNECT_FAILED, QGA_COMMAND_FAILED, QEMU_START_FAILED, QEMU_IMG_FAILED, VM_CRASHED */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: QEMU_NOT_FOUND */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: TIMEOUT */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: IO_ERROR, DISK_FULL */
+            507: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    listExports: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
+                vm: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK (with ?wait=true: the finished job) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": {
+                        exports: components["schemas"]["Export"][];
+                    };
+                };
+            };
+            /** @description Error: INVALID_INPUT, INVALID_PATH; INVALID_INPUT also for a malformed body or query */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: UNAUTHORIZED */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: INTERRUPTED, INTERNAL */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    createExport: {
+        parameters: {
+            query?: never;
+            header?: {
+                /** @description the same key with the same request answers the VM or job the first request created (24 h); another request under it is 409 */
+                "idempotency-key"?: string;
+            };
+            path: {
+                /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
+                vm: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: {
+            content: {
+                "application/json": {
+                    /** @description disks to export (default: every disk of the VM) */
+                    disks?: string[];
+                    /** @description a dirty bitmap every exported disk has: exported, frozen at the export instant, as the meta context qemu:dirty-bitmap:<bitmap> */
+                    bitmap?: string;
+                };
+            };
+        };
+        responses: {
+            /** @description Created */
+            201: {
+                headers: {
+                    /** @description the new resource */
+                    Location?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Export"];
+                };
+            };
+            /** @description Error: INVALID_INPUT, INVALID_PATH; INVALID_INPUT also for a malformed body or query */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: UNAUTHORIZED */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, EXPORT_ACTIVE */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error (INVALID_INPUT); the body is over 1 MiB */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error (INVALID_INPUT); the body is not application/json */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: INTERRUPTED, INTERNAL */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: QMP_COMMAND_FAILED, QMP_DISCONNECTED, QMP_PROTOCOL_ERROR, QMP_CONNECT_FAILED, QGA_COMMAND_FAILED, QEMU_START_FAILED, QEMU_IMG_FAILED, VM_CRASHED */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: QEMU_NOT_FOUND */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: TIMEOUT */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: IO_ERROR, DISK_FULL */
+            507: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    deleteExport: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
+                vm: string;
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description ended */
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": null;
+                };
+            };
+            /** @description Error: INVALID_INPUT, INVALID_PATH; INVALID_INPUT also for a malformed body or query */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: UNAUTHORIZED */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, EXPORT_ACTIVE */
+            409: {
                 headers: {
                     [name: string]: unknown;
                 };
