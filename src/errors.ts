@@ -52,6 +52,8 @@ export type ErrorCode =
   | 'TIMEOUT'
   /** An Idempotency-Key already answered another route or request body (409). */
   | 'IDEMPOTENCY_KEY_REUSED'
+  /** QEMU reports a migration blocker (query-migrate blocked-reasons): a checkpoint, save or managed save would fail (409, reasons in details). */
+  | 'MIGRATION_BLOCKED'
   /** A pull-mode NBD export holds the VM's disks: end it (DELETE /v1/vms/{vm}/exports/{id}) first (409). */
   | 'EXPORT_ACTIVE'
   | 'EXPORT_NOT_FOUND'
