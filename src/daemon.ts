@@ -154,7 +154,8 @@ async function openDaemon(
   state.busyCheck = busy
   vms.busyCheck = blockJobBusy
   vms.patchCheck = (vm, before, after, fresh) => assertPatchKeepsSnapshots(snapshotRepo, vm, before, after, fresh)
-  const vmBusy = (vm: string): boolean => jobs.busy(vm) || blockJobs.busy(vm) !== undefined
+  // An open NBD export is an operation in flight: its fleecing job and scratch file are not orphans.
+  const vmBusy = (vm: string): boolean => jobs.busy(vm) || blockJobs.busy(vm) !== undefined || exports.hasOpen(vm)
   const checker = new VmChecker({
     vms,
     snapshots: snapshotRepo,

@@ -91,6 +91,11 @@ export class ExportService {
     return this.recordsOf(vm).map(viewOf)
   }
 
+  /** Whether the VM has an open export (the consistency check and repair treat it as busy). */
+  hasOpen(vm: string): boolean {
+    return this.recordsOf(vm).length > 0
+  }
+
   /**
    * Refuses an operation that would change the graph under an open export (snapshots, block
    * jobs, save): 409 EXPORT_ACTIVE.

@@ -126,6 +126,10 @@ t.test('a pull-mode export shows the disk at its instant while the guest writes 
 
   // While it is open: listed; what would break it is refused.
   t.same((await td.api('GET', '/v1/vms/x/exports')).body.exports, [ex], 'GET lists it')
+  const check = await td.api('GET', '/v1/vms/x/check')
+  t.equal(check.body.busy, true, 'the consistency check sees an operation in flight')
+  t.same(check.body.problems, [], 'and does not take the fleecing job or the scratch for orphans')
+  t.equal((await td.api('POST', '/v1/vms/x/repair')).status, 409, 'repair waits until the export ends')
   const again = await td.api('POST', '/v1/vms/x/exports', { disks: ['vda'] })
   t.equal(again.status, 409, 'the same disk cannot be exported twice')
   t.equal(again.body.error.code, 'EXPORT_ACTIVE')
