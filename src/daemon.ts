@@ -24,6 +24,8 @@ import { SnapshotRepo } from './store/snapshots.ts'
 import { BlockJobService } from './chain/service.ts'
 import { StateService } from './state/service.ts'
 import { registerStateRecovery } from './state/recovery.ts'
+import { ExportService } from './export/service.ts'
+import { registerExportRecovery } from './export/recovery.ts'
 import { registerSnapshotRecovery } from './snapshot/recovery.ts'
 import { registerChainRecovery } from './chain/recovery.ts'
 import { registerVmRecovery } from './vm/recovery.ts'
@@ -140,12 +142,21 @@ async function openDaemon(
   registerChainRecovery(recovery, { vms, repo: snapshotRepo, qemuImg, vmDir: (vm) => paths.vmDir(vm) })
   const state = new StateService({ vms, jobs, paths, journal, log: log.child({ component: 'state' }), qemuBinary: config.qemuBinary })
   registerStateRecovery(recovery, { vms, journal: journalRepo })
-  const busy = (vm: string, what: string): void => blockJobs.assertIdle(vm, what)
+  const blockJobBusy = (vm: string, what: string): void => blockJobs.assertIdle(vm, what)
+  const exports = new ExportService({ vms, jobs, journal, paths, qemuImg, bus, busy: blockJobBusy, log: log.child({ component: 'exports' }) })
+  registerExportRecovery(recovery, exports)
+  // An open export pins the disks' graph: snapshots, saves and block jobs wait until it ends.
+  const busy = (vm: string, what: string): void => {
+    blockJobBusy(vm, what)
+    exports.assertNone(vm, what)
+  }
+  blockJobs.exportCheck = (vm, what) => exports.assertNone(vm, what)
   snapshots.busyCheck = busy
   state.busyCheck = busy
-  vms.busyCheck = busy
+  vms.busyCheck = blockJobBusy
   vms.patchCheck = (vm, before, after, fresh) => assertPatchKeepsSnapshots(snapshotRepo, vm, before, after, fresh)
-  const vmBusy = (vm: string): boolean => jobs.busy(vm) || blockJobs.busy(vm) !== undefined
+  // An open NBD export is an operation in flight: its fleecing job and scratch file are not orphans.
+  const vmBusy = (vm: string): boolean => jobs.busy(vm) || blockJobs.busy(vm) !== undefined || exports.hasOpen(vm)
   const checker = new VmChecker({
     vms,
     snapshots: snapshotRepo,
@@ -162,6 +173,7 @@ async function openDaemon(
   // (ARCHITECTURE.md: "After a restart the store is reconciled with QEMU and the files before
   // anything else runs"): an operation recovery finished or undid is no disagreement.
   await recovery.run()
+  await exports.init(vmRepo.list().map((r) => r.name))
   await reconciler.reconcileAll(vmRepo.list().map((r) => r.name))
   const idempotency = new IdempotencyRepo(db)
   const host = new HostInfo({ config, log, version: VERSION, startedAt, vmStates: () => vmStates(vmRepo, vms) })
@@ -182,7 +194,7 @@ async function openDaemon(
     reconciler,
     repos: { snapshots: snapshotRepo, journal: journalRepo },
     app: (opts = {}) =>
-      buildApp({ services: { vms, jobs, bus, snapshots, blockJobs, state, checker, reconciler, idempotency, host, vmDir: (vm) => paths.vmDir(vm) }, logger: log, version: VERSION, ...opts }),
+      buildApp({ services: { vms, jobs, bus, snapshots, blockJobs, state, exports, checker, reconciler, idempotency, host, vmDir: (vm) => paths.vmDir(vm) }, logger: log, version: VERSION, ...opts }),
     async close(opts = {}) {
       if (closed) return
       closed = true

@@ -52,6 +52,13 @@ export type ErrorCode =
   | 'TIMEOUT'
   /** An Idempotency-Key already answered another route or request body (409). */
   | 'IDEMPOTENCY_KEY_REUSED'
+  /** QEMU reports a migration blocker (query-migrate blocked-reasons): a checkpoint, save or managed save would fail (409, reasons in details). */
+  | 'MIGRATION_BLOCKED'
+  /** A pull-mode NBD export holds the VM's disks: end it (DELETE /v1/vms/{vm}/exports/{id}) first (409). */
+  | 'EXPORT_ACTIVE'
+  | 'EXPORT_NOT_FOUND'
+  /** The disk has no dirty bitmap of that name (404). */
+  | 'BITMAP_NOT_FOUND'
   | 'INTERNAL'
 
 /** Extra, machine-readable facts about an error (QEMU's error class, the command, the zod issues…). */

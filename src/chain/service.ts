@@ -64,6 +64,9 @@ export class BlockJobService {
   /** vm -> disk -> qmpd job id of the block job running on it. */
   private readonly active = new Map<string, Map<string, string>>()
 
+  /** Refuses a block job while an NBD export pins the VM's graph (set by the daemon). */
+  exportCheck: (vm: string, what: string) => void = () => {}
+
   constructor(
     private readonly deps: {
       vms: VmManager
@@ -158,6 +161,7 @@ export class BlockJobService {
     if (!rec.runtime.disks.some((d) => d.id === disk)) throw new QmpdError('DISK_NOT_FOUND', `VM ${vm} has no disk ${disk}`, { vm, disk })
     assertState(vm, rec.runtime.state, op)
     this.assertIdle(vm, 'start another block job', disk)
+    this.exportCheck(vm, `start a ${op} block job`)
     if (this.deps.jobs.busy(vm)) throw new QmpdError('BUSY', `VM ${vm} has operations queued or running; start the block job when they are done`, { vm })
   }
 

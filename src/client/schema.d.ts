@@ -82,7 +82,7 @@ export interface paths {
         /** List VMs by name, a page at a time (follow `next` with ?after=) */
         get: operations["listVms"];
         put?: never;
-        /** Define a VM, adopt a running QEMU by its QMP socket, or clone a VM from a disk snapshot (linked or full) */
+        /** Define a VM, or adopt a running QEMU by its QMP socket */
         post: operations["defineVm"];
         delete?: never;
         options?: never;
@@ -435,23 +435,6 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
-    "/v1/vms/{vm}/snapshots/{snap}/export": {
-        parameters: {
-            query?: never;
-            header?: never;
-            path?: never;
-            cookie?: never;
-        };
-        get?: never;
-        put?: never;
-        /** Export one disk of a snapshot as a new standalone image (qcow2 or raw, backing chain flattened; a job with progress; the VM may run) */
-        post: operations["exportSnapshot"];
-        delete?: never;
-        options?: never;
-        head?: never;
-        patch?: never;
-        trace?: never;
-    };
     "/v1/vms/{vm}/disks/{disk}/commit": {
         parameters: {
             query?: never;
@@ -550,6 +533,41 @@ export interface paths {
         /** Start the VM from a saved state file (virsh restore) */
         post: operations["restoreVm"];
         delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/vms/{vm}/exports": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The VM's open NBD exports */
+        get: operations["listExports"];
+        put?: never;
+        /** Export a point-in-time view of disks read-only over NBD (image fleecing), optionally with a frozen dirty bitmap */
+        post: operations["createExport"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/vms/{vm}/exports/{id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post?: never;
+        /** End an export: drop its NBD clients, cancel the fleecing job, remove the scratch node and file */
+        delete: operations["deleteExport"];
         options?: never;
         head?: never;
         patch?: never;
@@ -702,8 +720,6 @@ export interface components {
             qemuVersion?: string;
             /** @enum {string} */
             ramMethod?: "background-snapshot" | "precopy" | "paused" | "snapshot-save";
-            /** @enum {string} */
-            ramFormat?: "stream" | "mapped-ram";
             definition?: {
                 /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
                 name: string;
@@ -861,12 +877,24 @@ export interface components {
                     };
                 }[];
             };
-            clones?: string[];
             children: string[];
             current: boolean;
             sizeBytes: number;
         } & {
             [key: string]: unknown;
+        };
+        Export: {
+            id: string;
+            /** @description unix socket of the VM's NBD server (mode 0600, owned by qmpd's user) */
+            socket: string;
+            disks: {
+                disk: string;
+                /** @description the NBD export name: nbd+unix:///<exportName>?socket=<socket> */
+                exportName: string;
+                /** @description the meta context of the frozen bitmap: qemu:dirty-bitmap:<name> */
+                bitmap?: string;
+            }[];
+            createdAt: string;
         };
     };
     responses: never;
@@ -1279,24 +1307,6 @@ export interface operations {
                     labels?: {
                         [key: string]: string;
                     };
-                } | {
-                    /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
-                    name: string;
-                    clone: {
-                        /** @description the source VM */
-                        vm: string;
-                        /** @description a disk snapshot of it (external or internal) */
-                        snapshot: string;
-                        /**
-                         * @description true: qcow2 overlays on the snapshot's frozen images (kept while the clone exists); false: flattened copies
-                         * @default false
-                         */
-                        linked?: boolean;
-                    };
-                    /** @description labels of the VM: a scheduler finds its VMs again with GET /v1/vms?label=key=value */
-                    labels?: {
-                        [key: string]: string;
-                    };
                 };
             };
         };
@@ -1330,16 +1340,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
-            404: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -1461,7 +1462,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -1470,7 +1471,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -1532,7 +1533,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -1541,7 +1542,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -1616,7 +1617,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -1625,7 +1626,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -1747,7 +1748,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -1756,7 +1757,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -1882,7 +1883,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -1891,7 +1892,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2030,7 +2031,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -2039,7 +2040,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2189,7 +2190,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -2198,7 +2199,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2343,7 +2344,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -2352,7 +2353,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2497,7 +2498,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -2506,7 +2507,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2651,7 +2652,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -2660,7 +2661,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2781,7 +2782,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -2790,7 +2791,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2884,7 +2885,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -2893,7 +2894,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3149,7 +3150,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3158,7 +3159,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3223,7 +3224,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3232,7 +3233,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3329,7 +3330,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3338,7 +3339,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3417,7 +3418,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3426,7 +3427,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3505,7 +3506,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3514,7 +3515,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3593,7 +3594,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3602,7 +3603,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3681,7 +3682,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3690,7 +3691,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3806,7 +3807,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3815,7 +3816,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3939,7 +3940,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3948,7 +3949,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -4038,7 +4039,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -4047,7 +4048,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -4182,7 +4183,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -4191,173 +4192,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
-            409: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error (INVALID_INPUT); the body is over 1 MiB */
-            413: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error (INVALID_INPUT); the body is not application/json */
-            415: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: QMP_COMMAND_REFUSED, HOST_RESOURCE_MISSING */
-            422: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: INTERRUPTED, INTERNAL */
-            500: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: QMP_COMMAND_FAILED, QMP_DISCONNECTED, QMP_PROTOCOL_ERROR, QMP_CONNECT_FAILED, QGA_COMMAND_FAILED, QEMU_START_FAILED, QEMU_IMG_FAILED, VM_CRASHED */
-            502: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: QEMU_NOT_FOUND */
-            503: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: TIMEOUT */
-            504: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: IO_ERROR, DISK_FULL */
-            507: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-        };
-    };
-    exportSnapshot: {
-        parameters: {
-            query?: {
-                /** @description wait for the job to finish and answer with it (200, or the job's error status with {error, job}) */
-                wait?: boolean;
-                /** @description how long ?wait=true waits */
-                timeoutSec?: number;
-            };
-            header?: {
-                /** @description the same key with the same request answers the VM or job the first request created (24 h); another request under it is 409 */
-                "idempotency-key"?: string;
-            };
-            path: {
-                /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
-                vm: string;
-                /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
-                snap: string;
-            };
-            cookie?: never;
-        };
-        requestBody: {
-            content: {
-                "application/json": {
-                    /** @description the new image (must not exist); relative paths are under the VM directory */
-                    file: string;
-                    /**
-                     * @default qcow2
-                     * @enum {string}
-                     */
-                    format?: "qcow2" | "raw";
-                    /** @description which disk of the snapshot (default: its only captured disk) */
-                    disk?: string;
-                };
-            };
-        };
-        responses: {
-            /** @description OK (with ?wait=true: the finished job) */
-            200: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Job"];
-                };
-            };
-            /** @description Accepted: the job, queued or running (Location names it) */
-            202: {
-                headers: {
-                    /** @description the job: GET it for its state and progress */
-                    Location?: string;
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Job"];
-                };
-            };
-            /** @description Error: INVALID_INPUT, INVALID_PATH; INVALID_INPUT also for a malformed body or query */
-            400: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: UNAUTHORIZED */
-            401: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
-            404: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -4520,7 +4355,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -4529,7 +4364,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -4682,7 +4517,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -4691,7 +4526,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -4857,7 +4692,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -4866,7 +4701,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -5011,7 +4846,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -5020,7 +4855,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -5142,7 +4977,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -5151,7 +4986,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -5245,7 +5080,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -5254,7 +5089,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -5402,7 +5237,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -5411,7 +5246,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -5440,6 +5275,308 @@ export interface operations {
             };
             /** @description Error: QMP_COMMAND_REFUSED, HOST_RESOURCE_MISSING */
             422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: INTERRUPTED, INTERNAL */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: QMP_COMMAND_FAILED, QMP_DISCONNECTED, QMP_PROTOCOL_ERROR, QMP_CONNECT_FAILED, QGA_COMMAND_FAILED, QEMU_START_FAILED, QEMU_IMG_FAILED, VM_CRASHED */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: QEMU_NOT_FOUND */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: TIMEOUT */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: IO_ERROR, DISK_FULL */
+            507: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    listExports: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
+                vm: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK (with ?wait=true: the finished job) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": {
+                        exports: components["schemas"]["Export"][];
+                    };
+                };
+            };
+            /** @description Error: INVALID_INPUT, INVALID_PATH; INVALID_INPUT also for a malformed body or query */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: UNAUTHORIZED */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: INTERRUPTED, INTERNAL */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    createExport: {
+        parameters: {
+            query?: never;
+            header?: {
+                /** @description the same key with the same request answers the VM or job the first request created (24 h); another request under it is 409 */
+                "idempotency-key"?: string;
+            };
+            path: {
+                /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
+                vm: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: {
+            content: {
+                "application/json": {
+                    /** @description disks to export (default: every disk of the VM) */
+                    disks?: string[];
+                    /** @description a dirty bitmap every exported disk has: exported, frozen at the export instant, as the meta context qemu:dirty-bitmap:<bitmap> */
+                    bitmap?: string;
+                };
+            };
+        };
+        responses: {
+            /** @description Created */
+            201: {
+                headers: {
+                    /** @description the new resource */
+                    Location?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Export"];
+                };
+            };
+            /** @description Error: INVALID_INPUT, INVALID_PATH; INVALID_INPUT also for a malformed body or query */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: UNAUTHORIZED */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error (INVALID_INPUT); the body is over 1 MiB */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error (INVALID_INPUT); the body is not application/json */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: INTERRUPTED, INTERNAL */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: QMP_COMMAND_FAILED, QMP_DISCONNECTED, QMP_PROTOCOL_ERROR, QMP_CONNECT_FAILED, QGA_COMMAND_FAILED, QEMU_START_FAILED, QEMU_IMG_FAILED, VM_CRASHED */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: QEMU_NOT_FOUND */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: TIMEOUT */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: IO_ERROR, DISK_FULL */
+            507: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    deleteExport: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
+                vm: string;
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description ended */
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": null;
+                };
+            };
+            /** @description Error: INVALID_INPUT, INVALID_PATH; INVALID_INPUT also for a malformed body or query */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: UNAUTHORIZED */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            409: {
                 headers: {
                     [name: string]: unknown;
                 };

@@ -31,6 +31,8 @@ import { schedulingRoutes } from './routes/scheduling.ts'
 import { installIdempotency } from './idempotency.ts'
 import type { IdempotencyRepo } from '../store/idempotency.ts'
 import type { HostInfo } from '../vm/host-info.ts'
+import type { ExportService } from '../export/service.ts'
+import { exportRoutes } from './routes/exports.ts'
 
 /** What the routes call: the services below the HTTP layer. */
 export interface Services {
@@ -44,6 +46,8 @@ export interface Services {
   reconciler: Reconciler
   /** Idempotency-Key records (src/http/idempotency.ts). */
   idempotency: IdempotencyRepo
+  /** Pull-mode NBD exports (src/export). */
+  exports: ExportService
   /** GET /v1/host. */
   host: HostInfo
   /** The directory of a VM (PathPolicy.vmDir). */
@@ -227,6 +231,7 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
   await app.register(jobRoutes, { services: opts.services })
   await app.register(snapshotRoutes, { services: opts.services })
   await app.register(chainRoutes, { services: opts.services })
+  await app.register(exportRoutes, { services: opts.services })
   await app.register(eventRoutes, { services: opts.services, ...(opts.sseMaxPendingBytes ? { maxPendingBytes: opts.sseMaxPendingBytes } : {}) })
   await app.ready()
   return app

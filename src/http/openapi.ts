@@ -22,6 +22,7 @@ export const DOCUMENT_TAGS = [
   { name: 'snapshots', description: 'Internal and external snapshots, with or without memory: create, list, revert, delete' },
   { name: 'block jobs', description: 'Commit, pull and copy of a disk\'s backing chain' },
   { name: 'saved state', description: 'RAM and device state to and from files: save, restore, managed save' },
+  { name: 'exports', description: 'Pull-mode NBD exports of a point-in-time view of disks (image fleecing), for external backup tools' },
   { name: 'jobs', description: 'Every long operation is a job: its history, progress and controls' },
   { name: 'events', description: 'Server-Sent Events of jobs, VMs and QEMU' },
   { name: 'daemon', description: 'Liveness and the API\'s own description (no token needed)' },

@@ -556,6 +556,30 @@ export type TransactionAction =
   | { type: 'block-dirty-bitmap-enable'; data: BlockDirtyBitmapArgs }
   | { type: 'block-dirty-bitmap-disable'; data: BlockDirtyBitmapArgs }
   | { type: 'block-dirty-bitmap-merge'; data: BlockDirtyBitmapMergeArgs }
+  | { type: 'blockdev-backup'; data: BlockdevBackupArgs }
+
+/**
+ * Arguments of blockdev-backup, qapi/block-core.json BlockdevBackup. With sync 'none' and a target
+ * whose backing is `device`, this is image fleecing (docs/interop/bitmaps.rst): the job's
+ * copy-before-write filter copies old data into the target before the guest overwrites it.
+ */
+export interface BlockdevBackupArgs extends BlockJobCommonArgs {
+  device: string
+  target: string
+  sync: 'full' | 'top' | 'none' | 'incremental' | 'bitmap'
+  bitmap?: string
+  compress?: boolean
+  'on-source-error'?: BlockdevOnError
+  'on-target-error'?: BlockdevOnError
+}
+
+/** One entry of query-block-exports, qapi/block-export.json BlockExportInfo. */
+export interface BlockExportInfo {
+  id: string
+  type: string
+  'node-name': string
+  'shutting-down': boolean
+}
 
 /** Options common to the block-job starting commands (qmpd always sets job-id and both autos to false). */
 export interface BlockJobCommonArgs {
@@ -745,6 +769,7 @@ export interface Commands {
   'nbd-server-stop': { args: undefined; ret: Empty }
   'block-export-add': { args: BlockExportOptions; ret: Empty }
   'block-export-del': { args: { id: string; mode?: 'safe' | 'hard' }; ret: Empty }
+  'query-block-exports': { args: undefined; ret: BlockExportInfo[] }
   /** Asynchronous for guest-visible devices: wait for DEVICE_DELETED. */
   device_del: { args: { id: string }; ret: Empty }
 }

@@ -19,6 +19,7 @@ import { assertState } from '../vm/states.ts'
 import { checkStateFile, loadRamState, saveRamState, stateSocket } from './ramfile.ts'
 import type { RamFormat } from './ramformat.ts'
 import { assertLoadable } from './load-check.ts'
+import { assertMigratable } from '../vm/migration-blockers.ts'
 import { RESTORE_OP, SAVE_OP, type RestorePlan, type SavePlan } from './plans.ts'
 
 /** Body of POST /v1/vms/{vm}/save and /restore. */
@@ -35,6 +36,18 @@ export class StateService {
   busyCheck: (vm: string, what: string) => void = () => {}
 
   constructor(private readonly deps: { vms: VmManager; jobs: JobManager; paths: PathPolicy; journal: Journal; log: Logger; qemuBinary?: string }) {}
+
+  /**
+   * Refuses `what` (anything that migrates the VM's state: save, managed save, a checkpoint) with
+   * 409 MIGRATION_BLOCKED while QEMU reports a migration blocker; asked before any job is made.
+   * No-op when no QEMU runs (the operation's own state check answers then).
+   * @throws QmpdError VM_NOT_FOUND; MIGRATION_BLOCKED with QEMU's reasons; the QMP errors of query-migrate.
+   */
+  async assertMigratable(vm: string, what: string): Promise<void> {
+    const state = this.deps.vms.record(vm).runtime.state
+    if (state !== 'running' && state !== 'paused') return
+    await assertMigratable(this.deps.vms.qmp(vm), vm, what)
+  }
 
   /** The managed-save file of a VM. */
   managedSaveFile(vm: string): string {

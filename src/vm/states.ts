@@ -67,6 +67,8 @@ export const VM_STATES = {
       saved: (vm) => `start it or discard the save (DELETE /v1/vms/${vm}/managedsave) first`,
     },
   },
+  /** POST /v1/vms/{vm}/exports: a pull-mode NBD export needs a QEMU to serve it. */
+  export: { accepts: LIVE },
   /** DELETE /v1/vms/{vm}/managedsave. */
   'managedsave-discard': { accepts: ['saved'], leaves: 'shutoff' },
 } as const satisfies Record<string, StateRule>

@@ -108,6 +108,15 @@ t.test('every operation answers as the document declares, and every operation wa
   t.equal((await api('GET', '/v1/jobs?vm=c2&limit=1000')).body.jobs.length, before, 'and the job list is unchanged')
   is(await api('POST', `/v1/vms/c2/disks/vda/pull${w}`, { keepMerged: true }), 200, 'pull')
   is(await api('POST', `/v1/vms/c2/disks/vdz/commit${w}`, {}), 404, 'commit of an unknown disk')
+  // Pull-mode NBD exports (test/integration/exports.test.ts reads them back).
+  const ex = await api('POST', '/v1/vms/c2/exports', {})
+  is(ex, 201, 'POST /v1/vms/c2/exports')
+  is(await api('POST', '/v1/vms/c2/exports', { disks: ['vdz'] }), 404, 'export of an unknown disk')
+  is(await api('POST', '/v1/vms/c2/exports', {}), 409, 'the same disks exported twice')
+  is(await api('GET', '/v1/vms/c2/exports'), 200, 'GET /v1/vms/c2/exports')
+  is(await api('GET', '/v1/vms/nope/exports'), 404, 'GET /v1/vms/nope/exports')
+  is(await api('DELETE', `/v1/vms/c2/exports/${ex.body.id}`), 204, 'DELETE the export')
+  is(await api('DELETE', '/v1/vms/c2/exports/00000000'), 404, 'DELETE an unknown export')
   is(await api('POST', `/v1/vms/c2/stop${w}`, { force: true }), 200, 'stop c2')
 
   // Block jobs' controls: a copy without pivot waits in ready until cancelled.

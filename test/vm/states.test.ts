@@ -29,6 +29,7 @@ t.test('keeps the accepted states each operation had when they were checked inli
     'vm-delete': ['shutoff', 'starting', 'crashed', 'saved'],
     'managedsave-discard': ['saved'],
     'vm-patch': ['shutoff', 'crashed'],
+    export: ['running', 'paused'],
   }
   t.same(Object.keys(VM_STATES).sort(), Object.keys(expected).sort(), 'every operation has a row')
   for (const op of Object.keys(expected) as VmOperation[]) t.same(accepted(op).sort(), [...expected[op]].sort(), op)

@@ -35,7 +35,10 @@ export const chainRoutes: FastifyPluginAsyncZod<{ services: Services }> = async 
   app.post(
     '/v1/vms/:vm/managedsave',
     { schema: { summary: 'Save RAM and device state to the VM\'s managed-save file and stop it; the next start restores it', tags: ['saved state'], operationId: 'managedSave', params: VmParams, querystring: WaitQuery, body: z.strictObject({}), response: jobReplies() } },
-    async (req, reply) => replyWithJob(reply, jobs, state.managedSave(req.params.vm), req.query),
+    async (req, reply) => {
+      await state.assertMigratable(req.params.vm, 'managed-save')
+      return replyWithJob(reply, jobs, state.managedSave(req.params.vm), req.query)
+    },
   )
   app.delete('/v1/vms/:vm/managedsave', { schema: { summary: 'Discard the managed save', tags: ['saved state'], operationId: 'discardManagedSave', params: VmParams, response: { 204: z.null().describe('discarded'), ...errors(409, 507) } } }, async (req, reply) => {
     state.discardManagedSave(req.params.vm)
@@ -44,7 +47,10 @@ export const chainRoutes: FastifyPluginAsyncZod<{ services: Services }> = async 
   app.post(
     '/v1/vms/:vm/save',
     { schema: { summary: 'Save RAM and device state to a file and stop the VM (virsh save)', tags: ['saved state'], operationId: 'saveVm', params: VmParams, querystring: WaitQuery, body: StateFileBody, response: jobReplies() } },
-    async (req, reply) => replyWithJob(reply, jobs, state.save(req.params.vm, req.body), req.query),
+    async (req, reply) => {
+      await state.assertMigratable(req.params.vm, 'save')
+      return replyWithJob(reply, jobs, state.save(req.params.vm, req.body), req.query)
+    },
   )
   app.post(
     '/v1/vms/:vm/restore',

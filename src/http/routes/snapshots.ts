@@ -29,7 +29,11 @@ export const snapshotRoutes: FastifyPluginAsyncZod<{ services: Services }> = asy
         response: jobReplies(),
       },
     },
-    async (req, reply) => replyWithJob(reply, jobs, snapshots.create(req.params.vm, req.body), req.query),
+    async (req, reply) => {
+      // A snapshot with memory (the default on a live VM) migrates the VM's state: ask QEMU first.
+      if (req.body.memory !== false) await services.state.assertMigratable(req.params.vm, 'take a checkpoint of')
+      return replyWithJob(reply, jobs, snapshots.create(req.params.vm, req.body), req.query)
+    },
   )
 
   app.get('/v1/vms/:vm/snapshots', { schema: { summary: 'All snapshots of a VM with their tree and the current one', tags: ['snapshots'], operationId: 'listSnapshots', params: VmParams, response: { 200: SnapshotList, ...errors(409, 502) } } }, async (req) => ({
