@@ -23,6 +23,7 @@ export const DOCUMENT_TAGS = [
   { name: 'block jobs', description: 'Commit, pull and copy of a disk\'s backing chain' },
   { name: 'saved state', description: 'RAM and device state to and from files: save, restore, managed save' },
   { name: 'jobs', description: 'Every long operation is a job: its history, progress and controls' },
+  { name: 'schedules', description: 'Per-VM snapshot schedules (cron) with retention and expiry' },
   { name: 'events', description: 'Server-Sent Events of jobs, VMs and QEMU' },
   { name: 'daemon', description: 'Liveness and the API\'s own description (no token needed)' },
 ]

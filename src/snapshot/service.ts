@@ -7,7 +7,7 @@ import type { SnapshotRepo } from '../store/snapshots.ts'
 import { submitCreate } from './create.ts'
 import { submitDelete, type DeleteOptions } from './delete.ts'
 import type { SnapshotDeps } from './deps.ts'
-import type { CreateSnapshotBody, RevertBody } from './model.ts'
+import type { CreateSnapshotInput, RevertBody } from './model.ts'
 import { submitRevert } from './revert.ts'
 import { getView, listViews, type SnapshotView } from './views.ts'
 
@@ -42,7 +42,7 @@ export class SnapshotService {
    * @throws QmpdError VM_NOT_FOUND, SNAPSHOT_EXISTS, INVALID_INPUT, INVALID_STATE, INVALID_PATH, FILE_EXISTS, NOT_SUPPORTED,
    * ADOPTED_NEEDS_RELAUNCH (an adopted VM whose QEMU is gone) or BUSY, before any job is made.
    */
-  create(vm: string, input: CreateSnapshotBody): Job {
+  create(vm: string, input: CreateSnapshotInput): Job {
     return submitCreate(this.deps, (v, what) => this.busyCheck(v, what), vm, input)
   }
 

@@ -44,5 +44,9 @@ export const Snapshot = z.strictObject({
    * revert keeps the definition the VM has.
    */
   definition: StoredDefinition.optional(),
+  /** When the scheduler deletes it (through the normal delete job); absent: never. */
+  expiresAt: z.string().optional(),
+  /** The schedule that took it: only that schedule's retention ever deletes it. */
+  schedule: z.string().optional(),
 })
 export type Snapshot = z.output<typeof Snapshot>
