@@ -4402,10 +4402,7 @@ export interface operations {
     createSchedule: {
         parameters: {
             query?: never;
-            header?: {
-                /** @description the same key with the same request answers the VM or job the first request created (24 h); another request under it is 409 */
-                "idempotency-key"?: string;
-            };
+            header?: never;
             path: {
                 /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
                 vm: string;

@@ -20,6 +20,8 @@ export const scheduleRoutes: FastifyPluginAsyncZod<{ services: Services }> = asy
   app.post(
     '/v1/vms/:vm/schedules',
     {
+      // It answers the schedule, not a VM or job a key could replay; a retry with the same id is 409 SCHEDULE_EXISTS.
+      config: { idempotencyKey: false },
       schema: {
         summary: 'Add a schedule: a cron expression, the snapshot it takes, its retention and expiry',
         tags: ['schedules'],
