@@ -74,15 +74,20 @@ export class ScheduleRepo {
 
   /** Slots whose outcome is not known yet (firing or queued), of every schedule. */
   unsettled(): ScheduleRun[] {
-    const rows = this.db.prepare("SELECT body FROM schedule_runs WHERE json_extract(body, '$.state') IN ('firing', 'queued')").all() as Array<{ body: string }>
+    // json_extract throws on malformed JSON: a poisoned row must not stop the daemon (parse() logs it).
+    const rows = this.db.prepare("SELECT body FROM schedule_runs WHERE CASE WHEN json_valid(body) THEN json_extract(body, '$.state') IN ('firing', 'queued') ELSE 1 END").all() as Array<{ body: string }>
     return rows.flatMap((r) => this.parse(ScheduleRun, r.body, 'schedule_runs'))
   }
 
-  /** Snapshots with an expiry, of every VM: (vm, name, expiresAt), soonest first. */
+  /**
+   * Snapshots with an expiry, of every VM: (vm, name, expiresAt), soonest first. Rows that are not
+   * JSON or whose expiresAt is no instant are left out (the start-up scan quarantines their VM).
+   */
   expiring(): Array<{ vm: string; name: string; expiresAt: string }> {
-    return this.db
-      .prepare("SELECT vm, name, json_extract(body, '$.expiresAt') AS expiresAt FROM snapshots WHERE json_extract(body, '$.expiresAt') IS NOT NULL ORDER BY 3")
-      .all() as Array<{ vm: string; name: string; expiresAt: string }>
+    const rows = this.db
+      .prepare("SELECT vm, name, e AS expiresAt FROM (SELECT vm, name, CASE WHEN json_valid(body) THEN json_extract(body, '$.expiresAt') END AS e FROM snapshots) WHERE e IS NOT NULL ORDER BY e")
+      .all() as Array<{ vm: string; name: string; expiresAt: unknown }>
+    return rows.filter((r): r is { vm: string; name: string; expiresAt: string } => typeof r.expiresAt === 'string' && !Number.isNaN(Date.parse(r.expiresAt)))
   }
 
   private parse<T>(schema: z.ZodType<T>, body: string, table: string): T[] {
