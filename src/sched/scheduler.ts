@@ -77,7 +77,8 @@ export class Scheduler {
     this.unsubscribe = this.d.bus.subscribe((ev) => this.onEvent(ev))
     for (const run of this.d.repo.unsettled()) this.settleFromStore(run)
     for (const s of this.d.repo.list()) this.retain(s)
-    this.rearm()
+    // At once, not at the next slot: a slot missed while the daemon was down is caught up now.
+    void this.tick()
   }
 
   /** Stops the timer; slots in flight keep their records (their jobs finish in the job queue). */

@@ -2,8 +2,12 @@
 // snapshots are quick): short-interval schedules take snapshots, retention keeps exactly what it
 // says, expiry deletes, a daemon restart keeps the schedule and runs no slot twice, and bad
 // input is refused with the right status.
+import { request } from 'node:http'
 import t from 'tap'
 import type { ScheduleEvent } from '../../src/events/bus.ts'
+import { SchedDeletes } from '../../src/sched/deletes.ts'
+import { Scheduler } from '../../src/sched/scheduler.ts'
+import { ScheduleRepo } from '../../src/store/schedules.ts'
 import { defineGuestVm, eventually, startTestDaemon, type TestDaemon } from '../helpers/daemon.ts'
 import { requireQemu } from '../helpers/qemu.ts'
 
@@ -19,6 +23,30 @@ function scheduleEvents(td: TestDaemon): ScheduleEvent[] {
   })
   t.teardown(off)
   return out
+}
+
+/** Reads GET /v1/events?types=schedule over real HTTP until `want` matches the text received (or 15 s pass). */
+async function sseUntil(td: TestDaemon, want: RegExp): Promise<string> {
+  const address = await td.app.listen({ host: '127.0.0.1', port: 0 })
+  const port = Number(new URL(address).port)
+  return new Promise((resolve) => {
+    let text = ''
+    const req = request({ host: '127.0.0.1', port, path: '/v1/events?types=schedule' }, (res) => {
+      res.setEncoding('utf8')
+      res.on('data', (d: string) => {
+        text += d
+        if (want.test(text)) done()
+      })
+    })
+    const timer = setTimeout(() => done(), 15_000)
+    const done = (): void => {
+      clearTimeout(timer)
+      req.destroy()
+      resolve(text)
+    }
+    req.on('error', () => done())
+    req.end()
+  })
 }
 
 async function snapshotNames(td: TestDaemon, vm: string): Promise<string[]> {
@@ -152,6 +180,7 @@ t.test('bad input: bad cron 400 with the parser\'s reason, unknown VM 404, unkno
   t.equal((await td.api('PATCH', '/v1/vms/b1/schedules/nope', { enabled: false })).status, 404)
   t.equal((await td.api('DELETE', '/v1/vms/b1/schedules/nope')).status, 404)
   t.same((await td.api('GET', '/v1/vms/b1/schedules')).body.schedules, [], 'the refusals made no schedule')
+  const stream = sseUntil(td, /event: schedule\ndata: \{[^\n]*"event":"schedule\.skipped"[^\n]*\n/)
   const ck = await td.api('POST', '/v1/vms/b1/schedules', { id: 'ck', cron: '* * * * * *', action: { type: 'snapshot', kind: 'internal', memory: true } })
   t.equal(ck.status, 201)
   t.equal((await td.api('POST', '/v1/vms/b1/schedules', { id: 'ck', cron: '* * * * *', action: { type: 'snapshot' } })).status, 409, 'duplicate id')
@@ -159,10 +188,51 @@ t.test('bad input: bad cron 400 with the parser\'s reason, unknown VM 404, unkno
   t.ok(await eventually(() => events.some((e) => e.event === 'schedule.skipped' && e.schedule === 'ck'), 10_000), 'the checkpoint slot is skipped')
   const skipped = events.find((e) => e.event === 'schedule.skipped')!
   t.match(skipped.reason, /shutoff.*running/, `the reason says why: ${skipped.reason}`)
+  const sse = await stream
+  const data = [...sse.matchAll(/event: schedule\ndata: (.*)\n/g)].map((m) => JSON.parse(m[1]!))
+  t.match(data, [{ type: 'schedule', vm: 'b1', event: 'schedule.skipped', schedule: 'ck', slot: String, reason: /^the VM is shutoff/ }], 'GET /v1/events carries schedule.skipped with its reason')
   const view = (await td.api('GET', '/v1/vms/b1/schedules/ck')).body
   t.equal(view.lastRun.state, 'skipped')
   t.equal(view.cron, '* * * * * *', 'the refused PATCH changed nothing')
   t.equal((await td.api('DELETE', '/v1/vms/b1/schedules/ck')).status, 204)
   t.same(await snapshotNames(td, 'b1'), [], 'no snapshot was taken')
   t.equal((await td.api('DELETE', '/v1/vms/b1')).status, 204, 'the VM deletes')
+})
+
+t.test('catch-up: the latest missed slot runs once when within the window, and is skipped with an event past it', async (t) => {
+  const td = await startTestDaemon(t)
+  await defineGuestVm(td, 'm1')
+  const events = scheduleEvents(td)
+  // The daemon's own scheduler is stopped; two schedulers with chosen windows look at a schedule
+  // whose slots (every minute) began before it was "created", as after a daemon downtime.
+  td.daemon.scheduler.stop()
+  const repo = new ScheduleRepo(td.daemon.db)
+  const now = Date.now()
+  const since = new Date(now - 3 * 60_000).toISOString()
+  const mk = (id: string): void => repo.put({ vm: 'm1', id, cron: '* * * * *', action: { type: 'snapshot', kind: 'internal', memory: false }, enabled: true, since, createdAt: since, updatedAt: since })
+  mk('late')
+  const latest = new Date(Math.floor(now / 60_000) * 60_000)
+  const deps = { repo, vms: td.daemon.vms, snapshots: td.daemon.snapshots, jobs: td.daemon.jobs, bus: td.daemon.bus, log: td.daemon.log }
+  const strict = new Scheduler({ ...deps, deletes: new SchedDeletes(deps), graceMs: 0 })
+  t.teardown(() => strict.stop())
+  strict.start()
+  t.ok(await eventually(() => events.some((e) => e.event === 'schedule.skipped' && e.schedule === 'late'), 10_000), 'past a window of 0 s the missed slot is skipped')
+  strict.stop()
+  const skipped = events.find((e) => e.schedule === 'late')!
+  t.equal(skipped.slot, latest.toISOString(), 'the one considered is the latest missed slot')
+  t.match(skipped.reason, /missed: .*catch-up window/)
+  t.equal(repo.runs('m1', 'late').length, 1, 'one slot recorded, none of the earlier missed ones')
+
+  mk('ontime')
+  const lenient = new Scheduler({ ...deps, deletes: new SchedDeletes(deps), graceMs: 10 * 60_000 })
+  t.teardown(() => lenient.stop())
+  lenient.start()
+  t.ok(await eventually(() => events.some((e) => e.event === 'schedule.fired' && e.schedule === 'ontime'), 10_000), 'within the window the latest missed slot fires')
+  lenient.stop()
+  const fired = events.filter((e) => e.event === 'schedule.fired' && e.schedule === 'ontime')
+  t.equal(fired.length, 1, 'once')
+  t.equal(fired[0]!.slot, latest.toISOString(), 'for the latest missed slot')
+  t.ok(await eventually(() => !td.daemon.jobs.busy('m1'), 30_000))
+  t.same(await snapshotNames(td, 'm1'), [fired[0]!.snapshot], 'one snapshot taken for the three missed minutes')
+  t.notOk(events.some((e) => e.event === 'schedule.fired' && e.schedule === 'late'), 'the skipped schedule never fired')
 })
