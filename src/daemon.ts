@@ -39,6 +39,10 @@ import { lockStateDir } from './lock.ts'
 import { assertPatchKeepsSnapshots } from './snapshot/patch-guard.ts'
 import { IdempotencyRepo } from './store/idempotency.ts'
 import { HostInfo } from './vm/host-info.ts'
+import { ScheduleRepo } from './store/schedules.ts'
+import { SchedDeletes } from './sched/deletes.ts'
+import { Scheduler } from './sched/scheduler.ts'
+import { ScheduleService } from './sched/service.ts'
 import type { VmState } from './vm/definition.ts'
 
 import { logAccelProbe } from './vm/accel.ts'
@@ -55,6 +59,9 @@ export interface Daemon {
   jobs: JobManager
   vms: VmManager
   snapshots: SnapshotService
+  /** Snapshot schedules; `scheduler` fires them (started once recovery and reconcile are done). */
+  schedules: ScheduleService
+  scheduler: Scheduler
   blockJobs: BlockJobService
   state: StateService
   /** GET /v1/vms/{vm}/check: the store against QEMU and the files. */
@@ -175,6 +182,13 @@ async function openDaemon(
   await recovery.run()
   await exports.init(vmRepo.list().map((r) => r.name))
   await reconciler.reconcileAll(vmRepo.list().map((r) => r.name))
+  // After recovery and reconcile: a slot's outcome is read from jobs recovery has settled.
+  const deletes = new SchedDeletes({ snapshots, bus, log: log.child({ component: 'scheduler' }) })
+  const scheduleRepo = new ScheduleRepo(db, log.child({ component: 'store' }))
+  const scheduler = new Scheduler({ repo: scheduleRepo, vms, snapshots, jobs, bus, deletes, log: log.child({ component: 'scheduler' }) })
+  const schedules = new ScheduleService({ repo: scheduleRepo, vms, scheduler, deletes })
+  vms.onDelete({ files: () => [], forget: (vm) => schedules.forgetVm(vm) })
+  scheduler.start()
   const idempotency = new IdempotencyRepo(db)
   const host = new HostInfo({ config, log, version: VERSION, startedAt, vmStates: () => vmStates(vmRepo, vms) })
 
@@ -188,16 +202,24 @@ async function openDaemon(
     jobs,
     vms,
     snapshots,
+    schedules,
+    scheduler,
     blockJobs,
     state,
     checker,
     reconciler,
     repos: { snapshots: snapshotRepo, journal: journalRepo },
     app: (opts = {}) =>
-      buildApp({ services: { vms, jobs, bus, snapshots, blockJobs, state, exports, checker, reconciler, idempotency, host, vmDir: (vm) => paths.vmDir(vm) }, logger: log, version: VERSION, ...opts }),
+      buildApp({
+        services: { vms, jobs, bus, snapshots, schedules, blockJobs, state, exports, checker, reconciler, idempotency, host, vmDir: (vm) => paths.vmDir(vm) },
+        logger: log,
+        version: VERSION,
+        ...opts,
+      }),
     async close(opts = {}) {
       if (closed) return
       closed = true
+      scheduler.stop()
       if (!(await settlesWithin(jobs.drain(), opts.drainTimeoutMs ?? 10_000))) log.warn('jobs still running at shutdown; leaving them to QEMU')
       await vms.close()
       db.close()

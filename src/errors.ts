@@ -21,6 +21,10 @@ export type ErrorCode =
   | 'JOB_NOT_FOUND'
   | 'SNAPSHOT_NOT_FOUND'
   | 'SNAPSHOT_EXISTS'
+  /** No schedule of that id on the VM. */
+  | 'SCHEDULE_NOT_FOUND'
+  /** The VM has a schedule of that id already. */
+  | 'SCHEDULE_EXISTS'
   | 'DISK_NOT_FOUND'
   | 'FILE_EXISTS'
   | 'INVALID_STATE'

@@ -520,7 +520,7 @@ export function addClientCommands(program: Command): void {
   program
     .command('events')
     .description('print the event stream (virsh event --all --loop)')
-    .option('--types <list>', 'comma-separated: job,vm,qmp')
+    .option('--types <list>', 'comma-separated: job,vm,qmp,schedule')
     .option('--vm <vm>', 'only this VM')
     .option('--job <id>', 'only this job')
     .action(
@@ -528,7 +528,7 @@ export function addClientCommands(program: Command): void {
         const stop = new AbortController()
         const onSigint = (): void => stop.abort()
         process.once('SIGINT', onSigint)
-        const types = o.types ? (o.types.split(',') as Array<'job' | 'vm' | 'qmp'>) : undefined
+        const types = o.types ? (o.types.split(',') as Array<'job' | 'vm' | 'qmp' | 'schedule'>) : undefined
         try {
           for await (const ev of followEvents(client, { ...(types ? { types } : {}), ...(o.vm ? { vm: o.vm } : {}), ...(o.job ? { job: o.job } : {}), signal: stop.signal })) {
             if (g.json) {
@@ -544,7 +544,9 @@ export function addClientCommands(program: Command): void {
                   ? `state ${text(d['state'])}${d['reason'] ? ` (${text(d['reason'])})` : ''}`
                   : ev.event === 'qmp'
                     ? `qmp ${text(d['event'])}`
-                    : `${ev.event} ${JSON.stringify(ev.data)}`
+                    : ev.event === 'schedule'
+                      ? `${text(d['event'])} ${text(d['snapshot'] ?? d['schedule']) ?? '-'}${d['slot'] ? ` ${text(d['slot'])}` : ''}${d['reason'] ? ` (${text(d['reason'])})` : ''}`
+                      : `${ev.event} ${JSON.stringify(ev.data)}`
             process.stdout.write(`${new Date().toISOString()} ${text(d['vm']) ?? '-'} ${what}\n`)
           }
         } finally {

@@ -435,6 +435,43 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/vms/{vm}/schedules": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** A VM's schedules with their next slot, last run and pending deletes */
+        get: operations["listSchedules"];
+        put?: never;
+        /** Add a schedule: a cron expression, the snapshot it takes, its retention and expiry */
+        post: operations["createSchedule"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/vms/{vm}/schedules/{id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** One schedule with its next slot, last run and pending deletes */
+        get: operations["getSchedule"];
+        put?: never;
+        post?: never;
+        /** Delete a schedule (the snapshots it took stay, with their expiry) */
+        delete: operations["deleteSchedule"];
+        options?: never;
+        head?: never;
+        /** Change a schedule (the fields given; null removes tz, retention or expiry) */
+        patch: operations["patchSchedule"];
+        trace?: never;
+    };
     "/v1/vms/{vm}/disks/{disk}/commit": {
         parameters: {
             query?: never;
@@ -538,41 +575,6 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
-    "/v1/vms/{vm}/exports": {
-        parameters: {
-            query?: never;
-            header?: never;
-            path?: never;
-            cookie?: never;
-        };
-        /** The VM's open NBD exports */
-        get: operations["listExports"];
-        put?: never;
-        /** Export a point-in-time view of disks read-only over NBD (image fleecing), optionally with a frozen dirty bitmap */
-        post: operations["createExport"];
-        delete?: never;
-        options?: never;
-        head?: never;
-        patch?: never;
-        trace?: never;
-    };
-    "/v1/vms/{vm}/exports/{id}": {
-        parameters: {
-            query?: never;
-            header?: never;
-            path?: never;
-            cookie?: never;
-        };
-        get?: never;
-        put?: never;
-        post?: never;
-        /** End an export: drop its NBD clients, cancel the fleecing job, remove the scratch node and file */
-        delete: operations["deleteExport"];
-        options?: never;
-        head?: never;
-        patch?: never;
-        trace?: never;
-    };
     "/v1/events": {
         parameters: {
             query?: never;
@@ -580,7 +582,7 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** Live event stream (text/event-stream): job state and progress, VM state, QEMU events */
+        /** Live event stream (text/event-stream): job state and progress, VM state, QEMU events, schedule firings and expiries */
         get: operations["streamEvents"];
         put?: never;
         post?: never;
@@ -877,24 +879,78 @@ export interface components {
                     };
                 }[];
             };
+            expiresAt?: string;
+            schedule?: string;
             children: string[];
             current: boolean;
             sizeBytes: number;
         } & {
             [key: string]: unknown;
         };
-        Export: {
+        Schedule: {
+            vm: string;
             id: string;
-            /** @description unix socket of the VM's NBD server (mode 0600, owned by qmpd's user) */
-            socket: string;
-            disks: {
-                disk: string;
-                /** @description the NBD export name: nbd+unix:///<exportName>?socket=<socket> */
-                exportName: string;
-                /** @description the meta context of the frozen bitmap: qemu:dirty-bitmap:<name> */
-                bitmap?: string;
-            }[];
+            cron: string;
+            tz?: string;
+            action: {
+                /** @enum {string} */
+                type: "snapshot";
+                /**
+                 * @default internal
+                 * @enum {string}
+                 */
+                kind: "internal" | "external";
+                /**
+                 * @description capture RAM too (a checkpoint: needs a running VM, else the slot is skipped)
+                 * @default false
+                 */
+                memory: boolean;
+                /** @description freeze guest filesystems through the guest agent (needs a running VM) */
+                quiesce?: boolean;
+            };
+            retention?: {
+                /** @description keep the N newest */
+                keepLast?: number;
+                /** @description keep the newest of each of the last N hours that have one */
+                keepHourly?: number;
+                /** @description keep the newest of each of the last N days that have one */
+                keepDaily?: number;
+                /** @description keep the newest of each of the last N ISO weeks that have one */
+                keepWeekly?: number;
+                /** @description keep the newest of each of the last N months that have one */
+                keepMonthly?: number;
+                /** @description keep the newest of each of the last N years that have one */
+                keepYearly?: number;
+            };
+            expiry?: string;
+            enabled: boolean;
+            since: string;
             createdAt: string;
+            updatedAt: string;
+            /** @description the next slot (absent when disabled or the cron has none) */
+            nextRun?: string;
+            lastRun?: {
+                vm: string;
+                schedule: string;
+                slot: string;
+                /** @enum {string} */
+                state: "firing" | "queued" | "succeeded" | "failed" | "skipped" | "interrupted";
+                job?: string;
+                snapshot?: string;
+                reason?: string;
+                firedAt: string;
+                finishedAt?: string;
+            };
+            pendingDeletes: {
+                snapshot: string;
+                /** @enum {string} */
+                why: "retention" | "expiry";
+                job?: string;
+                /** @description set when the delete was refused or failed; it is not asked for again until the daemon restarts */
+                refused?: string;
+            }[];
+        } & {
+            [key: string]: unknown;
         };
     };
     responses: never;
@@ -1340,7 +1396,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -1462,7 +1518,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -1471,7 +1527,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -1533,7 +1589,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -1542,7 +1598,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -1617,7 +1673,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -1626,7 +1682,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -1748,7 +1804,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -1757,7 +1813,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -1883,7 +1939,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -1892,7 +1948,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2031,7 +2087,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -2040,7 +2096,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2190,7 +2246,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -2199,7 +2255,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2344,7 +2400,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -2353,7 +2409,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2498,7 +2554,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -2507,7 +2563,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2652,7 +2708,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -2661,7 +2717,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2782,7 +2838,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -2791,7 +2847,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2885,7 +2941,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -2894,7 +2950,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3150,7 +3206,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3159,7 +3215,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3224,7 +3280,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3233,7 +3289,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3330,7 +3386,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3339,7 +3395,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3418,7 +3474,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3427,7 +3483,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3506,7 +3562,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3515,7 +3571,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3594,7 +3650,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3603,7 +3659,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3682,7 +3738,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3691,7 +3747,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3765,6 +3821,13 @@ export interface operations {
                     quiesce?: boolean;
                     /** @description external memory: where the RAM state file goes (must not exist) */
                     vmstateFile?: string;
+                    /** @description delete the snapshot this long after it is taken (e.g. 7d); not with expiresAt */
+                    expiresIn?: string;
+                    /**
+                     * Format: date-time
+                     * @description delete the snapshot at this instant (in the future); not with expiresIn
+                     */
+                    expiresAt?: string;
                 };
             };
         };
@@ -3807,7 +3870,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3816,7 +3879,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3940,7 +4003,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3949,7 +4012,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -4039,7 +4102,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -4048,7 +4111,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -4183,7 +4246,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -4192,7 +4255,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -4266,6 +4329,443 @@ export interface operations {
             };
             /** @description Error: IO_ERROR, DISK_FULL */
             507: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    listSchedules: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
+                vm: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK (with ?wait=true: the finished job) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": {
+                        schedules: components["schemas"]["Schedule"][];
+                    };
+                };
+            };
+            /** @description Error: INVALID_INPUT, INVALID_PATH; INVALID_INPUT also for a malformed body or query */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: UNAUTHORIZED */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: INTERRUPTED, INTERNAL */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    createSchedule: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
+                vm: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": {
+                    /** @description default: generated */
+                    id?: string;
+                    /** @description 5-field cron (minute hour day month weekday), 6 fields with seconds first, or @hourly, @daily, @weekly, @monthly, @yearly */
+                    cron: string;
+                    /** @description IANA time zone the cron is read in (default UTC) */
+                    tz?: string;
+                    action: {
+                        /** @enum {string} */
+                        type: "snapshot";
+                        /**
+                         * @default internal
+                         * @enum {string}
+                         */
+                        kind?: "internal" | "external";
+                        /**
+                         * @description capture RAM too (a checkpoint: needs a running VM, else the slot is skipped)
+                         * @default false
+                         */
+                        memory?: boolean;
+                        /** @description freeze guest filesystems through the guest agent (needs a running VM) */
+                        quiesce?: boolean;
+                    };
+                    retention?: {
+                        /** @description keep the N newest */
+                        keepLast?: number;
+                        /** @description keep the newest of each of the last N hours that have one */
+                        keepHourly?: number;
+                        /** @description keep the newest of each of the last N days that have one */
+                        keepDaily?: number;
+                        /** @description keep the newest of each of the last N ISO weeks that have one */
+                        keepWeekly?: number;
+                        /** @description keep the newest of each of the last N months that have one */
+                        keepMonthly?: number;
+                        /** @description keep the newest of each of the last N years that have one */
+                        keepYearly?: number;
+                    };
+                    /** @description each snapshot it takes expires this long after it is taken */
+                    expiry?: string;
+                    /** @default true */
+                    enabled?: boolean;
+                };
+            };
+        };
+        responses: {
+            /** @description Created */
+            201: {
+                headers: {
+                    /** @description the new resource */
+                    Location?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Schedule"];
+                };
+            };
+            /** @description Error: INVALID_INPUT, INVALID_PATH; INVALID_INPUT also for a malformed body or query */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: UNAUTHORIZED */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error (INVALID_INPUT); the body is over 1 MiB */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error (INVALID_INPUT); the body is not application/json */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: INTERRUPTED, INTERNAL */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    getSchedule: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
+                vm: string;
+                /** @description 1-40 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK (with ?wait=true: the finished job) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Schedule"];
+                };
+            };
+            /** @description Error: INVALID_INPUT, INVALID_PATH; INVALID_INPUT also for a malformed body or query */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: UNAUTHORIZED */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: INTERRUPTED, INTERNAL */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    deleteSchedule: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
+                vm: string;
+                /** @description 1-40 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description deleted */
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": null;
+                };
+            };
+            /** @description Error: INVALID_INPUT, INVALID_PATH; INVALID_INPUT also for a malformed body or query */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: UNAUTHORIZED */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: INTERRUPTED, INTERNAL */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    patchSchedule: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
+                vm: string;
+                /** @description 1-40 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: {
+            content: {
+                "application/json": {
+                    /** @description 5-field cron (minute hour day month weekday), 6 fields with seconds first, or @hourly, @daily, @weekly, @monthly, @yearly */
+                    cron?: string;
+                    /** @description IANA time zone the cron is read in (default UTC) */
+                    tz?: string | null;
+                    action?: {
+                        /** @enum {string} */
+                        type: "snapshot";
+                        /**
+                         * @default internal
+                         * @enum {string}
+                         */
+                        kind?: "internal" | "external";
+                        /**
+                         * @description capture RAM too (a checkpoint: needs a running VM, else the slot is skipped)
+                         * @default false
+                         */
+                        memory?: boolean;
+                        /** @description freeze guest filesystems through the guest agent (needs a running VM) */
+                        quiesce?: boolean;
+                    };
+                    retention?: {
+                        /** @description keep the N newest */
+                        keepLast?: number;
+                        /** @description keep the newest of each of the last N hours that have one */
+                        keepHourly?: number;
+                        /** @description keep the newest of each of the last N days that have one */
+                        keepDaily?: number;
+                        /** @description keep the newest of each of the last N ISO weeks that have one */
+                        keepWeekly?: number;
+                        /** @description keep the newest of each of the last N months that have one */
+                        keepMonthly?: number;
+                        /** @description keep the newest of each of the last N years that have one */
+                        keepYearly?: number;
+                    } | null;
+                    /** @description a duration: <number><unit>… with units s, m, h, d, w (e.g. 30s, 7d, 1d12h) */
+                    expiry?: string | null;
+                    enabled?: boolean;
+                };
+            };
+        };
+        responses: {
+            /** @description OK (with ?wait=true: the finished job) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Schedule"];
+                };
+            };
+            /** @description Error: INVALID_INPUT, INVALID_PATH; INVALID_INPUT also for a malformed body or query */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: UNAUTHORIZED */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error (INVALID_INPUT); the body is over 1 MiB */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error (INVALID_INPUT); the body is not application/json */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: INTERRUPTED, INTERNAL */
+            500: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -4355,7 +4855,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -4364,7 +4864,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -4517,7 +5017,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -4526,7 +5026,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -4692,7 +5192,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -4701,7 +5201,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -4846,7 +5346,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -4855,7 +5355,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -4977,7 +5477,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -4986,7 +5486,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -5080,7 +5580,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -5089,7 +5589,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -5237,7 +5737,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -5246,7 +5746,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -5329,308 +5829,6 @@ export interface operations {
             };
         };
     };
-    listExports: {
-        parameters: {
-            query?: never;
-            header?: never;
-            path: {
-                /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
-                vm: string;
-            };
-            cookie?: never;
-        };
-        requestBody?: never;
-        responses: {
-            /** @description OK (with ?wait=true: the finished job) */
-            200: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": {
-                        exports: components["schemas"]["Export"][];
-                    };
-                };
-            };
-            /** @description Error: INVALID_INPUT, INVALID_PATH; INVALID_INPUT also for a malformed body or query */
-            400: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: UNAUTHORIZED */
-            401: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
-            404: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: INTERRUPTED, INTERNAL */
-            500: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-        };
-    };
-    createExport: {
-        parameters: {
-            query?: never;
-            header?: {
-                /** @description the same key with the same request answers the VM or job the first request created (24 h); another request under it is 409 */
-                "idempotency-key"?: string;
-            };
-            path: {
-                /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
-                vm: string;
-            };
-            cookie?: never;
-        };
-        requestBody?: {
-            content: {
-                "application/json": {
-                    /** @description disks to export (default: every disk of the VM) */
-                    disks?: string[];
-                    /** @description a dirty bitmap every exported disk has: exported, frozen at the export instant, as the meta context qemu:dirty-bitmap:<bitmap> */
-                    bitmap?: string;
-                };
-            };
-        };
-        responses: {
-            /** @description Created */
-            201: {
-                headers: {
-                    /** @description the new resource */
-                    Location?: string;
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Export"];
-                };
-            };
-            /** @description Error: INVALID_INPUT, INVALID_PATH; INVALID_INPUT also for a malformed body or query */
-            400: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: UNAUTHORIZED */
-            401: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
-            404: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
-            409: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error (INVALID_INPUT); the body is over 1 MiB */
-            413: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error (INVALID_INPUT); the body is not application/json */
-            415: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: INTERRUPTED, INTERNAL */
-            500: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: QMP_COMMAND_FAILED, QMP_DISCONNECTED, QMP_PROTOCOL_ERROR, QMP_CONNECT_FAILED, QGA_COMMAND_FAILED, QEMU_START_FAILED, QEMU_IMG_FAILED, VM_CRASHED */
-            502: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: QEMU_NOT_FOUND */
-            503: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: TIMEOUT */
-            504: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: IO_ERROR, DISK_FULL */
-            507: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-        };
-    };
-    deleteExport: {
-        parameters: {
-            query?: never;
-            header?: never;
-            path: {
-                /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
-                vm: string;
-                id: string;
-            };
-            cookie?: never;
-        };
-        requestBody?: never;
-        responses: {
-            /** @description ended */
-            204: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": null;
-                };
-            };
-            /** @description Error: INVALID_INPUT, INVALID_PATH; INVALID_INPUT also for a malformed body or query */
-            400: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: UNAUTHORIZED */
-            401: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
-            404: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
-            409: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: INTERRUPTED, INTERNAL */
-            500: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: QMP_COMMAND_FAILED, QMP_DISCONNECTED, QMP_PROTOCOL_ERROR, QMP_CONNECT_FAILED, QGA_COMMAND_FAILED, QEMU_START_FAILED, QEMU_IMG_FAILED, VM_CRASHED */
-            502: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: QEMU_NOT_FOUND */
-            503: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: TIMEOUT */
-            504: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: IO_ERROR, DISK_FULL */
-            507: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-        };
-    };
     streamEvents: {
         parameters: {
             query?: {
@@ -5648,7 +5846,7 @@ export interface operations {
         };
         requestBody?: never;
         responses: {
-            /** @description Server-Sent Events: `event:` job, vm or qmp (then dropped or shutdown when the stream ends), `data:` the event as JSON */
+            /** @description Server-Sent Events: `event:` job, vm, qmp or schedule (then dropped or shutdown when the stream ends), `data:` the event as JSON */
             200: {
                 headers: {
                     [name: string]: unknown;

@@ -19,7 +19,7 @@ export interface JobEventData {
 /** What to follow. */
 export interface FollowOptions {
   /** Subset of job, vm, qmp (default all). */
-  types?: Array<'job' | 'vm' | 'qmp'>
+  types?: Array<'job' | 'vm' | 'qmp' | 'schedule'>
   vm?: string
   job?: string
   /** Resume after this event id (sent as Last-Event-ID). */

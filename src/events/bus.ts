@@ -4,11 +4,27 @@ import { EventEmitter } from 'node:events'
 import type { Job } from '../jobs/model.ts'
 import type { VmState } from '../vm/definition.ts'
 
-/** Everything the daemon announces: job changes, VM state changes, QEMU's own events. */
+/** Everything the daemon announces: job changes, VM state changes, QEMU's own events, the scheduler's. */
 export type BusEvent =
   | { type: 'job'; vm: string; job: Job }
   | { type: 'vm'; vm: string; state: VmState; reason?: string }
   | { type: 'qmp'; vm: string; event: string; data: unknown; timestamp?: { seconds: number; microseconds: number } }
+  | ScheduleEvent
+
+/**
+ * What the scheduler announces: a slot fired (its job queued), a slot skipped (why), a snapshot
+ * whose expiresAt passed handed to the delete queue (or refused: `reason`). See src/sched/.
+ */
+export interface ScheduleEvent {
+  type: 'schedule'
+  vm: string
+  event: 'schedule.fired' | 'schedule.skipped' | 'snapshot.expired'
+  schedule?: string
+  slot?: string
+  job?: string
+  snapshot?: string
+  reason?: string
+}
 
 /**
  * The in-process event bus. Emitting never blocks: listeners must hand work off rather than wait.

@@ -12,6 +12,7 @@ import { Metrics } from '../events/metrics.ts'
 import type { JobManager } from '../jobs/manager.ts'
 import type { VmManager } from '../vm/manager.ts'
 import type { SnapshotService } from '../snapshot/service.ts'
+import type { ScheduleService } from '../sched/service.ts'
 import { snapshotRoutes } from './routes/snapshots.ts'
 import { chainRoutes } from './routes/chain.ts'
 import { eventRoutes } from './routes/events.ts'
@@ -28,6 +29,7 @@ import { Health } from './replies.ts'
 import { DebugRequestLog } from './request-log.ts'
 import { vmRoutes } from './routes/vms.ts'
 import { schedulingRoutes } from './routes/scheduling.ts'
+import { scheduleRoutes } from './routes/schedules.ts'
 import { installIdempotency } from './idempotency.ts'
 import type { IdempotencyRepo } from '../store/idempotency.ts'
 import type { HostInfo } from '../vm/host-info.ts'
@@ -40,6 +42,8 @@ export interface Services {
   jobs: JobManager
   bus: EventBus
   snapshots: SnapshotService
+  /** Snapshot schedules (src/sched/). */
+  schedules: ScheduleService
   blockJobs: BlockJobService
   state: StateService
   checker: VmChecker
@@ -230,6 +234,7 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
   await app.register(schedulingRoutes, { services: opts.services })
   await app.register(jobRoutes, { services: opts.services })
   await app.register(snapshotRoutes, { services: opts.services })
+  await app.register(scheduleRoutes, { services: opts.services })
   await app.register(chainRoutes, { services: opts.services })
   await app.register(exportRoutes, { services: opts.services })
   await app.register(eventRoutes, { services: opts.services, ...(opts.sseMaxPendingBytes ? { maxPendingBytes: opts.sseMaxPendingBytes } : {}) })

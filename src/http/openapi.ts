@@ -24,6 +24,7 @@ export const DOCUMENT_TAGS = [
   { name: 'saved state', description: 'RAM and device state to and from files: save, restore, managed save' },
   { name: 'exports', description: 'Pull-mode NBD exports of a point-in-time view of disks (image fleecing), for external backup tools' },
   { name: 'jobs', description: 'Every long operation is a job: its history, progress and controls' },
+  { name: 'schedules', description: 'Per-VM snapshot schedules (cron) with retention and expiry' },
   { name: 'events', description: 'Server-Sent Events of jobs, VMs and QEMU' },
   { name: 'daemon', description: 'Liveness and the API\'s own description (no token needed)' },
 ]

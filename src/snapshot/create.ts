@@ -13,15 +13,17 @@ import type { Live, SnapshotDeps } from './deps.ts'
 import { createExternal } from './external.ts'
 import { externalBytes, versionOf } from './files.ts'
 import { createInternal } from './internal.ts'
-import type { CreateSnapshotBody, Snapshot } from './model.ts'
+import type { CreateSnapshotInput, Snapshot } from './model.ts'
+import { withExpiry } from './expiry.ts'
 import { planCreate, type CreatePlan } from './plan.ts'
 import { getView } from './views.ts'
 import { Snapshot as SnapshotRecord } from '../store/snapshot-record.ts'
 import { assertCreatable } from '../images/files.ts'
 
 /** Checks a creation request (already validated by the HTTP layer) at once, 4xx before any job, and queues it. */
-export function submitCreate(d: SnapshotDeps, busyCheck: (vm: string, what: string) => void, vm: string, body: CreateSnapshotBody): Job {
+export function submitCreate(d: SnapshotDeps, busyCheck: (vm: string, what: string) => void, vm: string, input: CreateSnapshotInput): Job {
   const rec = d.vms.record(vm)
+  const body = withExpiry(input)
   busyCheck(vm, 'take a snapshot')
   const def = planDefinition(rec.definition, rec.runtime)
   if (d.repo.get(vm, body.name)) throw new QmpdError('SNAPSHOT_EXISTS', `VM ${vm} already has a snapshot ${body.name}`, { vm, snapshot: body.name })
@@ -35,7 +37,7 @@ export function submitCreate(d: SnapshotDeps, busyCheck: (vm: string, what: stri
 }
 
 /** Plans a creation from the VM's record and files as they are now (see planCreate). */
-function planFor(d: SnapshotDeps, vm: string, body: CreateSnapshotBody, state: VmState): CreatePlan {
+function planFor(d: SnapshotDeps, vm: string, body: CreateSnapshotInput, state: VmState): CreatePlan {
   const rec = d.vms.record(vm)
   requireAdoptedQemu(vm, rec.definition, { state }, 'a snapshot of its disks')
   return planCreate(
@@ -62,7 +64,7 @@ function planFor(d: SnapshotDeps, vm: string, body: CreateSnapshotBody, state: V
 async function doCreate(
   d: SnapshotDeps,
   vm: string,
-  body: CreateSnapshotBody,
+  body: CreateSnapshotInput,
   ctx: JobContext,
   early?: { plan: CreatePlan; runtime: VmRuntime; version: number },
 ): Promise<unknown> {

@@ -4,7 +4,7 @@ import { QmpdError } from '../errors.ts'
 import type { VmDefinition, VmRuntime, VmState } from '../vm/definition.ts'
 import type { PlanDefinition } from '../vm/adopted.ts'
 import { assertState, isRunningState } from '../vm/states.ts'
-import type { CreateSnapshotBody, Snapshot, SnapshotDisk } from './model.ts'
+import type { CreateSnapshotInput, Snapshot, SnapshotDisk } from './model.ts'
 
 /** The plan of a snapshot creation, recorded in the journal before anything is touched. */
 export interface CreatePlan {
@@ -35,7 +35,7 @@ export interface PlanFacts {
 }
 
 /** Works out exactly what a creation will do; every refusal happens here, and nothing is changed. */
-export function planCreate(f: PlanFacts, body: CreateSnapshotBody): CreatePlan {
+export function planCreate(f: PlanFacts, body: CreateSnapshotInput): CreatePlan {
   const { vm, state, definition: def, runtime } = f
   const live = isRunningState(state)
   assertState(vm, state, 'snapshot-create')
@@ -109,6 +109,8 @@ export function planCreate(f: PlanFacts, body: CreateSnapshotBody): CreatePlan {
     ...(body.live !== undefined && memory ? { live: body.live } : {}),
     ...(body.quiesce ? { quiesced: true } : {}),
     ...(f.recorded ? { definition: f.recorded } : {}),
+    ...(body.expiresAt !== undefined ? { expiresAt: new Date(body.expiresAt).toISOString() } : {}),
+    ...(body.schedule !== undefined ? { schedule: body.schedule } : {}),
   }
   return { snapshot, overlays }
 }

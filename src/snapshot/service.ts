@@ -10,7 +10,7 @@ import { assertNoClonesOfVm, cloneVm, type CloneDefinition } from './clone.ts'
 import { submitDelete, type DeleteOptions } from './delete.ts'
 import { submitExport, type ExportBody } from './export.ts'
 import type { SnapshotDeps } from './deps.ts'
-import type { CreateSnapshotBody, RevertBody } from './model.ts'
+import type { CreateSnapshotInput, RevertBody } from './model.ts'
 import { submitRevert } from './revert.ts'
 import { getView, listViews, type SnapshotView } from './views.ts'
 
@@ -45,7 +45,7 @@ export class SnapshotService {
    * @throws QmpdError VM_NOT_FOUND, SNAPSHOT_EXISTS, INVALID_INPUT, INVALID_STATE, INVALID_PATH, FILE_EXISTS,
    * ADOPTED_NEEDS_RELAUNCH (an adopted VM whose QEMU is gone) or BUSY, before any job is made.
    */
-  create(vm: string, input: CreateSnapshotBody): Job {
+  create(vm: string, input: CreateSnapshotInput): Job {
     return submitCreate(this.deps, (v, what) => this.busyCheck(v, what), vm, input)
   }
 

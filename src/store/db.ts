@@ -77,6 +77,21 @@ const MIGRATIONS: string[] = [
      created_at TEXT NOT NULL
    );
    CREATE INDEX idempotency_keys_created ON idempotency_keys(created_at);`,
+  // 5: snapshot schedules and their slots (src/store/schedules.ts); a slot is recorded before its
+  // job is queued, and the primary key makes a second record of one slot impossible
+  `CREATE TABLE schedules (
+     vm TEXT NOT NULL,
+     id TEXT NOT NULL,
+     body TEXT NOT NULL,
+     PRIMARY KEY (vm, id)
+   );
+   CREATE TABLE schedule_runs (
+     vm TEXT NOT NULL,
+     schedule TEXT NOT NULL,
+     slot TEXT NOT NULL,
+     body TEXT NOT NULL,
+     PRIMARY KEY (vm, schedule, slot)
+   );`,
 ]
 
 /** Opens (creating when missing) the store at `file` in WAL mode and brings its schema up to date. */

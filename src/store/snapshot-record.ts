@@ -51,5 +51,9 @@ export const Snapshot = z.strictObject({
    * backed by its frozen images, so it and the snapshots below it are kept while they exist.
    */
   clones: z.array(z.string()).optional(),
+  /** When the scheduler deletes it (through the normal delete job); absent: never. */
+  expiresAt: z.string().optional(),
+  /** The schedule that took it: only that schedule's retention ever deletes it. */
+  schedule: z.string().optional(),
 })
 export type Snapshot = z.output<typeof Snapshot>

@@ -27,15 +27,15 @@ export const eventRoutes: FastifyPluginAsyncZod<{ services: Services; maxPending
     '/v1/events',
     {
       schema: {
-        summary: 'Live event stream (text/event-stream): job state and progress, VM state, QEMU events',
+        summary: 'Live event stream (text/event-stream): job state and progress, VM state, QEMU events, schedule firings and expiries',
         tags: ['events'],
         operationId: 'streamEvents',
-        response: { 200: { description: 'Server-Sent Events: `event:` job, vm or qmp (then dropped or shutdown when the stream ends), `data:` the event as JSON', content: { 'text/event-stream': { schema: z.string() } } } },
+        response: { 200: { description: 'Server-Sent Events: `event:` job, vm, qmp or schedule (then dropped or shutdown when the stream ends), `data:` the event as JSON', content: { 'text/event-stream': { schema: z.string() } } } },
         querystring: z.strictObject({
           vm: Name.optional(),
           types: z
             .string()
-            .regex(/^(job|vm|qmp)(,(job|vm|qmp))*$/, 'a comma-separated list of job, vm, qmp')
+            .regex(/^(job|vm|qmp|schedule)(,(job|vm|qmp|schedule))*$/, 'a comma-separated list of job, vm, qmp, schedule')
             .optional(),
           job: z.string().min(1).max(64).optional().describe('only the events of this job (type job)'),
         }),
@@ -45,7 +45,7 @@ export const eventRoutes: FastifyPluginAsyncZod<{ services: Services; maxPending
     (req, reply) => {
       // HEAD (fastify serves it for every GET): the stream's headers, no stream.
       if (req.method === 'HEAD') return void (reply as FastifyReply).code(200).header('content-type', 'text/event-stream').header('cache-control', 'no-cache').send()
-      const types = new Set((req.query.types ?? 'job,vm,qmp').split(','))
+      const types = new Set((req.query.types ?? 'job,vm,qmp,schedule').split(','))
       const vm = req.query.vm
       const job = req.query.job
       const lastId = req.headers['last-event-id'] !== undefined ? Number(req.headers['last-event-id']) : undefined
