@@ -220,6 +220,7 @@ async function openDaemon(
       if (closed) return
       closed = true
       scheduler.stop()
+      await exports.closeAll()
       if (!(await settlesWithin(jobs.drain(), opts.drainTimeoutMs ?? 10_000))) log.warn('jobs still running at shutdown; leaving them to QEMU')
       await vms.close()
       db.close()

@@ -1018,6 +1018,13 @@ export interface components {
                 /** @description the meta context of the frozen bitmap: qemu:dirty-bitmap:<name> */
                 bitmap?: string;
             }[];
+            /** @description the loopback TCP address qmpd forwards to the unix socket, when asked for */
+            tcp?: {
+                host: string;
+                port: number;
+                /** @description nbd://host:port/<exportName> of the first disk */
+                uri: string;
+            };
             createdAt: string;
         };
     };
@@ -6171,6 +6178,19 @@ export interface operations {
                     disks?: string[];
                     /** @description a dirty bitmap every exported disk has: exported, frozen at the export instant, as the meta context qemu:dirty-bitmap:<bitmap> */
                     bitmap?: string;
+                    /** @description also serve the export on a loopback TCP port (forwarded to the unix socket; every local user can connect to it: no TLS, no authentication) */
+                    tcp?: {
+                        /**
+                         * @default 127.0.0.1
+                         * @enum {string}
+                         */
+                        host?: "127.0.0.1" | "::1";
+                        /**
+                         * @description 0: any free port
+                         * @default 0
+                         */
+                        port?: number;
+                    };
                 };
             };
         };

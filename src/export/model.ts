@@ -13,6 +13,13 @@ const BitmapName = z.string().regex(/^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/, 'a dirt
 export const CreateExportBody = z.strictObject({
   disks: z.array(DiskId).min(1).max(16).optional().describe('disks to export (default: every disk of the VM)'),
   bitmap: BitmapName.optional().describe('a dirty bitmap every exported disk has: exported, frozen at the export instant, as the meta context qemu:dirty-bitmap:<bitmap>'),
+  tcp: z
+    .strictObject({
+      host: z.enum(['127.0.0.1', '::1']).default('127.0.0.1'),
+      port: z.number().int().min(0).max(65535).default(0).describe('0: any free port'),
+    })
+    .optional()
+    .describe('also serve the export on a loopback TCP port (forwarded to the unix socket; every local user can connect to it: no TLS, no authentication)'),
 })
 export type CreateExportBody = z.output<typeof CreateExportBody>
 
@@ -40,6 +47,8 @@ export const ExportRecord = z.strictObject({
   /** The QEMU PID the export lives in: a record of another PID is stale (QEMU ended). */
   pid: z.number().int().optional(),
   disks: z.array(ExportDisk),
+  /** The loopback TCP forwarder's bound address, while it listens (it ends with the daemon). */
+  tcp: z.strictObject({ host: z.string(), port: z.number().int() }).optional(),
   createdAt: z.string(),
 })
 export type ExportRecord = z.output<typeof ExportRecord>
@@ -69,6 +78,10 @@ export const ExportView = z
         bitmap: z.string().optional().describe('the meta context of the frozen bitmap: qemu:dirty-bitmap:<name>'),
       }),
     ),
+    tcp: z
+      .strictObject({ host: z.string(), port: z.number().int(), uri: z.string().describe('nbd://host:port/<exportName> of the first disk') })
+      .optional()
+      .describe('the loopback TCP address qmpd forwards to the unix socket, when asked for'),
     createdAt: z.string(),
   })
   .meta({ id: 'Export' })
@@ -80,6 +93,7 @@ export function viewOf(r: ExportRecord): ExportView {
     id: r.id,
     socket: r.socket,
     disks: r.disks.map((d) => ({ disk: d.disk, exportName: d.disk, ...(d.bitmap ? { bitmap: `qemu:dirty-bitmap:${d.bitmap}` } : {}) })),
+    ...(r.tcp ? { tcp: { ...r.tcp, uri: `nbd://${r.tcp.host.includes(':') ? `[${r.tcp.host}]` : r.tcp.host}:${r.tcp.port}/${r.disks[0]?.disk ?? ''}` } } : {}),
     createdAt: r.createdAt,
   }
 }

@@ -18,6 +18,7 @@ import { isAdopted } from '../vm/definition.ts'
 import type { VmManager } from '../vm/manager.ts'
 import { assertState, isRunningState } from '../vm/states.ts'
 import { addNbdExport, addScratchNode, beginFleecing, startNbdServer, stopNbdServerIfIdle, teardownDisk } from './fleece.ts'
+import { openTcpForward, type TcpForward } from './tcp-forward.ts'
 import { type CreateExportBody, EXPORT_ADD_OP, EXPORT_FILES, EXPORT_REMOVE_OP, type ExportDisk, ExportRecord, type ExportView, exportNames, scratchName, viewOf } from './model.ts'
 
 /** unix socket paths QEMU can bind (sun_path is 108 bytes with the NUL). */
@@ -43,6 +44,8 @@ export interface ExportDeps {
  */
 export class ExportService {
   private readonly open = new Map<string, ExportRecord[]>()
+  /** Loopback TCP forwarders by export id (they end with the export, its QEMU or the daemon). */
+  private readonly forwards = new Map<string, TcpForward>()
 
   constructor(private readonly deps: ExportDeps) {
     // A QEMU that ended took its exports along: only the scratch files and records are left.
@@ -113,9 +116,21 @@ export class ExportService {
    */
   async create(vm: string, body: CreateExportBody): Promise<ExportView> {
     await this.precheck(vm, body)
-    const job = this.deps.jobs.submit({ vm, op: 'export', params: body, run: async (ctx) => viewOf(await this.setUp(vm, body, ctx.id)) })
+    // Bound before the job, so a taken port changes nothing; closed again when the setup fails.
+    const forward = body.tcp ? await openTcpForward(body.tcp, () => this.reachableSocket(vm)) : undefined
+    const job = this.deps.jobs.submit({
+      vm,
+      op: 'export',
+      params: body,
+      run: async (ctx) => {
+        const record = await this.setUp(vm, body, ctx.id, forward?.address)
+        if (forward) this.forwards.set(record.id, forward)
+        return viewOf(record)
+      },
+    })
     const done = await this.deps.jobs.wait(job.id, 10 * 60_000)
     if (done.state !== 'succeeded') {
+      if (forward && !this.forwards.has((done.result as ExportView | undefined)?.id ?? '')) await forward.close()
       const e = done.error ?? { code: 'INTERNAL', message: `export job ${done.state}` }
       throw new QmpdError(e.code as ErrorCode, e.message, { ...e.details, job: done.id })
     }
@@ -162,8 +177,19 @@ export class ExportService {
     return join(this.deps.paths.vmDir(vm), EXPORT_FILES.socket)
   }
 
+  /**
+   * The NBD socket as qmpd itself connects to it: its absolute path, or, when that is too long for
+   * sun_path, the same file through the QEMU's working directory (/proc/PID/cwd is the VM directory
+   * of a QEMU qmpd launched).
+   */
+  private reachableSocket(vm: string): string {
+    const path = this.socketPath(vm)
+    const pid = this.deps.vms.record(vm).runtime.pid
+    return Buffer.byteLength(path) <= MAX_SOCKET_PATH || !pid ? path : `/proc/${pid}/cwd/${EXPORT_FILES.socket}`
+  }
+
   /** The export's setup: a journaled step program (recovery: src/export/recovery.ts). */
-  private async setUp(vm: string, body: CreateExportBody, job: string): Promise<ExportRecord> {
+  private async setUp(vm: string, body: CreateExportBody, job: string, tcp?: { host: string; port: number }): Promise<ExportRecord> {
     const found = await this.precheck(vm, body)
     const rec = this.deps.vms.record(vm)
     const qmp = this.deps.vms.qmp(vm)
@@ -176,7 +202,7 @@ export class ExportService {
       ...exportNames(id, f.disk),
       ...(body.bitmap ? { bitmap: body.bitmap } : {}),
     }))
-    const record: ExportRecord = { id, vm, socket: this.socketPath(vm), ...(rec.runtime.pid ? { pid: rec.runtime.pid } : {}), disks, createdAt: new Date().toISOString() }
+    const record: ExportRecord = { id, vm, socket: this.socketPath(vm), ...(rec.runtime.pid ? { pid: rec.runtime.pid } : {}), disks, ...(tcp ? { tcp } : {}), createdAt: new Date().toISOString() }
     const granularity = new Map(found.flatMap((f) => (f.granularity ? [[f.disk, f.granularity] as const] : [])))
     return this.deps.journal.run({ vm, op: EXPORT_ADD_OP, job, body: record, qemuPid: () => this.deps.vms.record(vm).runtime.pid }, (o) =>
       withReverter(this.deps.log, async (r) => {
@@ -220,6 +246,7 @@ export class ExportService {
         await this.deps.journal.run({ vm, op: EXPORT_REMOVE_OP, job: ctx.id, body: record }, async (o) => {
           const rt = this.deps.vms.record(vm).runtime
           const qmp = isRunningState(rt.state) && rt.pid === record.pid ? this.deps.vms.qmp(vm) : undefined
+          await this.closeForward(id)
           await o.step('teardown', () => takeDown(qmp, record, this.recordsOf(vm).length === 1))
           await o.step('record', () => {
             this.saveRecords(vm, this.recordsOf(vm).filter((e) => e.id !== id))
@@ -238,10 +265,23 @@ export class ExportService {
 
   /** After a QEMU ended: its exports went with it; the scratch files and records go too. */
   private forgetEnded(vm: string): void {
+    for (const e of this.recordsOf(vm)) void this.closeForward(e.id)
     for (const e of this.recordsOf(vm)) for (const d of e.disks) rmSync(d.scratch, { force: true })
     rmSync(this.socketPath(vm), { force: true })
     this.saveRecords(vm, [])
     this.deps.log.info({ vm }, 'QEMU ended: its NBD exports are gone')
+  }
+
+  /** Stops the export's TCP forwarder, if it has one (its clients are dropped). */
+  private async closeForward(id: string): Promise<void> {
+    const f = this.forwards.get(id)
+    this.forwards.delete(id)
+    await f?.close()
+  }
+
+  /** Stops every TCP forwarder (daemon close). */
+  async closeAll(): Promise<void> {
+    await Promise.all([...this.forwards.keys()].map((id) => this.closeForward(id)))
   }
 
   /**

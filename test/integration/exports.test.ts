@@ -6,6 +6,7 @@ import { execFile } from 'node:child_process'
 import { existsSync, readdirSync, statSync } from 'node:fs'
 import { mkdtemp, readFile, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
+import { type AddressInfo, connect, createServer } from 'node:net'
 import { join } from 'node:path'
 import { promisify } from 'node:util'
 import t from 'tap'
@@ -52,6 +53,18 @@ async function readExport(vmDir: string, name: string): Promise<Buffer> {
   }
 }
 
+/** Reads an NBD URI (e.g. nbd://127.0.0.1:PORT/vda) into raw bytes. */
+async function readUri(uri: string): Promise<Buffer> {
+  const dir = await mkdtemp(join(tmpdir(), 'qmpd-export-'))
+  try {
+    const out = join(dir, 'out.raw')
+    await execFileP('qemu-img', ['convert', '-f', 'raw', '-O', 'raw', uri, out])
+    return await readFile(out)
+  } finally {
+    await rm(dir, { recursive: true, force: true })
+  }
+}
+
 /** The extents of an export's dirty-bitmap meta context (qemu-img map, x-dirty-bitmap). */
 async function bitmapMap(vmDir: string, name: string, context: string): Promise<Array<{ start: number; length: number; data: boolean }>> {
   const { stdout } = await execFileP('qemu-img', ['map', '--output=json', '--image-opts', `driver=nbd,export=${name},server.type=unix,server.path=nbd.sock,x-dirty-bitmap=${context}`], { cwd: vmDir })
@@ -82,7 +95,16 @@ t.test('a pull-mode export shows the disk at its instant while the guest writes 
   t.equal(noBitmap.body.error.code, 'BITMAP_NOT_FOUND')
   t.equal((await td.api('POST', '/v1/vms/x/exports', { bitmap: 'b1' })).body.error?.code, 'BITMAP_NOT_FOUND', 'vdb has no b1: refused for all disks')
   t.equal((await td.api('POST', '/v1/vms/x/exports', { disks: ['vda', 'vda'] })).status, 400, 'a disk named twice is 400')
-  t.equal((await td.api('POST', '/v1/vms/x/exports', { disks: ['vda'], tcp: true })).status, 400, 'unknown members are 400')
+  t.equal((await td.api('POST', '/v1/vms/x/exports', { disks: ['vda'], tcp: true })).status, 400, 'tcp must be an object: 400')
+  t.equal((await td.api('POST', '/v1/vms/x/exports', { disks: ['vda'], tcp: { host: '0.0.0.0' } })).status, 400, 'tcp only on loopback: 400')
+  t.equal((await td.api('POST', '/v1/vms/x/exports', { disks: ['vda'], other: 1 })).status, 400, 'unknown members are 400')
+  const taken = createServer()
+  await new Promise<void>((resolve) => taken.listen(0, '127.0.0.1', resolve))
+  const takenPort = (taken.address() as AddressInfo).port
+  const inUse = await td.api('POST', '/v1/vms/x/exports', { disks: ['vda'], tcp: { port: takenPort } })
+  taken.close()
+  t.equal(inUse.status, 409, 'a TCP port in use is 409')
+  t.equal(inUse.body.error.code, 'PORT_IN_USE')
   t.same(await graph(td, 'x'), original, 'the graph is unchanged after the refusals')
   t.same(exportFiles(vmDir), [], 'no file was created')
   t.equal((await td.api('GET', '/v1/jobs?vm=x&limit=1000')).body.jobs.length, jobsBefore, 'no job was made')
@@ -147,11 +169,31 @@ t.test('a pull-mode export shows the disk at its instant while the guest writes 
   t.equal((await td.api('POST', '/v1/vms/x/snapshots?wait=true', { name: 's1', memory: false })).status, 200, 'snapshots work again')
 
   // Stopping the VM ends its exports.
-  const second = await td.api('POST', '/v1/vms/x/exports', {})
-  t.equal(second.status, 201, 'every disk exported')
+  const second = await td.api('POST', '/v1/vms/x/exports', { tcp: {} })
+  t.equal(second.status, 201, 'every disk exported, also on loopback TCP')
   t.same(second.body.disks.map((d: { disk: string }) => d.disk), ['vda', 'vdb'])
+  const tcp = second.body.tcp as { host: string; port: number; uri: string }
+  t.equal(tcp.host, '127.0.0.1', 'TCP on 127.0.0.1')
+  t.ok(tcp.port > 0, `on a free port (${tcp.port})`)
+  t.equal(tcp.uri, `nbd://127.0.0.1:${tcp.port}/vda`)
+  const [viaUnix, viaTcp] = [await readExport(vmDir, 'vdb'), await readUri(`nbd://127.0.0.1:${tcp.port}/vdb`)]
+  t.equal(viaTcp.length, 16 * 1024 * 1024, 'the TCP export has the disk\'s size')
+  t.ok(viaTcp.equals(viaUnix), 'and reads the same bytes as the unix socket')
   t.equal(exportFiles(vmDir).filter((f) => f.endsWith('.qcow2')).length, 2, 'one scratch per disk')
   await op(td, 'x', 'stop', { force: true })
   t.ok(await eventually(() => exportFiles(vmDir).length === 0, 5_000), 'the stop removed the scratch images and the record')
   t.same((await td.api('GET', '/v1/vms/x/exports')).body.exports, [], 'and the export is gone')
+  t.ok(await eventually(() => refused(tcp.port), 5_000), 'and its TCP port no longer accepts connections')
 })
+
+/** Whether nothing listens on 127.0.0.1:port any more. */
+function refused(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = connect(port, '127.0.0.1')
+    s.once('connect', () => {
+      s.destroy()
+      resolve(false)
+    })
+    s.once('error', () => resolve(true))
+  })
+}
