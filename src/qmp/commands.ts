@@ -659,6 +659,8 @@ export interface Commands {
   'query-blockstats': { args: { 'query-nodes'?: boolean }; ret: BlockStats[] }
   /** The QAPI schema QEMU speaks (GET /v1/host's probe reads its command names). */
   'query-qmp-schema': { args: undefined; ret: SchemaInfo[] }
+  /** QemuOpts-based command-line options and their parameters, qapi/misc.json CommandLineOptionInfo. */
+  'query-command-line-options': { args: { option?: string }; ret: Array<{ option: string; parameters: Array<{ name: string; type: string }> }> }
   transaction: {
     args: { actions: TransactionAction[]; properties?: { 'completion-mode'?: 'individual' | 'grouped' } }
     ret: Empty
