@@ -1,8 +1,20 @@
 #!/usr/bin/env bash
 # Sets up a fresh Debian/Ubuntu machine for qmpd: QEMU and qemu-img from the distribution's
-# packages when missing, then the npm dependencies from the lock file. Safe to run again.
+# packages when missing, then the npm dependencies from the lock file; with --qemu10 (or
+# QMPD_SETUP_QEMU10=1, and always under CI=true) also a private QEMU 10 in .qemu/10 (see
+# scripts/setup-qemu10.sh). Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+qemu10=0
+for arg in "$@"; do
+  case "$arg" in
+    --qemu10) qemu10=1 ;;
+    *) echo "setup: unknown option $arg (known: --qemu10)" >&2; exit 2 ;;
+  esac
+done
+[ "${QMPD_SETUP_QEMU10:-}" = 1 ] && qemu10=1
+[ "${CI:-}" = true ] && qemu10=1
 
 need=()
 command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
@@ -26,4 +38,8 @@ fi
 
 if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
   npm ci --no-audit --no-fund
+fi
+
+if [ "$qemu10" = 1 ]; then
+  bash scripts/setup-qemu10.sh
 fi

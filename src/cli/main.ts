@@ -5,6 +5,7 @@ import { makeConfig, parseCount } from '../config.ts'
 import { startDaemon, VERSION } from '../daemon.ts'
 import { listenMetrics } from '../http/metrics-server.ts'
 import { listen } from '../http/server.ts'
+import { capsSummary, qemuCaps } from '../vm/qemu-caps.ts'
 import { qemuVersion } from '../vm/qemu-version.ts'
 import { runClient } from './client-main.ts'
 
@@ -106,8 +107,12 @@ export async function main(argv: string[]): Promise<number> {
   // either way, but an exiting daemon would leave every VM unmanaged. Log loudly and serve on.
   process.on('unhandledRejection', (err) => daemon.log.error({ err }, 'unhandled rejection (a qmpd bug)'))
   // Once per start: which QEMU the VMs will run (a missing binary is a warning; adopted VMs need none).
-  const qemu = await qemuVersion(config.qemuBinary)
-  if (qemu.line !== undefined) daemon.log.info({ qemuBinary: config.qemuBinary, qemuVersion: qemu.line }, 'QEMU binary')
+  // The capability probe runs here once (cached per binary for VM starts and GET /v1/host).
+  const [qemu, caps] = await Promise.all([
+    qemuVersion(config.qemuBinary),
+    qemuCaps(config.qemuBinary, { log: daemon.log }).then((c) => ({ capabilities: capsSummary(c) }), (err: Error) => ({ capabilitiesError: err.message })),
+  ])
+  if (qemu.line !== undefined) daemon.log.info({ qemuBinary: config.qemuBinary, qemuVersion: qemu.line, ...caps }, 'QEMU binary')
   else daemon.log.warn({ qemuBinary: config.qemuBinary, err: qemu.error }, 'QEMU binary cannot report its version: starting VMs will fail')
   const { app } = await listen(daemon, config.listen)
   const metricsServer = config.metricsListen ? await listenMetrics(app, config.metricsListen) : undefined

@@ -3117,6 +3117,10 @@ export interface operations {
                                 [key: string]: boolean;
                             };
                             migrationCapabilities: string[];
+                            /** @description what qmpd chooses features by, from the QEMU binary's own QMP schema (never its version): snapshot-save, background-snapshot, mapped-ram, multifd, direct-io, migrate-channels, migrate-blk, snapshot-access, … */
+                            capabilities: {
+                                [key: string]: boolean;
+                            };
                             probedAt: string;
                         };
                         accel: {

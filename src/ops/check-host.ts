@@ -20,6 +20,7 @@ const MIGRATING: ReadonlySet<MigrationStatus> = new Set([
   'postcopy-active',
   'postcopy-paused',
   'postcopy-recover',
+  'postcopy-recover-setup',
   'pre-switchover',
   'device',
   'wait-unplug',

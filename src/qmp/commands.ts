@@ -134,6 +134,8 @@ export type MigrationStatus =
   | 'pre-switchover'
   | 'device'
   | 'wait-unplug'
+  /** Added in QEMU 9.0 (postcopy recovery; qmpd never starts postcopy, but MIGRATION events are validated against this list). */
+  | 'postcopy-recover-setup'
 
 /** Every MigrationStatus value. */
 export const MIGRATION_STATUSES = [
@@ -151,6 +153,7 @@ export const MIGRATION_STATUSES = [
   'pre-switchover',
   'device',
   'wait-unplug',
+  'postcopy-recover-setup',
 ] as const satisfies readonly MigrationStatus[]
 
 /** Migration capabilities of QEMU 7.2, qapi/migration.json MigrationCapability. */

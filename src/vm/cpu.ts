@@ -78,8 +78,11 @@ export function cpuModelsOf(binary: string): Promise<Set<string> | undefined> {
       execFile(binary, ['-cpu', 'help'], { timeout: 10_000, maxBuffer: 1 << 20 }, (err, stdout) => {
         if (err) return resolve(undefined)
         const names = new Set<string>()
+        // QEMU 7.2 writes "x86 Broadwell …", QEMU 10 "  Broadwell …" (indented, no arch prefix);
+        // the indented CPUID flag list that follows is no model.
         for (const line of stdout.split('\n')) {
-          const m = /^x86 (\S+)/.exec(line)
+          if (/^Recognized CPUID flags/.test(line)) break
+          const m = /^(?:x86\s+|\s+)(\S+)/.exec(line)
           if (m) names.add(m[1]!)
         }
         resolve(names.size ? names : undefined)

@@ -1,18 +1,12 @@
 // The host fingerprint of GET /v1/host: QEMU's version and capabilities (probed once per binary,
-// cached), the accelerators, free space, VM counts; starts only a short-lived probe QEMU of its own.
-import { spawn } from 'node:child_process'
-import { mkdtempSync, rmSync, statfsSync } from 'node:fs'
-import { tmpdir } from 'node:os'
-import { join } from 'node:path'
+// cached in ./qemu-caps.ts), the accelerators, free space, VM counts; starts no QEMU besides that probe's.
+import { statfsSync } from 'node:fs'
 import type { Logger } from 'pino'
 import type { Config } from '../config.ts'
 import { QmpdError } from '../errors.ts'
-import { QmpClient } from '../qmp/index.ts'
-import { sleep } from '../util.ts'
 import { probeAccel, type AccelProbe } from './accel-probe.ts'
-import { SANDBOX } from './argv.ts'
 import type { VmState } from './definition.ts'
-import { isAlive, waitForExit } from './proc.ts'
+import { capsSummary, qemuCaps } from './qemu-caps.ts'
 import { qemuVersion as readQemuVersion } from './qemu-version.ts'
 
 /** QMP commands whose presence a scheduler or an operator may care about (what qmpd uses, and what newer QEMUs add). */
@@ -50,6 +44,8 @@ export interface QemuProbe {
   commands: Record<string, boolean>
   /** Every migration capability the probe's query-migrate-capabilities names. */
   migrationCapabilities: string[]
+  /** The capabilities qmpd chooses by (capsSummary of ./qemu-caps.ts). */
+  capabilities: Record<string, boolean>
   probedAt: string
 }
 
@@ -98,59 +94,23 @@ export async function qemuVersion(binary: string): Promise<{ version: string; li
   return { version: v.version, line: v.line }
 }
 
-/** How long the probe QEMU's QMP socket gets to answer, retries included. */
-const PROBE_CONNECT_MS = 10_000
-
 /**
- * Starts a QEMU with no machine (-machine none, paused, no devices) on a QMP socket of its own,
- * reads its version, command names and migration capabilities, and ends it (quit, then SIGKILL
- * by PID). Takes well under a second under TCG.
+ * The binary's version line and what its capability probe (./qemu-caps.ts, run once per binary)
+ * found: the commands of interest, the migration capabilities, capsSummary's few.
  * @throws QmpdError QEMU_NOT_FOUND when the binary cannot be run; QEMU_START_FAILED when the probe's QMP never answers.
  */
 export async function probeQemu(binary: string, log: Logger): Promise<QemuProbe> {
   const { version, line } = await qemuVersion(binary)
-  const dir = mkdtempSync(join(tmpdir(), 'qmpd-probe-'))
-  const socket = join(dir, 'qmp.sock')
-  const child = spawn(binary, ['-machine', 'none', '-nodefaults', '-no-user-config', '-display', 'none', '-sandbox', SANDBOX, '-S', '-qmp', `unix:${socket},server=on,wait=off`], { stdio: 'ignore' })
-  const failed = new Promise<never>((_, reject) => {
-    child.once('error', (err) => reject(new QmpdError('QEMU_NOT_FOUND', `cannot start ${binary}: ${err.message}`, { binary }, { cause: err })))
-    child.once('exit', (code, signal) => reject(new QmpdError('QEMU_START_FAILED', `probe QEMU exited (${signal ?? code})`, { binary })))
-  })
-  failed.catch(() => {})
-  const qmp = new QmpClient({ logger: log.child({ component: 'host-probe' }) })
-  try {
-    const connect = async (): Promise<void> => {
-      const deadline = Date.now() + PROBE_CONNECT_MS
-      for (;;) {
-        try {
-          await qmp.connect({ path: socket }, { timeoutMs: 2_000 })
-          return
-        } catch (err) {
-          if (Date.now() >= deadline) throw new QmpdError('QEMU_START_FAILED', `probe QEMU's QMP did not answer: ${(err as Error).message}`, { binary }, { cause: err })
-          await sleep(50)
-        }
-      }
-    }
-    await Promise.race([connect(), failed])
-    const v = await qmp.execute('query-version')
-    const schema = await qmp.execute('query-qmp-schema')
-    const names = new Set(schema.filter((s) => s['meta-type'] === 'command').map((s) => s.name))
-    const caps = await qmp.execute('query-migrate-capabilities')
-    return {
-      binary,
-      version,
-      versionLine: line,
-      qmpVersion: { ...v.qemu, package: v.package },
-      commands: Object.fromEntries(COMMANDS_OF_INTEREST.map((c) => [c, names.has(c)])),
-      migrationCapabilities: caps.map((c) => c.capability).sort(),
-      probedAt: new Date().toISOString(),
-    }
-  } finally {
-    await qmp.execute('quit').catch(() => {})
-    await qmp.disconnect().catch(() => {})
-    if (child.pid !== undefined && !(await waitForExit(child.pid, 2_000)) && isAlive(child.pid)) child.kill('SIGKILL')
-    if (child.pid !== undefined) await waitForExit(child.pid, 5_000)
-    rmSync(dir, { recursive: true, force: true })
+  const caps = await qemuCaps(binary, { log })
+  return {
+    binary,
+    version,
+    versionLine: line,
+    qmpVersion: caps.qmpVersion,
+    commands: Object.fromEntries(COMMANDS_OF_INTEREST.map((c) => [c, caps.hasCommand(c)])),
+    migrationCapabilities: [...caps.migrateCapabilities],
+    capabilities: capsSummary(caps),
+    probedAt: new Date().toISOString(),
   }
 }
 

@@ -16,6 +16,10 @@ export interface QemuCaps {
   readonly binary: string
   /** "10.0.2 (Debian …)": for logs only; nothing may branch on it. */
   readonly version: string
+  /** query-version's numbers, for GET /v1/host; nothing may branch on them either. */
+  readonly qmpVersion: { major: number; minor: number; micro: number; package: string }
+  /** Every capability query-migrate-capabilities names, sorted. */
+  readonly migrateCapabilities: readonly string[]
   hasCommand(name: string): boolean
   hasEvent(name: string): boolean
   /** A capability query-migrate-capabilities names. */
@@ -52,6 +56,7 @@ export interface SchemaEntry {
 export interface QemuCapsData {
   binary: string
   version: string
+  qmpVersion: { major: number; minor: number; micro: number; package: string }
   schema: SchemaEntry[]
   migrateCapabilities: string[]
   commandLineOptions: Array<{ option: string; parameters: Array<{ name: string }> }>
@@ -106,6 +111,8 @@ export function capsFromData(d: QemuCapsData): QemuCaps {
   return {
     binary: d.binary,
     version: d.version,
+    qmpVersion: d.qmpVersion,
+    migrateCapabilities: [...migrateCaps].sort(),
     hasCommand: (name) => commands.has(name),
     hasEvent: (name) => events.has(name),
     hasMigrateCapability: (name) => migrateCaps.has(name),
@@ -206,6 +213,7 @@ export async function probeCaps(binary: string, opts: QemuCapsOptions = {}): Pro
     return {
       binary,
       version: `${v.qemu.major}.${v.qemu.minor}.${v.qemu.micro}${v.package ? ` (${v.package.trim()})` : ''}`,
+      qmpVersion: { ...v.qemu, package: v.package },
       schema,
       migrateCapabilities: caps.map((c) => c.capability),
       commandLineOptions: cmdline.map((o) => ({ option: o.option, parameters: o.parameters.map((p) => ({ name: p.name })) })),

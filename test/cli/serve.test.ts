@@ -84,6 +84,7 @@ t.test('qmpd serve over TCP: generated token, 401 without it, docs, and a VM def
   const versionLines = logs().split('\n').filter((l) => l.includes('"msg":"QEMU binary"'))
   t.equal(versionLines.length, 1, 'the QEMU binary is logged once at start')
   t.match(versionLines[0], /"qemuVersion":"QEMU emulator version \d+\.\d+/, 'with the version it reports')
+  t.match(versionLines[0], /"capabilities":\{"snapshot-save":true,.*"background-snapshot":true/, 'and what its capability probe found')
 
   const noAuth = await http({ port, path: '/v1/vms' })
   t.equal(noAuth.status, 401)

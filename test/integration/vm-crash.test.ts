@@ -201,7 +201,7 @@ t.test('a migration left waiting by a dead daemon is cancelled at re-attach; the
   t.ok(await eventually(async () => (await guestCounters(second, 'mig')).counter > paused + 20), 'the guest counts on')
 })
 
-t.test('QEMU 7.2: a background snapshot whose receiver died wedges the guest; cont cannot revive it, force stop ends it', async (t) => {
+t.test('a background snapshot whose receiver died: QEMU 7.2 wedges the guest (cont cannot revive it), QEMU 10 resumes it; force stop ends it', async (t) => {
   const stateDir = t.testdir()
   const first = await startTestDaemon(t, { stateDir, config: { quitTimeoutMs: QUIT_TIMEOUT_MS } })
   await defineGuestVm(first, 'bg', { memoryMiB: 128, stampMiB: 32 })
@@ -232,9 +232,10 @@ t.test('QEMU 7.2: a background snapshot whose receiver died wedges the guest; co
   }
   const t0 = Date.now()
   const job = await op(second, 'bg', 'stop', { force: true })
-  t.match(job.result, { method: 'quit+kill', state: 'shutoff' })
+  // A wedged QEMU does not answer quit in time and is killed; a resumed one quits.
+  t.match(job.result, { method: c1 === c0 ? 'quit+kill' : 'quit', state: 'shutoff' })
   t.ok(Date.now() - t0 < QUIT_TIMEOUT_MS + 5000, 'within the quit timeout and a few seconds')
-  t.notOk(isAlive(pid), 'the wedged QEMU is gone')
+  t.notOk(isAlive(pid), 'the QEMU is gone')
 })
 
 /** The kernel wait channels of a process's threads. */

@@ -3,6 +3,7 @@
 import { utimesSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import t from 'tap'
+import { JOB_STATUSES, JOB_TYPES, MIGRATION_STATUSES, RUN_STATES } from '../../src/qmp/commands.ts'
 import { capsSummary, probeCaps, qemuCaps } from '../../src/vm/qemu-caps.ts'
 import { QEMU10, QEMU_SYSTEM, requireBinary } from '../helpers/qemu10.ts'
 
@@ -87,4 +88,18 @@ t.test('probed once per binary; a new mtime probes again', async (t) => {
 t.test('a binary that is not QEMU fails with QEMU_START_FAILED, one that does not exist with QEMU_NOT_FOUND', async (t) => {
   await t.rejects(probeCaps('/bin/true'), { code: 'QEMU_START_FAILED' })
   await t.rejects(qemuCaps(join(t.testdir(), 'missing-qemu')), { code: 'QEMU_NOT_FOUND' })
+})
+
+t.test('the enums replies and events are validated against hold every value either QEMU can send', async (t) => {
+  // Each QAPI enum is found by a value only it has (type names are masked in the schema).
+  const ours = { RunState: [RUN_STATES, 'prelaunch'], JobType: [JOB_TYPES, 'commit'], JobStatus: [JOB_STATUSES, 'concluded'], MigrationStatus: [MIGRATION_STATUSES, 'pre-switchover'] } as const
+  for (const bin of [QEMU_SYSTEM, QEMU10]) {
+    const d = await probeCaps(bin)
+    for (const [name, [list, marker]] of Object.entries(ours)) {
+      const found = d.schema.filter((e) => e['meta-type'] === 'enum' && (e.members?.some((m) => m.name === marker) || e.values?.includes(marker)))
+      t.equal(found.length, 1, `${bin}: one ${name} enum`)
+      const values = found[0]?.members?.map((m) => m.name) ?? found[0]?.values ?? []
+      t.same(values.filter((v) => !(list as readonly (string | undefined)[]).includes(v)), [], `${bin}: every ${name} is known to qmpd`)
+    }
+  }
 })

@@ -52,6 +52,7 @@ const HostReply = z.object({
     qmpVersion: z.object({ major: z.number(), minor: z.number(), micro: z.number(), package: z.string() }),
     commands: z.record(z.string(), z.boolean()),
     migrationCapabilities: z.array(z.string()),
+    capabilities: z.record(z.string(), z.boolean()).describe('what qmpd chooses features by, from the QEMU binary\'s own QMP schema (never its version): snapshot-save, background-snapshot, mapped-ram, multifd, direct-io, migrate-channels, migrate-blk, snapshot-access, …'),
     probedAt: z.string(),
   }),
   accel: z.object({

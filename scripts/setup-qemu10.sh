@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Unpacks QEMU 10 from the distribution's backports into .qemu/10 (gitignored) without installing
+# it: a private apt configuration whose source is derived from this machine's own apt sources
+# (suite <codename>-backports), `apt-get download`, `dpkg -x`, and wrappers in .qemu/10/bin that
+# `exec` the real binaries with their data and module directories. The system's QEMU is untouched.
+# Safe to run again: a finished install (the stamp file) is kept; QMPD_QEMU10_REFRESH=1 redoes it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+top=$(pwd)/.qemu/10
+stamp="$top/installed"
+# What the tests need besides the emulator: qemu-img/qemu-io/qemu-nbd (qemu-utils), the firmware
+# blobs and keymaps QEMU's -L directory holds (qemu-system-data), the shared modules, among them
+# accel-tcg (qemu-system-common). SeaBIOS, iPXE ROMs and OVMF come from the system's packages
+# (seabios, ipxe-qemu, ovmf, pulled in by qemu-system-x86 7.2), found through the data path.
+packages=(qemu-system-x86 qemu-system-common qemu-system-data qemu-utils)
+
+if [ -f "$stamp" ] && [ "${QMPD_QEMU10_REFRESH:-}" != 1 ] && [ -x "$top/bin/qemu-system-x86_64" ]; then
+  echo "setup: QEMU 10 already in $top ($(head -1 "$stamp"))" >&2
+  exit 0
+fi
+command -v apt-get >/dev/null && command -v dpkg >/dev/null || { echo "setup: --qemu10 needs apt-get and dpkg (Debian/Ubuntu)" >&2; exit 1; }
+
+. /etc/os-release
+codename=${VERSION_CODENAME:-}
+[ -n "$codename" ] || { echo "setup: /etc/os-release names no VERSION_CODENAME" >&2; exit 1; }
+
+# The first source of the release suite itself (not -security/-updates): its URI and keyring.
+uri="" keyring=""
+for f in /etc/apt/sources.list.d/*.sources; do
+  [ -f "$f" ] || continue
+  # deb822 stanzas are separated by blank lines; awk prints "URI<TAB>Signed-By" of the first
+  # stanza of Types deb whose Suites list the release codename.
+  read -r uri keyring < <(awk -v c="$codename" '
+    function flush() { if (types ~ /(^| )deb( |$)/ && (" " suites " ") ~ (" " c " ") && uris != "" && !done) { split(uris, u, " "); print u[1] "\t" signed; done = 1 } types = suites = uris = signed = "" }
+    /^[ \t]*#/ { next }
+    /^[ \t]*$/ { flush(); next }
+    { key = $1; sub(/:$/, "", key); $1 = ""; sub(/^ +/, ""); v = $0 }
+    key == "Types" { types = v } key == "Suites" { suites = v } key == "URIs" { uris = v } key == "Signed-By" { signed = v }
+    END { flush() }' "$f" | tr '\t' ' ') || true
+  [ -n "$uri" ] && break
+done
+if [ -z "$uri" ] && [ -f /etc/apt/sources.list ]; then
+  # One-line form: deb [options] URI suite components…
+  line=$(grep -E "^[[:space:]]*deb[[:space:]]" /etc/apt/sources.list | sed -E 's/\[[^]]*\]//' | awk -v c="$codename" '$3 == c { print $2; exit }')
+  uri=$line
+  keyring=$(grep -E "^[[:space:]]*deb[[:space:]]+\[[^]]*signed-by=" /etc/apt/sources.list | sed -nE 's/.*signed-by=([^] ]+).*/\1/p' | head -1)
+fi
+[ -n "$uri" ] || { echo "setup: no apt source for suite $codename found in /etc/apt/sources.list.d/*.sources or /etc/apt/sources.list" >&2; exit 1; }
+
+apt="$top/apt"
+mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial" "$top/deb"
+opts=""
+[ -n "$keyring" ] && [ -f "$keyring" ] && opts="[signed-by=$keyring] "
+echo "deb ${opts}$uri $codename-backports main" >"$apt/sources.list"
+aptopts=(-o "Dir::Etc::SourceList=$apt/sources.list" -o Dir::Etc::SourceParts=/dev/null -o "Dir::State::Lists=$apt/lists" -o "Dir::Cache=$apt/cache")
+echo "setup: fetching ${packages[*]} from $codename-backports into $top" >&2
+apt-get "${aptopts[@]}" -qq update
+rm -f "$top"/deb/*.deb
+(cd "$top/deb" && apt-get "${aptopts[@]}" -qq download "${packages[@]/%//$codename-backports}")
+
+new="$top/root.new"
+rm -rf "$new"
+mkdir -p "$new"
+for deb in "$top"/deb/*.deb; do dpkg -x "$deb" "$new"; done
+[ -x "$new/usr/bin/qemu-system-x86_64" ] || { echo "setup: the packages held no usr/bin/qemu-system-x86_64" >&2; exit 1; }
+rm -rf "$top/root"
+mv "$new" "$top/root"
+
+root="$top/root"
+mkdir -p "$top/bin"
+# The wrappers exec: the QEMU's PID is the wrapper's, and its argv[0] is .../usr/bin/<name>, so
+# qmpd's /proc scanners (argv[0] containing qemu-system, basename qemu-img) see the real name.
+# -L adds QEMU 10's data directory before the built-in firmware path (SeaBIOS, iPXE, OVMF).
+write_wrapper() {
+  local name=$1 extra=$2
+  cat >"$top/bin/$name.tmp" <<WRAP
+#!/bin/sh
+# Written by scripts/setup-qemu10.sh: runs the private QEMU 10's $name.
+export QEMU_MODULE_DIR='$root/usr/lib/x86_64-linux-gnu/qemu'
+exec '$root/usr/bin/$name'$extra "\$@"
+WRAP
+  chmod 755 "$top/bin/$name.tmp"
+  mv "$top/bin/$name.tmp" "$top/bin/$name"
+}
+write_wrapper qemu-system-x86_64 " -L '$root/usr/share/qemu'"
+for tool in qemu-img qemu-io qemu-nbd qemu-storage-daemon; do write_wrapper "$tool" ""; done
+
+"$top/bin/qemu-system-x86_64" --version | head -1 >"$stamp.tmp"
+mv "$stamp.tmp" "$stamp"
+echo "setup: $(cat "$stamp") in $top/bin" >&2
