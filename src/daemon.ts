@@ -26,6 +26,8 @@ import { StateService } from './state/service.ts'
 import { registerStateRecovery } from './state/recovery.ts'
 import { registerSnapshotRecovery } from './snapshot/recovery.ts'
 import { registerChainRecovery } from './chain/recovery.ts'
+import { BackupService } from './backup/service.ts'
+import { registerBackupRecovery } from './backup/recovery.ts'
 import { registerVmRecovery } from './vm/recovery.ts'
 import type { SnapshotDeps } from './snapshot/deps.ts'
 import { JournalRepo } from './store/journal.ts'
@@ -40,6 +42,7 @@ import { HostInfo } from './vm/host-info.ts'
 import type { VmState } from './vm/definition.ts'
 
 import { logAccelProbe } from './vm/accel.ts'
+import { isRunningState } from './vm/states.ts'
 
 /** qmpd's version, reported by /healthz and the OpenAPI document. */
 export const VERSION = '0.1.0'
@@ -54,6 +57,7 @@ export interface Daemon {
   vms: VmManager
   snapshots: SnapshotService
   blockJobs: BlockJobService
+  backups: BackupService
   state: StateService
   /** GET /v1/vms/{vm}/check: the store against QEMU and the files. */
   checker: VmChecker
@@ -139,9 +143,12 @@ async function openDaemon(
   registerChainRecovery(recovery, { vms, repo: snapshotRepo, qemuImg, vmDir: (vm) => paths.vmDir(vm) })
   const state = new StateService({ vms, jobs, paths, journal, log: log.child({ component: 'state' }) })
   registerStateRecovery(recovery, { vms, journal: journalRepo })
+  const backups = new BackupService({ vms, jobs, paths, qemuImg, journal, log: log.child({ component: 'backups' }) })
+  registerBackupRecovery(recovery, { vmDir: (vm) => paths.vmDir(vm), qmp: (vm) => (isRunningState(vms.record(vm).runtime.state) ? vms.qmp(vm) : undefined) })
   const busy = (vm: string, what: string): void => blockJobs.assertIdle(vm, what)
   snapshots.busyCheck = busy
   state.busyCheck = busy
+  backups.busyCheck = busy
   vms.busyCheck = busy
   vms.patchCheck = (vm, before, after, fresh) => assertPatchKeepsSnapshots(snapshotRepo, vm, before, after, fresh)
   const vmBusy = (vm: string): boolean => jobs.busy(vm) || blockJobs.busy(vm) !== undefined
@@ -176,12 +183,13 @@ async function openDaemon(
     vms,
     snapshots,
     blockJobs,
+    backups,
     state,
     checker,
     reconciler,
     repos: { snapshots: snapshotRepo, journal: journalRepo },
     app: (opts = {}) =>
-      buildApp({ services: { vms, jobs, bus, snapshots, blockJobs, state, checker, reconciler, idempotency, host, vmDir: (vm) => paths.vmDir(vm) }, logger: log, version: VERSION, ...opts }),
+      buildApp({ services: { vms, jobs, bus, snapshots, blockJobs, backups, state, checker, reconciler, idempotency, host, vmDir: (vm) => paths.vmDir(vm) }, logger: log, version: VERSION, ...opts }),
     async close(opts = {}) {
       if (closed) return
       closed = true

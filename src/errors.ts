@@ -21,6 +21,8 @@ export type ErrorCode =
   | 'JOB_NOT_FOUND'
   | 'SNAPSHOT_NOT_FOUND'
   | 'SNAPSHOT_EXISTS'
+  /** No backup point with that id in any of the VM's backup chains. */
+  | 'BACKUP_NOT_FOUND'
   | 'DISK_NOT_FOUND'
   | 'FILE_EXISTS'
   | 'INVALID_STATE'

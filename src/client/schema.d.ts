@@ -538,6 +538,41 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/vms/{vm}/backups": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The VM's backup chains: points, sizes, bitmap state */
+        get: operations["listBackups"];
+        put?: never;
+        /** Back up a running VM's disks (full or incremental, all from one instant) into a qcow2 chain (a job; its result is the point) */
+        post: operations["createBackup"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/vms/{vm}/backups/{id}/restore": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Restore one disk of a backup point into a new standalone qcow2 file (a job) */
+        post: operations["restoreBackup"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/events": {
         parameters: {
             query?: never;
@@ -1414,7 +1449,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -1485,7 +1520,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -1569,7 +1604,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -1700,7 +1735,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -1835,7 +1870,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -1983,7 +2018,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -2142,7 +2177,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -2296,7 +2331,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -2450,7 +2485,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -2604,7 +2639,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -2734,7 +2769,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -2837,7 +2872,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3102,7 +3137,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3176,7 +3211,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3282,7 +3317,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3370,7 +3405,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3458,7 +3493,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3546,7 +3581,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3634,7 +3669,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3759,7 +3794,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3892,7 +3927,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3991,7 +4026,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -4135,7 +4170,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -4307,7 +4342,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -4469,7 +4504,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -4644,7 +4679,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -4798,7 +4833,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -4929,7 +4964,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -5032,7 +5067,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -5189,7 +5224,444 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error (INVALID_INPUT); the body is over 1 MiB */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error (INVALID_INPUT); the body is not application/json */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: QMP_COMMAND_REFUSED, HOST_RESOURCE_MISSING */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: INTERRUPTED, INTERNAL */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: QMP_COMMAND_FAILED, QMP_DISCONNECTED, QMP_PROTOCOL_ERROR, QMP_CONNECT_FAILED, QGA_COMMAND_FAILED, QEMU_START_FAILED, QEMU_IMG_FAILED, VM_CRASHED */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: QEMU_NOT_FOUND */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: TIMEOUT */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: IO_ERROR, DISK_FULL */
+            507: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    listBackups: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
+                vm: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK (with ?wait=true: the finished job) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": {
+                        chains: {
+                            id: string;
+                            dir: string;
+                            bitmap: string;
+                            disks: string[];
+                            points: {
+                                id: string;
+                                /** @enum {string} */
+                                mode: "full" | "incremental";
+                                /** @enum {string} */
+                                requested: "full" | "incremental";
+                                reason?: string;
+                                at: string;
+                                ms: number;
+                                disks: {
+                                    id: string;
+                                    file: string;
+                                    backing: string | null;
+                                    copiedBytes: number;
+                                }[];
+                            }[];
+                            invalid?: {
+                                reason: string;
+                                at: string;
+                            };
+                            /** @description per disk, the bitmap on its active layer now; null when the VM's QEMU is not running */
+                            bitmaps: {
+                                disk: string;
+                                /** @enum {string} */
+                                state: "active" | "inconsistent" | "missing";
+                                dirtyBytes?: number;
+                            }[] | null;
+                            /** @description the chain's files on the host */
+                            sizeBytes: number;
+                        }[];
+                    };
+                };
+            };
+            /** @description Error: INVALID_INPUT, INVALID_PATH; INVALID_INPUT also for a malformed body or query */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: UNAUTHORIZED */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: INTERRUPTED, INTERNAL */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: QMP_COMMAND_FAILED, QMP_DISCONNECTED, QMP_PROTOCOL_ERROR, QMP_CONNECT_FAILED, QGA_COMMAND_FAILED, QEMU_START_FAILED, QEMU_IMG_FAILED, VM_CRASHED */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    createBackup: {
+        parameters: {
+            query?: {
+                /** @description wait for the job to finish and answer with it (200, or the job's error status with {error, job}) */
+                wait?: boolean;
+                /** @description how long ?wait=true waits */
+                timeoutSec?: number;
+            };
+            header?: {
+                /** @description the same key with the same request answers the VM or job the first request created (24 h); another request under it is 409 */
+                "idempotency-key"?: string;
+            };
+            path: {
+                /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
+                vm: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": {
+                    /**
+                     * @description full: every cluster; incremental: the clusters written since the chain's last point (falls back to full, and says why, when the bitmap cannot be trusted)
+                     * @enum {string}
+                     */
+                    mode: "full" | "incremental";
+                    /** @description the directory of the backup chain (an existing directory; relative: under the VM's directory). One chain per VM and directory */
+                    dir: string;
+                    /** @description disk ids (default: every disk); fixed when the chain is created */
+                    disks?: string[];
+                };
+            };
+        };
+        responses: {
+            /** @description OK (with ?wait=true: the finished job) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Job"];
+                };
+            };
+            /** @description Accepted: the job, queued or running (Location names it) */
+            202: {
+                headers: {
+                    /** @description the job: GET it for its state and progress */
+                    Location?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Job"];
+                };
+            };
+            /** @description Error: INVALID_INPUT, INVALID_PATH; INVALID_INPUT also for a malformed body or query */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: UNAUTHORIZED */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error (INVALID_INPUT); the body is over 1 MiB */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error (INVALID_INPUT); the body is not application/json */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: QMP_COMMAND_REFUSED, HOST_RESOURCE_MISSING */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: INTERRUPTED, INTERNAL */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: QMP_COMMAND_FAILED, QMP_DISCONNECTED, QMP_PROTOCOL_ERROR, QMP_CONNECT_FAILED, QGA_COMMAND_FAILED, QEMU_START_FAILED, QEMU_IMG_FAILED, VM_CRASHED */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: QEMU_NOT_FOUND */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: TIMEOUT */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: IO_ERROR, DISK_FULL */
+            507: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    restoreBackup: {
+        parameters: {
+            query?: {
+                /** @description wait for the job to finish and answer with it (200, or the job's error status with {error, job}) */
+                wait?: boolean;
+                /** @description how long ?wait=true waits */
+                timeoutSec?: number;
+            };
+            header?: {
+                /** @description the same key with the same request answers the VM or job the first request created (24 h); another request under it is 409 */
+                "idempotency-key"?: string;
+            };
+            path: {
+                /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
+                vm: string;
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": {
+                    /** @description the new standalone qcow2 file (must not exist) */
+                    file: string;
+                    /** @description which disk of the point (required when it has more than one) */
+                    disk?: string;
+                };
+            };
+        };
+        responses: {
+            /** @description OK (with ?wait=true: the finished job) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Job"];
+                };
+            };
+            /** @description Accepted: the job, queued or running (Location names it) */
+            202: {
+                headers: {
+                    /** @description the job: GET it for its state and progress */
+                    Location?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Job"];
+                };
+            };
+            /** @description Error: INVALID_INPUT, INVALID_PATH; INVALID_INPUT also for a malformed body or query */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: UNAUTHORIZED */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;

@@ -14,6 +14,8 @@ import type { VmManager } from '../vm/manager.ts'
 import type { SnapshotService } from '../snapshot/service.ts'
 import { snapshotRoutes } from './routes/snapshots.ts'
 import { chainRoutes } from './routes/chain.ts'
+import { backupRoutes } from './routes/backups.ts'
+import type { BackupService } from '../backup/service.ts'
 import { eventRoutes } from './routes/events.ts'
 import type { BlockJobService } from '../chain/service.ts'
 import type { StateService } from '../state/service.ts'
@@ -39,6 +41,8 @@ export interface Services {
   bus: EventBus
   snapshots: SnapshotService
   blockJobs: BlockJobService
+  /** Push-mode backups (src/backup). */
+  backups: BackupService
   state: StateService
   checker: VmChecker
   reconciler: Reconciler
@@ -227,6 +231,7 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
   await app.register(jobRoutes, { services: opts.services })
   await app.register(snapshotRoutes, { services: opts.services })
   await app.register(chainRoutes, { services: opts.services })
+  await app.register(backupRoutes, { services: opts.services })
   await app.register(eventRoutes, { services: opts.services, ...(opts.sseMaxPendingBytes ? { maxPendingBytes: opts.sseMaxPendingBytes } : {}) })
   await app.ready()
   return app

@@ -552,6 +552,23 @@ export type TransactionAction =
   | { type: 'block-dirty-bitmap-enable'; data: BlockDirtyBitmapArgs }
   | { type: 'block-dirty-bitmap-disable'; data: BlockDirtyBitmapArgs }
   | { type: 'block-dirty-bitmap-merge'; data: BlockDirtyBitmapMergeArgs }
+  | { type: 'blockdev-backup'; data: BlockdevBackupArgs }
+
+/**
+ * Arguments of blockdev-backup, qapi/block-core.json BlockdevBackup: copy `device` into the node
+ * `target` from the instant the job starts. `bitmap` with sync incremental/bitmap picks the
+ * clusters; with sync full and bitmap-mode on-success the bitmap restarts at that instant.
+ */
+export interface BlockdevBackupArgs extends BlockJobCommonArgs {
+  device: string
+  target: string
+  sync: 'full' | 'top' | 'none' | 'incremental' | 'bitmap'
+  bitmap?: string
+  'bitmap-mode'?: 'on-success' | 'never' | 'always'
+  compress?: boolean
+  'on-source-error'?: BlockdevOnError
+  'on-target-error'?: BlockdevOnError
+}
 
 /** Options common to the block-job starting commands (qmpd always sets job-id and both autos to false). */
 export interface BlockJobCommonArgs {
