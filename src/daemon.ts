@@ -28,6 +28,7 @@ import { registerSnapshotRecovery } from './snapshot/recovery.ts'
 import { registerChainRecovery } from './chain/recovery.ts'
 import { BackupService } from './backup/service.ts'
 import { registerBackupRecovery } from './backup/recovery.ts'
+import { invalidateOnRevert } from './backup/invalidate.ts'
 import { registerVmRecovery } from './vm/recovery.ts'
 import type { SnapshotDeps } from './snapshot/deps.ts'
 import { JournalRepo } from './store/journal.ts'
@@ -144,6 +145,7 @@ async function openDaemon(
   const state = new StateService({ vms, jobs, paths, journal, log: log.child({ component: 'state' }) })
   registerStateRecovery(recovery, { vms, journal: journalRepo })
   const backups = new BackupService({ vms, jobs, paths, qemuImg, journal, log: log.child({ component: 'backups' }) })
+  invalidateOnRevert(bus, (vm) => paths.vmDir(vm), log.child({ component: 'backups' }))
   registerBackupRecovery(recovery, { vmDir: (vm) => paths.vmDir(vm), qmp: (vm) => (isRunningState(vms.record(vm).runtime.state) ? vms.qmp(vm) : undefined) })
   const busy = (vm: string, what: string): void => blockJobs.assertIdle(vm, what)
   snapshots.busyCheck = busy

@@ -9,6 +9,8 @@ export interface BitmapState {
   disk: string
   /** The active layer's node (where the bitmap lives and the backup reads from). */
   node: string
+  /** The active layer's file. */
+  file: string
   state: 'active' | 'inconsistent' | 'missing'
   /** Bytes marked dirty (written since the chain's last point), when the bitmap exists. */
   dirtyBytes?: number
@@ -26,8 +28,8 @@ export async function bitmapStates(qmp: QmpClient, disks: readonly string[], nam
   for (const disk of disks) {
     const top = (await liveChain(qmp, disk))[0]!
     const info = nodes.find((n) => n['node-name'] === top.node)?.['dirty-bitmaps']?.find((b) => b.name === name)
-    if (!info) out.push({ disk, node: top.node, state: 'missing' })
-    else out.push({ disk, node: top.node, state: info.inconsistent ? 'inconsistent' : 'active', dirtyBytes: info.count })
+    if (!info) out.push({ disk, node: top.node, file: top.file, state: 'missing' })
+    else out.push({ disk, node: top.node, file: top.file, state: info.inconsistent ? 'inconsistent' : 'active', dirtyBytes: info.count })
   }
   return out
 }
@@ -35,12 +37,23 @@ export async function bitmapStates(qmp: QmpClient, disks: readonly string[], nam
 /**
  * The mode a backup runs in: the requested one, or full with the reason when an incremental
  * cannot be trusted (no chain or point yet, the chain marked invalid, a bitmap missing or
- * inconsistent). Never a silent full backup: the reason goes into the point and the job result.
+ * inconsistent, the disk's active layer not the one of the last point). Never a silent full
+ * backup: the reason goes into the point and the job result. A layer that came back (an external
+ * snapshot committed back into it) is trusted: QEMU marks a layer's bitmap for every cluster a
+ * commit writes into it.
  */
 export function decideMode(requested: BackupMode, chain: BackupChain | undefined, states: readonly BitmapState[]): { mode: BackupMode; reason?: string } {
   if (requested === 'full') return { mode: 'full' }
   if (!chain || chain.points.length === 0) return { mode: 'full', reason: 'no backup in this chain yet: the first backup of a chain is full' }
   if (chain.invalid) return { mode: 'full', reason: chain.invalid.reason }
+  const last = chain.points.at(-1)!
+  const moved = states.find((s) => last.disks.find((d) => d.id === s.disk)?.layer !== s.file)
+  if (moved) {
+    return {
+      mode: 'full',
+      reason: `disk ${moved.disk}'s active layer is ${moved.file}, not the ${last.disks.find((d) => d.id === moved.disk)?.layer} of the last backup (an external snapshot, copy or revert since): its bitmap does not cover the change`,
+    }
+  }
   const bad = states.find((s) => s.state === 'inconsistent')
   if (bad) return { mode: 'full', reason: `bitmap inconsistent after unclean exit (disk ${bad.disk}: QEMU did not close the image cleanly, so the bitmap may have missed writes)` }
   const gone = states.find((s) => s.state === 'missing')

@@ -26,6 +26,8 @@ export const PointDisk = z.strictObject({
   id: z.string(),
   file: z.string(),
   backing: z.string().nullable(),
+  /** The disk's active layer when the point was taken (the bitmap lives there). */
+  layer: z.string(),
   /** Bytes QEMU copied into this point. */
   copiedBytes: z.number().int().nonnegative(),
 })

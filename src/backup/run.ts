@@ -124,7 +124,7 @@ export async function runBackup(d: RunDeps, qmp: QmpClient, plan: BackupPlan, ct
         ...(reason ? { reason } : {}),
         at,
         ms: Math.round(performance.now() - t0),
-        disks: targets.map((t): PointDisk => ({ id: t.disk, file: t.file, backing: mode === 'incremental' ? last!.disks.find((x) => x.id === t.disk)!.file : null, copiedBytes: copied.get(t.jobId) ?? 0 })),
+        disks: targets.map((t): PointDisk => ({ id: t.disk, file: t.file, backing: mode === 'incremental' ? last!.disks.find((x) => x.id === t.disk)!.file : null, layer: states.find((s) => s.disk === t.disk)!.file, copiedBytes: copied.get(t.jobId) ?? 0 })),
       }
       await o.step('record', () => {
         const m = readManifest(vmDir)

@@ -21,7 +21,7 @@ import { runBackup } from './run.ts'
 /** A chain as GET /v1/vms/{vm}/backups shows it. */
 export interface ChainView extends BackupChain {
   /** Per disk, what QEMU holds now (null when the VM's QEMU is not running). */
-  bitmaps: Array<Omit<BitmapState, 'node'>> | null
+  bitmaps: Array<Omit<BitmapState, 'node' | 'file'>> | null
   /** Sum of the chain's files on the host. */
   sizeBytes: number
 }
@@ -98,7 +98,7 @@ export class BackupService {
       let bitmaps: ChainView['bitmaps'] = null
       if (live) {
         bitmaps = await bitmapStates(this.deps.vms.qmp(vm), c.disks, c.bitmap).then(
-          (s) => s.map(({ node: _node, ...rest }) => rest),
+          (s) => s.map(({ node: _node, file: _file, ...rest }) => rest),
           () => null,
         )
       }

@@ -76,12 +76,33 @@ t.test('a full and two incremental backups while the guest writes, each point re
     t.ok(d.copiedBytes < full.point.disks[i].copiedBytes, `disk ${d.id}: the incremental copied ${d.copiedBytes} bytes, the full ${full.point.disks[i].copiedBytes}`)
   }
 
-  // A clean QEMU restart keeps the persistent bitmaps: the next incremental stays incremental.
+  // An external snapshot and a commit back between two backups: QEMU marks the base's bitmap for
+  // every cluster the commit writes, so the chain goes on incrementally and the point is exact.
+  t.equal((await td.api('POST', '/v1/vms/bk/snapshots?wait=true', { name: 'e1', kind: 'external', memory: false })).status, 200, 'external snapshot e1')
+  await advance(td, 'bk', 70)
+  t.equal((await td.api('DELETE', '/v1/vms/bk/snapshots/e1?wait=true&metadataOnly=true')).status, 200, 'forget e1 (its overlay stays the active layer)')
+  for (const disk of ['vda', 'vdb']) {
+    const c = await td.api('POST', `/v1/vms/bk/disks/${disk}/commit?wait=true`, {})
+    t.equal(c.status, 200, `active commit of ${disk} back into its base`)
+    t.equal(c.body.result?.pivoted, true)
+  }
+  await advance(td, 'bk', 70)
+  const inc1b = await backupAndCheck(t, td, 'bk', { mode: 'incremental', dir }, 'incremental after a snapshot and a commit')
+  t.match(inc1b.point, { mode: 'incremental', requested: 'incremental' }, 'the snapshot and commit did not break the chain')
+  t.same(inc1b.point.disks.map((d: any) => d.backing), inc1.point.disks.map((d: any) => d.file))
+
+  // A backup while a new overlay is the active layer: its bitmap does not cover the change, so full, and it says so.
+  t.equal((await td.api('POST', '/v1/vms/bk/snapshots?wait=true', { name: 'e2', kind: 'external', memory: false })).status, 200, 'external snapshot e2')
+  await advance(td, 'bk', 70)
+  const onOverlay = await backupAndCheck(t, td, 'bk', { mode: 'incremental', dir }, 'incremental on a new overlay')
+  t.match(onOverlay.point, { mode: 'full', requested: 'incremental', reason: /active layer/ }, 'reported as full, with the reason')
+
   await op(td, 'bk', 'stop', { force: true })
   await op(td, 'bk', 'start')
   await advance(td, 'bk', 100)
   const inc2 = await backupAndCheck(t, td, 'bk', { mode: 'incremental', dir }, 'incremental 2 (after a clean QEMU restart)')
   t.match(inc2.point, { mode: 'incremental', requested: 'incremental' })
+  t.same(inc2.point.disks.map((d: any) => d.backing), onOverlay.point.disks.map((d: any) => d.file), 'backed by the point before the restart')
   // (The guest booted again: its counter restarted, so this instant is not comparable with inc1's.)
 
   // Restoring an earlier point still gives that point's instant, not a later one.
@@ -93,7 +114,7 @@ t.test('a full and two incremental backups while the guest writes, each point re
   t.equal(list.status, 200)
   t.equal(list.body.chains.length, 1, 'one chain for the directory')
   const chain = list.body.chains[0]
-  t.same(chain.points.map((p: any) => p.id), [full.point.id, inc1.point.id, inc2.point.id])
+  t.same(chain.points.map((p: any) => p.id), [full.point.id, inc1.point.id, inc1b.point.id, onOverlay.point.id, inc2.point.id])
   t.same(chain.bitmaps.map((b: any) => b.state), ['active', 'active'], 'both bitmaps active')
   t.ok(chain.sizeBytes > 0)
 
