@@ -29,7 +29,12 @@ export function registerBackupRecovery(recovery: Recovery, d: BackupRecoveryDeps
 }
 
 async function recoverBackup(d: BackupRecoveryDeps, e: JournalEntry, j: BackupJournal, log: Logger): Promise<RecoveryOutcome> {
-  const qmp = d.qmp(e.vm)
+  let qmp: QmpClient | undefined
+  try {
+    qmp = d.qmp(e.vm)
+  } catch {
+    qmp = undefined // no QMP session (state unknown): the nodes went with it or go with the QEMU
+  }
   if (qmp) {
     for (const t of j.targets) await qmp.execute('blockdev-del', { 'node-name': t.node }).catch(() => {})
   }
