@@ -30,6 +30,7 @@ import { revertInternalCase } from './cases/revert-internal.ts'
 import { dataCases } from './cases/data.ts'
 import { managedSaveCase } from './cases/managedsave.ts'
 import { fleetCase } from './cases/fleet.ts'
+import { backupCase } from './cases/backup.ts'
 
 const CASES: Case[] = [
   getCase,
@@ -40,6 +41,7 @@ const CASES: Case[] = [
   revertInternalCase,
   ...dataCases,
   managedSaveCase,
+  backupCase,
   fleetCase,
 ]
 

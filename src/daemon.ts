@@ -28,6 +28,9 @@ import { ExportService } from './export/service.ts'
 import { registerExportRecovery } from './export/recovery.ts'
 import { registerSnapshotRecovery } from './snapshot/recovery.ts'
 import { registerChainRecovery } from './chain/recovery.ts'
+import { BackupService } from './backup/service.ts'
+import { registerBackupRecovery } from './backup/recovery.ts'
+import { invalidateOnRevert } from './backup/invalidate.ts'
 import { registerVmRecovery } from './vm/recovery.ts'
 import type { SnapshotDeps } from './snapshot/deps.ts'
 import { JournalRepo } from './store/journal.ts'
@@ -46,6 +49,7 @@ import { ScheduleService } from './sched/service.ts'
 import type { VmState } from './vm/definition.ts'
 
 import { logAccelProbe } from './vm/accel.ts'
+import { isRunningState } from './vm/states.ts'
 
 /** qmpd's version, reported by /healthz and the OpenAPI document. */
 export const VERSION = '0.1.0'
@@ -63,6 +67,7 @@ export interface Daemon {
   schedules: ScheduleService
   scheduler: Scheduler
   blockJobs: BlockJobService
+  backups: BackupService
   state: StateService
   /** GET /v1/vms/{vm}/check: the store against QEMU and the files. */
   checker: VmChecker
@@ -161,6 +166,10 @@ async function openDaemon(
   snapshots.busyCheck = busy
   state.busyCheck = busy
   vms.busyCheck = blockJobBusy
+  const backups = new BackupService({ vms, jobs, paths, qemuImg, journal, log: log.child({ component: 'backups' }) })
+  invalidateOnRevert(bus, (vm) => paths.vmDir(vm), log.child({ component: 'backups' }))
+  registerBackupRecovery(recovery, { vmDir: (vm) => paths.vmDir(vm), qmp: (vm) => (isRunningState(vms.record(vm).runtime.state) ? vms.qmp(vm) : undefined) })
+  backups.busyCheck = busy
   vms.patchCheck = (vm, before, after, fresh) => assertPatchKeepsSnapshots(snapshotRepo, vm, before, after, fresh)
   // An open NBD export is an operation in flight: its fleecing job and scratch file are not orphans.
   const vmBusy = (vm: string): boolean => jobs.busy(vm) || blockJobs.busy(vm) !== undefined || exports.hasOpen(vm)
@@ -205,13 +214,14 @@ async function openDaemon(
     schedules,
     scheduler,
     blockJobs,
+    backups,
     state,
     checker,
     reconciler,
     repos: { snapshots: snapshotRepo, journal: journalRepo },
     app: (opts = {}) =>
       buildApp({
-        services: { vms, jobs, bus, snapshots, schedules, blockJobs, state, exports, checker, reconciler, idempotency, host, vmDir: (vm) => paths.vmDir(vm) },
+        services: { vms, jobs, bus, snapshots, schedules, blockJobs, backups, state, exports, checker, reconciler, idempotency, host, vmDir: (vm) => paths.vmDir(vm) },
         logger: log,
         version: VERSION,
         ...opts,

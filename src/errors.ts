@@ -25,6 +25,8 @@ export type ErrorCode =
   | 'SCHEDULE_NOT_FOUND'
   /** The VM has a schedule of that id already. */
   | 'SCHEDULE_EXISTS'
+  /** No backup point with that id in any of the VM's backup chains. */
+  | 'BACKUP_NOT_FOUND'
   | 'DISK_NOT_FOUND'
   | 'FILE_EXISTS'
   | 'INVALID_STATE'

@@ -82,7 +82,7 @@ export interface paths {
         /** List VMs by name, a page at a time (follow `next` with ?after=) */
         get: operations["listVms"];
         put?: never;
-        /** Define a VM, adopt a running QEMU by its QMP socket, or clone a VM from a disk snapshot (linked or full) */
+        /** Define a VM, or adopt a running QEMU by its QMP socket */
         post: operations["defineVm"];
         delete?: never;
         options?: never;
@@ -435,60 +435,6 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
-    "/v1/vms/{vm}/snapshots/{snap}/export": {
-        parameters: {
-            query?: never;
-            header?: never;
-            path?: never;
-            cookie?: never;
-        };
-        get?: never;
-        put?: never;
-        /** Export one disk of a snapshot as a new standalone image (qcow2 or raw, backing chain flattened; a job with progress; the VM may run) */
-        post: operations["exportSnapshot"];
-        delete?: never;
-        options?: never;
-        head?: never;
-        patch?: never;
-        trace?: never;
-    };
-    "/v1/vms/{vm}/schedules": {
-        parameters: {
-            query?: never;
-            header?: never;
-            path?: never;
-            cookie?: never;
-        };
-        /** A VM's schedules with their next slot, last run and pending deletes */
-        get: operations["listSchedules"];
-        put?: never;
-        /** Add a schedule: a cron expression, the snapshot it takes, its retention and expiry */
-        post: operations["createSchedule"];
-        delete?: never;
-        options?: never;
-        head?: never;
-        patch?: never;
-        trace?: never;
-    };
-    "/v1/vms/{vm}/schedules/{id}": {
-        parameters: {
-            query?: never;
-            header?: never;
-            path?: never;
-            cookie?: never;
-        };
-        /** One schedule with its next slot, last run and pending deletes */
-        get: operations["getSchedule"];
-        put?: never;
-        post?: never;
-        /** Delete a schedule (the snapshots it took stay, with their expiry) */
-        delete: operations["deleteSchedule"];
-        options?: never;
-        head?: never;
-        /** Change a schedule (the fields given; null removes tz, retention or expiry) */
-        patch: operations["patchSchedule"];
-        trace?: never;
-    };
     "/v1/vms/{vm}/disks/{disk}/commit": {
         parameters: {
             query?: never;
@@ -592,25 +538,25 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
-    "/v1/vms/{vm}/exports": {
+    "/v1/vms/{vm}/backups": {
         parameters: {
             query?: never;
             header?: never;
             path?: never;
             cookie?: never;
         };
-        /** The VM's open NBD exports */
-        get: operations["listExports"];
+        /** The VM's backup chains: points, sizes, bitmap state */
+        get: operations["listBackups"];
         put?: never;
-        /** Export a point-in-time view of disks read-only over NBD (image fleecing), optionally with a frozen dirty bitmap */
-        post: operations["createExport"];
+        /** Back up a running VM's disks (full or incremental, all from one instant) into a qcow2 chain (a job; its result is the point) */
+        post: operations["createBackup"];
         delete?: never;
         options?: never;
         head?: never;
         patch?: never;
         trace?: never;
     };
-    "/v1/vms/{vm}/exports/{id}": {
+    "/v1/vms/{vm}/backups/{id}/restore": {
         parameters: {
             query?: never;
             header?: never;
@@ -619,9 +565,9 @@ export interface paths {
         };
         get?: never;
         put?: never;
-        post?: never;
-        /** End an export: drop its NBD clients, cancel the fleecing job, remove the scratch node and file */
-        delete: operations["deleteExport"];
+        /** Restore one disk of a backup point into a new standalone qcow2 file (a job) */
+        post: operations["restoreBackup"];
+        delete?: never;
         options?: never;
         head?: never;
         patch?: never;
@@ -634,7 +580,7 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** Live event stream (text/event-stream): job state and progress, VM state, QEMU events, schedule firings and expiries */
+        /** Live event stream (text/event-stream): job state and progress, VM state, QEMU events */
         get: operations["streamEvents"];
         put?: never;
         post?: never;
@@ -774,8 +720,6 @@ export interface components {
             qemuVersion?: string;
             /** @enum {string} */
             ramMethod?: "background-snapshot" | "precopy" | "paused" | "snapshot-save";
-            /** @enum {string} */
-            ramFormat?: "stream" | "mapped-ram";
             definition?: {
                 /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
                 name: string;
@@ -933,99 +877,11 @@ export interface components {
                     };
                 }[];
             };
-            clones?: string[];
-            expiresAt?: string;
-            schedule?: string;
             children: string[];
             current: boolean;
             sizeBytes: number;
         } & {
             [key: string]: unknown;
-        };
-        Schedule: {
-            vm: string;
-            id: string;
-            cron: string;
-            tz?: string;
-            action: {
-                /** @enum {string} */
-                type: "snapshot";
-                /**
-                 * @default internal
-                 * @enum {string}
-                 */
-                kind: "internal" | "external";
-                /**
-                 * @description capture RAM too (a checkpoint: needs a running VM, else the slot is skipped)
-                 * @default false
-                 */
-                memory: boolean;
-                /** @description freeze guest filesystems through the guest agent (needs a running VM) */
-                quiesce?: boolean;
-            };
-            retention?: {
-                /** @description keep the N newest */
-                keepLast?: number;
-                /** @description keep the newest of each of the last N hours that have one */
-                keepHourly?: number;
-                /** @description keep the newest of each of the last N days that have one */
-                keepDaily?: number;
-                /** @description keep the newest of each of the last N ISO weeks that have one */
-                keepWeekly?: number;
-                /** @description keep the newest of each of the last N months that have one */
-                keepMonthly?: number;
-                /** @description keep the newest of each of the last N years that have one */
-                keepYearly?: number;
-            };
-            expiry?: string;
-            enabled: boolean;
-            since: string;
-            createdAt: string;
-            updatedAt: string;
-            /** @description the next slot (absent when disabled or the cron has none) */
-            nextRun?: string;
-            lastRun?: {
-                vm: string;
-                schedule: string;
-                slot: string;
-                /** @enum {string} */
-                state: "firing" | "queued" | "succeeded" | "failed" | "skipped" | "interrupted";
-                job?: string;
-                snapshot?: string;
-                reason?: string;
-                firedAt: string;
-                finishedAt?: string;
-            };
-            pendingDeletes: {
-                snapshot: string;
-                /** @enum {string} */
-                why: "retention" | "expiry";
-                job?: string;
-                /** @description set when the delete was refused or failed; it is not asked for again until the daemon restarts */
-                refused?: string;
-            }[];
-        } & {
-            [key: string]: unknown;
-        };
-        Export: {
-            id: string;
-            /** @description unix socket of the VM's NBD server (mode 0600, owned by qmpd's user) */
-            socket: string;
-            disks: {
-                disk: string;
-                /** @description the NBD export name: nbd+unix:///<exportName>?socket=<socket> */
-                exportName: string;
-                /** @description the meta context of the frozen bitmap: qemu:dirty-bitmap:<name> */
-                bitmap?: string;
-            }[];
-            /** @description the loopback TCP address qmpd forwards to the unix socket, when asked for */
-            tcp?: {
-                host: string;
-                port: number;
-                /** @description nbd://host:port/<exportName> of the first disk */
-                uri: string;
-            };
-            createdAt: string;
         };
     };
     responses: never;
@@ -1438,24 +1294,6 @@ export interface operations {
                     labels?: {
                         [key: string]: string;
                     };
-                } | {
-                    /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
-                    name: string;
-                    clone: {
-                        /** @description the source VM */
-                        vm: string;
-                        /** @description a disk snapshot of it (external or internal) */
-                        snapshot: string;
-                        /**
-                         * @description true: qcow2 overlays on the snapshot's frozen images (kept while the clone exists); false: flattened copies
-                         * @default false
-                         */
-                        linked?: boolean;
-                    };
-                    /** @description labels of the VM: a scheduler finds its VMs again with GET /v1/vms?label=key=value */
-                    labels?: {
-                        [key: string]: string;
-                    };
                 };
             };
         };
@@ -1489,16 +1327,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
-            404: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -1620,7 +1449,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -1629,7 +1458,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -1691,7 +1520,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -1700,7 +1529,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -1775,7 +1604,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -1784,7 +1613,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -1906,7 +1735,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -1915,7 +1744,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2041,7 +1870,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -2050,7 +1879,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2189,7 +2018,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -2198,7 +2027,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2348,7 +2177,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -2357,7 +2186,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2502,7 +2331,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -2511,7 +2340,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2656,7 +2485,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -2665,7 +2494,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2810,7 +2639,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -2819,7 +2648,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2940,7 +2769,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -2949,7 +2778,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3043,7 +2872,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3052,7 +2881,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3117,10 +2946,6 @@ export interface operations {
                                 [key: string]: boolean;
                             };
                             migrationCapabilities: string[];
-                            /** @description what qmpd chooses features by, from the QEMU binary's own QMP schema (never its version): snapshot-save, background-snapshot, mapped-ram, multifd, direct-io, migrate-channels, migrate-blk, snapshot-access, … */
-                            capabilities: {
-                                [key: string]: boolean;
-                            };
                             probedAt: string;
                         };
                         accel: {
@@ -3312,7 +3137,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3321,7 +3146,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3386,7 +3211,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3395,7 +3220,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3492,7 +3317,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3501,7 +3326,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3580,7 +3405,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3589,7 +3414,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3668,7 +3493,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3677,7 +3502,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3756,7 +3581,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3765,7 +3590,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3844,7 +3669,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3853,7 +3678,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3927,13 +3752,6 @@ export interface operations {
                     quiesce?: boolean;
                     /** @description external memory: where the RAM state file goes (must not exist) */
                     vmstateFile?: string;
-                    /** @description delete the snapshot this long after it is taken (e.g. 7d); not with expiresAt */
-                    expiresIn?: string;
-                    /**
-                     * Format: date-time
-                     * @description delete the snapshot at this instant (in the future); not with expiresIn
-                     */
-                    expiresAt?: string;
                 };
             };
         };
@@ -3976,7 +3794,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3985,7 +3803,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -4109,7 +3927,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -4118,7 +3936,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -4208,7 +4026,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -4217,7 +4035,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -4352,7 +4170,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -4361,7 +4179,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -4435,609 +4253,6 @@ export interface operations {
             };
             /** @description Error: IO_ERROR, DISK_FULL */
             507: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-        };
-    };
-    exportSnapshot: {
-        parameters: {
-            query?: {
-                /** @description wait for the job to finish and answer with it (200, or the job's error status with {error, job}) */
-                wait?: boolean;
-                /** @description how long ?wait=true waits */
-                timeoutSec?: number;
-            };
-            header?: {
-                /** @description the same key with the same request answers the VM or job the first request created (24 h); another request under it is 409 */
-                "idempotency-key"?: string;
-            };
-            path: {
-                /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
-                vm: string;
-                /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
-                snap: string;
-            };
-            cookie?: never;
-        };
-        requestBody: {
-            content: {
-                "application/json": {
-                    /** @description the new image (must not exist); relative paths are under the VM directory */
-                    file: string;
-                    /**
-                     * @default qcow2
-                     * @enum {string}
-                     */
-                    format?: "qcow2" | "raw";
-                    /** @description which disk of the snapshot (default: its only captured disk) */
-                    disk?: string;
-                };
-            };
-        };
-        responses: {
-            /** @description OK (with ?wait=true: the finished job) */
-            200: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Job"];
-                };
-            };
-            /** @description Accepted: the job, queued or running (Location names it) */
-            202: {
-                headers: {
-                    /** @description the job: GET it for its state and progress */
-                    Location?: string;
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Job"];
-                };
-            };
-            /** @description Error: INVALID_INPUT, INVALID_PATH; INVALID_INPUT also for a malformed body or query */
-            400: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: UNAUTHORIZED */
-            401: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
-            404: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
-            409: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error (INVALID_INPUT); the body is over 1 MiB */
-            413: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error (INVALID_INPUT); the body is not application/json */
-            415: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: QMP_COMMAND_REFUSED, HOST_RESOURCE_MISSING */
-            422: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: INTERRUPTED, INTERNAL */
-            500: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: QMP_COMMAND_FAILED, QMP_DISCONNECTED, QMP_PROTOCOL_ERROR, QMP_CONNECT_FAILED, QGA_COMMAND_FAILED, QEMU_START_FAILED, QEMU_IMG_FAILED, VM_CRASHED */
-            502: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: QEMU_NOT_FOUND */
-            503: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: TIMEOUT */
-            504: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: IO_ERROR, DISK_FULL */
-            507: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-        };
-    };
-    listSchedules: {
-        parameters: {
-            query?: never;
-            header?: never;
-            path: {
-                /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
-                vm: string;
-            };
-            cookie?: never;
-        };
-        requestBody?: never;
-        responses: {
-            /** @description OK (with ?wait=true: the finished job) */
-            200: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": {
-                        schedules: components["schemas"]["Schedule"][];
-                    };
-                };
-            };
-            /** @description Error: INVALID_INPUT, INVALID_PATH; INVALID_INPUT also for a malformed body or query */
-            400: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: UNAUTHORIZED */
-            401: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
-            404: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: INTERRUPTED, INTERNAL */
-            500: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-        };
-    };
-    createSchedule: {
-        parameters: {
-            query?: never;
-            header?: never;
-            path: {
-                /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
-                vm: string;
-            };
-            cookie?: never;
-        };
-        requestBody: {
-            content: {
-                "application/json": {
-                    /** @description default: generated */
-                    id?: string;
-                    /** @description 5-field cron (minute hour day month weekday), 6 fields with seconds first, or @hourly, @daily, @weekly, @monthly, @yearly */
-                    cron: string;
-                    /** @description IANA time zone the cron is read in (default UTC) */
-                    tz?: string;
-                    action: {
-                        /** @enum {string} */
-                        type: "snapshot";
-                        /**
-                         * @default internal
-                         * @enum {string}
-                         */
-                        kind?: "internal" | "external";
-                        /**
-                         * @description capture RAM too (a checkpoint: needs a running VM, else the slot is skipped)
-                         * @default false
-                         */
-                        memory?: boolean;
-                        /** @description freeze guest filesystems through the guest agent (needs a running VM) */
-                        quiesce?: boolean;
-                    };
-                    retention?: {
-                        /** @description keep the N newest */
-                        keepLast?: number;
-                        /** @description keep the newest of each of the last N hours that have one */
-                        keepHourly?: number;
-                        /** @description keep the newest of each of the last N days that have one */
-                        keepDaily?: number;
-                        /** @description keep the newest of each of the last N ISO weeks that have one */
-                        keepWeekly?: number;
-                        /** @description keep the newest of each of the last N months that have one */
-                        keepMonthly?: number;
-                        /** @description keep the newest of each of the last N years that have one */
-                        keepYearly?: number;
-                    };
-                    /** @description each snapshot it takes expires this long after it is taken */
-                    expiry?: string;
-                    /** @default true */
-                    enabled?: boolean;
-                };
-            };
-        };
-        responses: {
-            /** @description Created */
-            201: {
-                headers: {
-                    /** @description the new resource */
-                    Location?: string;
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Schedule"];
-                };
-            };
-            /** @description Error: INVALID_INPUT, INVALID_PATH; INVALID_INPUT also for a malformed body or query */
-            400: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: UNAUTHORIZED */
-            401: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
-            404: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
-            409: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error (INVALID_INPUT); the body is over 1 MiB */
-            413: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error (INVALID_INPUT); the body is not application/json */
-            415: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: INTERRUPTED, INTERNAL */
-            500: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-        };
-    };
-    getSchedule: {
-        parameters: {
-            query?: never;
-            header?: never;
-            path: {
-                /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
-                vm: string;
-                /** @description 1-40 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
-                id: string;
-            };
-            cookie?: never;
-        };
-        requestBody?: never;
-        responses: {
-            /** @description OK (with ?wait=true: the finished job) */
-            200: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Schedule"];
-                };
-            };
-            /** @description Error: INVALID_INPUT, INVALID_PATH; INVALID_INPUT also for a malformed body or query */
-            400: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: UNAUTHORIZED */
-            401: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
-            404: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: INTERRUPTED, INTERNAL */
-            500: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-        };
-    };
-    deleteSchedule: {
-        parameters: {
-            query?: never;
-            header?: never;
-            path: {
-                /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
-                vm: string;
-                /** @description 1-40 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
-                id: string;
-            };
-            cookie?: never;
-        };
-        requestBody?: never;
-        responses: {
-            /** @description deleted */
-            204: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": null;
-                };
-            };
-            /** @description Error: INVALID_INPUT, INVALID_PATH; INVALID_INPUT also for a malformed body or query */
-            400: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: UNAUTHORIZED */
-            401: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
-            404: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: INTERRUPTED, INTERNAL */
-            500: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-        };
-    };
-    patchSchedule: {
-        parameters: {
-            query?: never;
-            header?: never;
-            path: {
-                /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
-                vm: string;
-                /** @description 1-40 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
-                id: string;
-            };
-            cookie?: never;
-        };
-        requestBody?: {
-            content: {
-                "application/json": {
-                    /** @description 5-field cron (minute hour day month weekday), 6 fields with seconds first, or @hourly, @daily, @weekly, @monthly, @yearly */
-                    cron?: string;
-                    /** @description IANA time zone the cron is read in (default UTC) */
-                    tz?: string | null;
-                    action?: {
-                        /** @enum {string} */
-                        type: "snapshot";
-                        /**
-                         * @default internal
-                         * @enum {string}
-                         */
-                        kind?: "internal" | "external";
-                        /**
-                         * @description capture RAM too (a checkpoint: needs a running VM, else the slot is skipped)
-                         * @default false
-                         */
-                        memory?: boolean;
-                        /** @description freeze guest filesystems through the guest agent (needs a running VM) */
-                        quiesce?: boolean;
-                    };
-                    retention?: {
-                        /** @description keep the N newest */
-                        keepLast?: number;
-                        /** @description keep the newest of each of the last N hours that have one */
-                        keepHourly?: number;
-                        /** @description keep the newest of each of the last N days that have one */
-                        keepDaily?: number;
-                        /** @description keep the newest of each of the last N ISO weeks that have one */
-                        keepWeekly?: number;
-                        /** @description keep the newest of each of the last N months that have one */
-                        keepMonthly?: number;
-                        /** @description keep the newest of each of the last N years that have one */
-                        keepYearly?: number;
-                    } | null;
-                    /** @description a duration: <number><unit>… with units s, m, h, d, w (e.g. 30s, 7d, 1d12h) */
-                    expiry?: string | null;
-                    enabled?: boolean;
-                };
-            };
-        };
-        responses: {
-            /** @description OK (with ?wait=true: the finished job) */
-            200: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Schedule"];
-                };
-            };
-            /** @description Error: INVALID_INPUT, INVALID_PATH; INVALID_INPUT also for a malformed body or query */
-            400: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: UNAUTHORIZED */
-            401: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
-            404: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error (INVALID_INPUT); the body is over 1 MiB */
-            413: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error (INVALID_INPUT); the body is not application/json */
-            415: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description Error: INTERRUPTED, INTERNAL */
-            500: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -5127,7 +4342,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -5136,7 +4351,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -5289,7 +4504,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -5298,7 +4513,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -5464,7 +4679,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -5473,7 +4688,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -5618,7 +4833,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -5627,7 +4842,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -5749,7 +4964,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -5758,7 +4973,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -5852,7 +5067,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -5861,7 +5076,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -6009,7 +5224,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -6018,7 +5233,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -6101,7 +5316,7 @@ export interface operations {
             };
         };
     };
-    listExports: {
+    listBackups: {
         parameters: {
             query?: never;
             header?: never;
@@ -6120,7 +5335,41 @@ export interface operations {
                 };
                 content: {
                     "application/json": {
-                        exports: components["schemas"]["Export"][];
+                        chains: {
+                            id: string;
+                            dir: string;
+                            bitmap: string;
+                            disks: string[];
+                            points: {
+                                id: string;
+                                /** @enum {string} */
+                                mode: "full" | "incremental";
+                                /** @enum {string} */
+                                requested: "full" | "incremental";
+                                reason?: string;
+                                at: string;
+                                ms: number;
+                                disks: {
+                                    id: string;
+                                    file: string;
+                                    backing: string | null;
+                                    copiedBytes: number;
+                                }[];
+                            }[];
+                            invalid?: {
+                                reason: string;
+                                at: string;
+                            };
+                            /** @description per disk, the bitmap on its active layer now; null when the VM's QEMU is not running */
+                            bitmaps: {
+                                disk: string;
+                                /** @enum {string} */
+                                state: "active" | "inconsistent" | "missing";
+                                dirtyBytes?: number;
+                            }[] | null;
+                            /** @description the chain's files on the host */
+                            sizeBytes: number;
+                        }[];
                     };
                 };
             };
@@ -6142,8 +5391,17 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            409: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -6160,11 +5418,25 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description Error: QMP_COMMAND_FAILED, QMP_DISCONNECTED, QMP_PROTOCOL_ERROR, QMP_CONNECT_FAILED, QGA_COMMAND_FAILED, QEMU_START_FAILED, QEMU_IMG_FAILED, VM_CRASHED */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
-    createExport: {
+    createBackup: {
         parameters: {
-            query?: never;
+            query?: {
+                /** @description wait for the job to finish and answer with it (200, or the job's error status with {error, job}) */
+                wait?: boolean;
+                /** @description how long ?wait=true waits */
+                timeoutSec?: number;
+            };
             header?: {
                 /** @description the same key with the same request answers the VM or job the first request created (24 h); another request under it is 409 */
                 "idempotency-key"?: string;
@@ -6175,39 +5447,40 @@ export interface operations {
             };
             cookie?: never;
         };
-        requestBody?: {
+        requestBody: {
             content: {
                 "application/json": {
-                    /** @description disks to export (default: every disk of the VM) */
+                    /**
+                     * @description full: every cluster; incremental: the clusters written since the chain's last point (falls back to full, and says why, when the bitmap cannot be trusted)
+                     * @enum {string}
+                     */
+                    mode: "full" | "incremental";
+                    /** @description the directory of the backup chain (an existing directory; relative: under the VM's directory). One chain per VM and directory */
+                    dir: string;
+                    /** @description disk ids (default: every disk); fixed when the chain is created */
                     disks?: string[];
-                    /** @description a dirty bitmap every exported disk has: exported, frozen at the export instant, as the meta context qemu:dirty-bitmap:<bitmap> */
-                    bitmap?: string;
-                    /** @description also serve the export on a loopback TCP port (forwarded to the unix socket; every local user can connect to it: no TLS, no authentication) */
-                    tcp?: {
-                        /**
-                         * @default 127.0.0.1
-                         * @enum {string}
-                         */
-                        host?: "127.0.0.1" | "::1";
-                        /**
-                         * @description 0: any free port
-                         * @default 0
-                         */
-                        port?: number;
-                    };
                 };
             };
         };
         responses: {
-            /** @description Created */
-            201: {
+            /** @description OK (with ?wait=true: the finished job) */
+            200: {
                 headers: {
-                    /** @description the new resource */
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Job"];
+                };
+            };
+            /** @description Accepted: the job, queued or running (Location names it) */
+            202: {
+                headers: {
+                    /** @description the job: GET it for its state and progress */
                     Location?: string;
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["Export"];
+                    "application/json": components["schemas"]["Job"];
                 };
             };
             /** @description Error: INVALID_INPUT, INVALID_PATH; INVALID_INPUT also for a malformed body or query */
@@ -6228,7 +5501,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -6237,7 +5510,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -6257,6 +5530,15 @@ export interface operations {
             };
             /** @description Error (INVALID_INPUT); the body is not application/json */
             415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: QMP_COMMAND_REFUSED, HOST_RESOURCE_MISSING */
+            422: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -6311,10 +5593,18 @@ export interface operations {
             };
         };
     };
-    deleteExport: {
+    restoreBackup: {
         parameters: {
-            query?: never;
-            header?: never;
+            query?: {
+                /** @description wait for the job to finish and answer with it (200, or the job's error status with {error, job}) */
+                wait?: boolean;
+                /** @description how long ?wait=true waits */
+                timeoutSec?: number;
+            };
+            header?: {
+                /** @description the same key with the same request answers the VM or job the first request created (24 h); another request under it is 409 */
+                "idempotency-key"?: string;
+            };
             path: {
                 /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
                 vm: string;
@@ -6322,15 +5612,35 @@ export interface operations {
             };
             cookie?: never;
         };
-        requestBody?: never;
+        requestBody: {
+            content: {
+                "application/json": {
+                    /** @description the new standalone qcow2 file (must not exist) */
+                    file: string;
+                    /** @description which disk of the point (required when it has more than one) */
+                    disk?: string;
+                };
+            };
+        };
         responses: {
-            /** @description ended */
-            204: {
+            /** @description OK (with ?wait=true: the finished job) */
+            200: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": null;
+                    "application/json": components["schemas"]["Job"];
+                };
+            };
+            /** @description Accepted: the job, queued or running (Location names it) */
+            202: {
+                headers: {
+                    /** @description the job: GET it for its state and progress */
+                    Location?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Job"];
                 };
             };
             /** @description Error: INVALID_INPUT, INVALID_PATH; INVALID_INPUT also for a malformed body or query */
@@ -6351,7 +5661,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -6360,8 +5670,35 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error (INVALID_INPUT); the body is over 1 MiB */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error (INVALID_INPUT); the body is not application/json */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: QMP_COMMAND_REFUSED, HOST_RESOURCE_MISSING */
+            422: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -6433,7 +5770,7 @@ export interface operations {
         };
         requestBody?: never;
         responses: {
-            /** @description Server-Sent Events: `event:` job, vm, qmp or schedule (then dropped or shutdown when the stream ends), `data:` the event as JSON */
+            /** @description Server-Sent Events: `event:` job, vm or qmp (then dropped or shutdown when the stream ends), `data:` the event as JSON */
             200: {
                 headers: {
                     [name: string]: unknown;

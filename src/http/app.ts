@@ -15,6 +15,8 @@ import type { SnapshotService } from '../snapshot/service.ts'
 import type { ScheduleService } from '../sched/service.ts'
 import { snapshotRoutes } from './routes/snapshots.ts'
 import { chainRoutes } from './routes/chain.ts'
+import { backupRoutes } from './routes/backups.ts'
+import type { BackupService } from '../backup/service.ts'
 import { eventRoutes } from './routes/events.ts'
 import type { BlockJobService } from '../chain/service.ts'
 import type { StateService } from '../state/service.ts'
@@ -45,6 +47,8 @@ export interface Services {
   /** Snapshot schedules (src/sched/). */
   schedules: ScheduleService
   blockJobs: BlockJobService
+  /** Push-mode backups (src/backup). */
+  backups: BackupService
   state: StateService
   checker: VmChecker
   reconciler: Reconciler
@@ -237,6 +241,7 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
   await app.register(scheduleRoutes, { services: opts.services })
   await app.register(chainRoutes, { services: opts.services })
   await app.register(exportRoutes, { services: opts.services })
+  await app.register(backupRoutes, { services: opts.services })
   await app.register(eventRoutes, { services: opts.services, ...(opts.sseMaxPendingBytes ? { maxPendingBytes: opts.sseMaxPendingBytes } : {}) })
   await app.ready()
   return app

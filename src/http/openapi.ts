@@ -21,6 +21,7 @@ export const DOCUMENT_TAGS = [
   { name: 'vms', description: 'Define, adopt, inspect, start, stop, pause, resume, check and repair VMs; the QMP escape hatch' },
   { name: 'snapshots', description: 'Internal and external snapshots, with or without memory: create, list, revert, delete' },
   { name: 'block jobs', description: 'Commit, pull and copy of a disk\'s backing chain' },
+  { name: 'backups', description: 'Push-mode full and incremental backups with persistent dirty bitmaps; restore of a point' },
   { name: 'saved state', description: 'RAM and device state to and from files: save, restore, managed save' },
   { name: 'exports', description: 'Pull-mode NBD exports of a point-in-time view of disks (image fleecing), for external backup tools' },
   { name: 'jobs', description: 'Every long operation is a job: its history, progress and controls' },

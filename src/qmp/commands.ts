@@ -562,15 +562,19 @@ export type TransactionAction =
   | { type: 'blockdev-backup'; data: BlockdevBackupArgs }
 
 /**
- * Arguments of blockdev-backup, qapi/block-core.json BlockdevBackup. With sync 'none' and a target
- * whose backing is `device`, this is image fleecing (docs/interop/bitmaps.rst): the job's
- * copy-before-write filter copies old data into the target before the guest overwrites it.
+ * Arguments of blockdev-backup, qapi/block-core.json BlockdevBackup: copy `device` into the node
+ * `target` from the instant the job starts. `bitmap` with sync incremental/bitmap picks the
+ * clusters; with sync full and bitmap-mode on-success the bitmap restarts at that instant. With
+ * sync 'none' and a target whose backing is `device`, this is image fleecing
+ * (docs/interop/bitmaps.rst): the job's copy-before-write filter copies old data into the target
+ * before the guest overwrites it.
  */
 export interface BlockdevBackupArgs extends BlockJobCommonArgs {
   device: string
   target: string
   sync: 'full' | 'top' | 'none' | 'incremental' | 'bitmap'
   bitmap?: string
+  'bitmap-mode'?: 'on-success' | 'never' | 'always'
   compress?: boolean
   'on-source-error'?: BlockdevOnError
   'on-target-error'?: BlockdevOnError

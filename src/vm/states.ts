@@ -50,6 +50,8 @@ export const VM_STATES = {
   commit: { accepts: SETTLED },
   pull: { accepts: SETTLED },
   copy: { accepts: SETTLED },
+  /** POST /v1/vms/{vm}/backups: push-mode backup jobs need the VM's QEMU (src/backup). */
+  backup: { accepts: LIVE },
   /** DELETE /v1/vms/{vm} of a VM qmpd defines (an adopted VM may be forgotten in any state): no QEMU may run. */
   'vm-delete': {
     accepts: ['shutoff', 'crashed', 'saved', 'starting'],

@@ -1,5 +1,6 @@
 // Every operation of the OpenAPI document is driven at least once against a real daemon and real
 // QEMU, successes and errors; every response must be declared and match its schema.
+import { mkdirSync } from 'node:fs'
 import { join } from 'node:path'
 import t from 'tap'
 import { contractOf, type Contract } from '../helpers/contract.ts'
@@ -144,6 +145,15 @@ t.test('every operation answers as the document declares, and every operation wa
   is(await api('POST', `/v1/jobs/${copy.body.id}/complete`), 409, 'complete a finished job')
   is(await api('POST', '/v1/jobs/00000000-0000-4000-8000-000000000000/cancel'), 404, 'cancel an unknown job')
   is(await api('GET', '/v1/jobs?vm=c1'), 200, 'GET /v1/jobs')
+
+  // Backups: a full point of c1, the chain list, a restore of the point.
+  mkdirSync(join(td.stateDir, 'vms', 'c1', 'bk'))
+  const bk = await api('POST', `/v1/vms/c1/backups${w}`, { mode: 'full', dir: 'bk' })
+  is(bk, 200, 'backup')
+  is(await api('POST', '/v1/vms/c1/backups', { mode: 'full', dir: 'no-such-dir' }), 400, 'a backup into a missing dir')
+  is(await api('GET', '/v1/vms/c1/backups'), 200, 'GET /v1/vms/c1/backups')
+  is(await api('POST', `/v1/vms/c1/backups/${bk.body.result?.point?.id}/restore${w}`, { file: 'restored.qcow2' }), 200, 'restore a backup')
+  is(await api('POST', `/v1/vms/c1/backups/b00000000/restore${w}`, { file: 'r2.qcow2' }), 404, 'restore an unknown backup')
 
   // Saved state.
   is(await api('POST', `/v1/vms/c1/save${w}`, { file: 'state.bin' }), 200, 'save')

@@ -26,6 +26,7 @@ t.test('keeps the accepted states each operation had when they were checked inli
     commit: ['running', 'paused', 'shutoff', 'crashed'],
     pull: ['running', 'paused', 'shutoff', 'crashed'],
     copy: ['running', 'paused', 'shutoff', 'crashed'],
+    backup: ['running', 'paused'],
     'vm-delete': ['shutoff', 'starting', 'crashed', 'saved'],
     'managedsave-discard': ['saved'],
     'vm-patch': ['shutoff', 'crashed'],

@@ -1,0 +1,154 @@
+// Push-mode backups against real QEMU while the guest writes: a full and two incremental points of
+// two disks, each restored and read back by sectors; bitmaps across a clean QEMU restart; after
+// QEMU is killed the next incremental is reported as full, with the reason.
+import { mkdirSync } from 'node:fs'
+import { join } from 'node:path'
+import t, { type Test } from 'tap'
+import { defineGuestVm, eventually, guestCounters, op, startTestDaemon, type TestDaemon } from '../helpers/daemon.ts'
+import { checkDiskAgainstCounter } from '../helpers/guest.ts'
+import { requireQemu } from '../helpers/qemu.ts'
+import { diskBytes, slotsOf } from '../helpers/snap.ts'
+
+t.before(() => {
+  requireQemu(t)
+})
+
+/** The guest counters c in [lo, hi] at which disk `i`'s bytes are exactly what the guest had written. */
+async function instantsOf(file: string, i: number, lo: number, hi: number): Promise<number[]> {
+  const slots = slotsOf(await diskBytes(file))
+  const out: number[] = []
+  for (let c = lo; c <= hi; c++) {
+    if (checkDiskAgainstCounter(slots, c, c, i).length === 0 || checkDiskAgainstCounter(slots, c, c + 1, i).length === 0) out.push(c)
+  }
+  return out
+}
+
+async function advance(td: TestDaemon, vm: string, by: number): Promise<void> {
+  const c = (await guestCounters(td, vm)).counter
+  if (!(await eventually(async () => (await guestCounters(td, vm)).counter > c + by, 60_000))) throw new Error('the guest does not write')
+}
+
+/**
+ * Takes a backup while the guest writes, restores every disk of the point and checks that all of
+ * them read back the disk at one instant between the request and the job's end.
+ */
+async function backupAndCheck(t: Test, td: TestDaemon, vm: string, body: Record<string, unknown>, label: string): Promise<any> {
+  const lo = (await guestCounters(td, vm)).counter
+  const t0 = performance.now()
+  const r = await td.api('POST', `/v1/vms/${vm}/backups?wait=true&timeoutSec=300`, body)
+  const ms = Math.round(performance.now() - t0)
+  t.equal(r.status, 200, `${label}: backup succeeded ${JSON.stringify(r.body?.error ?? '')}`)
+  const hi = (await guestCounters(td, vm)).counter
+  t.ok(hi > lo, `${label}: the guest kept writing during the backup (counter ${lo} -> ${hi}, ${ms} ms)`)
+  const point = r.body.result.point
+  let common: number[] | undefined
+  for (const [i, d] of point.disks.entries()) {
+    const out = join(td.stateDir, 'vms', vm, `restored-${point.id}-${d.id}.qcow2`)
+    const rr = await td.api('POST', `/v1/vms/${vm}/backups/${point.id}/restore?wait=true`, { file: out, disk: d.id })
+    t.equal(rr.status, 200, `${label}: restore of ${d.id}`)
+    const at = await instantsOf(out, i, lo, hi)
+    t.ok(at.length > 0, `${label}: disk ${d.id} restored from ${point.id} holds exactly the disk at one instant in [${lo}, ${hi}] (${at.join(',')})`)
+    common = common ? common.filter((c) => at.includes(c)) : at
+  }
+  t.ok(common && common.length > 0, `${label}: every disk of the point is from the same instant (${common?.join(',')})`)
+  return { point, ms, instant: common?.[0] ?? -1 }
+}
+
+t.test('a full and two incremental backups while the guest writes, each point restored exactly; a killed QEMU makes the next one full, and says so', async (t) => {
+  const td = await startTestDaemon(t)
+  await defineGuestVm(td, 'bk', { disks: 2 })
+  const dir = join(td.stateDir, 'vms', 'bk', 'backups')
+  mkdirSync(dir)
+  await op(td, 'bk', 'start')
+  await advance(td, 'bk', 70)
+
+  const full = await backupAndCheck(t, td, 'bk', { mode: 'full', dir }, 'full')
+  t.match(full.point, { mode: 'full', requested: 'full' })
+  t.notOk(full.point.reason, 'a requested full has no fallback reason')
+  t.same(full.point.disks.map((d: any) => d.backing), [null, null], 'full points stand alone')
+
+  await advance(td, 'bk', 100)
+  const inc1 = await backupAndCheck(t, td, 'bk', { mode: 'incremental', dir }, 'incremental 1')
+  t.match(inc1.point, { mode: 'incremental', requested: 'incremental' })
+  t.same(inc1.point.disks.map((d: any) => d.backing), full.point.disks.map((d: any) => d.file), 'each incremental file is backed by the previous point')
+  t.ok(inc1.instant > full.instant, 'the incremental point is later than the full one')
+  for (const [i, d] of inc1.point.disks.entries()) {
+    t.ok(d.copiedBytes < full.point.disks[i].copiedBytes, `disk ${d.id}: the incremental copied ${d.copiedBytes} bytes, the full ${full.point.disks[i].copiedBytes}`)
+  }
+
+  // An external snapshot and a commit back between two backups: QEMU marks the base's bitmap for
+  // every cluster the commit writes, so the chain goes on incrementally and the point is exact.
+  t.equal((await td.api('POST', '/v1/vms/bk/snapshots?wait=true', { name: 'e1', kind: 'external', memory: false })).status, 200, 'external snapshot e1')
+  await advance(td, 'bk', 70)
+  t.equal((await td.api('DELETE', '/v1/vms/bk/snapshots/e1?wait=true&metadataOnly=true')).status, 200, 'forget e1 (its overlay stays the active layer)')
+  for (const disk of ['vda', 'vdb']) {
+    const c = await td.api('POST', `/v1/vms/bk/disks/${disk}/commit?wait=true`, {})
+    t.equal(c.status, 200, `active commit of ${disk} back into its base`)
+    t.equal(c.body.result?.pivoted, true)
+  }
+  await advance(td, 'bk', 70)
+  const inc1b = await backupAndCheck(t, td, 'bk', { mode: 'incremental', dir }, 'incremental after a snapshot and a commit')
+  t.match(inc1b.point, { mode: 'incremental', requested: 'incremental' }, 'the snapshot and commit did not break the chain')
+  t.same(inc1b.point.disks.map((d: any) => d.backing), inc1.point.disks.map((d: any) => d.file))
+
+  // A backup while a new overlay is the active layer: its bitmap does not cover the change, so full, and it says so.
+  t.equal((await td.api('POST', '/v1/vms/bk/snapshots?wait=true', { name: 'e2', kind: 'external', memory: false })).status, 200, 'external snapshot e2')
+  await advance(td, 'bk', 70)
+  const onOverlay = await backupAndCheck(t, td, 'bk', { mode: 'incremental', dir }, 'incremental on a new overlay')
+  t.match(onOverlay.point, { mode: 'full', requested: 'incremental', reason: /active layer/ }, 'reported as full, with the reason')
+
+  await op(td, 'bk', 'stop', { force: true })
+  await op(td, 'bk', 'start')
+  await advance(td, 'bk', 100)
+  const inc2 = await backupAndCheck(t, td, 'bk', { mode: 'incremental', dir }, 'incremental 2 (after a clean QEMU restart)')
+  t.match(inc2.point, { mode: 'incremental', requested: 'incremental' })
+  t.same(inc2.point.disks.map((d: any) => d.backing), onOverlay.point.disks.map((d: any) => d.file), 'backed by the point before the restart')
+  // (The guest booted again: its counter restarted, so this instant is not comparable with inc1's.)
+
+  // Restoring an earlier point still gives that point's instant, not a later one.
+  const again = join(dir, 'again-full.qcow2')
+  t.equal((await td.api('POST', `/v1/vms/bk/backups/${full.point.id}/restore?wait=true`, { file: again, disk: 'vda' })).status, 200)
+  t.ok((await instantsOf(again, 0, full.instant, full.instant)).length === 1, 'the full point restored after two incrementals still holds its own instant')
+
+  const list = await td.api('GET', '/v1/vms/bk/backups')
+  t.equal(list.status, 200)
+  t.equal(list.body.chains.length, 1, 'one chain for the directory')
+  const chain = list.body.chains[0]
+  t.same(chain.points.map((p: any) => p.id), [full.point.id, inc1.point.id, inc1b.point.id, onOverlay.point.id, inc2.point.id])
+  t.same(chain.bitmaps.map((b: any) => b.state), ['active', 'active'], 'both bitmaps active')
+  t.ok(chain.sizeBytes > 0)
+
+  // QEMU killed: the bitmaps loaded at start were in use and are inconsistent when reopened.
+  const pid = td.daemon.vms.record('bk').runtime.pid!
+  process.kill(pid, 'SIGKILL')
+  t.ok(await eventually(async () => (await td.api('GET', '/v1/vms/bk')).body.state === 'crashed', 20_000), 'the VM is crashed')
+  await op(td, 'bk', 'start')
+  const states = (await td.api('GET', '/v1/vms/bk/backups')).body.chains[0].bitmaps.map((b: any) => b.state)
+  t.same(states, ['inconsistent', 'inconsistent'], 'GET shows the bitmaps inconsistent')
+  await advance(td, 'bk', 70)
+  const after = await backupAndCheck(t, td, 'bk', { mode: 'incremental', dir }, 'after kill')
+  t.match(after.point, { mode: 'full', requested: 'incremental', reason: /bitmap inconsistent after unclean exit/ }, 'the incremental became full and says why')
+  t.same(after.point.disks.map((d: any) => d.backing), [null, null], 'and it stands alone')
+  const states2 = (await td.api('GET', '/v1/vms/bk/backups')).body.chains[0].bitmaps.map((b: any) => b.state)
+  t.same(states2, ['active', 'active'], 'the full backup re-created the bitmaps')
+  await advance(td, 'bk', 70)
+  const next = await backupAndCheck(t, td, 'bk', { mode: 'incremental', dir }, 'incremental after the new full')
+  t.match(next.point, { mode: 'incremental', requested: 'incremental' })
+  t.same(next.point.disks.map((d: any) => d.backing), after.point.disks.map((d: any) => d.file))
+  t.comment(`timings: full ${full.ms} ms, incremental ${inc1.ms} ms, ${inc2.ms} ms (2 x 16 MiB disks, TCG)`)
+})
+
+t.test('bad backup requests change nothing', async (t) => {
+  const td = await startTestDaemon(t)
+  await defineGuestVm(td, 'bb', { disks: 1 })
+  const dir = join(td.stateDir, 'vms', 'bb', 'bk')
+  mkdirSync(dir)
+  t.equal((await td.api('POST', '/v1/vms/bb/backups', { mode: 'full', dir })).status, 409, 'a shut-off VM: 409')
+  await op(td, 'bb', 'start')
+  t.equal((await td.api('POST', '/v1/vms/bb/backups', { mode: 'full', dir: join(dir, 'nope') })).status, 400, 'a missing dir: 400')
+  t.equal((await td.api('POST', '/v1/vms/bb/backups', { mode: 'full', dir: '/etc' })).status, 400, 'a dir outside the roots: 400')
+  t.equal((await td.api('POST', '/v1/vms/bb/backups', { mode: 'full', dir, disks: ['vdz'] })).status, 404, 'an unknown disk: 404')
+  t.equal((await td.api('POST', '/v1/vms/bb/backups', { mode: 'weekly', dir })).status, 400, 'an unknown mode: 400')
+  t.equal((await td.api('POST', '/v1/vms/bb/backups/b00000000/restore', { file: join(dir, 'x.qcow2') })).status, 404, 'an unknown backup: 404')
+  t.same((await td.api('GET', '/v1/vms/bb/backups')).body, { chains: [] }, 'no chain was made')
+})
