@@ -82,7 +82,7 @@ export interface paths {
         /** List VMs by name, a page at a time (follow `next` with ?after=) */
         get: operations["listVms"];
         put?: never;
-        /** Define a VM, or adopt a running QEMU by its QMP socket */
+        /** Define a VM, adopt a running QEMU by its QMP socket, or clone a VM from a disk snapshot (linked or full) */
         post: operations["defineVm"];
         delete?: never;
         options?: never;
@@ -435,6 +435,60 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/vms/{vm}/snapshots/{snap}/export": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Export one disk of a snapshot as a new standalone image (qcow2 or raw, backing chain flattened; a job with progress; the VM may run) */
+        post: operations["exportSnapshot"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/vms/{vm}/schedules": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** A VM's schedules with their next slot, last run and pending deletes */
+        get: operations["listSchedules"];
+        put?: never;
+        /** Add a schedule: a cron expression, the snapshot it takes, its retention and expiry */
+        post: operations["createSchedule"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/vms/{vm}/schedules/{id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** One schedule with its next slot, last run and pending deletes */
+        get: operations["getSchedule"];
+        put?: never;
+        post?: never;
+        /** Delete a schedule (the snapshots it took stay, with their expiry) */
+        delete: operations["deleteSchedule"];
+        options?: never;
+        head?: never;
+        /** Change a schedule (the fields given; null removes tz, retention or expiry) */
+        patch: operations["patchSchedule"];
+        trace?: never;
+    };
     "/v1/vms/{vm}/disks/{disk}/commit": {
         parameters: {
             query?: never;
@@ -538,6 +592,41 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/vms/{vm}/exports": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The VM's open NBD exports */
+        get: operations["listExports"];
+        put?: never;
+        /** Export a point-in-time view of disks read-only over NBD (image fleecing), optionally with a frozen dirty bitmap */
+        post: operations["createExport"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/vms/{vm}/exports/{id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post?: never;
+        /** End an export: drop its NBD clients, cancel the fleecing job, remove the scratch node and file */
+        delete: operations["deleteExport"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/vms/{vm}/backups": {
         parameters: {
             query?: never;
@@ -580,7 +669,7 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** Live event stream (text/event-stream): job state and progress, VM state, QEMU events */
+        /** Live event stream (text/event-stream): job state and progress, VM state, QEMU events, schedule firings and expiries */
         get: operations["streamEvents"];
         put?: never;
         post?: never;
@@ -720,6 +809,8 @@ export interface components {
             qemuVersion?: string;
             /** @enum {string} */
             ramMethod?: "background-snapshot" | "precopy" | "paused" | "snapshot-save";
+            /** @enum {string} */
+            ramFormat?: "stream" | "mapped-ram";
             definition?: {
                 /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
                 name: string;
@@ -877,11 +968,99 @@ export interface components {
                     };
                 }[];
             };
+            clones?: string[];
+            expiresAt?: string;
+            schedule?: string;
             children: string[];
             current: boolean;
             sizeBytes: number;
         } & {
             [key: string]: unknown;
+        };
+        Schedule: {
+            vm: string;
+            id: string;
+            cron: string;
+            tz?: string;
+            action: {
+                /** @enum {string} */
+                type: "snapshot";
+                /**
+                 * @default internal
+                 * @enum {string}
+                 */
+                kind: "internal" | "external";
+                /**
+                 * @description capture RAM too (a checkpoint: needs a running VM, else the slot is skipped)
+                 * @default false
+                 */
+                memory: boolean;
+                /** @description freeze guest filesystems through the guest agent (needs a running VM) */
+                quiesce?: boolean;
+            };
+            retention?: {
+                /** @description keep the N newest */
+                keepLast?: number;
+                /** @description keep the newest of each of the last N hours that have one */
+                keepHourly?: number;
+                /** @description keep the newest of each of the last N days that have one */
+                keepDaily?: number;
+                /** @description keep the newest of each of the last N ISO weeks that have one */
+                keepWeekly?: number;
+                /** @description keep the newest of each of the last N months that have one */
+                keepMonthly?: number;
+                /** @description keep the newest of each of the last N years that have one */
+                keepYearly?: number;
+            };
+            expiry?: string;
+            enabled: boolean;
+            since: string;
+            createdAt: string;
+            updatedAt: string;
+            /** @description the next slot (absent when disabled or the cron has none) */
+            nextRun?: string;
+            lastRun?: {
+                vm: string;
+                schedule: string;
+                slot: string;
+                /** @enum {string} */
+                state: "firing" | "queued" | "succeeded" | "failed" | "skipped" | "interrupted";
+                job?: string;
+                snapshot?: string;
+                reason?: string;
+                firedAt: string;
+                finishedAt?: string;
+            };
+            pendingDeletes: {
+                snapshot: string;
+                /** @enum {string} */
+                why: "retention" | "expiry";
+                job?: string;
+                /** @description set when the delete was refused or failed; it is not asked for again until the daemon restarts */
+                refused?: string;
+            }[];
+        } & {
+            [key: string]: unknown;
+        };
+        Export: {
+            id: string;
+            /** @description unix socket of the VM's NBD server (mode 0600, owned by qmpd's user) */
+            socket: string;
+            disks: {
+                disk: string;
+                /** @description the NBD export name: nbd+unix:///<exportName>?socket=<socket> */
+                exportName: string;
+                /** @description the meta context of the frozen bitmap: qemu:dirty-bitmap:<name> */
+                bitmap?: string;
+            }[];
+            /** @description the loopback TCP address qmpd forwards to the unix socket, when asked for */
+            tcp?: {
+                host: string;
+                port: number;
+                /** @description nbd://host:port/<exportName> of the first disk */
+                uri: string;
+            };
+            createdAt: string;
         };
     };
     responses: never;
@@ -1294,6 +1473,24 @@ export interface operations {
                     labels?: {
                         [key: string]: string;
                     };
+                } | {
+                    /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
+                    name: string;
+                    clone: {
+                        /** @description the source VM */
+                        vm: string;
+                        /** @description a disk snapshot of it (external or internal) */
+                        snapshot: string;
+                        /**
+                         * @description true: qcow2 overlays on the snapshot's frozen images (kept while the clone exists); false: flattened copies
+                         * @default false
+                         */
+                        linked?: boolean;
+                    };
+                    /** @description labels of the VM: a scheduler finds its VMs again with GET /v1/vms?label=key=value */
+                    labels?: {
+                        [key: string]: string;
+                    };
                 };
             };
         };
@@ -1327,7 +1524,16 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -1449,7 +1655,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -1458,7 +1664,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -1520,7 +1726,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -1529,7 +1735,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -1604,7 +1810,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -1613,7 +1819,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -1735,7 +1941,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -1744,7 +1950,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -1870,7 +2076,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -1879,7 +2085,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2018,7 +2224,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -2027,7 +2233,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2177,7 +2383,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -2186,7 +2392,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2331,7 +2537,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -2340,7 +2546,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2485,7 +2691,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -2494,7 +2700,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2639,7 +2845,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -2648,7 +2854,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2769,7 +2975,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -2778,7 +2984,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2872,7 +3078,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -2881,7 +3087,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2946,6 +3152,10 @@ export interface operations {
                                 [key: string]: boolean;
                             };
                             migrationCapabilities: string[];
+                            /** @description what qmpd chooses features by, from the QEMU binary's own QMP schema (never its version): snapshot-save, background-snapshot, mapped-ram, multifd, direct-io, migrate-channels, migrate-blk, snapshot-access, … */
+                            capabilities: {
+                                [key: string]: boolean;
+                            };
                             probedAt: string;
                         };
                         accel: {
@@ -3137,7 +3347,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3146,7 +3356,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3211,7 +3421,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3220,7 +3430,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3317,7 +3527,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3326,7 +3536,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3405,7 +3615,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3414,7 +3624,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3493,7 +3703,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3502,7 +3712,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3581,7 +3791,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3590,7 +3800,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3669,7 +3879,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3678,7 +3888,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3752,6 +3962,13 @@ export interface operations {
                     quiesce?: boolean;
                     /** @description external memory: where the RAM state file goes (must not exist) */
                     vmstateFile?: string;
+                    /** @description delete the snapshot this long after it is taken (e.g. 7d); not with expiresAt */
+                    expiresIn?: string;
+                    /**
+                     * Format: date-time
+                     * @description delete the snapshot at this instant (in the future); not with expiresIn
+                     */
+                    expiresAt?: string;
                 };
             };
         };
@@ -3794,7 +4011,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3803,7 +4020,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3927,7 +4144,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -3936,7 +4153,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -4026,7 +4243,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -4035,7 +4252,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -4170,7 +4387,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -4179,7 +4396,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -4253,6 +4470,609 @@ export interface operations {
             };
             /** @description Error: IO_ERROR, DISK_FULL */
             507: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    exportSnapshot: {
+        parameters: {
+            query?: {
+                /** @description wait for the job to finish and answer with it (200, or the job's error status with {error, job}) */
+                wait?: boolean;
+                /** @description how long ?wait=true waits */
+                timeoutSec?: number;
+            };
+            header?: {
+                /** @description the same key with the same request answers the VM or job the first request created (24 h); another request under it is 409 */
+                "idempotency-key"?: string;
+            };
+            path: {
+                /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
+                vm: string;
+                /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
+                snap: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": {
+                    /** @description the new image (must not exist); relative paths are under the VM directory */
+                    file: string;
+                    /**
+                     * @default qcow2
+                     * @enum {string}
+                     */
+                    format?: "qcow2" | "raw";
+                    /** @description which disk of the snapshot (default: its only captured disk) */
+                    disk?: string;
+                };
+            };
+        };
+        responses: {
+            /** @description OK (with ?wait=true: the finished job) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Job"];
+                };
+            };
+            /** @description Accepted: the job, queued or running (Location names it) */
+            202: {
+                headers: {
+                    /** @description the job: GET it for its state and progress */
+                    Location?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Job"];
+                };
+            };
+            /** @description Error: INVALID_INPUT, INVALID_PATH; INVALID_INPUT also for a malformed body or query */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: UNAUTHORIZED */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error (INVALID_INPUT); the body is over 1 MiB */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error (INVALID_INPUT); the body is not application/json */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: QMP_COMMAND_REFUSED, HOST_RESOURCE_MISSING */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: INTERRUPTED, INTERNAL */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: QMP_COMMAND_FAILED, QMP_DISCONNECTED, QMP_PROTOCOL_ERROR, QMP_CONNECT_FAILED, QGA_COMMAND_FAILED, QEMU_START_FAILED, QEMU_IMG_FAILED, VM_CRASHED */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: QEMU_NOT_FOUND */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: TIMEOUT */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: IO_ERROR, DISK_FULL */
+            507: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    listSchedules: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
+                vm: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK (with ?wait=true: the finished job) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": {
+                        schedules: components["schemas"]["Schedule"][];
+                    };
+                };
+            };
+            /** @description Error: INVALID_INPUT, INVALID_PATH; INVALID_INPUT also for a malformed body or query */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: UNAUTHORIZED */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: INTERRUPTED, INTERNAL */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    createSchedule: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
+                vm: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": {
+                    /** @description default: generated */
+                    id?: string;
+                    /** @description 5-field cron (minute hour day month weekday), 6 fields with seconds first, or @hourly, @daily, @weekly, @monthly, @yearly */
+                    cron: string;
+                    /** @description IANA time zone the cron is read in (default UTC) */
+                    tz?: string;
+                    action: {
+                        /** @enum {string} */
+                        type: "snapshot";
+                        /**
+                         * @default internal
+                         * @enum {string}
+                         */
+                        kind?: "internal" | "external";
+                        /**
+                         * @description capture RAM too (a checkpoint: needs a running VM, else the slot is skipped)
+                         * @default false
+                         */
+                        memory?: boolean;
+                        /** @description freeze guest filesystems through the guest agent (needs a running VM) */
+                        quiesce?: boolean;
+                    };
+                    retention?: {
+                        /** @description keep the N newest */
+                        keepLast?: number;
+                        /** @description keep the newest of each of the last N hours that have one */
+                        keepHourly?: number;
+                        /** @description keep the newest of each of the last N days that have one */
+                        keepDaily?: number;
+                        /** @description keep the newest of each of the last N ISO weeks that have one */
+                        keepWeekly?: number;
+                        /** @description keep the newest of each of the last N months that have one */
+                        keepMonthly?: number;
+                        /** @description keep the newest of each of the last N years that have one */
+                        keepYearly?: number;
+                    };
+                    /** @description each snapshot it takes expires this long after it is taken */
+                    expiry?: string;
+                    /** @default true */
+                    enabled?: boolean;
+                };
+            };
+        };
+        responses: {
+            /** @description Created */
+            201: {
+                headers: {
+                    /** @description the new resource */
+                    Location?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Schedule"];
+                };
+            };
+            /** @description Error: INVALID_INPUT, INVALID_PATH; INVALID_INPUT also for a malformed body or query */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: UNAUTHORIZED */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error (INVALID_INPUT); the body is over 1 MiB */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error (INVALID_INPUT); the body is not application/json */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: INTERRUPTED, INTERNAL */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    getSchedule: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
+                vm: string;
+                /** @description 1-40 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK (with ?wait=true: the finished job) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Schedule"];
+                };
+            };
+            /** @description Error: INVALID_INPUT, INVALID_PATH; INVALID_INPUT also for a malformed body or query */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: UNAUTHORIZED */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: INTERRUPTED, INTERNAL */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    deleteSchedule: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
+                vm: string;
+                /** @description 1-40 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description deleted */
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": null;
+                };
+            };
+            /** @description Error: INVALID_INPUT, INVALID_PATH; INVALID_INPUT also for a malformed body or query */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: UNAUTHORIZED */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: INTERRUPTED, INTERNAL */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    patchSchedule: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
+                vm: string;
+                /** @description 1-40 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: {
+            content: {
+                "application/json": {
+                    /** @description 5-field cron (minute hour day month weekday), 6 fields with seconds first, or @hourly, @daily, @weekly, @monthly, @yearly */
+                    cron?: string;
+                    /** @description IANA time zone the cron is read in (default UTC) */
+                    tz?: string | null;
+                    action?: {
+                        /** @enum {string} */
+                        type: "snapshot";
+                        /**
+                         * @default internal
+                         * @enum {string}
+                         */
+                        kind?: "internal" | "external";
+                        /**
+                         * @description capture RAM too (a checkpoint: needs a running VM, else the slot is skipped)
+                         * @default false
+                         */
+                        memory?: boolean;
+                        /** @description freeze guest filesystems through the guest agent (needs a running VM) */
+                        quiesce?: boolean;
+                    };
+                    retention?: {
+                        /** @description keep the N newest */
+                        keepLast?: number;
+                        /** @description keep the newest of each of the last N hours that have one */
+                        keepHourly?: number;
+                        /** @description keep the newest of each of the last N days that have one */
+                        keepDaily?: number;
+                        /** @description keep the newest of each of the last N ISO weeks that have one */
+                        keepWeekly?: number;
+                        /** @description keep the newest of each of the last N months that have one */
+                        keepMonthly?: number;
+                        /** @description keep the newest of each of the last N years that have one */
+                        keepYearly?: number;
+                    } | null;
+                    /** @description a duration: <number><unit>… with units s, m, h, d, w (e.g. 30s, 7d, 1d12h) */
+                    expiry?: string | null;
+                    enabled?: boolean;
+                };
+            };
+        };
+        responses: {
+            /** @description OK (with ?wait=true: the finished job) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Schedule"];
+                };
+            };
+            /** @description Error: INVALID_INPUT, INVALID_PATH; INVALID_INPUT also for a malformed body or query */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: UNAUTHORIZED */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error (INVALID_INPUT); the body is over 1 MiB */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error (INVALID_INPUT); the body is not application/json */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: INTERRUPTED, INTERNAL */
+            500: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -4342,7 +5162,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -4351,7 +5171,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -4504,7 +5324,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -4513,7 +5333,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -4679,7 +5499,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -4688,7 +5508,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -4833,7 +5653,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -4842,7 +5662,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -4964,7 +5784,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -4973,7 +5793,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -5067,7 +5887,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -5076,7 +5896,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -5224,7 +6044,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -5233,7 +6053,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -5262,6 +6082,321 @@ export interface operations {
             };
             /** @description Error: QMP_COMMAND_REFUSED, HOST_RESOURCE_MISSING */
             422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: INTERRUPTED, INTERNAL */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: QMP_COMMAND_FAILED, QMP_DISCONNECTED, QMP_PROTOCOL_ERROR, QMP_CONNECT_FAILED, QGA_COMMAND_FAILED, QEMU_START_FAILED, QEMU_IMG_FAILED, VM_CRASHED */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: QEMU_NOT_FOUND */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: TIMEOUT */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: IO_ERROR, DISK_FULL */
+            507: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    listExports: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
+                vm: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK (with ?wait=true: the finished job) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": {
+                        exports: components["schemas"]["Export"][];
+                    };
+                };
+            };
+            /** @description Error: INVALID_INPUT, INVALID_PATH; INVALID_INPUT also for a malformed body or query */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: UNAUTHORIZED */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: INTERRUPTED, INTERNAL */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    createExport: {
+        parameters: {
+            query?: never;
+            header?: {
+                /** @description the same key with the same request answers the VM or job the first request created (24 h); another request under it is 409 */
+                "idempotency-key"?: string;
+            };
+            path: {
+                /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
+                vm: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: {
+            content: {
+                "application/json": {
+                    /** @description disks to export (default: every disk of the VM) */
+                    disks?: string[];
+                    /** @description a dirty bitmap every exported disk has: exported, frozen at the export instant, as the meta context qemu:dirty-bitmap:<bitmap> */
+                    bitmap?: string;
+                    /** @description also serve the export on a loopback TCP port (forwarded to the unix socket; every local user can connect to it: no TLS, no authentication) */
+                    tcp?: {
+                        /**
+                         * @default 127.0.0.1
+                         * @enum {string}
+                         */
+                        host?: "127.0.0.1" | "::1";
+                        /**
+                         * @description 0: any free port
+                         * @default 0
+                         */
+                        port?: number;
+                    };
+                };
+            };
+        };
+        responses: {
+            /** @description Created */
+            201: {
+                headers: {
+                    /** @description the new resource */
+                    Location?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Export"];
+                };
+            };
+            /** @description Error: INVALID_INPUT, INVALID_PATH; INVALID_INPUT also for a malformed body or query */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: UNAUTHORIZED */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error (INVALID_INPUT); the body is over 1 MiB */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error (INVALID_INPUT); the body is not application/json */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: INTERRUPTED, INTERNAL */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: QMP_COMMAND_FAILED, QMP_DISCONNECTED, QMP_PROTOCOL_ERROR, QMP_CONNECT_FAILED, QGA_COMMAND_FAILED, QEMU_START_FAILED, QEMU_IMG_FAILED, VM_CRASHED */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: QEMU_NOT_FOUND */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: TIMEOUT */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: IO_ERROR, DISK_FULL */
+            507: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    deleteExport: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
+                vm: string;
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description ended */
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": null;
+                };
+            };
+            /** @description Error: INVALID_INPUT, INVALID_PATH; INVALID_INPUT also for a malformed body or query */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: UNAUTHORIZED */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
+            409: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -5353,6 +6488,7 @@ export interface operations {
                                     id: string;
                                     file: string;
                                     backing: string | null;
+                                    layer: string;
                                     copiedBytes: number;
                                 }[];
                             }[];
@@ -5391,7 +6527,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -5400,7 +6536,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -5501,7 +6637,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -5510,7 +6646,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -5661,7 +6797,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND */
+            /** @description Error: NOT_FOUND, VM_NOT_FOUND, JOB_NOT_FOUND, SNAPSHOT_NOT_FOUND, SCHEDULE_NOT_FOUND, BACKUP_NOT_FOUND, DISK_NOT_FOUND, EXPORT_NOT_FOUND, BITMAP_NOT_FOUND */
             404: {
                 headers: {
                     [name: string]: unknown;
@@ -5670,7 +6806,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED */
+            /** @description Error: VM_EXISTS, SNAPSHOT_EXISTS, SCHEDULE_EXISTS, FILE_EXISTS, INVALID_STATE, BUSY, NOT_SUPPORTED, ADOPTED_NEEDS_RELAUNCH, JOB_CANCELLED, STORE_ROW_INVALID, QGA_UNAVAILABLE, PORT_IN_USE, IDEMPOTENCY_KEY_REUSED, MIGRATION_BLOCKED, EXPORT_ACTIVE */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -5770,7 +6906,7 @@ export interface operations {
         };
         requestBody?: never;
         responses: {
-            /** @description Server-Sent Events: `event:` job, vm or qmp (then dropped or shutdown when the stream ends), `data:` the event as JSON */
+            /** @description Server-Sent Events: `event:` job, vm, qmp or schedule (then dropped or shutdown when the stream ends), `data:` the event as JSON */
             200: {
                 headers: {
                     [name: string]: unknown;
