@@ -194,8 +194,8 @@ async function openDaemon(
   // After recovery and reconcile: a slot's outcome is read from jobs recovery has settled.
   const deletes = new SchedDeletes({ snapshots, bus, log: log.child({ component: 'scheduler' }) })
   const scheduleRepo = new ScheduleRepo(db, log.child({ component: 'store' }))
-  const scheduler = new Scheduler({ repo: scheduleRepo, vms, snapshots, jobs, bus, deletes, log: log.child({ component: 'scheduler' }) })
-  const schedules = new ScheduleService({ repo: scheduleRepo, vms, scheduler, deletes })
+  const scheduler = new Scheduler({ repo: scheduleRepo, vms, snapshots, backups, jobs, bus, deletes, log: log.child({ component: 'scheduler' }) })
+  const schedules = new ScheduleService({ repo: scheduleRepo, vms, scheduler, deletes, checkBackupDir: (vm, dir) => backups.checkDir(vm, dir) })
   vms.onDelete({ files: () => [], forget: (vm) => schedules.forgetVm(vm) })
   scheduler.start()
   const idempotency = new IdempotencyRepo(db)

@@ -39,6 +39,16 @@ export class BackupService {
   ) {}
 
   /**
+   * A chain's directory as given (relative: under the VM's directory), resolved and confined.
+   * @throws QmpdError INVALID_PATH when it is outside the roots or not an existing directory.
+   */
+  checkDir(vm: string, given: string): string {
+    const dir = this.deps.paths.resolve(given, this.deps.paths.vmDir(vm), 'dir')
+    if (fileKind(dir, 'dir') !== 'directory') throw new QmpdError('INVALID_PATH', `dir ${dir} is not an existing directory`, { dir })
+    return dir
+  }
+
+  /**
    * Validates a backup request and queues it on the VM's queue.
    * @throws QmpdError VM_NOT_FOUND, INVALID_STATE (not running or paused), ADOPTED_NEEDS_RELAUNCH, BUSY, INVALID_PATH (dir not an
    * existing directory inside the roots), DISK_NOT_FOUND, NOT_SUPPORTED (a raw disk: persistent bitmaps live in qcow2) or
@@ -49,8 +59,7 @@ export class BackupService {
     requireAdoptedQemu(vm, rec.definition, rec.runtime, 'a backup')
     assertState(vm, rec.runtime.state, 'backup')
     this.busyCheck(vm, 'back up')
-    const dir = this.deps.paths.resolve(body.dir, this.deps.paths.vmDir(vm), 'dir')
-    if (fileKind(dir, 'dir') !== 'directory') throw new QmpdError('INVALID_PATH', `dir ${dir} is not an existing directory`, { dir })
+    const dir = this.checkDir(vm, body.dir)
     const all = rec.runtime.disks
     const disks = body.disks ?? all.map((d) => d.id)
     for (const id of disks) {

@@ -997,6 +997,18 @@ export interface components {
                 memory: boolean;
                 /** @description freeze guest filesystems through the guest agent (needs a running VM) */
                 quiesce?: boolean;
+            } | {
+                /** @enum {string} */
+                type: "backup";
+                /**
+                 * @description full: every cluster; incremental: the clusters written since the chain's last point (falls back to full, and says why, when the bitmap cannot be trusted)
+                 * @enum {string}
+                 */
+                mode: "full" | "incremental";
+                /** @description the directory of the backup chain (an existing directory; relative: under the VM's directory). One chain per VM and directory */
+                dir: string;
+                /** @description disk ids (default: every disk); fixed when the chain is created */
+                disks?: string[];
             };
             retention?: {
                 /** @description keep the N newest */
@@ -4740,6 +4752,18 @@ export interface operations {
                         memory?: boolean;
                         /** @description freeze guest filesystems through the guest agent (needs a running VM) */
                         quiesce?: boolean;
+                    } | {
+                        /** @enum {string} */
+                        type: "backup";
+                        /**
+                         * @description full: every cluster; incremental: the clusters written since the chain's last point (falls back to full, and says why, when the bitmap cannot be trusted)
+                         * @enum {string}
+                         */
+                        mode: "full" | "incremental";
+                        /** @description the directory of the backup chain (an existing directory; relative: under the VM's directory). One chain per VM and directory */
+                        dir: string;
+                        /** @description disk ids (default: every disk); fixed when the chain is created */
+                        disks?: string[];
                     };
                     retention?: {
                         /** @description keep the N newest */
@@ -4995,6 +5019,18 @@ export interface operations {
                         memory?: boolean;
                         /** @description freeze guest filesystems through the guest agent (needs a running VM) */
                         quiesce?: boolean;
+                    } | {
+                        /** @enum {string} */
+                        type: "backup";
+                        /**
+                         * @description full: every cluster; incremental: the clusters written since the chain's last point (falls back to full, and says why, when the bitmap cannot be trusted)
+                         * @enum {string}
+                         */
+                        mode: "full" | "incremental";
+                        /** @description the directory of the backup chain (an existing directory; relative: under the VM's directory). One chain per VM and directory */
+                        dir: string;
+                        /** @description disk ids (default: every disk); fixed when the chain is created */
+                        disks?: string[];
                     };
                     retention?: {
                         /** @description keep the N newest */

@@ -1,5 +1,6 @@
 // Schedules as the API takes, stores and shows them (zod), and the duration syntax; no behaviour.
 import { z } from 'zod'
+import { CreateBackupBody } from '../backup/model.ts'
 
 /** A schedule id: short enough that `<id>-<slot stamp>` is a snapshot name (64 characters at most). */
 export const ScheduleId = z
@@ -51,12 +52,17 @@ export const SnapshotAction = z.strictObject({
 })
 
 /**
- * What a schedule does at each slot, told apart by `type`: a second action (a backup) makes this
- * `z.discriminatedUnion('type', [SnapshotAction, BackupAction])` without changing the snapshot
- * one. With one member it is that member itself: a one-member oneOf is a lint warning in the
- * OpenAPI document.
+ * Take a push-mode backup into a chain (the options of POST /v1/vms/{vm}/backups it uses; needs a
+ * running or paused VM, else the slot is skipped). Retention and expiry apply to snapshots only.
  */
-export const ScheduleAction = SnapshotAction
+export const BackupAction = z.strictObject({
+  type: z.literal('backup'),
+  ...CreateBackupBody.shape,
+})
+export type BackupAction = z.output<typeof BackupAction>
+
+/** What a schedule does at each slot, told apart by `type`. */
+export const ScheduleAction = z.discriminatedUnion('type', [SnapshotAction, BackupAction])
 export type ScheduleAction = z.output<typeof ScheduleAction>
 
 const CronText = z.string().min(1).max(200).describe('5-field cron (minute hour day month weekday), 6 fields with seconds first, or @hourly, @daily, @weekly, @monthly, @yearly')

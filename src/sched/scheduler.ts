@@ -8,6 +8,7 @@ import type { BusEvent, EventBus, ScheduleEvent } from '../events/bus.ts'
 import type { JobManager } from '../jobs/manager.ts'
 import { isFinal, type Job } from '../jobs/model.ts'
 import { failPoint } from '../ops/failpoints.ts'
+import type { BackupService } from '../backup/service.ts'
 import type { SnapshotService } from '../snapshot/service.ts'
 import type { ScheduleRepo } from '../store/schedules.ts'
 import type { VmManager } from '../vm/manager.ts'
@@ -36,6 +37,7 @@ export interface SchedulerDeps {
   repo: ScheduleRepo
   vms: VmManager
   snapshots: SnapshotService
+  backups: Pick<BackupService, 'create'>
   jobs: JobManager
   bus: EventBus
   deletes: SchedDeletes
@@ -166,7 +168,7 @@ export class Scheduler {
   /** One slot: recorded first, then skipped (why) or its snapshot job queued. */
   private async fire(s: Schedule, slot: Date, now: Date): Promise<void> {
     const name = slotName(s.id, slot)
-    const run: ScheduleRun = { vm: s.vm, schedule: s.id, slot: slot.toISOString(), state: 'firing', snapshot: name, firedAt: now.toISOString() }
+    const run: ScheduleRun = { vm: s.vm, schedule: s.id, slot: slot.toISOString(), state: 'firing', ...(s.action.type === 'snapshot' ? { snapshot: name } : {}), firedAt: now.toISOString() }
     if (!this.d.repo.record(run)) return
     await failPoint(FIRE_POINTS.recorded)
     const skip = (reason: string): void => {
@@ -182,6 +184,15 @@ export class Scheduler {
     let job: Job
     try {
       const state = this.d.vms.record(s.vm).runtime.state
+      if (a.type === 'backup') {
+        if (!isRunningState(state)) return skip(`the VM is ${state}: a backup needs it running or paused`)
+        const { type: _type, ...body } = a
+        job = this.d.backups.create(s.vm, body)
+        this.d.repo.update({ ...run, state: 'queued', job: job.id })
+        this.emit({ event: 'schedule.fired', vm: s.vm, schedule: s.id, slot: run.slot, job: job.id })
+        await failPoint(FIRE_POINTS.enqueued)
+        return
+      }
       if ((a.memory || a.quiesce) && !isRunningState(state)) return skip(`the VM is ${state}: a ${a.memory ? 'checkpoint (memory)' : 'quiesced snapshot'} needs it running`)
       job = this.d.snapshots.create(s.vm, {
         name,
@@ -268,6 +279,15 @@ export class Scheduler {
       if (!this.running) return
       try {
         this.d.deletes.onJobFinal(job)
+        if (job.op === 'backup') {
+          // A backup job carries no schedule id: its slot is found by the job id.
+          for (const sch of this.d.repo.list(job.vm)) {
+            if (sch.action.type !== 'backup') continue
+            const run = this.d.repo.runs(job.vm, sch.id, 5).find((r) => r.job === job.id)
+            if (run && (run.state === 'queued' || run.state === 'firing')) this.settle(run, job)
+          }
+          return
+        }
         if (job.op !== 'snapshot-create') return
         const p = job.params as { schedule?: unknown; name?: unknown } | null
         if (typeof p?.schedule !== 'string') {

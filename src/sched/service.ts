@@ -11,7 +11,24 @@ import type { Scheduler } from './scheduler.ts'
 
 /** Per-VM snapshot schedules (cron + action + retention + expiry), kept in the store. */
 export class ScheduleService {
-  constructor(private readonly d: { repo: ScheduleRepo; vms: VmManager; scheduler: Scheduler; deletes: SchedDeletes }) {}
+  constructor(
+    private readonly d: {
+      repo: ScheduleRepo
+      vms: VmManager
+      scheduler: Scheduler
+      deletes: SchedDeletes
+      /** Refuses a backup action's dir that is not an existing directory inside the roots (INVALID_PATH). */
+      checkBackupDir: (vm: string, dir: string) => void
+    },
+  ) {}
+
+  /** What a schedule must hold, checked on create and change. @throws QmpdError INVALID_INPUT, INVALID_PATH. */
+  private validate(s: Schedule): void {
+    parseCron(s.cron, s.tz)
+    if (s.action.type !== 'backup') return
+    if (s.retention || s.expiry) throw new QmpdError('INVALID_INPUT', 'retention and expiry apply to snapshot schedules; a backup schedule keeps every point', { schedule: s.id })
+    this.d.checkBackupDir(s.vm, s.action.dir)
+  }
 
   /**
    * The VM's schedules, by id.
@@ -53,6 +70,7 @@ export class ScheduleService {
       createdAt: now,
       updatedAt: now,
     }
+    this.validate(s)
     this.d.repo.put(s)
     this.d.scheduler.rearm()
     return this.view(s)
@@ -75,7 +93,7 @@ export class ScheduleService {
     if (p.expiry === null) delete next.expiry
     else if (p.expiry !== undefined) next.expiry = p.expiry
     if (p.enabled !== undefined) next.enabled = p.enabled
-    parseCron(next.cron, next.tz)
+    this.validate(next)
     const now = new Date().toISOString()
     if (next.cron !== old.cron || next.tz !== old.tz || (next.enabled && !old.enabled)) next.since = now
     next.updatedAt = now

@@ -2,7 +2,9 @@
 // snapshots are quick): short-interval schedules take snapshots, retention keeps exactly what it
 // says, expiry deletes, a daemon restart keeps the schedule and runs no slot twice, and bad
 // input is refused with the right status.
+import { mkdirSync } from 'node:fs'
 import { request } from 'node:http'
+import { join } from 'node:path'
 import t from 'tap'
 import type { ScheduleEvent } from '../../src/events/bus.ts'
 import { SchedDeletes } from '../../src/sched/deletes.ts'
@@ -100,6 +102,42 @@ t.test('a 1 s schedule with keepLast 2 takes a snapshot per slot and leaves exac
   t.equal(snap.schedule, 'often', 'the snapshot records its schedule')
   await new Promise((r) => setTimeout(r, 2500))
   t.equal(fired().length, firedAtStop, 'nothing fires while disabled')
+})
+
+t.test('a backup schedule takes a full point, then incremental ones, into its chain; bad backup actions are refused', async (t) => {
+  const td = await startTestDaemon(t)
+  await defineGuestVm(td, 'b1')
+  const events = scheduleEvents(td)
+  const dir = join(td.stateDir, 'vms', 'b1', 'bk')
+  mkdirSync(dir)
+  const bad = await td.api('POST', '/v1/vms/b1/schedules', { cron: '* * * * * *', action: { type: 'backup', mode: 'incremental', dir: 'nope' } })
+  t.equal(bad.status, 400, 'a dir that does not exist is 400')
+  t.equal(bad.body.error.code, 'INVALID_PATH')
+  const withRetention = await td.api('POST', '/v1/vms/b1/schedules', { cron: '* * * * * *', action: { type: 'backup', mode: 'incremental', dir: 'bk' }, retention: { keepLast: 1 } })
+  t.equal(withRetention.status, 400, 'retention on a backup schedule is 400')
+  t.same((await td.api('GET', '/v1/vms/b1/schedules')).body.schedules, [], 'no schedule was made')
+  const offSlot = await td.api('POST', '/v1/vms/b1/schedules', { id: 'nightly', cron: '* * * * * *', action: { type: 'backup', mode: 'incremental', dir: 'bk' } })
+  t.equal(offSlot.status, 201, 'created')
+  t.ok(await eventually(() => events.some((e) => e.event === 'schedule.skipped' && e.schedule === 'nightly'), 10_000), 'a slot of a shut-off VM is skipped')
+  t.match(events.find((e) => e.event === 'schedule.skipped' && e.schedule === 'nightly')!.reason, /needs it running/)
+  t.equal((await td.api('PATCH', '/v1/vms/b1/schedules/nightly', { enabled: false })).status, 200)
+  t.equal((await td.api('POST', '/v1/vms/b1/start')).status < 300, true, 'started')
+  t.ok(await eventually(() => td.daemon.vms.record('b1').runtime.state === 'running', 30_000))
+  const firedBefore = events.filter((e) => e.event === 'schedule.fired' && e.schedule === 'nightly').length
+  t.equal((await td.api('PATCH', '/v1/vms/b1/schedules/nightly', { enabled: true })).status, 200, 'enabled again')
+  t.ok(await eventually(() => events.filter((e) => e.event === 'schedule.fired' && e.schedule === 'nightly').length >= firedBefore + 3, 30_000), '3 slots fired')
+  t.equal((await td.api('PATCH', '/v1/vms/b1/schedules/nightly', { enabled: false })).status, 200, 'disabled')
+  t.ok(await eventually(() => !td.daemon.jobs.busy('b1'), 30_000), 'its jobs settled')
+  const chains = (await td.api('GET', '/v1/vms/b1/backups')).body.chains
+  t.equal(chains.length, 1, 'one chain')
+  const points = chains[0].points as Array<{ mode: string; requested: string }>
+  const fired = events.filter((e) => e.event === 'schedule.fired' && e.schedule === 'nightly')
+  t.equal(points.length, fired.length, `one point per fired slot (${points.length})`)
+  t.equal(points[0]!.mode, 'full', 'the first point is full (the chain had none)')
+  t.ok(points.slice(1).every((p) => p.mode === 'incremental'), `the later ones are incremental: ${points.map((p) => p.mode).join(',')}`)
+  const view = (await td.api('GET', '/v1/vms/b1/schedules/nightly')).body
+  t.equal(view.lastRun.state, 'succeeded', 'the last slot succeeded')
+  t.equal(view.lastRun.snapshot, undefined, 'and names no snapshot')
 })
 
 t.test('expiry deletes scheduled and manual snapshots through the delete queue', async (t) => {
@@ -212,7 +250,7 @@ t.test('catch-up: the latest missed slot runs once when within the window, and i
   const mk = (id: string): void => repo.put({ vm: 'm1', id, cron: '* * * * *', action: { type: 'snapshot', kind: 'internal', memory: false }, enabled: true, since, createdAt: since, updatedAt: since })
   mk('late')
   const latest = new Date(Math.floor(now / 60_000) * 60_000)
-  const deps = { repo, vms: td.daemon.vms, snapshots: td.daemon.snapshots, jobs: td.daemon.jobs, bus: td.daemon.bus, log: td.daemon.log }
+  const deps = { repo, vms: td.daemon.vms, snapshots: td.daemon.snapshots, backups: td.daemon.backups, jobs: td.daemon.jobs, bus: td.daemon.bus, log: td.daemon.log }
   const strict = new Scheduler({ ...deps, deletes: new SchedDeletes(deps), graceMs: 0 })
   t.teardown(() => strict.stop())
   strict.start()
