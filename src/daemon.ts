@@ -27,6 +27,7 @@ import { registerStateRecovery } from './state/recovery.ts'
 import { registerSnapshotRecovery } from './snapshot/recovery.ts'
 import { registerChainRecovery } from './chain/recovery.ts'
 import { BackupService } from './backup/service.ts'
+import { addOfflineOverlayBitmaps, overlayBitmapActions } from './backup/overlay-bitmaps.ts'
 import { registerBackupRecovery } from './backup/recovery.ts'
 import { invalidateOnRevert } from './backup/invalidate.ts'
 import { registerVmRecovery } from './vm/recovery.ts'
@@ -135,6 +136,10 @@ async function openDaemon(
     diskSwitches: new PQueue({ concurrency: config.parallelDiskSnapshots }),
     log: log.child({ component: 'snapshots' }),
     ...(testHooks.snapshots ? { hooks: testHooks.snapshots } : {}),
+    overlayExtras: {
+      live: (vm, overlays) => overlayBitmapActions(paths.vmDir(vm), overlays),
+      offline: (vm, disk, file) => addOfflineOverlayBitmaps(qemuImg, paths.vmDir(vm), disk, file),
+    },
   }
   const snapshots = new SnapshotService(snapshotDeps)
   vms.onDelete({ files: (vm) => snapshots.filesOf(vm), forget: (vm) => snapshots.forgetVm(vm) })

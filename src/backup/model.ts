@@ -30,6 +30,8 @@ export const PointDisk = z.strictObject({
   layer: z.string(),
   /** Bytes QEMU copied into this point. */
   copiedBytes: z.number().int().nonnegative(),
+  /** Layers below `layer` whose bitmaps were merged into its bitmap for this point (external snapshots since the last point). */
+  merged: z.array(z.string()).optional(),
 })
 export type PointDisk = z.output<typeof PointDisk>
 

@@ -12,6 +12,7 @@ import type { QmpClient } from '../qmp/index.ts'
 import type { TransactionAction } from '../qmp/commands.ts'
 import { bitmapStates, decideMode } from './bitmaps.ts'
 import { readManifest, writeManifest } from './manifest.ts'
+import { planMerges } from './merge.ts'
 import type { BackupChain, BackupJournal, BackupMode, BackupPoint, PointDisk } from './model.ts'
 
 /** What a backup run uses. */
@@ -56,7 +57,12 @@ export async function runBackup(d: RunDeps, qmp: QmpClient, plan: BackupPlan, ct
   const chain: BackupChain = existing ?? { id: newId('c'), dir: plan.dir, bitmap: '', disks: plan.disks, points: [] }
   if (!existing) chain.bitmap = `qmpd-${chain.id}`
   const states = await bitmapStates(qmp, chain.disks, chain.bitmap)
-  const { mode, reason } = decideMode(plan.requested, existing, states)
+  const merges = existing && plan.requested !== 'full' ? await planMerges(qmp, chain.disks, chain.bitmap, existing.points.at(-1)) : undefined
+  const { mode, reason } = decideMode(plan.requested, existing, states, merges)
+  const sourcesOf = (disk: string): Array<{ node: string; file: string }> => {
+    const m = mode === 'incremental' ? merges?.get(disk) : undefined
+    return m && 'sources' in m ? m.sources : []
+  }
   if (reason) ctx.log.warn({ requested: plan.requested, reason }, 'backup runs full')
   const last = chain.points.at(-1)
   const pointId = newId('b')
@@ -78,6 +84,15 @@ export async function runBackup(d: RunDeps, qmp: QmpClient, plan: BackupPlan, ct
           // An inconsistent bitmap cannot be cleared, only removed (qapi block-dirty-bitmap-clear).
           if (s.state === 'inconsistent') await qmp.execute('block-dirty-bitmap-remove', { node: s.node, name: chain.bitmap })
           if (s.state !== 'active') await qmp.execute('block-dirty-bitmap-add', { node: s.node, name: chain.bitmap, persistent: true })
+        }
+      })
+      await o.step('merge', async () => {
+        // Only adds bits to the active layer's bitmap: a crash or failure after it costs a larger
+        // incremental, never a missed write. The new point records the active layer, so each
+        // merged layer is merged once.
+        for (const s of states) {
+          const src = sourcesOf(s.disk)
+          if (src.length > 0) await qmp.execute('block-dirty-bitmap-merge', { node: s.node, target: chain.bitmap, bitmaps: src.map((x) => ({ node: x.node, name: chain.bitmap })) })
         }
       })
       const nodes = await qmp.execute('query-named-block-nodes', { flat: true })
@@ -124,7 +139,7 @@ export async function runBackup(d: RunDeps, qmp: QmpClient, plan: BackupPlan, ct
         ...(reason ? { reason } : {}),
         at,
         ms: Math.round(performance.now() - t0),
-        disks: targets.map((t): PointDisk => ({ id: t.disk, file: t.file, backing: mode === 'incremental' ? last!.disks.find((x) => x.id === t.disk)!.file : null, layer: states.find((s) => s.disk === t.disk)!.file, copiedBytes: copied.get(t.jobId) ?? 0 })),
+        disks: targets.map((t): PointDisk => ({ id: t.disk, file: t.file, backing: mode === 'incremental' ? last!.disks.find((x) => x.id === t.disk)!.file : null, layer: states.find((s) => s.disk === t.disk)!.file, copiedBytes: copied.get(t.jobId) ?? 0, ...(sourcesOf(t.disk).length ? { merged: sourcesOf(t.disk).map((x) => x.file) } : {}) })),
       }
       await o.step('record', () => {
         const m = readManifest(vmDir)

@@ -5353,7 +5353,9 @@ export interface operations {
                                     id: string;
                                     file: string;
                                     backing: string | null;
+                                    layer: string;
                                     copiedBytes: number;
+                                    merged?: string[];
                                 }[];
                             }[];
                             invalid?: {
