@@ -36,8 +36,8 @@ export async function bitmapStates(qmp: QmpClient, disks: readonly string[], nam
 }
 
 /**
- * The mode a backup runs in: the requested one, or full with the reason when an incremental
- * cannot be trusted (no chain or point yet, the chain marked invalid, a bitmap missing or
+ * The mode a backup runs in: the requested one, or full with the reason when an incremental (or a
+ * differential, which starts as one) cannot be trusted (no chain or point yet, the chain marked invalid, a bitmap missing or
  * inconsistent, the disk's active layer not the one of the last point and no bitmaps to merge from
  * the layers between, `merges` from planMerges). Never a silent full
  * backup: the reason goes into the point and the job result. A layer that came back (an external
@@ -67,5 +67,5 @@ export function decideMode(requested: BackupMode, chain: BackupChain | undefined
       reason: `bitmap missing on disk ${gone.disk}'s active layer (QEMU exited uncleanly before storing it, or the disk's active layer changed since the last backup)`,
     }
   }
-  return { mode: 'incremental' }
+  return { mode: requested }
 }

@@ -1,6 +1,6 @@
-// Runs one push-mode backup point on a running VM as a journaled step program (bitmaps, target
-// files, target nodes, one grouped transaction, finalize, detach, record); never plans or
-// validates the request (service.ts does).
+// Runs one push-mode backup point on a running VM as a journaled step program (bitmaps, merge,
+// target files, target nodes, one grouped transaction, finalize, detach, rebase, record); never
+// plans or validates the request (service.ts does).
 import { randomBytes } from 'node:crypto'
 import { existsSync, rmSync } from 'node:fs'
 import { join } from 'node:path'
@@ -60,11 +60,18 @@ export async function runBackup(d: RunDeps, qmp: QmpClient, plan: BackupPlan, ct
   const merges = existing && plan.requested !== 'full' ? await planMerges(qmp, chain.disks, chain.bitmap, existing.points.at(-1)) : undefined
   const { mode, reason } = decideMode(plan.requested, existing, states, merges)
   const sourcesOf = (disk: string): Array<{ node: string; file: string }> => {
-    const m = mode === 'incremental' ? merges?.get(disk) : undefined
+    const m = mode !== 'full' ? merges?.get(disk) : undefined
     return m && 'sources' in m ? m.sources : []
   }
   if (reason) ctx.log.warn({ requested: plan.requested, reason }, 'backup runs full')
   const last = chain.points.at(-1)
+  // A differential is an incremental into a file backed by the last point, rebased onto the last full.
+  const base = mode === 'differential' ? [...chain.points].reverse().find((p) => p.mode === 'full') : undefined
+  if (mode === 'differential' && !base) throw new QmpdError('INTERNAL', `chain ${chain.id} has points but no full one`, { chain: chain.id })
+  const backingOf = (disk: string): string | null => {
+    if (mode === 'full') return null
+    return (mode === 'differential' ? base! : last!).disks.find((x) => x.id === disk)!.file
+  }
   const pointId = newId('b')
   const targets = chain.disks.map((disk) => ({
     disk,
@@ -101,7 +108,7 @@ export async function runBackup(d: RunDeps, qmp: QmpClient, plan: BackupPlan, ct
           const src = states.find((s) => s.disk === t.disk)!
           const size = nodes.find((n) => n['node-name'] === src.node)?.image['virtual-size']
           if (!size) throw new QmpdError('INTERNAL', `cannot read the size of disk ${t.disk}`, { disk: t.disk })
-          const prev = mode === 'incremental' ? last!.disks.find((x) => x.id === t.disk)!.file : undefined
+          const prev = mode === 'full' ? undefined : last!.disks.find((x) => x.id === t.disk)!.file
           made.files.push(t.file)
           await d.qemuImg.create(t.file, 'qcow2', { sizeBytes: size, ...(prev ? { backing: { file: prev, format: 'qcow2' } } : {}) })
         }
@@ -132,14 +139,32 @@ export async function runBackup(d: RunDeps, qmp: QmpClient, plan: BackupPlan, ct
       await o.step('detach', async () => {
         for (const node of made.nodes.splice(0)) await qmp.execute('blockdev-del', { 'node-name': node })
       })
+      if (base && base.id !== last!.id) {
+        // Safe-mode rebase: qemu-img copies into each file every cluster where its old chain (the
+        // points since the full) differs from the full, so the file needs only the full. QEMU may
+        // have restarted the bitmaps already: a crash here invalidates the chain (recovery.ts).
+        await o.step('rebase', async () => {
+          for (const t of targets) await d.qemuImg.rebase(t.file, { file: backingOf(t.disk)!, format: 'qcow2' })
+        })
+      }
       const point: BackupPoint = {
         id: pointId,
         mode,
         requested: plan.requested,
         ...(reason ? { reason } : {}),
+        ...(base ? { basedOn: base.id } : {}),
         at,
         ms: Math.round(performance.now() - t0),
-        disks: targets.map((t): PointDisk => ({ id: t.disk, file: t.file, backing: mode === 'incremental' ? last!.disks.find((x) => x.id === t.disk)!.file : null, layer: states.find((s) => s.disk === t.disk)!.file, copiedBytes: copied.get(t.jobId) ?? 0, ...(sourcesOf(t.disk).length ? { merged: sourcesOf(t.disk).map((x) => x.file) } : {}) })),
+        disks: targets.map(
+          (t): PointDisk => ({
+            id: t.disk,
+            file: t.file,
+            backing: backingOf(t.disk),
+            layer: states.find((s) => s.disk === t.disk)!.file,
+            copiedBytes: copied.get(t.jobId) ?? 0,
+            ...(sourcesOf(t.disk).length ? { merged: sourcesOf(t.disk).map((x) => x.file) } : {}),
+          }),
+        ),
       }
       await o.step('record', () => {
         const m = readManifest(vmDir)

@@ -1,9 +1,10 @@
 // Push-mode backups against real QEMU while the guest writes: a full and two incremental points of
 // two disks, each restored and read back by sectors; bitmaps across a clean QEMU restart; after
 // QEMU is killed the next incremental is reported as full, with the reason; external snapshots
-// (live and offline) between two backups keep the chain incremental (the overlay gets the bitmap).
+// (live and offline) between two backups keep the chain incremental (the overlay gets the bitmap);
+// a differential point backed by the full alone.
 import { execFile } from 'node:child_process'
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs'
+import { mkdirSync, mkdtempSync, readFileSync, renameSync, rmSync, statSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { promisify } from 'node:util'
@@ -210,6 +211,42 @@ t.test('an offline external snapshot between two backups: qemu-img gave the over
   t.ok(await holds(restored, 4 << 20, 0xa1), 'the write before the stop (in the base layer) is in the point')
   t.ok(await holds(restored, 8 << 20, 0xb2), 'the write after the snapshot (in the overlay) is in the point')
   t.ok(inc.point.disks[0].copiedBytes < full.point.disks[0].copiedBytes, `incremental copied ${inc.point.disks[0].copiedBytes} bytes, the full ${full.point.disks[0].copiedBytes}`)
+})
+
+t.test('a differential point holds every change since the full, is backed by the full alone and restores without the incremental between', async (t) => {
+  const td = await startTestDaemon(t)
+  await defineGuestVm(td, 'bd', { disks: 1 })
+  const dir = join(td.stateDir, 'vms', 'bd', 'backups')
+  mkdirSync(dir)
+  await op(td, 'bd', 'start')
+  await advance(td, 'bd', 70)
+  const full = await backupAndCheck(t, td, 'bd', { mode: 'full', dir }, 'full')
+  await hostWrite(td, 'bd', 'vda', '4M', 0xa1)
+  await advance(td, 'bd', 30)
+  const inc = await backupAndCheck(t, td, 'bd', { mode: 'incremental', dir }, 'incremental')
+  t.equal(inc.point.mode, 'incremental')
+  await hostWrite(td, 'bd', 'vda', '8M', 0xb2)
+  await advance(td, 'bd', 30)
+  const diff = await backupAndCheck(t, td, 'bd', { mode: 'differential', dir }, 'differential')
+  t.match(diff.point, { mode: 'differential', requested: 'differential', basedOn: full.point.id }, 'reported differential, based on the full')
+  t.equal(diff.point.disks[0].backing, full.point.disks[0].file, 'its backing is the full point\'s file')
+  const info = await promisify(execFile)('qemu-img', ['info', '-U', '--backing-chain', '--output=json', diff.point.disks[0].file])
+  const chainFiles = (JSON.parse(info.stdout) as Array<{ filename: string }>).map((l) => l.filename)
+  t.same(chainFiles, [diff.point.disks[0].file, full.point.disks[0].file], 'qemu-img info --backing-chain: the differential and the full, not the incremental')
+  // A retention step deletes the incremental's file: the differential still restores exactly.
+  const incFile = inc.point.disks[0].file
+  renameSync(incFile, `${incFile}.away`)
+  const out = join(td.stateDir, 'vms', 'bd', 'restored-diff-without-inc.qcow2')
+  t.equal((await td.api('POST', `/v1/vms/bd/backups/${diff.point.id}/restore?wait=true`, { file: out })).status, 200, 'restore with the incremental\'s file gone')
+  t.ok(await holds(out, 4 << 20, 0xa1), 'the write before the incremental (A) is in the differential')
+  t.ok(await holds(out, 8 << 20, 0xb2), 'the write after the incremental (B) is in the differential')
+  t.ok((await instantsOf(out, 0, diff.instant, diff.instant)).length === 1, `and the guest's slots are those of the differential's instant ${diff.instant}`)
+  renameSync(`${incFile}.away`, incFile)
+  await advance(td, 'bd', 30)
+  const next = await backupAndCheck(t, td, 'bd', { mode: 'incremental', dir }, 'incremental after the differential')
+  t.match(next.point, { mode: 'incremental', requested: 'incremental' })
+  t.equal(next.point.disks[0].backing, diff.point.disks[0].file, 'the next incremental is backed by the differential')
+  t.comment(`timings: full ${full.ms} ms, incremental ${inc.ms} ms, differential ${diff.ms} ms (16 MiB disk, TCG)`)
 })
 
 t.test('bad backup requests change nothing', async (t) => {

@@ -20,6 +20,8 @@ const state = (over: Partial<BitmapState> = {}): BitmapState => ({ disk: 'vda', 
 t.test('an incremental runs incremental only when every bitmap can be trusted, else full with the reason', async (t) => {
   t.same(decideMode('incremental', chain(), [state()]), { mode: 'incremental' })
   t.same(decideMode('full', chain(), [state({ state: 'inconsistent' })]), { mode: 'full' }, 'a requested full needs no reason')
+  t.same(decideMode('differential', chain(), [state()]), { mode: 'differential' })
+  t.match(decideMode('differential', chain(), [state({ state: 'inconsistent' })]), { mode: 'full', reason: /bitmap inconsistent/ }, 'a differential falls back like an incremental')
   t.match(decideMode('incremental', undefined, [state()]), { mode: 'full', reason: /first backup of a chain/ })
   t.match(decideMode('incremental', chain({ points: [] }), [state()]), { mode: 'full', reason: /first backup/ })
   t.match(decideMode('incremental', chain(), [state({ state: 'inconsistent' })]), { mode: 'full', reason: /bitmap inconsistent after unclean exit/ })
