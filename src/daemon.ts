@@ -29,6 +29,7 @@ import { registerExportRecovery } from './export/recovery.ts'
 import { registerSnapshotRecovery } from './snapshot/recovery.ts'
 import { registerChainRecovery } from './chain/recovery.ts'
 import { BackupService } from './backup/service.ts'
+import { addOfflineOverlayBitmaps, overlayBitmapActions } from './backup/overlay-bitmaps.ts'
 import { registerBackupRecovery } from './backup/recovery.ts'
 import { invalidateOnRevert } from './backup/invalidate.ts'
 import { registerVmRecovery } from './vm/recovery.ts'
@@ -144,6 +145,10 @@ async function openDaemon(
     diskSwitches: new PQueue({ concurrency: config.parallelDiskSnapshots }),
     log: log.child({ component: 'snapshots' }),
     ...(testHooks.snapshots ? { hooks: testHooks.snapshots } : {}),
+    overlayExtras: {
+      live: (vm, overlays) => overlayBitmapActions(paths.vmDir(vm), overlays),
+      offline: (vm, disk, file) => addOfflineOverlayBitmaps(qemuImg, paths.vmDir(vm), disk, file),
+    },
   }
   const snapshots = new SnapshotService(snapshotDeps)
   // Asked only with deleteStorage, before anything is removed: linked clones' backing files stay.

@@ -2,6 +2,7 @@
 // reads QEMU only, changes nothing.
 import { liveChain } from '../images/graph.ts'
 import type { QmpClient } from '../qmp/index.ts'
+import type { MergePlan } from './merge.ts'
 import type { BackupChain, BackupMode } from './model.ts'
 
 /** One disk's bitmap as QEMU has it on the disk's active layer. */
@@ -35,20 +36,23 @@ export async function bitmapStates(qmp: QmpClient, disks: readonly string[], nam
 }
 
 /**
- * The mode a backup runs in: the requested one, or full with the reason when an incremental
- * cannot be trusted (no chain or point yet, the chain marked invalid, a bitmap missing or
- * inconsistent, the disk's active layer not the one of the last point). Never a silent full
+ * The mode a backup runs in: the requested one, or full with the reason when an incremental (or a
+ * differential, which starts as one) cannot be trusted (no chain or point yet, the chain marked invalid, a bitmap missing or
+ * inconsistent, the disk's active layer not the one of the last point and no bitmaps to merge from
+ * the layers between, `merges` from planMerges). Never a silent full
  * backup: the reason goes into the point and the job result. A layer that came back (an external
  * snapshot committed back into it) is trusted: QEMU marks a layer's bitmap for every cluster a
  * commit writes into it.
  */
-export function decideMode(requested: BackupMode, chain: BackupChain | undefined, states: readonly BitmapState[]): { mode: BackupMode; reason?: string } {
+export function decideMode(requested: BackupMode, chain: BackupChain | undefined, states: readonly BitmapState[], merges?: MergePlan): { mode: BackupMode; reason?: string } {
   if (requested === 'full') return { mode: 'full' }
   if (!chain || chain.points.length === 0) return { mode: 'full', reason: 'no backup in this chain yet: the first backup of a chain is full' }
   if (chain.invalid) return { mode: 'full', reason: chain.invalid.reason }
   const last = chain.points.at(-1)!
-  const moved = states.find((s) => last.disks.find((d) => d.id === s.disk)?.layer !== s.file)
+  const moved = states.find((s) => last.disks.find((d) => d.id === s.disk)?.layer !== s.file && !(merges?.get(s.disk) && 'sources' in merges.get(s.disk)!))
   if (moved) {
+    const why = merges?.get(moved.disk)
+    if (why && 'reason' in why) return { mode: 'full', reason: why.reason }
     return {
       mode: 'full',
       reason: `disk ${moved.disk}'s active layer is ${moved.file}, not the ${last.disks.find((d) => d.id === moved.disk)?.layer} of the last backup (an external snapshot, copy or revert since): its bitmap does not cover the change`,
@@ -63,5 +67,5 @@ export function decideMode(requested: BackupMode, chain: BackupChain | undefined
       reason: `bitmap missing on disk ${gone.disk}'s active layer (QEMU exited uncleanly before storing it, or the disk's active layer changed since the last backup)`,
     }
   }
-  return { mode: 'incremental' }
+  return { mode: requested }
 }

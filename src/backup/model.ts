@@ -3,12 +3,14 @@ import { z } from 'zod'
 import { PathString } from '../vm/definition.ts'
 
 /** How a backup point relates to the one before it. */
-export const BackupMode = z.enum(['full', 'incremental'])
+export const BackupMode = z.enum(['full', 'incremental', 'differential'])
 export type BackupMode = z.output<typeof BackupMode>
 
 /** Body of POST /v1/vms/{vm}/backups. */
 export const CreateBackupBody = z.strictObject({
-  mode: BackupMode.describe('full: every cluster; incremental: the clusters written since the chain\'s last point (falls back to full, and says why, when the bitmap cannot be trusted)'),
+  mode: BackupMode.describe(
+    'full: every cluster; incremental: the clusters written since the chain\'s last point; differential: the clusters that differ from the chain\'s last full point, in a file backed by that full point (incremental and differential fall back to full, and say why, when the bitmap cannot be trusted)',
+  ),
   dir: PathString.describe('the directory of the backup chain (an existing directory; relative: under the VM\'s directory). One chain per VM and directory'),
   disks: z.array(z.string().regex(/^[a-z][a-z0-9]{0,15}$/)).min(1).max(16).optional().describe('disk ids (default: every disk); fixed when the chain is created'),
 })
@@ -30,6 +32,8 @@ export const PointDisk = z.strictObject({
   layer: z.string(),
   /** Bytes QEMU copied into this point. */
   copiedBytes: z.number().int().nonnegative(),
+  /** Layers below `layer` whose bitmaps were merged into its bitmap for this point (external snapshots since the last point). */
+  merged: z.array(z.string()).optional(),
 })
 export type PointDisk = z.output<typeof PointDisk>
 
@@ -41,6 +45,8 @@ export const BackupPoint = z.strictObject({
   requested: BackupMode,
   /** Why mode differs from requested. */
   reason: z.string().optional(),
+  /** A differential point: the full point its files are backed by. */
+  basedOn: z.string().optional(),
   /** The instant the point holds: when QEMU started the jobs (ISO 8601). */
   at: z.string(),
   ms: z.number().int().nonnegative(),

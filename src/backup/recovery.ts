@@ -16,7 +16,7 @@ export interface BackupRecoveryDeps {
 }
 
 /** Steps from which QEMU may have finalized the group, i.e. cleared the bitmaps (run.ts). */
-const FINALIZING = new Set(['finalize', 'detach', 'record'])
+const FINALIZING = new Set(['finalize', 'detach', 'rebase', 'record'])
 
 /** Registers the rules of backup and backup-restore. */
 export function registerBackupRecovery(recovery: Recovery, d: BackupRecoveryDeps): void {

@@ -1,6 +1,6 @@
-// Runs one push-mode backup point on a running VM as a journaled step program (bitmaps, target
-// files, target nodes, one grouped transaction, finalize, detach, record); never plans or
-// validates the request (service.ts does).
+// Runs one push-mode backup point on a running VM as a journaled step program (bitmaps, merge,
+// target files, target nodes, one grouped transaction, finalize, detach, rebase, record); never
+// plans or validates the request (service.ts does).
 import { randomBytes } from 'node:crypto'
 import { existsSync, rmSync } from 'node:fs'
 import { join } from 'node:path'
@@ -12,6 +12,7 @@ import type { QmpClient } from '../qmp/index.ts'
 import type { TransactionAction } from '../qmp/commands.ts'
 import { bitmapStates, decideMode } from './bitmaps.ts'
 import { readManifest, writeManifest } from './manifest.ts'
+import { planMerges } from './merge.ts'
 import type { BackupChain, BackupJournal, BackupMode, BackupPoint, PointDisk } from './model.ts'
 
 /** What a backup run uses. */
@@ -56,9 +57,21 @@ export async function runBackup(d: RunDeps, qmp: QmpClient, plan: BackupPlan, ct
   const chain: BackupChain = existing ?? { id: newId('c'), dir: plan.dir, bitmap: '', disks: plan.disks, points: [] }
   if (!existing) chain.bitmap = `qmpd-${chain.id}`
   const states = await bitmapStates(qmp, chain.disks, chain.bitmap)
-  const { mode, reason } = decideMode(plan.requested, existing, states)
+  const merges = existing && plan.requested !== 'full' ? await planMerges(qmp, chain.disks, chain.bitmap, existing.points.at(-1)) : undefined
+  const { mode, reason } = decideMode(plan.requested, existing, states, merges)
+  const sourcesOf = (disk: string): Array<{ node: string; file: string }> => {
+    const m = mode !== 'full' ? merges?.get(disk) : undefined
+    return m && 'sources' in m ? m.sources : []
+  }
   if (reason) ctx.log.warn({ requested: plan.requested, reason }, 'backup runs full')
   const last = chain.points.at(-1)
+  // A differential is an incremental into a file backed by the last point, rebased onto the last full.
+  const base = mode === 'differential' ? [...chain.points].reverse().find((p) => p.mode === 'full') : undefined
+  if (mode === 'differential' && !base) throw new QmpdError('INTERNAL', `chain ${chain.id} has points but no full one`, { chain: chain.id })
+  const backingOf = (disk: string): string | null => {
+    if (mode === 'full') return null
+    return (mode === 'differential' ? base! : last!).disks.find((x) => x.id === disk)!.file
+  }
   const pointId = newId('b')
   const targets = chain.disks.map((disk) => ({
     disk,
@@ -80,13 +93,22 @@ export async function runBackup(d: RunDeps, qmp: QmpClient, plan: BackupPlan, ct
           if (s.state !== 'active') await qmp.execute('block-dirty-bitmap-add', { node: s.node, name: chain.bitmap, persistent: true })
         }
       })
+      await o.step('merge', async () => {
+        // Only adds bits to the active layer's bitmap: a crash or failure after it costs a larger
+        // incremental, never a missed write. The new point records the active layer, so each
+        // merged layer is merged once.
+        for (const s of states) {
+          const src = sourcesOf(s.disk)
+          if (src.length > 0) await qmp.execute('block-dirty-bitmap-merge', { node: s.node, target: chain.bitmap, bitmaps: src.map((x) => ({ node: x.node, name: chain.bitmap })) })
+        }
+      })
       const nodes = await qmp.execute('query-named-block-nodes', { flat: true })
       await o.step('targets', async () => {
         for (const t of targets) {
           const src = states.find((s) => s.disk === t.disk)!
           const size = nodes.find((n) => n['node-name'] === src.node)?.image['virtual-size']
           if (!size) throw new QmpdError('INTERNAL', `cannot read the size of disk ${t.disk}`, { disk: t.disk })
-          const prev = mode === 'incremental' ? last!.disks.find((x) => x.id === t.disk)!.file : undefined
+          const prev = mode === 'full' ? undefined : last!.disks.find((x) => x.id === t.disk)!.file
           made.files.push(t.file)
           await d.qemuImg.create(t.file, 'qcow2', { sizeBytes: size, ...(prev ? { backing: { file: prev, format: 'qcow2' } } : {}) })
         }
@@ -117,14 +139,32 @@ export async function runBackup(d: RunDeps, qmp: QmpClient, plan: BackupPlan, ct
       await o.step('detach', async () => {
         for (const node of made.nodes.splice(0)) await qmp.execute('blockdev-del', { 'node-name': node })
       })
+      if (base && base.id !== last!.id) {
+        // Safe-mode rebase: qemu-img copies into each file every cluster where its old chain (the
+        // points since the full) differs from the full, so the file needs only the full. QEMU may
+        // have restarted the bitmaps already: a crash here invalidates the chain (recovery.ts).
+        await o.step('rebase', async () => {
+          for (const t of targets) await d.qemuImg.rebase(t.file, { file: backingOf(t.disk)!, format: 'qcow2' })
+        })
+      }
       const point: BackupPoint = {
         id: pointId,
         mode,
         requested: plan.requested,
         ...(reason ? { reason } : {}),
+        ...(base ? { basedOn: base.id } : {}),
         at,
         ms: Math.round(performance.now() - t0),
-        disks: targets.map((t): PointDisk => ({ id: t.disk, file: t.file, backing: mode === 'incremental' ? last!.disks.find((x) => x.id === t.disk)!.file : null, layer: states.find((s) => s.disk === t.disk)!.file, copiedBytes: copied.get(t.jobId) ?? 0 })),
+        disks: targets.map(
+          (t): PointDisk => ({
+            id: t.disk,
+            file: t.file,
+            backing: backingOf(t.disk),
+            layer: states.find((s) => s.disk === t.disk)!.file,
+            copiedBytes: copied.get(t.jobId) ?? 0,
+            ...(sourcesOf(t.disk).length ? { merged: sourcesOf(t.disk).map((x) => x.file) } : {}),
+          }),
+        ),
       }
       await o.step('record', () => {
         const m = readManifest(vmDir)

@@ -6514,10 +6514,11 @@ export interface operations {
                             points: {
                                 id: string;
                                 /** @enum {string} */
-                                mode: "full" | "incremental";
+                                mode: "full" | "incremental" | "differential";
                                 /** @enum {string} */
-                                requested: "full" | "incremental";
+                                requested: "full" | "incremental" | "differential";
                                 reason?: string;
+                                basedOn?: string;
                                 at: string;
                                 ms: number;
                                 disks: {
@@ -6526,6 +6527,7 @@ export interface operations {
                                     backing: string | null;
                                     layer: string;
                                     copiedBytes: number;
+                                    merged?: string[];
                                 }[];
                             }[];
                             invalid?: {
@@ -6623,10 +6625,10 @@ export interface operations {
             content: {
                 "application/json": {
                     /**
-                     * @description full: every cluster; incremental: the clusters written since the chain's last point (falls back to full, and says why, when the bitmap cannot be trusted)
+                     * @description full: every cluster; incremental: the clusters written since the chain's last point; differential: the clusters that differ from the chain's last full point, in a file backed by that full point (incremental and differential fall back to full, and say why, when the bitmap cannot be trusted)
                      * @enum {string}
                      */
-                    mode: "full" | "incremental";
+                    mode: "full" | "incremental" | "differential";
                     /** @description the directory of the backup chain (an existing directory; relative: under the VM's directory). One chain per VM and directory */
                     dir: string;
                     /** @description disk ids (default: every disk); fixed when the chain is created */

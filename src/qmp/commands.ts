@@ -707,6 +707,7 @@ export interface Commands {
   'blockdev-snapshot-delete-internal-sync': { args: { device: string; id?: string; name?: string }; ret: SnapshotInfo }
   'block-dirty-bitmap-add': { args: BlockDirtyBitmapAddArgs; ret: Empty }
   'block-dirty-bitmap-remove': { args: BlockDirtyBitmapArgs; ret: Empty }
+  'block-dirty-bitmap-merge': { args: BlockDirtyBitmapMergeArgs; ret: Empty }
   'blockdev-add': { args: BlockdevOptions; ret: Empty }
   'blockdev-del': { args: { 'node-name': string }; ret: Empty }
   /**

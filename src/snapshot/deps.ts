@@ -33,6 +33,13 @@ export interface SnapshotDeps {
   diskSwitches: PQueue
   log: Logger
   hooks?: SnapshotTestHooks
+  /** What other features add to a new overlay (the backup chains' bitmaps, src/backup/overlay-bitmaps.ts). */
+  overlayExtras?: {
+    /** Actions appended to the live snapshot's transaction, given each disk's new overlay node. */
+    live: (vm: string, overlays: ReadonlyArray<{ disk: string; node: string }>) => TransactionAction[]
+    /** Runs on each offline overlay right after qemu-img created it (inside the same journal step). */
+    offline: (vm: string, disk: string, file: string) => Promise<void>
+  }
 }
 
 /** The QEMU of a VM that runs (or is paused) while a snapshot is taken. */

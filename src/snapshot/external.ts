@@ -42,6 +42,7 @@ export async function createExternal(
           await reserveFile(o.overlay)
           r.add(`remove ${o.overlay}`, () => rmSync(o.overlay, { force: true }))
           await d.qemuImg.create(o.overlay, 'qcow2', { backing: { file: o.file, format: o.format } })
+          await d.overlayExtras?.offline(vm, o.id, o.overlay)
         }
       }),
     )
@@ -65,6 +66,7 @@ export async function createExternal(
         mode: 'absolute-paths',
       },
     }))
+    if (actions.length > 0 && d.overlayExtras) actions.push(...d.overlayExtras.live(vm, plan.overlays.map((o) => ({ disk: o.id, node: newNode(o.id) }))))
     const diskTransaction = async (): Promise<void> => {
       if (actions.length === 0) return
       const epoch = qmp.graphEpoch

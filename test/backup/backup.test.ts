@@ -1,8 +1,13 @@
 // Push-mode backups against real QEMU while the guest writes: a full and two incremental points of
 // two disks, each restored and read back by sectors; bitmaps across a clean QEMU restart; after
-// QEMU is killed the next incremental is reported as full, with the reason.
-import { mkdirSync } from 'node:fs'
+// QEMU is killed the next incremental is reported as full, with the reason; external snapshots
+// (live and offline) between two backups keep the chain incremental (the overlay gets the bitmap);
+// a differential point backed by the full alone.
+import { execFile } from 'node:child_process'
+import { mkdirSync, mkdtempSync, readFileSync, renameSync, rmSync, statSync } from 'node:fs'
+import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import { promisify } from 'node:util'
 import t, { type Test } from 'tap'
 import { defineGuestVm, eventually, guestCounters, op, startTestDaemon, type TestDaemon } from '../helpers/daemon.ts'
 import { checkDiskAgainstCounter } from '../helpers/guest.ts'
@@ -21,6 +26,30 @@ async function instantsOf(file: string, i: number, lo: number, hi: number): Prom
     if (checkDiskAgainstCounter(slots, c, c, i).length === 0 || checkDiskAgainstCounter(slots, c, c + 1, i).length === 0) out.push(c)
   }
   return out
+}
+
+/** Writes `pattern` over 64 KiB at `offset` of the running disk through QEMU's block layer (HMP qemu-io): the bitmaps see it. */
+async function hostWrite(td: TestDaemon, vm: string, disk: string, offset: string, pattern: number): Promise<void> {
+  const qmp = td.daemon.vms.qmp(vm)
+  // The qdev path of the virtio backend (the -device id names the PCI proxy, which has no drive).
+  const qdev = (await qmp.execute('query-block')).find((b) => b.qdev?.startsWith(`/machine/peripheral/${disk}/`))?.qdev
+  if (!qdev) throw new Error(`no block device for ${disk}`)
+  const out = await qmp.execute('human-monitor-command', { 'command-line': `qemu-io -d ${qdev} "write -P ${pattern} ${offset} 64k"` })
+  // qemu-io prints its "wrote ..." line to QEMU's stdout; the monitor answers only errors.
+  if (out.trim() && !/wrote 65536/.test(out)) throw new Error(`qemu-io write on ${disk}: ${out}`)
+}
+
+/** Whether the 64 KiB at `offset` of image `file` (with its backing chain) are all `pattern`. */
+async function holds(file: string, offset: number, pattern: number): Promise<boolean> {
+  const dir = mkdtempSync(join(tmpdir(), 'qmpd-holds-'))
+  try {
+    await promisify(execFile)('qemu-img', ['convert', '-U', '-O', 'raw', file, join(dir, 'out.raw')])
+    const bytes = readFileSync(join(dir, 'out.raw')).subarray(offset, offset + 65536)
+    if (bytes.length !== 65536) throw new Error(`${file} is shorter than ${offset + 65536} bytes`)
+    return bytes.every((b) => b === pattern)
+  } finally {
+    rmSync(dir, { recursive: true, force: true })
+  }
 }
 
 async function advance(td: TestDaemon, vm: string, by: number): Promise<void> {
@@ -91,18 +120,40 @@ t.test('a full and two incremental backups while the guest writes, each point re
   t.match(inc1b.point, { mode: 'incremental', requested: 'incremental' }, 'the snapshot and commit did not break the chain')
   t.same(inc1b.point.disks.map((d: any) => d.backing), inc1.point.disks.map((d: any) => d.file))
 
-  // A backup while a new overlay is the active layer: its bitmap does not cover the change, so full, and it says so.
+  // An external snapshot between two backups, its overlay still active at the next one: the
+  // snapshot's transaction gave the overlay the chain's bitmap, the backup merges the base's bits
+  // (written before the snapshot) into it and runs incremental. A host write on each side of the
+  // snapshot, at offsets the guest never writes, proves both are in the point.
+  for (const disk of ['vda', 'vdb']) await hostWrite(td, 'bk', disk, '4M', 0xa1)
   t.equal((await td.api('POST', '/v1/vms/bk/snapshots?wait=true', { name: 'e2', kind: 'external', memory: false })).status, 200, 'external snapshot e2')
+  for (const disk of ['vda', 'vdb']) await hostWrite(td, 'bk', disk, '8M', 0xb2)
   await advance(td, 'bk', 70)
   const onOverlay = await backupAndCheck(t, td, 'bk', { mode: 'incremental', dir }, 'incremental on a new overlay')
-  t.match(onOverlay.point, { mode: 'full', requested: 'incremental', reason: /active layer/ }, 'reported as full, with the reason')
+  t.match(onOverlay.point, { mode: 'incremental', requested: 'incremental' }, 'reported incremental, not full')
+  t.notOk(onOverlay.point.reason, 'no fallback reason')
+  t.same(onOverlay.point.disks.map((d: any) => d.backing), inc1b.point.disks.map((d: any) => d.file), 'backed by the previous point')
+  t.same(onOverlay.point.disks.map((d: any) => d.merged), inc1b.point.disks.map((d: any) => [d.layer]), 'the base layer\'s bitmap was merged, and recorded')
+  t.ok(onOverlay.point.disks.every((d: any, i: number) => d.layer !== inc1b.point.disks[i].layer), 'the point records the overlay as its layer')
+  for (const d of onOverlay.point.disks) {
+    const restored = join(td.stateDir, 'vms', 'bk', `restored-${onOverlay.point.id}-${d.id}.qcow2`)
+    t.ok(await holds(restored, 4 << 20, 0xa1), `${d.id}: the write before the snapshot (in the base layer) is in the point`)
+    t.ok(await holds(restored, 8 << 20, 0xb2), `${d.id}: the write after the snapshot (in the overlay) is in the point`)
+    const size = statSync(d.file).size
+    t.ok(size < 1 << 20 && d.copiedBytes < full.point.disks[0].copiedBytes, `${d.id}: the incremental file is small (${size} bytes, ${d.copiedBytes} copied; the full copied ${full.point.disks[0].copiedBytes})`)
+  }
+  // The next one has nothing left to merge: the base's bits are not merged twice.
+  await advance(td, 'bk', 70)
+  const onOverlay2 = await backupAndCheck(t, td, 'bk', { mode: 'incremental', dir }, 'second incremental on the overlay')
+  t.match(onOverlay2.point, { mode: 'incremental', requested: 'incremental' })
+  t.ok(onOverlay2.point.disks.every((d: any) => d.merged === undefined), 'nothing merged the second time')
+  t.ok(onOverlay2.point.disks.every((d: any, i: number) => d.copiedBytes < onOverlay.point.disks[i].copiedBytes), 'and it copied less than the merged one (only the guest\'s slots)')
 
   await op(td, 'bk', 'stop', { force: true })
   await op(td, 'bk', 'start')
   await advance(td, 'bk', 100)
   const inc2 = await backupAndCheck(t, td, 'bk', { mode: 'incremental', dir }, 'incremental 2 (after a clean QEMU restart)')
   t.match(inc2.point, { mode: 'incremental', requested: 'incremental' })
-  t.same(inc2.point.disks.map((d: any) => d.backing), onOverlay.point.disks.map((d: any) => d.file), 'backed by the point before the restart')
+  t.same(inc2.point.disks.map((d: any) => d.backing), onOverlay2.point.disks.map((d: any) => d.file), 'backed by the point before the restart (the overlay\'s bitmap was stored)')
   // (The guest booted again: its counter restarted, so this instant is not comparable with inc1's.)
 
   // Restoring an earlier point still gives that point's instant, not a later one.
@@ -114,7 +165,7 @@ t.test('a full and two incremental backups while the guest writes, each point re
   t.equal(list.status, 200)
   t.equal(list.body.chains.length, 1, 'one chain for the directory')
   const chain = list.body.chains[0]
-  t.same(chain.points.map((p: any) => p.id), [full.point.id, inc1.point.id, inc1b.point.id, onOverlay.point.id, inc2.point.id])
+  t.same(chain.points.map((p: any) => p.id), [full.point.id, inc1.point.id, inc1b.point.id, onOverlay.point.id, onOverlay2.point.id, inc2.point.id])
   t.same(chain.bitmaps.map((b: any) => b.state), ['active', 'active'], 'both bitmaps active')
   t.ok(chain.sizeBytes > 0)
 
@@ -136,6 +187,66 @@ t.test('a full and two incremental backups while the guest writes, each point re
   t.match(next.point, { mode: 'incremental', requested: 'incremental' })
   t.same(next.point.disks.map((d: any) => d.backing), after.point.disks.map((d: any) => d.file))
   t.comment(`timings: full ${full.ms} ms, incremental ${inc1.ms} ms, ${inc2.ms} ms (2 x 16 MiB disks, TCG)`)
+})
+
+t.test('an offline external snapshot between two backups: qemu-img gave the overlay the bitmap, the next backup merges and is incremental', async (t) => {
+  const td = await startTestDaemon(t)
+  await defineGuestVm(td, 'bo', { disks: 1 })
+  const dir = join(td.stateDir, 'vms', 'bo', 'backups')
+  mkdirSync(dir)
+  await op(td, 'bo', 'start')
+  await advance(td, 'bo', 70)
+  const full = await backupAndCheck(t, td, 'bo', { mode: 'full', dir }, 'full')
+  await hostWrite(td, 'bo', 'vda', '4M', 0xa1)
+  await op(td, 'bo', 'stop', { force: true })
+  t.equal((await td.api('POST', '/v1/vms/bo/snapshots?wait=true', { name: 'o1', kind: 'external', memory: false })).status, 200, 'offline external snapshot o1')
+  await op(td, 'bo', 'start')
+  await hostWrite(td, 'bo', 'vda', '8M', 0xb2)
+  await advance(td, 'bo', 70)
+  const inc = await backupAndCheck(t, td, 'bo', { mode: 'incremental', dir }, 'incremental on the offline overlay')
+  t.match(inc.point, { mode: 'incremental', requested: 'incremental' }, 'reported incremental, not full')
+  t.same(inc.point.disks[0].merged, [full.point.disks[0].layer], 'the base layer\'s bitmap was merged')
+  t.not(inc.point.disks[0].layer, full.point.disks[0].layer, 'the point records the overlay as its layer')
+  const restored = join(td.stateDir, 'vms', 'bo', `restored-${inc.point.id}-vda.qcow2`)
+  t.ok(await holds(restored, 4 << 20, 0xa1), 'the write before the stop (in the base layer) is in the point')
+  t.ok(await holds(restored, 8 << 20, 0xb2), 'the write after the snapshot (in the overlay) is in the point')
+  t.ok(inc.point.disks[0].copiedBytes < full.point.disks[0].copiedBytes, `incremental copied ${inc.point.disks[0].copiedBytes} bytes, the full ${full.point.disks[0].copiedBytes}`)
+})
+
+t.test('a differential point holds every change since the full, is backed by the full alone and restores without the incremental between', async (t) => {
+  const td = await startTestDaemon(t)
+  await defineGuestVm(td, 'bd', { disks: 1 })
+  const dir = join(td.stateDir, 'vms', 'bd', 'backups')
+  mkdirSync(dir)
+  await op(td, 'bd', 'start')
+  await advance(td, 'bd', 70)
+  const full = await backupAndCheck(t, td, 'bd', { mode: 'full', dir }, 'full')
+  await hostWrite(td, 'bd', 'vda', '4M', 0xa1)
+  await advance(td, 'bd', 30)
+  const inc = await backupAndCheck(t, td, 'bd', { mode: 'incremental', dir }, 'incremental')
+  t.equal(inc.point.mode, 'incremental')
+  await hostWrite(td, 'bd', 'vda', '8M', 0xb2)
+  await advance(td, 'bd', 30)
+  const diff = await backupAndCheck(t, td, 'bd', { mode: 'differential', dir }, 'differential')
+  t.match(diff.point, { mode: 'differential', requested: 'differential', basedOn: full.point.id }, 'reported differential, based on the full')
+  t.equal(diff.point.disks[0].backing, full.point.disks[0].file, 'its backing is the full point\'s file')
+  const info = await promisify(execFile)('qemu-img', ['info', '-U', '--backing-chain', '--output=json', diff.point.disks[0].file])
+  const chainFiles = (JSON.parse(info.stdout) as Array<{ filename: string }>).map((l) => l.filename)
+  t.same(chainFiles, [diff.point.disks[0].file, full.point.disks[0].file], 'qemu-img info --backing-chain: the differential and the full, not the incremental')
+  // A retention step deletes the incremental's file: the differential still restores exactly.
+  const incFile = inc.point.disks[0].file
+  renameSync(incFile, `${incFile}.away`)
+  const out = join(td.stateDir, 'vms', 'bd', 'restored-diff-without-inc.qcow2')
+  t.equal((await td.api('POST', `/v1/vms/bd/backups/${diff.point.id}/restore?wait=true`, { file: out })).status, 200, 'restore with the incremental\'s file gone')
+  t.ok(await holds(out, 4 << 20, 0xa1), 'the write before the incremental (A) is in the differential')
+  t.ok(await holds(out, 8 << 20, 0xb2), 'the write after the incremental (B) is in the differential')
+  t.ok((await instantsOf(out, 0, diff.instant, diff.instant)).length === 1, `and the guest's slots are those of the differential's instant ${diff.instant}`)
+  renameSync(`${incFile}.away`, incFile)
+  await advance(td, 'bd', 30)
+  const next = await backupAndCheck(t, td, 'bd', { mode: 'incremental', dir }, 'incremental after the differential')
+  t.match(next.point, { mode: 'incremental', requested: 'incremental' })
+  t.equal(next.point.disks[0].backing, diff.point.disks[0].file, 'the next incremental is backed by the differential')
+  t.comment(`timings: full ${full.ms} ms, incremental ${inc.ms} ms, differential ${diff.ms} ms (16 MiB disk, TCG)`)
 })
 
 t.test('bad backup requests change nothing', async (t) => {

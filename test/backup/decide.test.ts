@@ -20,11 +20,21 @@ const state = (over: Partial<BitmapState> = {}): BitmapState => ({ disk: 'vda', 
 t.test('an incremental runs incremental only when every bitmap can be trusted, else full with the reason', async (t) => {
   t.same(decideMode('incremental', chain(), [state()]), { mode: 'incremental' })
   t.same(decideMode('full', chain(), [state({ state: 'inconsistent' })]), { mode: 'full' }, 'a requested full needs no reason')
+  t.same(decideMode('differential', chain(), [state()]), { mode: 'differential' })
+  t.match(decideMode('differential', chain(), [state({ state: 'inconsistent' })]), { mode: 'full', reason: /bitmap inconsistent/ }, 'a differential falls back like an incremental')
   t.match(decideMode('incremental', undefined, [state()]), { mode: 'full', reason: /first backup of a chain/ })
   t.match(decideMode('incremental', chain({ points: [] }), [state()]), { mode: 'full', reason: /first backup/ })
   t.match(decideMode('incremental', chain(), [state({ state: 'inconsistent' })]), { mode: 'full', reason: /bitmap inconsistent after unclean exit/ })
   t.match(decideMode('incremental', chain(), [state({ state: 'missing' })]), { mode: 'full', reason: /bitmap missing on disk vda/ })
   t.match(decideMode('incremental', chain(), [state({ file: '/d/overlay.qcow2' })]), { mode: 'full', reason: /active layer is \/d\/overlay\.qcow2/ })
+  const moved = state({ file: '/d/overlay.qcow2' })
+  t.same(decideMode('incremental', chain(), [moved], new Map([['vda', { sources: [{ node: 'vda-f0', file: '/d/vda.qcow2' }] }]])), { mode: 'incremental' }, 'a new overlay whose base bitmap can be merged stays incremental')
+  t.same(
+    decideMode('incremental', chain(), [moved], new Map([['vda', { reason: 'layer /d/x.qcow2 of disk vda lacks a usable bitmap' }]])),
+    { mode: 'full', reason: 'layer /d/x.qcow2 of disk vda lacks a usable bitmap' },
+    'a layer without the bitmap in between: full, with the planner\'s reason',
+  )
+  t.match(decideMode('incremental', chain(), [state({ file: '/d/overlay.qcow2', state: 'missing' })], new Map([['vda', { sources: [{ node: 'vda-f0', file: '/d/vda.qcow2' }] }]])), { mode: 'full', reason: /bitmap missing/ }, 'mergeable, but the overlay has no bitmap: full')
   t.match(decideMode('incremental', chain({ invalid: { reason: 'snapshot revert changed the disks', at: 'x' } }), [state()]), { mode: 'full', reason: 'snapshot revert changed the disks' })
 })
 

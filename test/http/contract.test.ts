@@ -150,6 +150,8 @@ t.test('every operation answers as the document declares, and every operation wa
   mkdirSync(join(td.stateDir, 'vms', 'c1', 'bk'))
   const bk = await api('POST', `/v1/vms/c1/backups${w}`, { mode: 'full', dir: 'bk' })
   is(bk, 200, 'backup')
+  is(await api('POST', `/v1/vms/c1/backups${w}`, { mode: 'incremental', dir: 'bk' }), 200, 'an incremental backup')
+  is(await api('POST', `/v1/vms/c1/backups${w}`, { mode: 'differential', dir: 'bk' }), 200, 'a differential backup (basedOn in the point)')
   is(await api('POST', '/v1/vms/c1/backups', { mode: 'full', dir: 'no-such-dir' }), 400, 'a backup into a missing dir')
   is(await api('GET', '/v1/vms/c1/backups'), 200, 'GET /v1/vms/c1/backups')
   is(await api('POST', `/v1/vms/c1/backups/${bk.body.result?.point?.id}/restore${w}`, { file: 'restored.qcow2' }), 200, 'restore a backup')
