@@ -1001,10 +1001,10 @@ export interface components {
                 /** @enum {string} */
                 type: "backup";
                 /**
-                 * @description full: every cluster; incremental: the clusters written since the chain's last point (falls back to full, and says why, when the bitmap cannot be trusted)
+                 * @description full: every cluster; incremental: the clusters written since the chain's last point; differential: the clusters that differ from the chain's last full point, in a file backed by that full point (incremental and differential fall back to full, and say why, when the bitmap cannot be trusted)
                  * @enum {string}
                  */
-                mode: "full" | "incremental";
+                mode: "full" | "incremental" | "differential";
                 /** @description the directory of the backup chain (an existing directory; relative: under the VM's directory). One chain per VM and directory */
                 dir: string;
                 /** @description disk ids (default: every disk); fixed when the chain is created */
@@ -4756,10 +4756,10 @@ export interface operations {
                         /** @enum {string} */
                         type: "backup";
                         /**
-                         * @description full: every cluster; incremental: the clusters written since the chain's last point (falls back to full, and says why, when the bitmap cannot be trusted)
+                         * @description full: every cluster; incremental: the clusters written since the chain's last point; differential: the clusters that differ from the chain's last full point, in a file backed by that full point (incremental and differential fall back to full, and say why, when the bitmap cannot be trusted)
                          * @enum {string}
                          */
-                        mode: "full" | "incremental";
+                        mode: "full" | "incremental" | "differential";
                         /** @description the directory of the backup chain (an existing directory; relative: under the VM's directory). One chain per VM and directory */
                         dir: string;
                         /** @description disk ids (default: every disk); fixed when the chain is created */
@@ -5023,10 +5023,10 @@ export interface operations {
                         /** @enum {string} */
                         type: "backup";
                         /**
-                         * @description full: every cluster; incremental: the clusters written since the chain's last point (falls back to full, and says why, when the bitmap cannot be trusted)
+                         * @description full: every cluster; incremental: the clusters written since the chain's last point; differential: the clusters that differ from the chain's last full point, in a file backed by that full point (incremental and differential fall back to full, and say why, when the bitmap cannot be trusted)
                          * @enum {string}
                          */
-                        mode: "full" | "incremental";
+                        mode: "full" | "incremental" | "differential";
                         /** @description the directory of the backup chain (an existing directory; relative: under the VM's directory). One chain per VM and directory */
                         dir: string;
                         /** @description disk ids (default: every disk); fixed when the chain is created */
