@@ -33,6 +33,7 @@ import { Journal } from './ops/journal.ts'
 import { Recovery } from './ops/recovery.ts'
 import { VmChecker } from './ops/check.ts'
 import { Reconciler } from './ops/reconcile.ts'
+import { unpinClones } from './snapshot/clone-pins.ts'
 import { lockStateDir } from './lock.ts'
 import { assertPatchKeepsSnapshots } from './snapshot/patch-guard.ts'
 import { IdempotencyRepo } from './store/idempotency.ts'
@@ -133,7 +134,12 @@ async function openDaemon(
   }
   const snapshots = new SnapshotService(snapshotDeps)
   // Asked only with deleteStorage, before anything is removed: linked clones' backing files stay.
-  vms.onDelete({ files: (vm) => (snapshots.assertNoClones(vm), snapshots.filesOf(vm)), forget: (vm) => snapshots.forgetVm(vm) })
+  // A deleted VM's name leaves every source snapshot's clone pins: a new VM of that name pins nothing.
+  const forgetVm = (vm: string): void => {
+    snapshots.forgetVm(vm)
+    unpinClones(snapshotRepo, vmRepo.list().map((r) => r.name), (c) => c !== vm)
+  }
+  vms.onDelete({ files: (vm) => (snapshots.assertNoClones(vm), snapshots.filesOf(vm)), forget: forgetVm })
   registerVmRecovery(recovery, { vms, vmDir: (vm) => paths.vmDir(vm), forget: (vm) => vms.forget(vm) })
   registerSnapshotRecovery(recovery, snapshotDeps)
   const blockJobs = new BlockJobService({ vms, jobs, snapshots, paths, qemuImg, journal, log: log.child({ component: 'blockjobs' }) })
@@ -162,6 +168,8 @@ async function openDaemon(
   // (ARCHITECTURE.md: "After a restart the store is reconciled with QEMU and the files before
   // anything else runs"): an operation recovery finished or undid is no disagreement.
   await recovery.run()
+  // Pins naming VMs that no longer exist (a delete before pins were pruned, a quarantined forget) go.
+  for (const u of unpinClones(snapshotRepo, vmRepo.list().map((r) => r.name), (c) => vms.has(c))) log.info(u, 'stale clone pins removed')
   await reconciler.reconcileAll(vmRepo.list().map((r) => r.name))
   const idempotency = new IdempotencyRepo(db)
   const host = new HostInfo({ config, log, version: VERSION, startedAt, vmStates: () => vmStates(vmRepo, vms) })

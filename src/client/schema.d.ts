@@ -1295,6 +1295,11 @@ export interface operations {
                     labels?: {
                         [key: string]: string;
                     };
+                    /**
+                     * @description true: start the clone once defined (a fork runs on from the checkpoint's RAM state); its outcome is in clone.start
+                     * @default false
+                     */
+                    start?: boolean;
                 };
             };
         };

@@ -30,6 +30,10 @@ export const CloneDefinition = z.strictObject({
       .describe('true: qcow2 overlays on the snapshot\'s frozen images (kept while the clone exists); false: flattened copies'),
   }),
   labels: Labels.optional(),
+  start: z
+    .boolean()
+    .default(false)
+    .describe('true: start the clone once defined (a fork runs on from the checkpoint\'s RAM state); its outcome is in clone.start'),
 })
 export type CloneDefinition = z.output<typeof CloneDefinition>
 
@@ -53,6 +57,7 @@ interface ClonedDisk {
 /**
  * Validates a clone request, queues it in the source VM's queue (a delete of the snapshot waits
  * for it) and resolves with the new VM's view once defined.
+ * With `start`, then starts the clone (the outcome in `clone.start`; a failed start keeps the clone).
  * @throws QmpdError VM_NOT_FOUND or SNAPSHOT_NOT_FOUND for the source, VM_EXISTS, NOT_SUPPORTED (a checkpoint, an adopted
  *   source, UEFI, excluded disks or no recorded definition), INVALID_STATE, BUSY; the job's error when the copy fails.
  */
@@ -79,8 +84,24 @@ export async function cloneVm(d: SnapshotDeps, busyCheck: (vm: string, what: str
     const e = done.error ?? { code: 'INTERNAL', message: `clone job ${job.id} ended ${done.state}` }
     throw new QmpdError(e.code as QmpdError['code'], e.message, { ...e.details, job: job.id })
   }
-  // The view, plus what the clone job did (its warnings: a fork's NIC caveat).
-  return { ...(await d.vms.view(input.name)), clone: done.result }
+  const start = input.start ? await startClone(d, input.name) : undefined
+  // The view, plus what the clone job did (its warnings: a fork's NIC caveat) and the start's outcome.
+  return { ...(await d.vms.view(input.name)), clone: { ...(done.result as object), ...(start ? { start } : {}) } }
+}
+
+/**
+ * `start: true`: starts the defined clone in its own queue. A failed start leaves the clone defined
+ * (the request still answers 201): its outcome says why.
+ */
+async function startClone(d: SnapshotDeps, name: string): Promise<{ job?: string; state: string; error?: unknown }> {
+  try {
+    const job = d.vms.start(name, {})
+    const done = await d.jobs.wait(job.id, 24 * 3600_000)
+    return { job: job.id, state: done.state, ...(done.error ? { error: done.error } : {}) }
+  } catch (err) {
+    // Refused before queueing (BUSY, INVALID_STATE): no job.
+    return { state: 'refused', error: err instanceof QmpdError ? { code: err.code, message: err.message } : { code: 'INTERNAL', message: String(err) } }
+  }
 }
 
 /** The recorded definition a clone starts from. */

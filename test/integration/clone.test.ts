@@ -82,6 +82,9 @@ t.test('linked and full clones of a middle external snapshot, taken while the so
   t.equal((await td.api('DELETE', '/v1/vms/lc?deleteStorage=true')).status, 204, 'the linked clone goes')
   t.notOk(existsSync(lcDisk), 'with its overlay')
   t.ok(existsSync(frozen['s2']!), 'but not the source\'s image')
+  t.notOk(td.daemon.repos.snapshots.get('src', 's2')?.clones?.includes('lc'), 'and s2 no longer pins its name')
+  // A new VM reusing the name is no clone: it pins nothing.
+  await defineGuestVm(td, 'lc', { disks: 1 })
   t.equal((await td.api('DELETE', '/v1/vms/src/snapshots/s2?wait=true')).status, 200, 'then s2 may be deleted')
   t.same(await diskBytes(fcDisk), fcBooted, 'the full clone never depended on it: it reads what its own guest left')
   await bootsAndCounts(t, td, 'fc')
@@ -127,6 +130,13 @@ t.test('linked and full clones of a middle internal snapshot; bad requests chang
   }
   t.notOk(existsSync(join(td.stateDir, 'vms', 'x1')), 'no directory for a refused clone')
   t.equal((await td.api('GET', '/v1/vms/x1')).status, 404, 'and no VM')
+
+  // start: true starts the clone once defined.
+  const started = await clone(t, td, { name: 'x2', clone: { vm: 'isrc', snapshot: 'i1' }, start: true })
+  t.equal(started.state, 'running', 'start: true answers with the clone running')
+  t.equal(started.clone.start?.state, 'succeeded', 'and its start job\'s outcome')
+  t.ok(await eventually(async () => (await guestCounters(td, 'x2')).counter > 5, 30_000), 'x2 boots from its cloned disk and counts')
+  await op(td, 'x2', 'stop', { force: true })
 })
 
 t.test('a clone of an external checkpoint runs on from its RAM state: a fork', async (t) => {
@@ -157,5 +167,11 @@ t.test('a clone of an external checkpoint runs on from its RAM state: a fork', a
   t.ok(await eventually(async () => (await guestCounters(td, 'fork')).counter > c + 20, 30_000), 'the fork runs on from there')
   t.notOk(existsSync(join(td.stateDir, 'vms', 'fork', 'managed.save')), 'its copy of the RAM state went once loaded')
   await op(td, 'fork', 'stop', { force: true })
+  // start: true on a fork: it runs on from the checkpoint's counter, not from a fresh boot.
+  const f2 = await clone(t, td, { name: 'fork2', clone: { vm: 'csrc', snapshot: 'cp' }, start: true })
+  t.equal(f2.state, 'running', 'a fork with start: true answers running')
+  const c2 = (await guestCounters(td, 'fork2')).counter
+  t.ok(c2 >= c, `its guest's counter (${c2}) starts at the checkpoint's (${c}), not at a fresh boot's 0`)
+  await op(td, 'fork2', 'stop', { force: true })
   await op(td, 'csrc', 'stop', { force: true })
 })
