@@ -1283,7 +1283,7 @@ export interface operations {
                     clone: {
                         /** @description the source VM */
                         vm: string;
-                        /** @description a disk snapshot of it (external or internal) */
+                        /** @description a snapshot of it: a disk snapshot (external or internal) or a checkpoint (the clone is a fork of its RAM state) */
                         snapshot: string;
                         /**
                          * @description true: qcow2 overlays on the snapshot's frozen images (kept while the clone exists); false: flattened copies

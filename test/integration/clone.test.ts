@@ -1,5 +1,6 @@
 // VM clones from disk snapshots against real QEMU: linked and full clones of a middle snapshot
 // (external and internal) hold its disk and boot from it; linked clones keep what they read.
+import { execFileSync } from 'node:child_process'
 import { existsSync } from 'node:fs'
 import { join } from 'node:path'
 import t, { type Test } from 'tap'
@@ -118,7 +119,7 @@ t.test('linked and full clones of a middle internal snapshot; bad requests chang
     [{ name: 'x1', clone: { vm: 'nope', snapshot: 'i1' } }, 404, /no VM named nope/],
     [{ name: 'x1', clone: { vm: 'isrc', snapshot: 'nope' } }, 404, /no snapshot nope/],
     [{ name: 'lic', clone: { vm: 'isrc', snapshot: 'i1' } }, 409, /already exists/],
-    [{ name: 'x1', clone: { vm: 'isrc', snapshot: 'cp' } }, 409, /internal checkpoint/],
+    [{ name: 'x1', clone: { vm: 'isrc', snapshot: 'cp', linked: true } }, 409, /internal checkpoint: its fork is a full copy/],
     [{ name: 'x1', clone: { vm: 'isrc', snapshot: 'i1', linked: 'yes' } }, 400, /linked|union|clone/i],
     [{ name: 'x1', clone: { vm: 'isrc', snapshot: 'i1' }, memoryMiB: 64 }, 400, /memoryMiB|union|unrecognized/i],
     [{ name: '../x', clone: { vm: 'isrc', snapshot: 'i1' } }, 400, /name|union/i],
@@ -174,4 +175,58 @@ t.test('a clone of an external checkpoint runs on from its RAM state: a fork', a
   t.ok(c2 >= c, `its guest's counter (${c2}) starts at the checkpoint's (${c}), not at a fresh boot's 0`)
   await op(td, 'fork2', 'stop', { force: true })
   await op(td, 'csrc', 'stop', { force: true })
+})
+
+t.test('a clone of an internal checkpoint is a fork: whole copies keep the tag, a revert to it runs on from its RAM', async (t) => {
+  const td = await startTestDaemon(t)
+  await defineGuestVm(td, 'isrc', { disks: 1, stampMiB: 1, memoryMiB: 32 })
+  await op(td, 'isrc', 'start')
+  await runOn(t, td, 'isrc')
+  await snap(td, 'isrc', { name: 'early', kind: 'internal', memory: false })
+  await runOn(t, td, 'isrc')
+  await snap(td, 'isrc', { name: 'icp', kind: 'internal', memory: true })
+  await runOn(t, td, 'isrc')
+  const running = await td.api('POST', '/v1/vms', { name: 'ifork', clone: { vm: 'isrc', snapshot: 'icp' } })
+  t.equal(running.status, 409, 'refused while the source\'s QEMU has the images open')
+  t.match(running.body.error.message, /stop it first/)
+  t.notOk(existsSync(join(td.stateDir, 'vms', 'ifork')), 'and nothing made')
+  await op(td, 'isrc', 'stop', { force: true })
+  const srcDisk = td.daemon.vms.record('isrc').runtime.disks[0]!.file
+  const srcBefore = await diskBytes(srcDisk)
+  const t0 = Date.now()
+  const fork = await clone(t, td, { name: 'ifork', clone: { vm: 'isrc', snapshot: 'icp' } })
+  t.comment(`the fork's copy took ${Date.now() - t0} ms`)
+  t.equal(fork.state, 'shutoff', 'the fork is defined stopped')
+  t.match(fork.clone.warnings.join(' '), /revert to it/, 'the answer says how to run it from the RAM state')
+  const forkDisk = fork.disks[0].file
+  t.equal(forkDisk, join(td.stateDir, 'vms', 'ifork', 'vda.qcow2'))
+  const tags = JSON.parse(execFileSync('qemu-img', ['info', '-U', '--output=json', forkDisk], { encoding: 'utf8' })).snapshots.map((x: { name: string }) => x.name)
+  t.same(tags, ['icp'], 'the copy keeps only the checkpoint\'s tag')
+  t.same((await td.api('GET', '/v1/vms/ifork/snapshots')).body.snapshots.map((x: { name: string }) => x.name), ['icp'], 'the fork lists the checkpoint as its own snapshot')
+  t.same(await diskBytes(srcDisk), srcBefore, 'the source\'s image is untouched')
+
+  await revert(td, 'ifork', 'icp', { state: 'paused' })
+  const forkRam = await dumpRam(td, 'ifork', 1)
+  await revert(td, 'isrc', 'icp', { state: 'paused' })
+  const srcRam = await dumpRam(td, 'isrc', 1)
+  const c = forkRam.counters.counter
+  t.ok(c > 0, `the fork's guest RAM holds the checkpoint's counter (${c})`)
+  t.same(forkRam.counters, srcRam.counters, 'the fork\'s counters are the checkpoint\'s (the source reverted to it)')
+  t.ok(forkRam.stamps.equals(srcRam.stamps), 'and so is every stamped page')
+  t.same(checkStampsAgainstCounter(stampsOf(forkRam), c, forkRam.counters.pending), [], 'the stamps agree with the counter')
+  t.same(checkDiskAgainstCounter(slotsOf(await diskBytes(forkDisk)), c, forkRam.counters.pending, 0), [], 'the fork reads the checkpoint\'s disk, of the same instant as its RAM')
+  await op(td, 'ifork', 'resume')
+  t.ok(await eventually(async () => (await guestCounters(td, 'ifork')).counter > c + 20, 30_000), 'the fork runs on from there')
+  await op(td, 'ifork', 'stop', { force: true })
+  await op(td, 'isrc', 'stop', { force: true })
+
+  // start: true: the fork runs at once, from the checkpoint's counter.
+  const f2 = await clone(t, td, { name: 'ifork2', clone: { vm: 'isrc', snapshot: 'icp' }, start: true })
+  t.equal(f2.state, 'running', 'start: true answers with the fork running')
+  t.equal(f2.clone.start?.state, 'succeeded')
+  const c2 = (await guestCounters(td, 'ifork2')).counter
+  t.ok(c2 >= c, `its counter (${c2}) starts at the checkpoint's (${c}), not at a fresh boot's 0`)
+  await op(td, 'ifork2', 'stop', { force: true })
+  t.equal((await td.api('DELETE', '/v1/vms/ifork2?deleteStorage=true')).status, 204, 'a fork is deleted like any VM')
+  t.notOk(existsSync(join(td.stateDir, 'vms', 'ifork2', 'vda.qcow2')), 'with its copy')
 })
