@@ -39,6 +39,7 @@ import { Journal } from './ops/journal.ts'
 import { Recovery } from './ops/recovery.ts'
 import { VmChecker } from './ops/check.ts'
 import { Reconciler } from './ops/reconcile.ts'
+import { unpinClones } from './snapshot/clone-pins.ts'
 import { lockStateDir } from './lock.ts'
 import { assertPatchKeepsSnapshots } from './snapshot/patch-guard.ts'
 import { IdempotencyRepo } from './store/idempotency.ts'
@@ -152,7 +153,12 @@ async function openDaemon(
   }
   const snapshots = new SnapshotService(snapshotDeps)
   // Asked only with deleteStorage, before anything is removed: linked clones' backing files stay.
-  vms.onDelete({ files: (vm) => (snapshots.assertNoClones(vm), snapshots.filesOf(vm)), forget: (vm) => snapshots.forgetVm(vm) })
+  // A deleted VM's name leaves every source snapshot's clone pins: a new VM of that name pins nothing.
+  const forgetVm = (vm: string): void => {
+    snapshots.forgetVm(vm)
+    unpinClones(snapshotRepo, vmRepo.list().map((r) => r.name), (c) => c !== vm)
+  }
+  vms.onDelete({ files: (vm) => (snapshots.assertNoClones(vm), snapshots.filesOf(vm)), forget: forgetVm })
   registerVmRecovery(recovery, { vms, vmDir: (vm) => paths.vmDir(vm), forget: (vm) => vms.forget(vm) })
   registerSnapshotRecovery(recovery, snapshotDeps)
   const blockJobs = new BlockJobService({ vms, jobs, snapshots, paths, qemuImg, journal, log: log.child({ component: 'blockjobs' }) })
@@ -195,6 +201,8 @@ async function openDaemon(
   // anything else runs"): an operation recovery finished or undid is no disagreement.
   await recovery.run()
   await exports.init(vmRepo.list().map((r) => r.name))
+  // Pins naming VMs that no longer exist (a delete before pins were pruned, a quarantined forget) go.
+  for (const u of unpinClones(snapshotRepo, vmRepo.list().map((r) => r.name), (c) => vms.has(c))) log.info(u, 'stale clone pins removed')
   await reconciler.reconcileAll(vmRepo.list().map((r) => r.name))
   // After recovery and reconcile: a slot's outcome is read from jobs recovery has settled.
   const deletes = new SchedDeletes({ snapshots, bus, log: log.child({ component: 'scheduler' }) })

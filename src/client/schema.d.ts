@@ -1491,7 +1491,7 @@ export interface operations {
                     clone: {
                         /** @description the source VM */
                         vm: string;
-                        /** @description a disk snapshot of it (external or internal) */
+                        /** @description a snapshot of it: a disk snapshot (external or internal) or a checkpoint (the clone is a fork of its RAM state) */
                         snapshot: string;
                         /**
                          * @description true: qcow2 overlays on the snapshot's frozen images (kept while the clone exists); false: flattened copies
@@ -1503,6 +1503,11 @@ export interface operations {
                     labels?: {
                         [key: string]: string;
                     };
+                    /**
+                     * @description true: start the clone once defined (a fork runs on from the checkpoint's RAM state); its outcome is in clone.start
+                     * @default false
+                     */
+                    start?: boolean;
                 };
             };
         };

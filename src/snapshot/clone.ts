@@ -16,6 +16,8 @@ import { assertState, isRunningState } from '../vm/states.ts'
 import { mustSnapshot, type SnapshotDeps } from './deps.ts'
 import { convertArgs } from './export.ts'
 import { reserveFile } from './files.ts'
+import { assertForkable, copyForkDisk, isInternalCheckpoint, recordFork } from './clone-fork.ts'
+import { submitRevert } from './revert.ts'
 import type { Snapshot, SnapshotDisk } from './model.ts'
 
 /** Body of POST /v1/vms that defines a VM as a clone of a snapshot. */
@@ -23,13 +25,17 @@ export const CloneDefinition = z.strictObject({
   name: Name,
   clone: z.strictObject({
     vm: Name.describe('the source VM'),
-    snapshot: Name.describe('a disk snapshot of it (external or internal)'),
+    snapshot: Name.describe('a snapshot of it: a disk snapshot (external or internal) or a checkpoint (the clone is a fork of its RAM state)'),
     linked: z
       .boolean()
       .default(false)
       .describe('true: qcow2 overlays on the snapshot\'s frozen images (kept while the clone exists); false: flattened copies'),
   }),
   labels: Labels.optional(),
+  start: z
+    .boolean()
+    .default(false)
+    .describe('true: start the clone once defined (a fork runs on from the checkpoint\'s RAM state); its outcome is in clone.start'),
 })
 export type CloneDefinition = z.output<typeof CloneDefinition>
 
@@ -53,8 +59,9 @@ interface ClonedDisk {
 /**
  * Validates a clone request, queues it in the source VM's queue (a delete of the snapshot waits
  * for it) and resolves with the new VM's view once defined.
- * @throws QmpdError VM_NOT_FOUND or SNAPSHOT_NOT_FOUND for the source, VM_EXISTS, NOT_SUPPORTED (a checkpoint, an adopted
- *   source, UEFI, excluded disks or no recorded definition), INVALID_STATE, BUSY; the job's error when the copy fails.
+ * With `start`, then starts the clone (the outcome in `clone.start`; a failed start keeps the clone).
+ * @throws QmpdError VM_NOT_FOUND or SNAPSHOT_NOT_FOUND for the source, VM_EXISTS, NOT_SUPPORTED (a linked or backed internal-checkpoint fork, an adopted
+ *   source, UEFI, excluded disks or no recorded definition), INVALID_STATE (a fork while the source runs), BUSY; the job's error when the copy fails.
  */
 export async function cloneVm(d: SnapshotDeps, busyCheck: (vm: string, what: string) => void, input: CloneDefinition): Promise<VmView & { clone: unknown }> {
   const { vm: source, snapshot, linked } = input.clone
@@ -63,10 +70,13 @@ export async function cloneVm(d: SnapshotDeps, busyCheck: (vm: string, what: str
   assertState(source, d.vms.record(source).runtime.state, 'snapshot-export')
   busyCheck(source, `clone snapshot ${snapshot}`)
   const def = cloneableDefinition(s)
+  const fork = isInternalCheckpoint(s)
+  if (fork) await assertForkable(d, source, s, linked)
   const dir = d.paths.vmDir(input.name)
   const disks = def.disks.map((spec): ClonedDisk => {
     const from = s.disks.find((x) => x.id === spec.id)
     if (!from || from.mode === 'excluded') throw new QmpdError('NOT_SUPPORTED', `disk ${spec.id} is not in snapshot ${snapshot}: a clone needs every disk at the snapshot's instant`, { disk: spec.id })
+    if (fork) return { spec, from, file: join(dir, `${spec.id}.qcow2`), format: 'qcow2' }
     if (!linked) return { spec, from, file: join(dir, `${spec.id}.${spec.format}`), format: spec.format }
     return { spec, from, file: join(dir, `${spec.id}.qcow2`), format: 'qcow2', ...(from.mode === 'internal' ? { base: join(dir, `${spec.id}-base.qcow2`) } : {}) }
   })
@@ -79,8 +89,25 @@ export async function cloneVm(d: SnapshotDeps, busyCheck: (vm: string, what: str
     const e = done.error ?? { code: 'INTERNAL', message: `clone job ${job.id} ended ${done.state}` }
     throw new QmpdError(e.code as QmpdError['code'], e.message, { ...e.details, job: job.id })
   }
-  // The view, plus what the clone job did (its warnings: a fork's NIC caveat).
-  return { ...(await d.vms.view(input.name)), clone: done.result }
+  const start = input.start ? await startClone(d, input.name, isInternalCheckpoint(s) ? s.name : undefined, busyCheck) : undefined
+  // The view, plus what the clone job did (its warnings: a fork's NIC caveat) and the start's outcome.
+  return { ...(await d.vms.view(input.name)), clone: { ...(done.result as object), ...(start ? { start } : {}) } }
+}
+
+/**
+ * `start: true`: starts the defined clone in its own queue. A failed start leaves the clone defined
+ * (the request still answers 201): its outcome says why.
+ */
+async function startClone(d: SnapshotDeps, name: string, checkpoint: string | undefined, busyCheck: (vm: string, what: string) => void): Promise<{ job?: string; state: string; error?: unknown }> {
+  try {
+    // A fork of an internal checkpoint starts by a revert to its own copy of it (RAM included).
+    const job = checkpoint ? submitRevert(d, busyCheck, name, checkpoint, { state: 'running' }) : d.vms.start(name, {})
+    const done = await d.jobs.wait(job.id, 24 * 3600_000)
+    return { job: job.id, state: done.state, ...(done.error ? { error: done.error } : {}) }
+  } catch (err) {
+    // Refused before queueing (BUSY, INVALID_STATE): no job.
+    return { state: 'refused', error: err instanceof QmpdError ? { code: err.code, message: err.message } : { code: 'INTERNAL', message: String(err) } }
+  }
 }
 
 /** The recorded definition a clone starts from. */
@@ -88,15 +115,14 @@ function cloneableDefinition(s: Snapshot): VmDefinition {
   const def = s.definition
   if (!def) throw new QmpdError('NOT_SUPPORTED', `snapshot ${s.name} was taken before qmpd recorded definitions with snapshots: it cannot be cloned`, { snapshot: s.name })
   if (isAdopted(def)) throw new QmpdError('NOT_SUPPORTED', `snapshot ${s.name} is of an adopted VM: qmpd does not know its QEMU command line`, { snapshot: s.name })
-  if (s.memory && !(s.kind === 'external' && s.vmstateFile)) {
-    throw new QmpdError('NOT_SUPPORTED', `snapshot ${s.name} is an internal checkpoint: its RAM state lives in the qcow2 and is not copied; clone an external checkpoint or a disk snapshot`, { snapshot: s.name })
-  }
+  if (s.memory && s.kind === 'external' && !s.vmstateFile) throw new QmpdError('NOT_SUPPORTED', `checkpoint ${s.name} has no RAM state file`, { snapshot: s.name })
   if (def.firmware === 'uefi') throw new QmpdError('NOT_SUPPORTED', `snapshot ${s.name} is of a UEFI VM: cloning its NVRAM is not implemented yet`, { snapshot: s.name })
   return def
 }
 
 async function doClone(d: SnapshotDeps, def: VmDefinition, disks: ClonedDisk[], input: CloneDefinition, j: CloneJournal, ctx: JobContext): Promise<unknown> {
   const s = mustSnapshot(d, j.source, j.snapshot)
+  const fork = isInternalCheckpoint(s)
   const qemuRuns = isRunningState(d.vms.record(j.source).runtime.state)
   const dir = d.paths.vmDir(j.name)
   const o = d.journal.begin({ vm: j.source, op: CLONE_OP, job: ctx.id, body: j })
@@ -104,8 +130,14 @@ async function doClone(d: SnapshotDeps, def: VmDefinition, disks: ClonedDisk[], 
     await o.step('files', async () => {
       mkdirSync(dir, { recursive: true })
       for (const f of j.files) await reserveFile(d.paths.confine(f, 'clone disk'))
+      // A fork of an internal checkpoint: whole copies keep the tag (its vmstate); the source is stopped.
+      if (fork && isRunningState(d.vms.record(j.source).runtime.state)) await assertForkable(d, j.source, s, false)
       for (const [i, x] of disks.entries()) {
         await d.qemuImg.guard(x.from.file, x.from.format, `snapshot ${j.snapshot} disk ${x.spec.id}`)
+        if (fork) {
+          await copyForkDisk(d, x.from, x.file, j.snapshot)
+          continue
+        }
         if (j.linked && x.from.mode === 'external') {
           await d.qemuImg.create(x.file, 'qcow2', { backing: { file: x.from.file, format: x.from.format } })
           continue
@@ -132,7 +164,11 @@ async function doClone(d: SnapshotDeps, def: VmDefinition, disks: ClonedDisk[], 
     await o.step('define', async () => {
       await d.vms.define(clone)
       d.vms.updateRuntime(j.name, { createdFiles: [...d.vms.record(j.name).runtime.createdFiles, ...j.files] })
-      if (s.memory) d.vms.markSaved(j.name)
+      // An external checkpoint's RAM state is the clone's managed save; a fork of an internal one stays shutoff.
+      if (s.memory && !fork) d.vms.markSaved(j.name)
+    })
+    await o.step('record', () => {
+      if (fork) recordFork(d, s, j.name)
     })
     await o.step('pin', () => {
       if (j.linked && s.disks.some((x) => x.mode === 'external')) d.repo.put({ ...s, clones: [...new Set([...(s.clones ?? []), j.name])] })
@@ -145,9 +181,10 @@ async function doClone(d: SnapshotDeps, def: VmDefinition, disks: ClonedDisk[], 
     throw err
   }
   ctx.log.info({ clone: j.name, snapshot: j.snapshot, linked: j.linked }, 'vm cloned from a snapshot')
-  const warnings = s.memory && def.nics?.length
+  const warnings: string[] = s.memory && def.nics?.length
     ? ['the RAM state carries the source\'s NIC state: until the guest resets its NICs it keeps using the source\'s MAC addresses and IP configuration; do not put both VMs on one network segment']
     : []
+  if (fork) warnings.push(`the clone holds checkpoint ${j.snapshot} as its own snapshot: revert to it (or ask start: true) to run on from its RAM state; a plain start boots from its disks`)
   return { vm: j.name, snapshot: j.snapshot, linked: j.linked, files: j.files, ramState: s.memory, warnings }
 }
 
@@ -203,6 +240,7 @@ export function registerCloneRecovery(recovery: Recovery, d: SnapshotDeps): void
       return { action: 'back', detail: `clone ${j.name} was not defined: its files are removed` }
     }
     const s = d.repo.get(j.source, j.snapshot)
+    if (s && isInternalCheckpoint(s)) recordFork(d, s, j.name)
     if (j.linked && s && s.disks.some((x) => x.mode === 'external') && !s.clones?.includes(j.name)) d.repo.put({ ...s, clones: [...(s.clones ?? []), j.name] })
     const save = join(d.paths.vmDir(j.name), VM_FILES.managedSave)
     if (j.files.includes(save) && existsSync(save) && d.vms.record(j.name).runtime.state === 'shutoff') d.vms.markSaved(j.name)

@@ -1,5 +1,6 @@
 // VM clones from disk snapshots against real QEMU: linked and full clones of a middle snapshot
 // (external and internal) hold its disk and boot from it; linked clones keep what they read.
+import { execFileSync } from 'node:child_process'
 import { existsSync } from 'node:fs'
 import { join } from 'node:path'
 import t, { type Test } from 'tap'
@@ -82,6 +83,9 @@ t.test('linked and full clones of a middle external snapshot, taken while the so
   t.equal((await td.api('DELETE', '/v1/vms/lc?deleteStorage=true')).status, 204, 'the linked clone goes')
   t.notOk(existsSync(lcDisk), 'with its overlay')
   t.ok(existsSync(frozen['s2']!), 'but not the source\'s image')
+  t.notOk(td.daemon.repos.snapshots.get('src', 's2')?.clones?.includes('lc'), 'and s2 no longer pins its name')
+  // A new VM reusing the name is no clone: it pins nothing.
+  await defineGuestVm(td, 'lc', { disks: 1 })
   t.equal((await td.api('DELETE', '/v1/vms/src/snapshots/s2?wait=true')).status, 200, 'then s2 may be deleted')
   t.same(await diskBytes(fcDisk), fcBooted, 'the full clone never depended on it: it reads what its own guest left')
   await bootsAndCounts(t, td, 'fc')
@@ -115,7 +119,7 @@ t.test('linked and full clones of a middle internal snapshot; bad requests chang
     [{ name: 'x1', clone: { vm: 'nope', snapshot: 'i1' } }, 404, /no VM named nope/],
     [{ name: 'x1', clone: { vm: 'isrc', snapshot: 'nope' } }, 404, /no snapshot nope/],
     [{ name: 'lic', clone: { vm: 'isrc', snapshot: 'i1' } }, 409, /already exists/],
-    [{ name: 'x1', clone: { vm: 'isrc', snapshot: 'cp' } }, 409, /internal checkpoint/],
+    [{ name: 'x1', clone: { vm: 'isrc', snapshot: 'cp', linked: true } }, 409, /internal checkpoint: its fork is a full copy/],
     [{ name: 'x1', clone: { vm: 'isrc', snapshot: 'i1', linked: 'yes' } }, 400, /linked|union|clone/i],
     [{ name: 'x1', clone: { vm: 'isrc', snapshot: 'i1' }, memoryMiB: 64 }, 400, /memoryMiB|union|unrecognized/i],
     [{ name: '../x', clone: { vm: 'isrc', snapshot: 'i1' } }, 400, /name|union/i],
@@ -127,6 +131,13 @@ t.test('linked and full clones of a middle internal snapshot; bad requests chang
   }
   t.notOk(existsSync(join(td.stateDir, 'vms', 'x1')), 'no directory for a refused clone')
   t.equal((await td.api('GET', '/v1/vms/x1')).status, 404, 'and no VM')
+
+  // start: true starts the clone once defined.
+  const started = await clone(t, td, { name: 'x2', clone: { vm: 'isrc', snapshot: 'i1' }, start: true })
+  t.equal(started.state, 'running', 'start: true answers with the clone running')
+  t.equal(started.clone.start?.state, 'succeeded', 'and its start job\'s outcome')
+  t.ok(await eventually(async () => (await guestCounters(td, 'x2')).counter > 5, 30_000), 'x2 boots from its cloned disk and counts')
+  await op(td, 'x2', 'stop', { force: true })
 })
 
 t.test('a clone of an external checkpoint runs on from its RAM state: a fork', async (t) => {
@@ -157,5 +168,65 @@ t.test('a clone of an external checkpoint runs on from its RAM state: a fork', a
   t.ok(await eventually(async () => (await guestCounters(td, 'fork')).counter > c + 20, 30_000), 'the fork runs on from there')
   t.notOk(existsSync(join(td.stateDir, 'vms', 'fork', 'managed.save')), 'its copy of the RAM state went once loaded')
   await op(td, 'fork', 'stop', { force: true })
+  // start: true on a fork: it runs on from the checkpoint's counter, not from a fresh boot.
+  const f2 = await clone(t, td, { name: 'fork2', clone: { vm: 'csrc', snapshot: 'cp' }, start: true })
+  t.equal(f2.state, 'running', 'a fork with start: true answers running')
+  const c2 = (await guestCounters(td, 'fork2')).counter
+  t.ok(c2 >= c, `its guest's counter (${c2}) starts at the checkpoint's (${c}), not at a fresh boot's 0`)
+  await op(td, 'fork2', 'stop', { force: true })
   await op(td, 'csrc', 'stop', { force: true })
+})
+
+t.test('a clone of an internal checkpoint is a fork: whole copies keep the tag, a revert to it runs on from its RAM', async (t) => {
+  const td = await startTestDaemon(t)
+  await defineGuestVm(td, 'isrc', { disks: 1, stampMiB: 1, memoryMiB: 32 })
+  await op(td, 'isrc', 'start')
+  await runOn(t, td, 'isrc')
+  await snap(td, 'isrc', { name: 'early', kind: 'internal', memory: false })
+  await runOn(t, td, 'isrc')
+  await snap(td, 'isrc', { name: 'icp', kind: 'internal', memory: true })
+  await runOn(t, td, 'isrc')
+  const running = await td.api('POST', '/v1/vms', { name: 'ifork', clone: { vm: 'isrc', snapshot: 'icp' } })
+  t.equal(running.status, 409, 'refused while the source\'s QEMU has the images open')
+  t.match(running.body.error.message, /stop it first/)
+  t.notOk(existsSync(join(td.stateDir, 'vms', 'ifork')), 'and nothing made')
+  await op(td, 'isrc', 'stop', { force: true })
+  const srcDisk = td.daemon.vms.record('isrc').runtime.disks[0]!.file
+  const srcBefore = await diskBytes(srcDisk)
+  const t0 = Date.now()
+  const fork = await clone(t, td, { name: 'ifork', clone: { vm: 'isrc', snapshot: 'icp' } })
+  t.comment(`the fork's copy took ${Date.now() - t0} ms`)
+  t.equal(fork.state, 'shutoff', 'the fork is defined stopped')
+  t.match(fork.clone.warnings.join(' '), /revert to it/, 'the answer says how to run it from the RAM state')
+  const forkDisk = fork.disks[0].file
+  t.equal(forkDisk, join(td.stateDir, 'vms', 'ifork', 'vda.qcow2'))
+  const tags = JSON.parse(execFileSync('qemu-img', ['info', '-U', '--output=json', forkDisk], { encoding: 'utf8' })).snapshots.map((x: { name: string }) => x.name)
+  t.same(tags, ['icp'], 'the copy keeps only the checkpoint\'s tag')
+  t.same((await td.api('GET', '/v1/vms/ifork/snapshots')).body.snapshots.map((x: { name: string }) => x.name), ['icp'], 'the fork lists the checkpoint as its own snapshot')
+  t.same(await diskBytes(srcDisk), srcBefore, 'the source\'s image is untouched')
+
+  await revert(td, 'ifork', 'icp', { state: 'paused' })
+  const forkRam = await dumpRam(td, 'ifork', 1)
+  await revert(td, 'isrc', 'icp', { state: 'paused' })
+  const srcRam = await dumpRam(td, 'isrc', 1)
+  const c = forkRam.counters.counter
+  t.ok(c > 0, `the fork's guest RAM holds the checkpoint's counter (${c})`)
+  t.same(forkRam.counters, srcRam.counters, 'the fork\'s counters are the checkpoint\'s (the source reverted to it)')
+  t.ok(forkRam.stamps.equals(srcRam.stamps), 'and so is every stamped page')
+  t.same(checkStampsAgainstCounter(stampsOf(forkRam), c, forkRam.counters.pending), [], 'the stamps agree with the counter')
+  t.same(checkDiskAgainstCounter(slotsOf(await diskBytes(forkDisk)), c, forkRam.counters.pending, 0), [], 'the fork reads the checkpoint\'s disk, of the same instant as its RAM')
+  await op(td, 'ifork', 'resume')
+  t.ok(await eventually(async () => (await guestCounters(td, 'ifork')).counter > c + 20, 30_000), 'the fork runs on from there')
+  await op(td, 'ifork', 'stop', { force: true })
+  await op(td, 'isrc', 'stop', { force: true })
+
+  // start: true: the fork runs at once, from the checkpoint's counter.
+  const f2 = await clone(t, td, { name: 'ifork2', clone: { vm: 'isrc', snapshot: 'icp' }, start: true })
+  t.equal(f2.state, 'running', 'start: true answers with the fork running')
+  t.equal(f2.clone.start?.state, 'succeeded')
+  const c2 = (await guestCounters(td, 'ifork2')).counter
+  t.ok(c2 >= c, `its counter (${c2}) starts at the checkpoint's (${c}), not at a fresh boot's 0`)
+  await op(td, 'ifork2', 'stop', { force: true })
+  t.equal((await td.api('DELETE', '/v1/vms/ifork2?deleteStorage=true')).status, 204, 'a fork is deleted like any VM')
+  t.notOk(existsSync(join(td.stateDir, 'vms', 'ifork2', 'vda.qcow2')), 'with its copy')
 })
