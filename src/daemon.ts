@@ -29,6 +29,7 @@ import { registerExportRecovery } from './export/recovery.ts'
 import { registerSnapshotRecovery } from './snapshot/recovery.ts'
 import { registerChainRecovery } from './chain/recovery.ts'
 import { BackupService } from './backup/service.ts'
+import { registerFromBackupRecovery } from './backup/new-vm.ts'
 import { addOfflineOverlayBitmaps, overlayBitmapActions } from './backup/overlay-bitmaps.ts'
 import { registerBackupRecovery } from './backup/recovery.ts'
 import { invalidateOnRevert } from './backup/invalidate.ts'
@@ -181,6 +182,7 @@ async function openDaemon(
   invalidateOnRevert(bus, (vm) => paths.vmDir(vm), log.child({ component: 'backups' }))
   registerBackupRecovery(recovery, { vmDir: (vm) => paths.vmDir(vm), qmp: (vm) => (isRunningState(vms.record(vm).runtime.state) ? vms.qmp(vm) : undefined) })
   backups.busyCheck = busy
+  registerFromBackupRecovery(recovery, vms)
   vms.patchCheck = (vm, before, after, fresh) => assertPatchKeepsSnapshots(snapshotRepo, vm, before, after, fresh)
   // An open NBD export is an operation in flight: its fleecing job and scratch file are not orphans.
   const vmBusy = (vm: string): boolean => jobs.busy(vm) || blockJobs.busy(vm) !== undefined || exports.hasOpen(vm)

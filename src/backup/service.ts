@@ -1,5 +1,6 @@
 // BackupService: validates backup requests, queues them as jobs, lists chains with QEMU's bitmap
 // state, restores a point to a new file; holds no SQL and builds no QMP transaction (run.ts does).
+import { defineFromBackup, type FromBackupDefinition } from './new-vm.ts'
 import { statSync } from 'node:fs'
 import { rm } from 'node:fs/promises'
 import type { Logger } from 'pino'
@@ -11,7 +12,7 @@ import type { JobManager } from '../jobs/manager.ts'
 import type { Job } from '../jobs/model.ts'
 import type { Journal } from '../ops/journal.ts'
 import { requireAdoptedQemu } from '../vm/adopted.ts'
-import type { VmManager } from '../vm/manager.ts'
+import type { VmManager, VmView } from '../vm/manager.ts'
 import { assertState, isRunningState } from '../vm/states.ts'
 import { bitmapStates, type BitmapState } from './bitmaps.ts'
 import { readManifest } from './manifest.ts'
@@ -37,6 +38,14 @@ export class BackupService {
   constructor(
     private readonly deps: { vms: VmManager; jobs: JobManager; paths: PathPolicy; qemuImg: QemuImg; journal: Journal; log: Logger },
   ) {}
+
+  /**
+   * POST /v1/vms {name, from: {backup}}: a new VM whose disks are the point's (src/backup/new-vm.ts).
+   * @throws QmpdError as defineFromBackup.
+   */
+  fromBackup(input: FromBackupDefinition): Promise<VmView & { restoredFrom: unknown }> {
+    return defineFromBackup(this.deps, input)
+  }
 
   /**
    * A chain's directory as given (relative: under the VM's directory), resolved and confined.

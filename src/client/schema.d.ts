@@ -82,7 +82,7 @@ export interface paths {
         /** List VMs by name, a page at a time (follow `next` with ?after=) */
         get: operations["listVms"];
         put?: never;
-        /** Define a VM, adopt a running QEMU by its QMP socket, or clone a VM from a disk snapshot (linked or full) */
+        /** Define a VM, adopt a running QEMU by its QMP socket, clone a VM from a snapshot (linked or full), or make one from a backup point */
         post: operations["defineVm"];
         delete?: never;
         options?: never;
@@ -1508,6 +1508,21 @@ export interface operations {
                      * @default false
                      */
                     start?: boolean;
+                } | {
+                    /** @description 1-64 characters: letters, digits, ".", "_" and "-", starting with a letter or digit */
+                    name: string;
+                    from: {
+                        backup: {
+                            /** @description the VM that was backed up */
+                            vm: string;
+                            /** @description the point (any mode: its chain up to it is flattened) */
+                            id: string;
+                        };
+                    };
+                    /** @description labels of the VM: a scheduler finds its VMs again with GET /v1/vms?label=key=value */
+                    labels?: {
+                        [key: string]: string;
+                    };
                 };
             };
         };

@@ -4,7 +4,7 @@
 // (live and offline) between two backups keep the chain incremental (the overlay gets the bitmap);
 // a differential point backed by the full alone.
 import { execFile } from 'node:child_process'
-import { mkdirSync, mkdtempSync, readFileSync, renameSync, rmSync, statSync } from 'node:fs'
+import { mkdirSync, readdirSync, mkdtempSync, readFileSync, renameSync, rmSync, statSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { promisify } from 'node:util'
@@ -247,6 +247,39 @@ t.test('a differential point holds every change since the full, is backed by the
   t.match(next.point, { mode: 'incremental', requested: 'incremental' })
   t.equal(next.point.disks[0].backing, diff.point.disks[0].file, 'the next incremental is backed by the differential')
   t.comment(`timings: full ${full.ms} ms, incremental ${inc.ms} ms, differential ${diff.ms} ms (16 MiB disk, TCG)`)
+})
+
+t.test('a new VM from a backup point: standalone disks holding the point, it boots; bad requests make nothing', async (t) => {
+  const td = await startTestDaemon(t)
+  await defineGuestVm(td, 'bn', { disks: 2 })
+  const dir = join(td.stateDir, 'vms', 'bn', 'backups')
+  mkdirSync(dir)
+  await op(td, 'bn', 'start')
+  await advance(td, 'bn', 70)
+  await backupAndCheck(t, td, 'bn', { mode: 'full', dir }, 'full')
+  await advance(td, 'bn', 60)
+  const inc = await backupAndCheck(t, td, 'bn', { mode: 'incremental', dir }, 'incremental')
+  t.equal(inc.point.mode, 'incremental')
+
+  const before = readdirSync(join(td.stateDir, 'vms')).sort()
+  t.equal((await td.api('POST', '/v1/vms', { name: 'bx', from: { backup: { vm: 'bn', id: 'b00000000' } } })).status, 404, 'an unknown point: 404')
+  t.equal((await td.api('POST', '/v1/vms', { name: 'bn', from: { backup: { vm: 'bn', id: inc.point.id } } })).status, 409, 'a name in use: 409')
+  t.equal((await td.api('POST', '/v1/vms', { name: 'bx', from: { backup: { vm: 'nope', id: inc.point.id } } })).status, 404, 'an unknown source VM: 404')
+  t.equal((await td.api('POST', '/v1/vms', { name: 'bx', from: { backup: { vm: 'bn', id: 'x' } } })).status, 400, 'a malformed point id: 400')
+  t.same(readdirSync(join(td.stateDir, 'vms')).sort(), before, 'no VM directory was made')
+
+  const made = await td.api('POST', '/v1/vms', { name: 'br', from: { backup: { vm: 'bn', id: inc.point.id } } })
+  t.equal(made.status, 201, `defined from ${inc.point.id} ${JSON.stringify(made.body?.error ?? '')}`)
+  t.equal(made.body.restoredFrom?.backup, inc.point.id, 'the answer names the point')
+  const files = made.body.definition.disks.map((d: { file: string }) => d.file) as string[]
+  t.same(files, [join(td.stateDir, 'vms', 'br', 'vda.qcow2'), join(td.stateDir, 'vms', 'br', 'vdb.qcow2')], 'its disks live in its own directory')
+  for (const [i, f] of files.entries()) {
+    const info = JSON.parse((await promisify(execFile)('qemu-img', ['info', '--output=json', f])).stdout) as { 'backing-filename'?: string }
+    t.notOk(info['backing-filename'], `${f} stands alone`)
+    t.same(await instantsOf(f, i, inc.instant, inc.instant), [inc.instant], `${f} holds the disk at the point's instant ${inc.instant}`)
+  }
+  await op(td, 'br', 'start')
+  t.ok(await eventually(async () => (await guestCounters(td, 'br')).counter > 5, 60_000), 'the new VM boots and its guest writes')
 })
 
 t.test('bad backup requests change nothing', async (t) => {

@@ -5,6 +5,7 @@ import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod'
 import { z } from 'zod'
 import { CheckReport } from '../../ops/check-model.ts'
 import { CloneDefinition } from '../../snapshot/clone.ts'
+import { FromBackupDefinition } from '../../backup/new-vm.ts'
 import { AdoptDefinition, Name, VmDefinition } from '../../vm/definition.ts'
 import { parseSelectors } from '../../vm/labels.ts'
 import { jsonDepth, MAX_QMP_ARG_BYTES, MAX_QMP_ARG_DEPTH } from '../../vm/passthrough.ts'
@@ -48,10 +49,10 @@ export const vmRoutes: FastifyPluginAsyncZod<{ services: Services }> = async (ap
     '/v1/vms',
     {
       schema: {
-        summary: 'Define a VM, adopt a running QEMU by its QMP socket, or clone a VM from a disk snapshot (linked or full)',
+        summary: 'Define a VM, adopt a running QEMU by its QMP socket, clone a VM from a snapshot (linked or full), or make one from a backup point',
         tags: ['vms'],
         operationId: 'defineVm',
-        body: z.union([VmDefinition, AdoptDefinition, CloneDefinition]),
+        body: z.union([VmDefinition, AdoptDefinition, CloneDefinition, FromBackupDefinition]),
         response: { 201: VmView, ...errors(404, 409, 422, ...HOST_ERRORS) },
       },
     },
@@ -59,7 +60,7 @@ export const vmRoutes: FastifyPluginAsyncZod<{ services: Services }> = async (ap
       reply
         .code(201)
         .header('Location', `/v1/vms/${req.body.name}`)
-        .send(await ('clone' in req.body ? services.snapshots.clone(req.body) : vms.define(req.body))),
+        .send(await ('clone' in req.body ? services.snapshots.clone(req.body) : 'from' in req.body ? services.backups.fromBackup(req.body) : vms.define(req.body))),
   )
 
   app.get(
