@@ -30,6 +30,7 @@ import { registerSnapshotRecovery } from './snapshot/recovery.ts'
 import { registerChainRecovery } from './chain/recovery.ts'
 import { BackupService } from './backup/service.ts'
 import { registerFromBackupRecovery } from './backup/new-vm.ts'
+import { carryBitmapsToCopy } from './backup/copy-bitmaps.ts'
 import { addOfflineOverlayBitmaps, overlayBitmapActions } from './backup/overlay-bitmaps.ts'
 import { registerBackupRecovery } from './backup/recovery.ts'
 import { invalidateOnRevert } from './backup/invalidate.ts'
@@ -162,7 +163,16 @@ async function openDaemon(
   vms.onDelete({ files: (vm) => (snapshots.assertNoClones(vm), snapshots.filesOf(vm)), forget: forgetVm })
   registerVmRecovery(recovery, { vms, vmDir: (vm) => paths.vmDir(vm), forget: (vm) => vms.forget(vm) })
   registerSnapshotRecovery(recovery, snapshotDeps)
-  const blockJobs = new BlockJobService({ vms, jobs, snapshots, paths, qemuImg, journal, log: log.child({ component: 'blockjobs' }) })
+  const blockJobs = new BlockJobService({
+    vms,
+    jobs,
+    snapshots,
+    paths,
+    qemuImg,
+    journal,
+    log: log.child({ component: 'blockjobs' }),
+    beforePivot: (vm, disk, qmp, node, file) => carryBitmapsToCopy(qmp, paths.vmDir(vm), disk, node, file, log.child({ component: 'backups', vm })),
+  })
   registerChainRecovery(recovery, { vms, repo: snapshotRepo, qemuImg, vmDir: (vm) => paths.vmDir(vm) })
   const state = new StateService({ vms, jobs, paths, journal, log: log.child({ component: 'state' }), qemuBinary: config.qemuBinary })
   registerStateRecovery(recovery, { vms, journal: journalRepo })

@@ -20,16 +20,18 @@ export type MergePlan = Map<string, { sources: MergeSource[] } | { reason: strin
  * the snapshot, each later one the writes while it was active). A layer without the bitmap (an
  * overlay made by something else than qmpd) or a last layer no longer in the chain gives a reason.
  * Each layer below the active one is merged once: the point taken after the merge records the
- * active layer as its layer, so the next plan starts above the merged ones.
+ * active layer as its layer, so the next plan starts above the merged ones. A disk whose active
+ * layer is the file `carried` names (a copy that got the bitmap before its pivot) merges nothing.
  */
-export async function planMerges(qmp: QmpClient, disks: readonly string[], name: string, last: BackupPoint | undefined): Promise<MergePlan> {
+export async function planMerges(qmp: QmpClient, disks: readonly string[], name: string, last: BackupPoint | undefined, carried?: Readonly<Record<string, string>>): Promise<MergePlan> {
   const out: MergePlan = new Map()
   if (!last) return out
   const nodes = await qmp.execute('query-named-block-nodes', { flat: true })
   for (const disk of disks) {
     const lastLayer = last.disks.find((d) => d.id === disk)?.layer
     const chain = await liveChain(qmp, disk)
-    if (!lastLayer || chain[0]!.file === lastLayer) {
+    // A copy the bitmap was carried into (copy-bitmaps.ts) covers every write since the point.
+    if (!lastLayer || chain[0]!.file === lastLayer || carried?.[disk] === chain[0]!.file) {
       out.set(disk, { sources: [] })
       continue
     }

@@ -63,6 +63,8 @@ export const BackupChain = z.strictObject({
   points: z.array(BackupPoint),
   /** Set when qmpd cannot vouch for the bitmaps any more (the next backup is full and says why). */
   invalid: z.strictObject({ reason: z.string(), at: z.string() }).optional(),
+  /** Per disk: the copy (blockdev-mirror with pivot) the chain's bitmap was carried into, holding every write since the last point. */
+  carried: z.record(z.string(), z.string()).optional(),
 })
 export type BackupChain = z.output<typeof BackupChain>
 

@@ -57,7 +57,7 @@ export async function runBackup(d: RunDeps, qmp: QmpClient, plan: BackupPlan, ct
   const chain: BackupChain = existing ?? { id: newId('c'), dir: plan.dir, bitmap: '', disks: plan.disks, points: [] }
   if (!existing) chain.bitmap = `qmpd-${chain.id}`
   const states = await bitmapStates(qmp, chain.disks, chain.bitmap)
-  const merges = existing && plan.requested !== 'full' ? await planMerges(qmp, chain.disks, chain.bitmap, existing.points.at(-1)) : undefined
+  const merges = existing && plan.requested !== 'full' ? await planMerges(qmp, chain.disks, chain.bitmap, existing.points.at(-1), existing.carried) : undefined
   const { mode, reason } = decideMode(plan.requested, existing, states, merges)
   const sourcesOf = (disk: string): Array<{ node: string; file: string }> => {
     const m = mode !== 'full' ? merges?.get(disk) : undefined
@@ -170,6 +170,8 @@ export async function runBackup(d: RunDeps, qmp: QmpClient, plan: BackupPlan, ct
         const m = readManifest(vmDir)
         const next: BackupChain = { ...chain, points: [...chain.points, point] }
         delete next.invalid
+        // The point's layer is the active one now: a carried copy needs no vouching any more.
+        delete next.carried
         const i = m.chains.findIndex((c) => c.id === chain.id)
         if (i < 0) m.chains.push(next)
         else m.chains[i] = next

@@ -198,6 +198,11 @@ export function streamedOut(g: GraphDeps, vm: string, F: string, img: ImageRow |
 
 // ---------- mirror (copy) ----------
 
+/** The node name of a copy's target (the suffix is unique per job). */
+export function copyNode(disk: string, suffix: string): string {
+  return `${disk}-copy${suffix}`
+}
+
 /**
  * Copies the disk's active layer (with everything below it, or only itself onto the same backing
  * when `shallow`) to the new file `dest`. Live: blockdev-mirror to a node added for dest; once
@@ -222,6 +227,8 @@ export async function mirror(
     job: LiveJob
     progress?: (percent: number) => void
     beforeJob?: () => void
+    /** Live: right before the pivot READY leads to, with the copy's node. */
+    beforePivot?: (node: string) => Promise<void>
   },
 ): Promise<{ pivoted: boolean }> {
   const { vm, disk, qmp, layers, dest, format, job } = req
@@ -246,7 +253,7 @@ export async function mirror(
   const create = ['create', '-q', '-f', format]
   if (backing) create.push('-u', '-b', backing.file, '-F', backing.format)
   await d.qemuImg.run([...create, dest, String(size)])
-  const node = `${disk}-copy${req.nodeSuffix}`
+  const node = copyNode(disk, req.nodeSuffix)
   const jobId = job.jobId
   let added = false
   let readySeen = false
@@ -282,9 +289,11 @@ export async function mirror(
         log: job.log,
         ...(job.signal ? { signal: job.signal } : {}),
         ...(job.onProgress ? { onProgress: job.onProgress } : {}),
-        onReady: () => {
+        onReady: async () => {
           readySeen = true
-          return job.onReady ? job.onReady() : true
+          const go = job.onReady ? job.onReady() : true
+          if (go) await req.beforePivot?.(node)
+          return go
         },
         ...(job.onStatus ? { onStatus: job.onStatus } : {}),
       },

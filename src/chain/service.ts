@@ -17,7 +17,7 @@ import { NAME_PATTERN, PathString } from '../vm/definition.ts'
 import { requireAdoptedQemu } from '../vm/adopted.ts'
 import type { VmManager } from '../vm/manager.ts'
 import { assertState, isRunningState } from '../vm/states.ts'
-import { afterCommit, afterPull, commit, mirror, stream, type ChainDeps } from './editor.ts'
+import { afterCommit, afterPull, commit, copyNode, mirror, stream, type ChainDeps } from './editor.ts'
 import type { Layer } from './graph.ts'
 import type { ChainJournal } from './recovery.ts'
 
@@ -77,6 +77,8 @@ export class BlockJobService {
       qemuImg: QemuImg
       journal: Journal
       log: Logger
+      /** Right before a copy's pivot, with the copy's node and file (backup chains carry their bitmaps into it). */
+      beforePivot?: (vm: string, disk: string, qmp: QmpClient, node: string, file: string) => Promise<void>
     },
   ) {}
 
@@ -260,7 +262,7 @@ export class BlockJobService {
     throw new QmpdError('INVALID_STATE', `internal snapshot${names.length > 1 ? 's' : ''} ${names.join(', ')} would change: ${why}; delete ${names.length > 1 ? 'them' : 'it'} first`, { disk, tags: names })
   }
 
-  private speedControls(ctx: JobContext, qmp: QmpClient, jobId: string, opts: { complete?: boolean }): void {
+  private speedControls(ctx: JobContext, qmp: QmpClient, jobId: string, opts: { complete?: boolean; beforeComplete?: () => Promise<void> }): void {
     ctx.setControls({
       pause: () => qmp.execute('job-pause', { id: jobId }).then(() => ctx.setPhase('paused')),
       resume: () => qmp.execute('job-resume', { id: jobId }).then(() => undefined),
@@ -268,7 +270,15 @@ export class BlockJobService {
         await qmp.execute('block-job-set-speed', { device: jobId, speed })
         ctx.setSpeed(speed)
       },
-      ...(opts.complete ? { complete: () => qmp.execute('job-complete', { id: jobId }).then(() => ctx.setPhase('running')) } : {}),
+      ...(opts.complete
+        ? {
+            complete: async () => {
+              await opts.beforeComplete?.()
+              await qmp.execute('job-complete', { id: jobId })
+              ctx.setPhase('running')
+            },
+          }
+        : {}),
     })
   }
 
@@ -413,8 +423,10 @@ export class BlockJobService {
         onStatus: this.phase(ctx, () => !body.pivot),
       },
       progress: (p) => ctx.setProgress(p, 100),
+      ...(qmp && this.deps.beforePivot ? { beforePivot: (node: string) => this.deps.beforePivot!(vm, disk, qmp, node, body.dest) } : {}),
       beforeJob: () => {
-        this.speedControls(ctx, qmp!, jobId, { complete: !body.pivot })
+        const node = copyNode(disk, ctx.id.slice(0, 6))
+        this.speedControls(ctx, qmp!, jobId, { complete: !body.pivot, ...(this.deps.beforePivot ? { beforeComplete: () => this.deps.beforePivot!(vm, disk, qmp!, node, body.dest) } : {}) })
         if (body.speedBytesPerSec !== undefined) ctx.setSpeed(body.speedBytesPerSec)
       },
     })))

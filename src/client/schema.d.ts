@@ -6554,6 +6554,9 @@ export interface operations {
                                 reason: string;
                                 at: string;
                             };
+                            carried?: {
+                                [key: string]: string;
+                            };
                             /** @description per disk, the bitmap on its active layer now; null when the VM's QEMU is not running */
                             bitmaps: {
                                 disk: string;

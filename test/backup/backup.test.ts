@@ -249,6 +249,37 @@ t.test('a differential point holds every change since the full, is backed by the
   t.comment(`timings: full ${full.ms} ms, incremental ${inc.ms} ms, differential ${diff.ms} ms (16 MiB disk, TCG)`)
 })
 
+t.test('a copy with pivot carries the chain\'s bitmaps: the next backup is incremental and holds the writes on both sides of the copy', async (t) => {
+  const td = await startTestDaemon(t)
+  await defineGuestVm(td, 'bc', { disks: 2 })
+  const dir = join(td.stateDir, 'vms', 'bc', 'backups')
+  mkdirSync(dir)
+  await op(td, 'bc', 'start')
+  await advance(td, 'bc', 70)
+  const full = await backupAndCheck(t, td, 'bc', { mode: 'full', dir }, 'full')
+  for (const disk of ['vda', 'vdb']) await hostWrite(td, 'bc', disk, '4M', 0xa1)
+  // vda: pivot when synchronized; vdb: the job waits ready and is completed by hand.
+  const cp1 = await td.api('POST', '/v1/vms/bc/disks/vda/copy?wait=true', { dest: join(td.stateDir, 'vms', 'bc', 'vda-copy.qcow2'), pivot: true })
+  t.equal(cp1.status, 200, `vda copied with pivot ${JSON.stringify(cp1.body?.error ?? '')}`)
+  t.equal(cp1.body.result?.pivoted, true)
+  const cp2 = (await td.api('POST', '/v1/vms/bc/disks/vdb/copy', { dest: join(td.stateDir, 'vms', 'bc', 'vdb-copy.qcow2') })).body
+  t.ok(await eventually(async () => (await td.api('GET', `/v1/jobs/${cp2.id}`)).body.state === 'ready', 30_000), 'the vdb mirror becomes ready')
+  t.equal((await td.api('POST', `/v1/jobs/${cp2.id}/complete`)).status, 200, 'completed by hand')
+  t.equal(((await td.daemon.jobs.wait(cp2.id, 30_000)).result as { pivoted?: boolean } | undefined)?.pivoted, true, 'vdb pivoted')
+  for (const disk of ['vda', 'vdb']) await hostWrite(td, 'bc', disk, '8M', 0xb2)
+  await advance(td, 'bc', 60)
+  const inc = await backupAndCheck(t, td, 'bc', { mode: 'incremental', dir }, 'incremental after the copies')
+  t.match(inc.point, { mode: 'incremental', requested: 'incremental' }, 'reported incremental, not full')
+  t.notOk(inc.point.reason, 'no fallback reason')
+  t.same(inc.point.disks.map((d: any) => d.layer), [join(td.stateDir, 'vms', 'bc', 'vda-copy.qcow2'), join(td.stateDir, 'vms', 'bc', 'vdb-copy.qcow2')], 'the point\'s layers are the copies')
+  for (const [i, d] of inc.point.disks.entries()) {
+    const restored = join(td.stateDir, 'vms', 'bc', `restored-${inc.point.id}-${d.id}.qcow2`)
+    t.ok(await holds(restored, 4 << 20, 0xa1), `${d.id}: the write before the copy is in the point`)
+    t.ok(await holds(restored, 8 << 20, 0xb2), `${d.id}: the write after the copy is in the point`)
+    t.ok(d.copiedBytes < full.point.disks[i].copiedBytes, `${d.id}: the incremental copied ${d.copiedBytes} bytes, the full ${full.point.disks[i].copiedBytes}`)
+  }
+})
+
 t.test('a new VM from a backup point: standalone disks holding the point, it boots; bad requests make nothing', async (t) => {
   const td = await startTestDaemon(t)
   await defineGuestVm(td, 'bn', { disks: 2 })
