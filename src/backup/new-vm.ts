@@ -2,7 +2,7 @@
 // point restored into a standalone qcow2 in the new VM's directory, then the VM defined with the
 // source's definition (new MACs), as a journaled job in the source VM's queue. Never writes a
 // backup file or an image of the source VM.
-import { mkdirSync, rmSync } from 'node:fs'
+import { existsSync, mkdirSync, rmSync } from 'node:fs'
 import { join } from 'node:path'
 import type { Logger } from 'pino'
 import { z } from 'zod'
@@ -69,16 +69,22 @@ export async function defineFromBackup(d: FromBackupDeps, input: FromBackupDefin
     return { spec, from: from.file, file: join(dir, `${spec.id}.qcow2`) }
   })
   const j: FromBackupJournal = { source, id, name: input.name, files: disks.map((x) => x.file) }
+  // Files left by an earlier VM of that name (deleted without its storage) are never touched.
+  for (const f of j.files) if (existsSync(f)) throw new QmpdError('FILE_EXISTS', `${f} exists (left by an earlier VM named ${input.name}?); qmpd never overwrites a file`, { file: f })
   const job = d.jobs.submit({
     vm: source,
     op: FROM_BACKUP_OP,
     params: { backup: id, name: input.name },
     run: async (ctx) => {
       const o = d.journal.begin({ vm: source, op: FROM_BACKUP_OP, job: ctx.id, body: j })
+      const reserved: string[] = []
       try {
         await o.step('files', async () => {
           mkdirSync(dir, { recursive: true })
-          for (const f of j.files) await reserveFile(d.paths.confine(f, 'disk'))
+          for (const f of j.files) {
+            await reserveFile(d.paths.confine(f, 'disk'))
+            reserved.push(f)
+          }
           for (const [i, x] of disks.entries()) {
             // The point's chain is checked layer by layer from the headers before qemu-img opens it.
             await d.qemuImg.guard(x.from, 'qcow2', `backup ${id} disk ${x.spec.id}`)
@@ -103,7 +109,7 @@ export async function defineFromBackup(d: FromBackupDeps, input: FromBackupDefin
         })
         o.end()
       } catch (err) {
-        if (!d.vms.has(input.name)) removeFiles(j)
+        if (!d.vms.has(input.name)) for (const f of reserved) rmSync(f, { force: true })
         o.end()
         throw err
       }

@@ -11,7 +11,7 @@ import type { Journal } from '../ops/journal.ts'
 import type { QmpClient } from '../qmp/index.ts'
 import type { TransactionAction } from '../qmp/commands.ts'
 import { bitmapStates, decideMode } from './bitmaps.ts'
-import { readManifest, writeManifest } from './manifest.ts'
+import { readManifest, updateChain, writeManifest } from './manifest.ts'
 import { planMerges } from './merge.ts'
 import type { BackupChain, BackupJournal, BackupMode, BackupPoint, PointDisk } from './model.ts'
 
@@ -83,10 +83,16 @@ export async function runBackup(d: RunDeps, qmp: QmpClient, plan: BackupPlan, ct
   const body: BackupJournal = { chain: chain.id, point: pointId, targets }
   const t0 = performance.now()
   const made = { files: [] as string[], nodes: [] as string[] }
+  // Until `record` clears it: a chain whose bitmaps this run re-creates, or that QEMU restarts at
+  // finalize, must not be trusted by the next backup if this one does not end recorded.
+  const distrust = (reason: string): void => {
+    if (existing) updateChain(vmDir, chain.id, (c) => ({ ...c, invalid: { reason, at: new Date().toISOString() } }))
+  }
   return d.journal.run({ vm: plan.vm, op: 'backup', job: ctx.id, body, qemuPid: () => d.qemuPid(plan.vm) }, async (o) => {
     try {
       await o.step('bitmaps', async () => {
         if (mode !== 'full') return
+        if (states.some((s) => s.state !== 'active')) distrust(`a full backup that re-created the bitmaps (${reason ?? 'they were not usable'}) did not finish: the next backup is full`)
         for (const s of states) {
           // An inconsistent bitmap cannot be cleared, only removed (qapi block-dirty-bitmap-clear).
           if (s.state === 'inconsistent') await qmp.execute('block-dirty-bitmap-remove', { node: s.node, name: chain.bitmap })
@@ -135,7 +141,7 @@ export async function runBackup(d: RunDeps, qmp: QmpClient, plan: BackupPlan, ct
         },
       }))
       const at = new Date().toISOString()
-      const copied = await o.step('transaction', () => runGroup(qmp, targets.map((t) => t.jobId), () => qmp.execute('transaction', { actions, properties: { 'completion-mode': 'grouped' } }), ctx, () => o.step('finalize', () => {})))
+      const copied = await o.step('transaction', () => runGroup(qmp, targets.map((t) => t.jobId), () => qmp.execute('transaction', { actions, properties: { 'completion-mode': 'grouped' } }), ctx, () => o.step('finalize', () => distrust('a backup was finalized in QEMU (the bitmaps restarted at its instant) but not recorded: the next backup is full'))))
       await o.step('detach', async () => {
         for (const node of made.nodes.splice(0)) await qmp.execute('blockdev-del', { 'node-name': node })
       })

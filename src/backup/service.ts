@@ -1,6 +1,7 @@
 // BackupService: validates backup requests, queues them as jobs, lists chains with QEMU's bitmap
 // state, restores a point to a new file; holds no SQL and builds no QMP transaction (run.ts does).
 import { defineFromBackup, type FromBackupDefinition } from './new-vm.ts'
+import { reserveFile } from '../snapshot/files.ts'
 import { statSync } from 'node:fs'
 import { rm } from 'node:fs/promises'
 import type { Logger } from 'pino'
@@ -155,6 +156,8 @@ export class BackupService {
           o.step('convert', async () => {
             // The chain is checked layer by layer from the headers before qemu-img opens it.
             await this.deps.qemuImg.guard(src.file, 'qcow2', 'backup')
+            // O_EXCL: a file that appeared since the request (another restore) is never overwritten.
+            await reserveFile(file)
             try {
               await this.deps.qemuImg.runWithProgress(['convert', '-p', '-f', 'qcow2', '-O', 'qcow2', src.file, file], (p) => ctx.setProgress(p, 100), ctx.signal)
             } catch (err) {

@@ -50,7 +50,12 @@ export class ExportService {
   constructor(private readonly deps: ExportDeps) {
     // A QEMU that ended took its exports along: only the scratch files and records are left.
     deps.bus.subscribe((ev) => {
-      if (ev.type === 'vm' && !isRunningState(ev.state) && ev.state !== 'starting' && this.recordsOf(ev.vm).length > 0) this.forgetEnded(ev.vm)
+      // A listener must not throw into the emitter (the listeners after it would not run).
+      try {
+        if (ev.type === 'vm' && !isRunningState(ev.state) && ev.state !== 'starting' && this.recordsOf(ev.vm).length > 0) this.forgetEnded(ev.vm)
+      } catch (err) {
+        deps.log.error({ err, vm: ev.type === 'vm' ? ev.vm : undefined }, 'exports: could not forget the exports of an ended QEMU')
+      }
     })
   }
 
@@ -117,12 +122,15 @@ export class ExportService {
   async create(vm: string, body: CreateExportBody): Promise<ExportView> {
     await this.precheck(vm, body)
     // Bound before the job, so a taken port changes nothing; closed again when the setup fails.
-    const forward = body.tcp ? await openTcpForward(body.tcp, () => this.reachableSocket(vm)) : undefined
+    const forward = body.tcp ? await openTcpForward(body.tcp, () => this.reachableSocket(vm), (err) => this.deps.log.warn({ vm, err }, 'NBD TCP forwarder error')) : undefined
+    let gaveUp = false
     const job = this.deps.jobs.submit({
       vm,
       op: 'export',
       params: body,
       run: async (ctx) => {
+        // The request waited 10 minutes in the queue and answered an error: open nothing now.
+        if (gaveUp) throw new QmpdError('TIMEOUT', 'the export request timed out while queued; nothing was exported', { vm })
         const record = await this.setUp(vm, body, ctx.id, forward?.address)
         if (forward) this.forwards.set(record.id, forward)
         return viewOf(record)
@@ -130,6 +138,7 @@ export class ExportService {
     })
     const done = await this.deps.jobs.wait(job.id, 10 * 60_000)
     if (done.state !== 'succeeded') {
+      gaveUp = true
       if (forward && !this.forwards.has((done.result as ExportView | undefined)?.id ?? '')) await forward.close()
       const e = done.error ?? { code: 'INTERNAL', message: `export job ${done.state}` }
       throw new QmpdError(e.code as ErrorCode, e.message, { ...e.details, job: done.id })

@@ -17,12 +17,19 @@ export interface TcpForward {
 
 /**
  * Binds `want` (port 0: any free port) on loopback and pipes each accepted connection to
- * `socketPath()`. Nothing is connected to the unix socket until a client comes.
+ * `socketPath()` (at most MAX_CLIENTS at once; errors after the bind go to `onError`). Nothing is connected to the unix socket until a client comes.
  * @throws QmpdError PORT_IN_USE when the port is taken; HOST_RESOURCE_MISSING when it cannot be bound otherwise.
  */
-export async function openTcpForward(want: TcpAddress, socketPath: () => string): Promise<TcpForward> {
+/** Connections one forwarder carries at once; more are closed at accept (each costs a socket to QEMU). */
+const MAX_CLIENTS = 16
+
+export async function openTcpForward(want: TcpAddress, socketPath: () => string, onError: (err: Error) => void = () => {}): Promise<TcpForward> {
   const clients = new Set<Socket>()
   const server: Server = createServer((client) => {
+    if (clients.size >= MAX_CLIENTS) {
+      client.destroy()
+      return
+    }
     clients.add(client)
     const upstream = createConnection(socketPath())
     const drop = (): void => {
@@ -42,6 +49,9 @@ export async function openTcpForward(want: TcpAddress, socketPath: () => string)
     })
     server.listen({ host: want.host, port: want.port, ipv6Only: want.host === '::1' }, resolve)
   })
+  // Accept errors later on (EMFILE...) are reported, never thrown out of the daemon.
+  server.removeAllListeners('error')
+  server.on('error', onError)
   const bound = server.address()
   const port = typeof bound === 'object' && bound ? bound.port : want.port
   return {

@@ -57,6 +57,8 @@ export function slotName(id: string, slot: Date): string {
  * recorded whose job was never queued is reported `interrupted` at the next start, never run.
  */
 export class Scheduler {
+  /** Expired snapshots of quarantined VMs: skipped by expiry and by the timer's wake-up choice. */
+  private readonly unreadable = new Set<string>()
   private timer: NodeJS.Timeout | undefined
   private running = false
   private ticking = false
@@ -117,7 +119,7 @@ export class Scheduler {
         // A stored cron this croner no longer reads: tick() logs it at each pass.
       }
     }
-    const first = this.d.repo.expiring().find((e) => !this.d.deletes.has(e.vm, e.name))
+    const first = this.d.repo.expiring().find((e) => !this.d.deletes.has(e.vm, e.name) && !this.unreadable.has(`${e.vm}\0${e.name}`))
     if (first) wake = Math.min(wake, Date.parse(first.expiresAt))
     this.timer = setTimeout(() => void this.tick(), Math.max(0, wake - now) + WAKE_SLACK_MS)
     // The daemon's lifetime is its server's; the timer alone keeps no process alive.
@@ -264,7 +266,9 @@ export class Scheduler {
       try {
         schedule = this.d.snapshots.repo.get(e.vm, e.name)?.schedule
       } catch {
-        continue // a quarantined VM: its rows are not used
+        // A quarantined VM: its rows are not used; not looked at again (nor woken for) until restart.
+        this.unreadable.add(`${e.vm}\0${e.name}`)
+        continue
       }
       const entry = this.d.deletes.request(e.vm, e.name, 'expiry', schedule)
       this.emit({ event: 'snapshot.expired', vm: e.vm, snapshot: e.name, ...(schedule ? { schedule } : {}), ...(entry.job ? { job: entry.job } : {}), ...(entry.refused ? { reason: entry.refused } : {}) })

@@ -83,6 +83,8 @@ export async function cloneVm(d: SnapshotDeps, busyCheck: (vm: string, what: str
   // An external checkpoint's RAM state becomes the clone's managed save: its first start loads it (a fork).
   const ram = s.memory && s.vmstateFile ? [join(dir, VM_FILES.managedSave)] : []
   const j: CloneJournal = { source, snapshot, name: input.name, linked, files: [...disks.flatMap((x) => [x.file, ...(x.base ? [x.base] : [])]), ...ram] }
+  // Files left by an earlier VM of that name (deleted without its storage) are never touched.
+  for (const f of j.files) if (existsSync(f)) throw new QmpdError('FILE_EXISTS', `${f} exists (left by an earlier VM named ${input.name}?); qmpd never overwrites a file`, { file: f })
   const job = d.jobs.submit({ vm: source, op: CLONE_OP, params: { snapshot, name: input.name, linked }, run: (ctx) => doClone(d, def, disks, input, j, ctx) })
   const done = await d.jobs.wait(job.id, 24 * 3600_000)
   if (done.state !== 'succeeded') {
@@ -126,10 +128,14 @@ async function doClone(d: SnapshotDeps, def: VmDefinition, disks: ClonedDisk[], 
   const qemuRuns = isRunningState(d.vms.record(j.source).runtime.state)
   const dir = d.paths.vmDir(j.name)
   const o = d.journal.begin({ vm: j.source, op: CLONE_OP, job: ctx.id, body: j })
+  const reserved: string[] = []
   try {
     await o.step('files', async () => {
       mkdirSync(dir, { recursive: true })
-      for (const f of j.files) await reserveFile(d.paths.confine(f, 'clone disk'))
+      for (const f of j.files) {
+        await reserveFile(d.paths.confine(f, 'clone disk'))
+        reserved.push(f)
+      }
       // A fork of an internal checkpoint: whole copies keep the tag (its vmstate); the source is stopped.
       if (fork && isRunningState(d.vms.record(j.source).runtime.state)) await assertForkable(d, j.source, s, false)
       for (const [i, x] of disks.entries()) {
@@ -175,8 +181,8 @@ async function doClone(d: SnapshotDeps, def: VmDefinition, disks: ClonedDisk[], 
     })
     o.end()
   } catch (err) {
-    // define() refused (or a copy failed): nothing of the clone stays.
-    if (!d.vms.has(j.name)) removeFiles(j)
+    // define() refused (or a copy failed): nothing of the clone stays (only files it reserved go).
+    if (!d.vms.has(j.name)) for (const f of reserved) rmSync(f, { force: true })
     o.end()
     throw err
   }
