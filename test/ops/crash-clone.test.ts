@@ -211,6 +211,13 @@ async function trial(t: Test, c: Case, point: string): Promise<void> {
   } else {
     t.equal(got.status, 404, `killed before the define: there is no ${c.clone}`)
     t.same(existsSync(vmDir) ? readdirSync(vmDir) : [], [], 'and no file of it')
+    // What recovery left does not stand in the way: the same request now makes the VM.
+    const again = await td.api('POST', '/v1/vms', s.body)
+    t.equal(again.status, 201, `the same request then defines ${c.clone} ${JSON.stringify(again.body?.error ?? '')}`)
+    for (const d of again.status === 201 ? td.daemon.vms.record(c.clone).runtime.disks : []) {
+      const from = s.sources.find((x) => x.id === d.id)!
+      t.ok((await diskBytes(d.file, from.internal ? { internal: from.internal } : {})).equals(from.bytes), `and its disk ${d.id} holds the source's instant`)
+    }
   }
   const recorded = td.daemon.vms.record(c.source).runtime.pid
   t.same(qemusUnder(dir).filter((p) => p !== recorded), [], 'no QEMU runs that the store does not know of')
