@@ -8,10 +8,13 @@
 //   npm run bench -- --profile --cases burst50   CPU profile of the bursts (work dir kept)
 //   npm run bench -- --probe --cases burst50     time qmpd's synchronous SQLite and fs calls in the bursts
 //   npm run bench -- --list
+//   npm run bench -- --qemu10                   QEMU 10 (.qemu/10 of the checkout, else the tree unpacked at QMPD_QEMU10_ROOT or /tmp/q10/root)
+//   npm run bench -- --qemu-binary PATH [--qemu-img PATH]   any QEMU (also QMPD_QEMU / QMPD_QEMU_IMG); both sides run it
+//   npm run bench -- --accel tcg                skip the KVM probe (default: KVM when the daemon's probe passes, else TCG)
 //
 // Writes bench/results/latest.json, appends a line to bench/results/history.jsonl and, for a full
 // run of every case (or with --doc), the table between the markers in docs/performance.md.
-import { appendFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { appendFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs'
 import { rm } from 'node:fs/promises'
 import { loadavg } from 'node:os'
 import { dirname, join } from 'node:path'
@@ -21,6 +24,7 @@ import type { Case, Row } from './lib/case.ts'
 import { aliveCount, installExitHandlers, onExitSync, reapAll } from './lib/reaper.ts'
 import { jsonRows, machine, machineLine, markdownNotes, markdownTable, textTable } from './lib/report.ts'
 import { round } from './lib/stats.ts'
+import { chooseQemu, unpackedQemuWrappers } from './lib/qemu-choice.ts'
 import { getCase } from './cases/get.ts'
 import { extSnapCase } from './cases/extsnap.ts'
 import { internalCheckpointCase } from './cases/internal.ts'
@@ -31,6 +35,7 @@ import { dataCases } from './cases/data.ts'
 import { managedSaveCase } from './cases/managedsave.ts'
 import { fleetCase } from './cases/fleet.ts'
 import { backupCase } from './cases/backup.ts'
+import { deepChainCase, listStoppedCase } from './cases/control.ts'
 
 const CASES: Case[] = [
   getCase,
@@ -43,6 +48,8 @@ const CASES: Case[] = [
   managedSaveCase,
   backupCase,
   fleetCase,
+  listStoppedCase,
+  deepChainCase,
 ]
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..')
@@ -59,6 +66,10 @@ async function main(): Promise<number> {
       list: { type: 'boolean', default: false },
       doc: { type: 'boolean' },
       'no-doc': { type: 'boolean' },
+      'qemu-binary': { type: 'string' },
+      'qemu-img': { type: 'string' },
+      qemu10: { type: 'boolean', default: false },
+      accel: { type: 'string' },
       help: { type: 'boolean', short: 'h', default: false },
     },
     allowPositionals: false,
@@ -67,7 +78,7 @@ async function main(): Promise<number> {
   if (values.help || values.list) {
     console.log('cases (--cases a,b,c):')
     for (const c of CASES) console.log(`  ${names(c).join(', ').padEnd(34)} ${c.title}`)
-    if (values.help) console.log('\noptions: --reps N (default 5; --quick: 3), --quick, --log LEVEL (daemon log to the work dir, kept), --profile (CPU profiles of some qmpd measurements, kept), --probe (time qmpd synchronous SQLite/fs calls), --doc / --no-doc')
+    if (values.help) console.log('\noptions: --reps N (default 5; --quick: 3), --quick, --log LEVEL (daemon log to the work dir, kept), --profile (CPU profiles of some qmpd measurements, kept), --probe (time qmpd synchronous SQLite/fs calls), --doc / --no-doc, --qemu10, --qemu-binary PATH, --qemu-img PATH (or QMPD_QEMU / QMPD_QEMU_IMG), --accel tcg|kvm (default: the KVM probe decides)')
     return 0
   }
   const reps = values.reps !== undefined ? Number(values.reps) : values.quick ? 3 : 5
@@ -85,6 +96,17 @@ async function main(): Promise<number> {
   const workRoot = mkdtempSync(join(existsSync(tmpBase) ? tmpBase : '/tmp', 'qb-'))
   const keepWork = values.log !== 'silent' || values.profile
   if (!keepWork) onExitSync(() => rmSync(workRoot, { recursive: true, force: true }))
+  if (values.accel !== undefined && values.accel !== 'tcg' && values.accel !== 'kvm') throw new Error(`--accel must be tcg or kvm, got ${values.accel}`)
+  const q = await chooseQemu({ ...pickQemu(values, workRoot), ...(values.accel ? { forceAccel: values.accel } : {}) })
+  // Helpers that run qemu-img / qemu-io / qemu-system-x86_64 by name (disk images, fills) get the same QEMU.
+  const binDir = join(workRoot, 'bin')
+  mkdirSync(binDir, { recursive: true })
+  for (const [name, target] of [['qemu-system-x86_64', q.binary], ['qemu-img', q.qemuImg]] as const) {
+    if (target.includes('/') && !existsSync(join(binDir, name))) symlinkSync(target, join(binDir, name))
+  }
+  const io = join(dirname(q.qemuImg), 'qemu-io')
+  if (q.qemuImg.includes('/') && existsSync(io) && !existsSync(join(binDir, 'qemu-io'))) symlinkSync(io, join(binDir, 'qemu-io'))
+  process.env['PATH'] = `${binDir}:${process.env['PATH'] ?? ''}`
   const m = machine()
   const t0 = performance.now()
   const rows: Row[] = []
@@ -183,6 +205,17 @@ async function main(): Promise<number> {
   if (aliveCount() > 0) log(`WARNING: ${aliveCount()} tracked QEMU process(es) still alive`)
   // A MISS is a finding, not a failure of the bench; a case that could not measure is.
   return rows.some((r) => r.error) ? 1 : 0
+}
+
+/** --qemu10 / --qemu-binary / --qemu-img as paths (undefined: chooseQemu reads QMPD_QEMU*, then PATH). */
+function pickQemu(values: { 'qemu-binary'?: string; 'qemu-img'?: string; qemu10?: boolean }, workRoot: string): { binary?: string; qemuImg?: string } {
+  if (values.qemu10 && values['qemu-binary']) throw new Error('--qemu10 and --qemu-binary exclude each other')
+  if (values.qemu10) {
+    const installed = join(root, '.qemu', '10', 'bin')
+    if (existsSync(join(installed, 'qemu-system-x86_64'))) return { binary: join(installed, 'qemu-system-x86_64'), qemuImg: join(installed, 'qemu-img') }
+    return unpackedQemuWrappers(process.env['QMPD_QEMU10_ROOT'] ?? '/tmp/q10/root', join(workRoot, 'q10-bin'))
+  }
+  return { ...(values['qemu-binary'] ? { binary: values['qemu-binary'] } : {}), ...(values['qemu-img'] ? { qemuImg: values['qemu-img'] } : {}) }
 }
 
 /** The data-movement rows as MiB/s next to raw QMP, dd conv=fsync and qemu-img convert of the same size. */

@@ -7,6 +7,7 @@ import type { FastifyInstance } from 'fastify'
 import { pino, type Logger } from 'pino'
 import { makeConfig } from '../../src/config.ts'
 import { startDaemon, type Daemon } from '../../src/daemon.ts'
+import { benchQemu } from './qemu-choice.ts'
 import { track } from './reaper.ts'
 
 /** An in-process daemon with an inject helper. */
@@ -30,10 +31,11 @@ export function benchLogger(level: string, file: string | undefined): Logger {
   return pino({ level }, createWriteStream(file, { flags: 'a' }))
 }
 
-/** Starts a daemon on `stateDir` with TCG (the machine's configuration for every case). */
+/** Starts a daemon on `stateDir` on the bench's QEMU and accelerator (benchQemu(): the same for every case and both sides). */
 export async function startBenchDaemon(stateDir: string, log: Logger): Promise<BenchDaemon> {
   mkdirSync(stateDir, { recursive: true })
-  const config = makeConfig({ stateDir, accel: 'tcg', logLevel: log.level }, {})
+  const q = benchQemu()
+  const config = makeConfig({ stateDir, accel: q.accel, qemuBinary: q.binary, qemuImgBinary: q.qemuImg, logLevel: log.level }, {})
   const daemon = await startDaemon(config, log)
   const app = await daemon.app()
   const names = new Set<string>()

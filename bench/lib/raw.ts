@@ -11,6 +11,7 @@ import { pipeline } from 'node:stream/promises'
 import { buildArgv, type ActiveDisk, VM_FILES } from '../../src/vm/argv.ts'
 import { VmDefinition } from '../../src/vm/definition.ts'
 import { RawQmp, type RawQmpEvent } from '../../test/helpers/rawqmp.ts'
+import { benchQemu } from './qemu-choice.ts'
 import { track } from './reaper.ts'
 
 /** Builds a full VmDefinition (defaults applied by qmpd's own schema) for buildArgv. */
@@ -39,11 +40,11 @@ export async function launchRaw(dir: string, def: VmDefinition, disks: ActiveDis
   const sock = join(dir, VM_FILES.qmpSocket)
   if (Buffer.byteLength(sock) > 100) throw new Error(`socket path too long: ${sock}`)
   rmSync(sock, { force: true })
-  const argv = buildArgv(def, { accel: 'tcg', disks, ...(opts.incoming ? { incoming: true } : {}) })
+  const argv = buildArgv(def, { accel: benchQemu().accel, disks, ...(opts.incoming ? { incoming: true } : {}) })
   const logFd = openSync(join(dir, VM_FILES.qemuLog), 'a', 0o640)
   let child: ChildProcess
   try {
-    child = spawn('qemu-system-x86_64', argv, { cwd: dir, detached: true, stdio: ['ignore', logFd, logFd] })
+    child = spawn(benchQemu().binary, argv, { cwd: dir, detached: true, stdio: ['ignore', logFd, logFd] })
   } finally {
     closeSync(logFd)
   }

@@ -3,6 +3,7 @@ import { execFileSync } from 'node:child_process'
 import { cpus, loadavg, totalmem } from 'node:os'
 import { readdirSync, readFileSync } from 'node:fs'
 import type { Row } from './case.ts'
+import { benchQemu } from './qemu-choice.ts'
 import { round, rounded } from './stats.ts'
 
 /** What the numbers were measured on. */
@@ -59,12 +60,7 @@ export function machine(): Machine {
   } catch {
     /* not Linux */
   }
-  let qemu = 'unknown'
-  try {
-    qemu = execFileSync('qemu-system-x86_64', ['--version'], { encoding: 'utf8' }).split('\n')[0]!.trim()
-  } catch {
-    /* reported as unknown */
-  }
+  const q = benchQemu()
   let kernel = 'unknown'
   try {
     kernel = readFileSync('/proc/sys/kernel/osrelease', 'utf8').trim()
@@ -81,10 +77,10 @@ export function machine(): Machine {
     nproc,
     cpuModel,
     memGiB: Math.round(totalmem() / 2 ** 30),
-    qemu,
+    qemu: `${q.version} (${q.binary}; machine ${q.machineType})`,
     node: process.version,
     kernel,
-    accel: 'tcg',
+    accel: `${q.accel} (${q.accelNote})`,
     date: new Date().toISOString(),
     loadavgBefore: loadavg().map((x) => Math.round(x * 100) / 100),
     otherQemusAtStart: countQemus(),

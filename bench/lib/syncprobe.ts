@@ -18,6 +18,10 @@ export class SyncProbe {
   readonly acc = new Map<string, Acc>()
   private readonly undo: Array<() => void> = []
   on = false
+  /** Nesting of wrapped calls now (a statement inside a transaction is at depth 2). */
+  private depth = 0
+  /** ms of outermost calls only, by kind (sqlite / fs): no call is counted twice. */
+  readonly outer = { sqlite: 0, fs: 0 }
 
   record(name: string, ms: number): void {
     if (!this.on) return
@@ -33,10 +37,14 @@ export class SyncProbe {
     const probe = this
     return function (this: unknown, ...args: any[]) {
       const t0 = performance.now()
+      probe.depth++
       try {
         return fn.apply(self ?? this, args)
       } finally {
-        probe.record(name, performance.now() - t0)
+        probe.depth--
+        const ms = performance.now() - t0
+        probe.record(name, ms)
+        if (probe.on && probe.depth === 0) probe.outer[name.startsWith('fs.') ? 'fs' : 'sqlite'] += ms
       }
     } as F
   }
@@ -48,10 +56,15 @@ export class SyncProbe {
     const transaction = anyDb.transaction
     // eslint-disable-next-line @typescript-eslint/no-this-alias -- as in timed()
     const probe = this
+    const wrapped = new WeakSet<object>()
     anyDb.prepare = function (sql: string) {
       const t0 = performance.now()
       const st = prepare.call(db, sql)
       probe.record('sqlite prepare', performance.now() - t0)
+      if (probe.on && probe.depth === 0) probe.outer.sqlite += performance.now() - t0
+      // db.prepare hands out one cached statement per SQL text (src/store/db.ts): wrap it once.
+      if (wrapped.has(st)) return st
+      wrapped.add(st)
       for (const m of ['run', 'get', 'all', 'iterate']) {
         if (typeof st[m] === 'function') st[m] = probe.timed(`sqlite ${m}`, st[m], st)
       }

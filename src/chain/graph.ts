@@ -21,13 +21,12 @@ export interface Layer {
 
 /** Records the VM's original disk files as the roots of the image graph (created by the user). */
 export function ensureBaseImages(g: GraphDeps, vm: string): void {
-  const known = new Set(g.repo.images(vm).map((i) => i.file))
   const rec = g.vms.record(vm)
   // An adopted VM has no disks in its definition: the roots are the files its QEMU ran on when
   // qmpd first snapshotted it (discovered at adoption; called before the runtime moves on).
   const def = rec.definition
   for (const d of isAdopted(def) ? rec.runtime.disks : def.disks) {
-    if (!known.has(d.file)) {
+    if (!g.repo.hasImage(vm, d.file)) {
       g.repo.putImage({ vm, disk: d.id, file: d.file, format: d.format, backing: null, createdByQmpd: rec.runtime.createdFiles.includes(d.file) })
     }
   }

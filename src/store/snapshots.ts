@@ -134,6 +134,15 @@ export class SnapshotRepo {
   }
 
   /**
+   * True when the VM has an image row for `file` (one indexed lookup: no parse of the VM's rows).
+   * @throws QmpdError STORE_ROW_INVALID when a stored row of the VM fails its schema.
+   */
+  hasImage(vm: string, file: string): boolean {
+    this.quarantine.assertUsable(vm)
+    return this.db.prepare('SELECT 1 FROM images WHERE vm = ? AND file = ?').get(vm, file) !== undefined
+  }
+
+  /**
    * Stores an image row (insert, or update of its backing and format).
    * @throws QmpdError INTERNAL when the row does not fit the schema the read path applies (never written).
    */

@@ -52,6 +52,7 @@ import { discoverAdoptedDisks, mergeAdoptedDisks } from './adopted-disks.ts'
 import { refuseRelaunch } from './adopted.ts'
 import { endReceivers } from './receivers.ts'
 import { ChainCache } from './chain-cache.ts'
+import { LiveGraphCache } from './live-disks.ts'
 import { matchesLabels, type LabelSelector } from './labels.ts'
 import type { Journal } from '../ops/journal.ts'
 import { START_OP, VM_DELETE_OP, type StartJournal, type VmDeleteJournal } from './plans.ts'
@@ -161,6 +162,8 @@ export class VmManager {
   private readonly handles = new Map<string, Handle>()
   private readonly deleteHooks: DeleteHook[] = []
   private chainCache?: ChainCache
+  /** Running VMs' disk views, per QMP session (src/vm/live-disks.ts): no query-block per GET. */
+  readonly liveDisks = new LiveGraphCache<DiskView[]>()
   /** Refuses stopping a VM whose disks a block job is busy with (set by the daemon). */
   busyCheck: (vm: string, what: string) => void = () => {}
   /**
@@ -1335,7 +1338,8 @@ export class VmManager {
   private async diskViews(h: Handle): Promise<DiskView[]> {
     if (h.qmp) {
       try {
-        return disksFromQueryBlock(await h.qmp.execute('query-block'))
+        const qmp = h.qmp
+        return await this.liveDisks.get(qmp, async () => disksFromQueryBlock(await qmp.execute('query-block')))
       } catch (err) {
         h.log.debug({ err }, 'query-block failed; falling back to qemu-img')
       }
