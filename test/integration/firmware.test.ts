@@ -48,7 +48,7 @@ t.test('a UEFI guest keeps its NVRAM variables across internal and external chec
   t.equal(await guestGet(port, '/cgi-bin/setvar?two'), 'two', 'changed after the checkpoint')
   await revert(td, 'efi', 'i1')
   t.equal(await guestGet(port, '/cgi-bin/getvar'), 'one', 'internal checkpoint revert: the variable is back')
-  t.equal((await td.api('DELETE', '/v1/vms/efi/snapshots/i1?wait=true')).status, 200, 'internal checkpoint deleted (kinds do not mix on one VM)')
+  t.equal((await td.api('DELETE', '/v1/vms/efi/snapshots/i1?wait=true')).status, 200, 'internal checkpoint deleted')
 
   t.equal(await guestGet(port, '/cgi-bin/setvar?three'), 'three')
   const e1 = await snap(td, 'efi', { name: 'e1', kind: 'external', memory: true, live: true })
