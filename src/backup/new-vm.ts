@@ -12,7 +12,7 @@ import type { QemuImg } from '../images/qemu-img.ts'
 import type { JobManager } from '../jobs/manager.ts'
 import type { Journal } from '../ops/journal.ts'
 import type { Recovery, RecoveryOutcome } from '../ops/recovery.ts'
-import { reserveFile } from '../snapshot/files.ts'
+import { reserveFiles } from '../snapshot/files.ts'
 import { isAdopted, Name, type VmDefinition } from '../vm/definition.ts'
 import { Labels } from '../vm/labels.ts'
 import type { VmManager, VmView } from '../vm/manager.ts'
@@ -77,14 +77,12 @@ export async function defineFromBackup(d: FromBackupDeps, input: FromBackupDefin
     params: { backup: id, name: input.name },
     run: async (ctx) => {
       const o = d.journal.begin({ vm: source, op: FROM_BACKUP_OP, job: ctx.id, body: j })
-      const reserved: string[] = []
+      // Removals of the files this run reserved (reserveFiles registers one per file it made).
+      const undo: Array<() => unknown> = []
       try {
         await o.step('files', async () => {
           mkdirSync(dir, { recursive: true })
-          for (const f of j.files) {
-            await reserveFile(d.paths.confine(f, 'disk'))
-            reserved.push(f)
-          }
+          await reserveFiles(j.files.map((f) => d.paths.confine(f, 'disk')), { add: (_what, fn) => undo.push(fn) })
           for (const [i, x] of disks.entries()) {
             // The point's chain is checked layer by layer from the headers before qemu-img opens it.
             await d.qemuImg.guard(x.from, 'qcow2', `backup ${id} disk ${x.spec.id}`)
@@ -109,7 +107,7 @@ export async function defineFromBackup(d: FromBackupDeps, input: FromBackupDefin
         })
         o.end()
       } catch (err) {
-        if (!d.vms.has(input.name)) for (const f of reserved) rmSync(f, { force: true })
+        if (!d.vms.has(input.name)) for (const u of undo) u()
         o.end()
         throw err
       }

@@ -15,7 +15,7 @@ import type { VmView } from '../vm/manager.ts'
 import { assertState, isRunningState } from '../vm/states.ts'
 import { mustSnapshot, type SnapshotDeps } from './deps.ts'
 import { convertArgs } from './export.ts'
-import { reserveFile } from './files.ts'
+import { reserveFiles } from './files.ts'
 import { assertForkable, copyForkDisk, isInternalCheckpoint, recordFork } from './clone-fork.ts'
 import { submitRevert } from './revert.ts'
 import type { Snapshot, SnapshotDisk } from './model.ts'
@@ -128,14 +128,12 @@ async function doClone(d: SnapshotDeps, def: VmDefinition, disks: ClonedDisk[], 
   const qemuRuns = isRunningState(d.vms.record(j.source).runtime.state)
   const dir = d.paths.vmDir(j.name)
   const o = d.journal.begin({ vm: j.source, op: CLONE_OP, job: ctx.id, body: j })
-  const reserved: string[] = []
+  // Removals of the files this clone reserved (reserveFiles registers one per file it made).
+  const undo: Array<() => unknown> = []
   try {
     await o.step('files', async () => {
       mkdirSync(dir, { recursive: true })
-      for (const f of j.files) {
-        await reserveFile(d.paths.confine(f, 'clone disk'))
-        reserved.push(f)
-      }
+      await reserveFiles(j.files.map((f) => d.paths.confine(f, 'clone disk')), { add: (_what, fn) => undo.push(fn) })
       // A fork of an internal checkpoint: whole copies keep the tag (its vmstate); the source is stopped.
       if (fork && isRunningState(d.vms.record(j.source).runtime.state)) await assertForkable(d, j.source, s, false)
       for (const [i, x] of disks.entries()) {
@@ -182,7 +180,7 @@ async function doClone(d: SnapshotDeps, def: VmDefinition, disks: ClonedDisk[], 
     o.end()
   } catch (err) {
     // define() refused (or a copy failed): nothing of the clone stays (only files it reserved go).
-    if (!d.vms.has(j.name)) for (const f of reserved) rmSync(f, { force: true })
+    if (!d.vms.has(j.name)) for (const u of undo) u()
     o.end()
     throw err
   }
