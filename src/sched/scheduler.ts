@@ -190,26 +190,23 @@ export class Scheduler {
         if (!isRunningState(state)) return skip(`the VM is ${state}: a backup needs it running or paused`)
         const { type: _type, ...body } = a
         job = this.d.backups.create(s.vm, body)
-        this.d.repo.update({ ...run, state: 'queued', job: job.id })
-        this.emit({ event: 'schedule.fired', vm: s.vm, schedule: s.id, slot: run.slot, job: job.id })
-        await failPoint(FIRE_POINTS.enqueued)
-        return
+      } else {
+        if ((a.memory || a.quiesce) && !isRunningState(state)) return skip(`the VM is ${state}: a ${a.memory ? 'checkpoint (memory)' : 'quiesced snapshot'} needs it running`)
+        job = this.d.snapshots.create(s.vm, {
+          name,
+          kind: a.kind,
+          memory: a.memory,
+          ...(a.quiesce ? { quiesce: true } : {}),
+          description: `schedule ${s.id}, slot ${run.slot}`,
+          schedule: s.id,
+          ...(s.expiry ? { expiresIn: s.expiry } : {}),
+        })
       }
-      if ((a.memory || a.quiesce) && !isRunningState(state)) return skip(`the VM is ${state}: a ${a.memory ? 'checkpoint (memory)' : 'quiesced snapshot'} needs it running`)
-      job = this.d.snapshots.create(s.vm, {
-        name,
-        kind: a.kind,
-        memory: a.memory,
-        ...(a.quiesce ? { quiesce: true } : {}),
-        description: `schedule ${s.id}, slot ${run.slot}`,
-        schedule: s.id,
-        ...(s.expiry ? { expiresIn: s.expiry } : {}),
-      })
     } catch (err) {
       return skip(toQmpdError(err).message)
     }
     this.d.repo.update({ ...run, state: 'queued', job: job.id })
-    this.emit({ event: 'schedule.fired', vm: s.vm, schedule: s.id, slot: run.slot, job: job.id, snapshot: name })
+    this.emit({ event: 'schedule.fired', vm: s.vm, schedule: s.id, slot: run.slot, job: job.id, ...(run.snapshot ? { snapshot: run.snapshot } : {}) })
     await failPoint(FIRE_POINTS.enqueued)
   }
 
