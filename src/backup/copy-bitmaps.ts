@@ -25,11 +25,17 @@ export async function carryBitmapsToCopy(qmp: QmpClient, vmDir: string, disk: st
     return
   }
   if (chains.length === 0) return
+  let top
+  try {
+    top = (await liveChain(qmp, disk))[0]!
+  } catch (err) {
+    log.warn({ err, disk }, 'backup bitmaps not carried into the copy: its chain could not be read (the next backup runs full)')
+    return
+  }
   for (const c of chains) {
     try {
       const plan = (await planMerges(qmp, [disk], c.bitmap, c.points.at(-1), c.carried)).get(disk)
       if (!plan || !('sources' in plan)) continue
-      const top = (await liveChain(qmp, disk))[0]!
       await qmp.execute('block-dirty-bitmap-add', { node: target, name: c.bitmap, persistent: true })
       const from = [{ node: top.node, name: c.bitmap }, ...plan.sources.map((s) => ({ node: s.node, name: c.bitmap }))]
       await qmp.execute('block-dirty-bitmap-merge', { node: target, target: c.bitmap, bitmaps: from })
