@@ -51,12 +51,11 @@ import { SchedDeletes } from './sched/deletes.ts'
 import { Scheduler } from './sched/scheduler.ts'
 import { ScheduleService } from './sched/service.ts'
 import type { VmState } from './vm/definition.ts'
-
 import { logAccelProbe } from './vm/accel.ts'
 import { isRunningState } from './vm/states.ts'
+import { VERSION } from './version.ts'
 
-/** qmpd's version, reported by /healthz and the OpenAPI document. */
-export const VERSION = '0.1.0'
+export { VERSION }
 
 /** A running daemon: its services and its (not yet listening) HTTP app. */
 export interface Daemon {

@@ -1,7 +1,7 @@
 // Runs a qmpd client command (everything but `serve`): builds the command tree, runs it, turns
 // what it threw into a message and an exit code; it never starts a daemon.
 import { Command, CommanderError } from 'commander'
-import { VERSION } from '../daemon.ts'
+import { VERSION } from '../version.ts'
 import { addClientCommands } from './commands.ts'
 import { bashCompletion, zshCompletion } from './completion.ts'
 import { describeError, EXIT } from './exit.ts'
