@@ -11,7 +11,8 @@ stamp="$top/installed"
 # What the tests need besides the emulator: qemu-img/qemu-io/qemu-nbd (qemu-utils), the firmware
 # blobs and keymaps QEMU's -L directory holds (qemu-system-data), the shared modules, among them
 # accel-tcg (qemu-system-common). SeaBIOS, iPXE ROMs and OVMF come from the system's packages
-# (seabios, ipxe-qemu, ovmf, pulled in by qemu-system-x86 7.2), found through the data path.
+# (seabios, ipxe-qemu, ovmf, pulled in by qemu-system-x86 7.2), found through the data path; a
+# newer seabios when QEMU 10 needs one (below).
 packages=(qemu-system-x86 qemu-system-common qemu-system-data qemu-utils)
 
 if [ -f "$stamp" ] && [ "${QMPD_QEMU10_REFRESH:-}" != 1 ] && [ -x "$top/bin/qemu-system-x86_64" ]; then
@@ -58,6 +59,31 @@ apt-get "${aptopts[@]}" -qq update
 rm -f "$top"/deb/*.deb
 (cd "$top/deb" && apt-get "${aptopts[@]}" -qq download "${packages[@]/%//$codename-backports}")
 
+# QEMU 10's own package wants a newer SeaBIOS than the release has (qemu-system-x86 Depends:
+# seabios (>> 1.16.3-1~); bookworm has 1.16.2, and with it SeaBIOS stalls on q35's AHCI under QEMU
+# 10: a SATA disk never boots, an empty CD-ROM holds the boot ~32 s). When the installed one falls
+# short, the seabios package (firmware only, Architecture: all) comes from the same archive's
+# current stable suite and is unpacked beside QEMU 10; its wrapper puts it first on the firmware
+# path. The system's SeaBIOS stays as it is.
+need=$(dpkg-deb -f "$top"/deb/qemu-system-x86_*.deb Depends | tr ',' '\n' | sed -nE 's/^ *seabios \(([<>=]+) ([^)]+)\).*/\1 \2/p' | head -1)
+have=$(dpkg-query -W -f '${Version}' seabios 2>/dev/null || true)
+seabios=""
+if [ -n "$need" ]; then
+  op=${need%% *} ver=${need#* }
+  case "$op" in '>>') rel=gt ;; '>=') rel=ge ;; '=') rel=eq ;; '<<') rel=lt ;; '<=') rel=le ;; *) rel=ge ;; esac
+  if [ -z "$have" ] || ! dpkg --compare-versions "$have" "$rel" "$ver"; then
+    echo "setup: QEMU 10 needs seabios $op $ver (installed: ${have:-none}): fetching it from the stable suite" >&2
+    echo "deb ${opts}$uri stable main" >"$apt/sources-seabios.list"
+    sbopts=(-o "Dir::Etc::SourceList=$apt/sources-seabios.list" -o Dir::Etc::SourceParts=/dev/null -o "Dir::State::Lists=$apt/lists-seabios" -o "Dir::Cache=$apt/cache")
+    mkdir -p "$apt/lists-seabios/partial"
+    apt-get "${sbopts[@]}" -qq update
+    (cd "$top/deb" && apt-get "${sbopts[@]}" -qq download seabios/stable)
+    got=$(dpkg-deb -f "$top"/deb/seabios_*.deb Version)
+    dpkg --compare-versions "$got" "$rel" "$ver" || { echo "setup: the stable suite's seabios $got is not $op $ver either" >&2; exit 1; }
+    seabios=1
+  fi
+fi
+
 new="$top/root.new"
 rm -rf "$new"
 mkdir -p "$new"
@@ -82,7 +108,9 @@ WRAP
   chmod 755 "$top/bin/$name.tmp"
   mv "$top/bin/$name.tmp" "$top/bin/$name"
 }
-write_wrapper qemu-system-x86_64 " -L '$root/usr/share/qemu'"
+firmware=" -L '$root/usr/share/qemu'"
+[ -n "$seabios" ] && firmware="$firmware -L '$root/usr/share/seabios'"
+write_wrapper qemu-system-x86_64 "$firmware"
 for tool in qemu-img qemu-io qemu-nbd qemu-storage-daemon; do write_wrapper "$tool" ""; done
 
 "$top/bin/qemu-system-x86_64" --version | head -1 >"$stamp.tmp"
