@@ -4,7 +4,7 @@
  * PID in teardown. Without qemu-system-x86_64 on PATH these tests FAIL (never skip).
  */
 
-import { execFile, spawn, type ChildProcess } from 'node:child_process'
+import { execFile, execFileSync, spawn, type ChildProcess } from 'node:child_process'
 import { promisify } from 'node:util'
 import fs from 'node:fs'
 import os from 'node:os'
@@ -17,6 +17,18 @@ import { sleep, socketPath, type TapLike } from './fake-qmp.ts'
 
 const QEMU = 'qemu-system-x86_64'
 const execFileP = promisify(execFile)
+
+/** The major version the binary on PATH prints with --version: what QMP must report too. */
+function binaryMajor(): number {
+  const out = execFileSync(QEMU, ['--version'], { encoding: 'utf8' })
+  return Number(/version (\d+)\./.exec(out)?.[1])
+}
+
+/** query-status without `singlestep` (QEMU 7.2 reports it, QEMU 10 dropped it; false if there). */
+function status(s: { status: string; running: boolean; singlestep?: boolean }): { status: string; running: boolean } {
+  if (s.singlestep !== undefined && s.singlestep !== false) throw new Error(`singlestep is ${String(s.singlestep)}`)
+  return { status: s.status, running: s.running }
+}
 
 /** Counts the query-block commands the client sends from now on. */
 function countQueryBlock(qmp: QmpClient): () => number {
@@ -74,7 +86,7 @@ async function startQemu(t: TapLike, extra: string[] = []): Promise<Qemu> {
       await exited
     }
   })
-  // wait=off: QEMU creates the socket before it is ready to accept; poll for it.
+  // wait=off: QEMU creates the socket before it is ready to accept; poll for it (and see connect).
   const deadline = Date.now() + 15_000
   while (!fs.existsSync(sock)) {
     if (child.exitCode !== null) throw new Error(`QEMU exited early (${child.exitCode}): ${err}`)
@@ -82,6 +94,23 @@ async function startQemu(t: TapLike, extra: string[] = []): Promise<Qemu> {
     await sleep(20)
   }
   return { child, pid, sock, stderr: () => err, exited }
+}
+
+/**
+ * Connects `qmp` to QEMU's socket. The file appears when QEMU binds it, a moment before it listens:
+ * a refused connection is tried again for a few seconds. (A probe connection would not do: the
+ * monitor then greets the next client twice.)
+ */
+async function connect(qmp: QmpClient, sock: string): Promise<Awaited<ReturnType<QmpClient['connect']>>> {
+  const deadline = Date.now() + 5_000
+  for (;;) {
+    try {
+      return await qmp.connect(sock)
+    } catch (err) {
+      if (!/ECONNREFUSED/.test(String(err)) || Date.now() > deadline) throw err
+      await sleep(20)
+    }
+  }
 }
 
 function rejection(p: Promise<unknown>): Promise<unknown> {
@@ -93,25 +122,25 @@ function rejection(p: Promise<unknown>): Promise<unknown> {
 
 async function connectTo(t: TapLike, q: Qemu): Promise<QmpClient> {
   const qmp = new QmpClient()
-  await qmp.connect({ path: q.sock })
+  await connect(qmp, q.sock)
   t.teardown(() => qmp.disconnect())
   return qmp
 }
 
 if (!onPath(QEMU)) {
-  t.fail(`${QEMU} is not on PATH (${process.env['PATH']}): install QEMU 7.2 (Debian: qemu-system-x86) to run the QMP tests`)
+  t.fail(`${QEMU} is not on PATH (${process.env['PATH']}): install QEMU (Debian: qemu-system-x86) to run the QMP tests`)
 } else {
   t.test('greets with its version; query-version and query-status agree', async (t) => {
     const q = await startQemu(t)
     const qmp = new QmpClient()
     t.teardown(() => qmp.disconnect())
-    const g = await qmp.connect(q.sock)
+    const g = await connect(qmp, q.sock)
     t.equal(qmp.state, 'running')
-    t.same(g.capabilities, ['oob'], 'QEMU 7.2 offers oob')
+    t.same(g.capabilities, ['oob'], 'QEMU offers oob')
     const v = await qmp.execute('query-version')
     t.same(v, g.version)
-    t.equal(v.qemu.major, 7)
-    t.same(await qmp.execute('query-status'), { status: 'prelaunch', running: false, singlestep: false })
+    t.equal(v.qemu.major, binaryMajor(), 'the major version --version prints')
+    t.same(status(await qmp.execute('query-status')), { status: 'prelaunch', running: false })
     t.same(await qmp.executeUnchecked('query-name'), {}, 'no -name: the name member is absent')
   })
 
@@ -119,11 +148,12 @@ if (!onPath(QEMU)) {
     const q = await startQemu(t)
     const qmp = await connectTo(t, q)
     const N = 300
+    const major = binaryMajor()
     const work: Array<Promise<void>> = []
     for (let i = 0; i < N; i++) {
       if (i % 3 === 0) work.push(qmp.hmp(`print ${i + 1}`).then((out) => void t.equal(out, `0x${(i + 1).toString(16)}\r\n`)))
       else if (i % 3 === 1) work.push(qmp.execute('query-status').then((s) => void t.equal(s.status, 'prelaunch')))
-      else work.push(qmp.execute('query-version').then((v) => void t.equal(v.qemu.major, 7)))
+      else work.push(qmp.execute('query-version').then((v) => void t.equal(v.qemu.major, major)))
     }
     t.equal(qmp.pendingCount, N, 'all in flight at once')
     await Promise.all(work)
@@ -160,7 +190,7 @@ if (!onPath(QEMU)) {
     const r = await resumed
     t.same(r.data, {}, 'QEMU sends RESUME without data; the client adds {}')
     t.ok(r.timestamp.seconds > 1_600_000_000)
-    t.same(await qmp.execute('query-status'), { status: 'running', running: true, singlestep: false })
+    t.same(status(await qmp.execute('query-status')), { status: 'running', running: true })
     const stopped = qmp.waitForEvent('STOP', { timeoutMs: 10_000 })
     await qmp.execute('stop')
     t.equal((await stopped).event, 'STOP')
@@ -319,8 +349,10 @@ if (!onPath(QEMU)) {
     // without a command); qmpd's own jobs (qmpd-…) change the graph only through its commands.
     for (const [id, moves] of [['st', true], ['qmpd-st', false]] as const) {
       const concluded = qmp.waitForEvent('JOB_STATUS_CHANGE', { filter: (e) => e.data.id === id && e.data.status === 'concluded', timeoutMs: 10_000 })
+      // The command moves the epoch by one when it is sent; the job's events may arrive before
+      // its reply (a small stream ends at once), so count from before it.
+      const afterCommand = qmp.graphEpoch + 1
       await qmp.execute('block-stream', { 'job-id': id, device: 'vda-f3', 'auto-dismiss': false })
-      const afterCommand = qmp.graphEpoch
       await concluded
       if (moves) t.ok(qmp.graphEpoch > afterCommand, `the events of job ${id} move the epoch`)
       else t.equal(qmp.graphEpoch, afterCommand, `the events of job ${id} do not`)
