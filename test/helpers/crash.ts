@@ -11,7 +11,7 @@ import { isAlive, waitForExit } from '../../src/vm/proc.ts'
 import type { TestDaemon } from './daemon.ts'
 import { RISKY_QMP_COMMANDS } from '../../src/vm/passthrough.ts'
 import { checkDiskAgainstCounter, checkStampsAgainstCounter } from './guest.ts'
-import { qmpdCommand } from './qmpd-cmd.ts'
+import { qmpdServeCommand } from './qmpd-cmd.ts'
 import { diskBytes, dumpRam, slotsOf, stampsOf } from './snap.ts'
 
 /** A `qmpd serve` child on a unix socket. */
@@ -40,7 +40,7 @@ export async function startChildDaemon(
   // Scenarios read guest RAM through the escape hatch (pmemsave), as with startTestDaemon.
   env['QMPD_QMP_PASSTHROUGH'] = '1'
   env['QMPD_QMP_ALLOW'] = ['*', ...RISKY_QMP_COMMANDS].join(',')
-  const [exe, argv, childEnv] = qmpdCommand(['serve', '--listen', `unix:${sock}`, '--state-dir', stateDir, '--accel', 'tcg', '--log-level', 'warn'], env)
+  const [exe, argv, childEnv] = qmpdServeCommand(['serve', '--listen', `unix:${sock}`, '--state-dir', stateDir, '--accel', 'tcg', '--log-level', 'warn'], env)
   const child = spawn(exe, argv, {
     env: childEnv,
     stdio: ['ignore', 'pipe', 'pipe'],
