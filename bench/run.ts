@@ -1,14 +1,15 @@
 // qmpd benchmark: every case measures qmpd (HTTP call to the finished job, metadata persisted)
 // beside a baseline measured in the same run on the same QEMU configuration.
 //
-//   npm run bench                              all cases, 5 repetitions
+//   npm run bench                              all cases, 5 repetitions, on the system's QEMU and (when found) QEMU 10
 //   npm run bench -- --cases get,extsnap --reps 10
 //   npm run bench -- --quick                   fewer iterations (smoke run)
 //   npm run bench -- --log debug               daemon debug log (QMP send/recv ms) per case in the work dir, kept
 //   npm run bench -- --profile --cases burst50   CPU profile of the bursts (work dir kept)
 //   npm run bench -- --probe --cases burst50     time qmpd's synchronous SQLite and fs calls in the bursts
 //   npm run bench -- --list
-//   npm run bench -- --qemu10                   QEMU 10 (.qemu/10 of the checkout, else the tree unpacked at QMPD_QEMU10_ROOT or /tmp/q10/root)
+//   npm run bench -- --qemu10                   QEMU 10 only (.qemu/10 of the checkout, else the tree unpacked at QMPD_QEMU10_ROOT or /tmp/q10/root)
+//   npm run bench -- --system-qemu              the QEMU on PATH only (default: that one, then QEMU 10 when found; --both insists on both)
 //   npm run bench -- --qemu-binary PATH [--qemu-img PATH]   any QEMU (also QMPD_QEMU / QMPD_QEMU_IMG); both sides run it
 //   npm run bench -- --accel tcg                skip the KVM probe (default: KVM when the daemon's probe passes, else TCG)
 //
@@ -22,7 +23,7 @@ import { fileURLToPath } from 'node:url'
 import { parseArgs } from 'node:util'
 import type { Case, Row } from './lib/case.ts'
 import { aliveCount, installExitHandlers, onExitSync, reapAll } from './lib/reaper.ts'
-import { jsonRows, machine, machineLine, markdownNotes, markdownTable, textTable } from './lib/report.ts'
+import { jsonRows, machine, machineLine, markdownNotes, markdownTable, textTable, type Machine } from './lib/report.ts'
 import { round } from './lib/stats.ts'
 import { chooseQemu, unpackedQemuWrappers } from './lib/qemu-choice.ts'
 import { getCase } from './cases/get.ts'
@@ -69,6 +70,8 @@ async function main(): Promise<number> {
       'qemu-binary': { type: 'string' },
       'qemu-img': { type: 'string' },
       qemu10: { type: 'boolean', default: false },
+      'system-qemu': { type: 'boolean', default: false },
+      both: { type: 'boolean', default: false },
       accel: { type: 'string' },
       help: { type: 'boolean', short: 'h', default: false },
     },
@@ -78,7 +81,7 @@ async function main(): Promise<number> {
   if (values.help || values.list) {
     console.log('cases (--cases a,b,c):')
     for (const c of CASES) console.log(`  ${names(c).join(', ').padEnd(34)} ${c.title}`)
-    if (values.help) console.log('\noptions: --reps N (default 5; --quick: 3), --quick, --log LEVEL (daemon log to the work dir, kept), --profile (CPU profiles of some qmpd measurements, kept), --probe (time qmpd synchronous SQLite/fs calls), --doc / --no-doc, --qemu10, --qemu-binary PATH, --qemu-img PATH (or QMPD_QEMU / QMPD_QEMU_IMG), --accel tcg|kvm (default: the KVM probe decides)')
+    if (values.help) console.log('\noptions: --reps N (default 5; --quick: 3), --quick, --log LEVEL (daemon log to the work dir, kept), --profile (CPU profiles of some qmpd measurements, kept), --probe (time qmpd synchronous SQLite/fs calls), --doc / --no-doc, --both (system QEMU, then QEMU 10: the default when QEMU 10 is found), --system-qemu, --qemu10, --qemu-binary PATH, --qemu-img PATH (or QMPD_QEMU / QMPD_QEMU_IMG), --accel tcg|kvm (default: the KVM probe decides)')
     return 0
   }
   const reps = values.reps !== undefined ? Number(values.reps) : values.quick ? 3 : 5
@@ -97,51 +100,34 @@ async function main(): Promise<number> {
   const keepWork = values.log !== 'silent' || values.profile
   if (!keepWork) onExitSync(() => rmSync(workRoot, { recursive: true, force: true }))
   if (values.accel !== undefined && values.accel !== 'tcg' && values.accel !== 'kvm') throw new Error(`--accel must be tcg or kvm, got ${values.accel}`)
-  const q = await chooseQemu({ ...pickQemu(values, workRoot), ...(values.accel ? { forceAccel: values.accel } : {}) })
-  // Helpers that run qemu-img / qemu-io / qemu-system-x86_64 by name (disk images, fills) get the same QEMU.
-  const binDir = join(workRoot, 'bin')
-  mkdirSync(binDir, { recursive: true })
-  for (const [name, target] of [['qemu-system-x86_64', q.binary], ['qemu-img', q.qemuImg]] as const) {
-    if (target.includes('/') && !existsSync(join(binDir, name))) symlinkSync(target, join(binDir, name))
-  }
-  const io = join(dirname(q.qemuImg), 'qemu-io')
-  if (q.qemuImg.includes('/') && existsSync(io) && !existsSync(join(binDir, 'qemu-io'))) symlinkSync(io, join(binDir, 'qemu-io'))
-  process.env['PATH'] = `${binDir}:${process.env['PATH'] ?? ''}`
-  const m = machine()
   const t0 = performance.now()
   const rows: Row[] = []
+  const machines: Machine[] = []
   const log = (msg: string): void => {
     process.stderr.write(`[${((performance.now() - t0) / 1000).toFixed(1).padStart(6)} s] ${msg}\n`)
   }
-  log(`bench: ${chosen.map((c) => c.name).join(', ')}; reps ${reps}${values.quick ? ' (quick)' : ''}; work dir ${workRoot}`)
+  const pathBefore = process.env['PATH'] ?? ''
+  const passes = qemuPasses(values, workRoot)
+  log(`bench: ${chosen.map((c) => c.name).join(', ')}; reps ${reps}${values.quick ? ' (quick)' : ''}; ${passes.length} QEMU(s); work dir ${workRoot}`)
   try {
-    for (const c of chosen) {
-      const work = mkdtempSync(join(workRoot, `${c.name}-`))
-      const started = performance.now()
-      log(`case ${c.name}: ${c.title}`)
-      try {
-        const got = await c.run({
-          reps,
-          quick: values.quick,
-          work,
-          logLevel: values.log,
-          logFile: join(work, 'qmpd.log'),
-          profile: values.profile,
-          probe: values.probe,
-          selected,
-          log: (msg) => log(`  ${c.name}: ${msg}`),
-        })
-        rows.push(...got.filter((r) => selected.has(r.case)))
-      } catch (err) {
-        const msg = (err as Error).message ?? String(err)
-        log(`case ${c.name} FAILED: ${(err as Error).stack ?? msg}`)
-        for (const n of names(c)) if (selected.has(n)) rows.push({ case: n, metric: c.title, unit: 'ms', error: msg.split('\n')[0]!.slice(0, 300) })
-      } finally {
-        const killed = await reapAll()
-        if (killed) log(`  reaped ${killed} QEMU process(es) left by ${c.name}`)
-        if (!keepWork) await rm(work, { recursive: true, force: true }).catch(() => {})
+    for (const [p, pick] of passes.entries()) {
+      process.env['PATH'] = pathBefore
+      const q = await chooseQemu({ ...pick, ...(values.accel ? { forceAccel: values.accel } : {}) })
+      // Helpers that run qemu-img / qemu-io / qemu-system-x86_64 by name (disk images, fills) get the same QEMU.
+      const binDir = join(workRoot, `bin${p}`)
+      mkdirSync(binDir, { recursive: true })
+      for (const [name, target] of [['qemu-system-x86_64', q.binary], ['qemu-img', q.qemuImg]] as const) {
+        if (target.includes('/') && !existsSync(join(binDir, name))) symlinkSync(target, join(binDir, name))
       }
-      log(`case ${c.name} done in ${((performance.now() - started) / 1000).toFixed(1)} s`)
+      const io = join(dirname(q.qemuImg), 'qemu-io')
+      if (q.qemuImg.includes('/') && existsSync(io) && !existsSync(join(binDir, 'qemu-io'))) symlinkSync(io, join(binDir, 'qemu-io'))
+      process.env['PATH'] = `${binDir}:${pathBefore}`
+      const m = machine()
+      machines.push(m)
+      const label = qemuLabel(q.version)
+      log(`QEMU ${label}: ${q.version} (${q.binary}), accel ${q.accel}`)
+      rows.push(...(await runCases(chosen, reps, values, selected, workRoot, keepWork, log)).map((r) => ({ ...r, qemu: label })))
+      m.loadavgAfter = loadavg().map((x) => Math.round(x * 100) / 100)
     }
   } finally {
     await reapAll()
@@ -149,17 +135,16 @@ async function main(): Promise<number> {
     else log(`work dir kept (with daemon logs): ${workRoot}`)
   }
   const totalSec = (performance.now() - t0) / 1000
-  m.loadavgAfter = loadavg().map((x) => Math.round(x * 100) / 100)
-
   const thr = throughputTable(rows)
-  console.log(`\nqmpd bench — ${machineLine(m)}`)
+  for (const m of machines) console.log(`\nqmpd bench — ${machineLine(m)}`)
   console.log(`reps ${reps}${values.quick ? ' (quick)' : ''}; total ${totalSec.toFixed(1)} s\n`)
   console.log(textTable(rows))
   if (thr.text) console.log(`\nThroughput (MiB/s, median):\n${thr.text}`)
   console.log(`\n${rows.filter((r) => r.pass === true).length} PASS, ${rows.filter((r) => r.pass === false).length} MISS, ${rows.filter((r) => r.error).length} ERROR`)
 
   const doc = {
-    machine: m,
+    machine: machines[0],
+    machines,
     reps,
     quick: values.quick,
     cases: chosen.map((c) => c.name),
@@ -172,14 +157,16 @@ async function main(): Promise<number> {
   writeFileSync(join(outDir, 'latest.json'), JSON.stringify(doc, null, 2) + '\n')
   // One line per run: medians and verdicts only, to see which results are stable from run to run.
   const line = {
-    date: m.date,
+    date: machines[0]?.date,
     reps,
     quick: values.quick,
-    loadavgBefore: m.loadavgBefore,
-    otherQemusAtStart: m.otherQemusAtStart,
+    qemus: machines.map((m) => m.qemu),
+    loadavgBefore: machines[0]?.loadavgBefore,
+    otherQemusAtStart: machines[0]?.otherQemusAtStart,
     totalSeconds: round(totalSec),
     rows: rows.map((r) => ({
       case: r.case,
+      qemu: r.qemu,
       metric: r.metric,
       qmpd: r.qmpd ? round(r.qmpd.stats.median) : null,
       baseline: r.baseline ? round(r.baseline.stats.median) : null,
@@ -191,8 +178,7 @@ async function main(): Promise<number> {
   log(`wrote bench/results/latest.json, appended to bench/results/history.jsonl`)
   if (writeDoc) {
     updateDoc(join(root, 'docs', 'performance.md'), [
-      `Measured ${machineLine(m)}.`,
-      ``,
+      ...machines.map((m) => `Measured ${machineLine(m)}.\n`),
       `Command: \`npm run bench${process.argv.slice(2).length ? ' -- ' + process.argv.slice(2).join(' ') : ''}\` — reps ${reps}, total ${totalSec.toFixed(1)} s.`,
       ``,
       markdownTable(rows),
@@ -205,6 +191,76 @@ async function main(): Promise<number> {
   if (aliveCount() > 0) log(`WARNING: ${aliveCount()} tracked QEMU process(es) still alive`)
   // A MISS is a finding, not a failure of the bench; a case that could not measure is.
   return rows.some((r) => r.error) ? 1 : 0
+}
+
+/** Runs the chosen cases once on the QEMU chooseQemu() picked; a case that throws gives ERROR rows. */
+async function runCases(
+  chosen: Case[],
+  reps: number,
+  values: { quick: boolean; log: string; profile: boolean; probe: boolean },
+  selected: ReadonlySet<string>,
+  workRoot: string,
+  keepWork: boolean,
+  log: (msg: string) => void,
+): Promise<Row[]> {
+  const names = (c: Case): string[] => [c.name, ...(c.provides ?? [])]
+  const rows: Row[] = []
+  for (const c of chosen) {
+    const work = mkdtempSync(join(workRoot, `${c.name}-`))
+    const started = performance.now()
+    log(`case ${c.name}: ${c.title}`)
+    try {
+      const got = await c.run({
+        reps,
+        quick: values.quick,
+        work,
+        logLevel: values.log,
+        logFile: join(work, 'qmpd.log'),
+        profile: values.profile,
+        probe: values.probe,
+        selected,
+        log: (msg) => log(`  ${c.name}: ${msg}`),
+      })
+      rows.push(...got.filter((r) => selected.has(r.case)))
+    } catch (err) {
+      const msg = (err as Error).message ?? String(err)
+      log(`case ${c.name} FAILED: ${(err as Error).stack ?? msg}`)
+      for (const n of names(c)) if (selected.has(n)) rows.push({ case: n, metric: c.title, unit: 'ms', error: msg.split('\n')[0]!.slice(0, 300) })
+    } finally {
+      const killed = await reapAll()
+      if (killed) log(`  reaped ${killed} QEMU process(es) left by ${c.name}`)
+      if (!keepWork) await rm(work, { recursive: true, force: true }).catch(() => {})
+    }
+    log(`case ${c.name} done in ${((performance.now() - started) / 1000).toFixed(1)} s`)
+  }
+  return rows
+}
+
+/** "7.2.22" from `QEMU emulator version 7.2.22 (Debian …)`: the label of a row's QEMU. */
+function qemuLabel(versionLine: string): string {
+  return /version (\S+)/.exec(versionLine)?.[1] ?? versionLine
+}
+
+type QemuFlags = { 'qemu-binary'?: string; 'qemu-img'?: string; qemu10?: boolean; 'system-qemu'?: boolean; both?: boolean }
+
+/**
+ * The QEMUs to measure, in order. An explicit choice (--qemu10, --qemu-binary, --system-qemu,
+ * QMPD_QEMU) is the only one; otherwise the system's QEMU (PATH), then QEMU 10 when a tree of it
+ * is found (--both: it must be).
+ */
+function qemuPasses(values: QemuFlags, workRoot: string): Array<{ binary?: string; qemuImg?: string }> {
+  const explicit = [values.qemu10, values['qemu-binary'] !== undefined, values['system-qemu']].filter(Boolean).length
+  if (explicit > 1) throw new Error('--qemu10, --qemu-binary and --system-qemu exclude each other')
+  if (values.both && explicit > 0) throw new Error('--both measures the system QEMU and QEMU 10; it excludes --qemu10, --qemu-binary, --system-qemu')
+  if (explicit > 0 || (!values.both && process.env['QMPD_QEMU'] !== undefined)) return [pickQemu(values, workRoot)]
+  const system = { binary: 'qemu-system-x86_64', qemuImg: 'qemu-img' }
+  try {
+    return [system, pickQemu({ qemu10: true }, workRoot)]
+  } catch (err) {
+    if (values.both) throw err
+    process.stderr.write(`bench: no QEMU 10 found (${(err as Error).message}): the system QEMU only\n`)
+    return [system]
+  }
 }
 
 /** --qemu10 / --qemu-binary / --qemu-img as paths (undefined: chooseQemu reads QMPD_QEMU*, then PATH). */
@@ -222,8 +278,9 @@ function pickQemu(values: { 'qemu-binary'?: string; 'qemu-img'?: string; qemu10?
 function throughputTable(rows: Row[]): { text: string; md: string; rows: unknown[] } {
   const t = rows.filter((r) => r.extra?.['qmpdMiBps'] !== undefined)
   if (t.length === 0) return { text: '', md: '', rows: [] }
-  const head = ['operation', 'MiB', 'qmpd', 'raw QMP', 'dd conv=fsync', 'qemu-img convert']
+  const head = ['QEMU', 'operation', 'MiB', 'qmpd', 'raw QMP', 'dd conv=fsync', 'qemu-img convert']
   const body = t.map((r) => [
+    r.qemu ?? '–',
     r.metric,
     String(r.extra!['mib']),
     String(round(Number(r.extra!['qmpdMiBps']))),
@@ -236,7 +293,7 @@ function throughputTable(rows: Row[]): { text: string; md: string; rows: unknown
   return {
     text: [line(head), widths.map((w) => '-'.repeat(w)).join('-+-'), ...body.map(line)].join('\n'),
     md: [`| ${head.join(' | ')} |`, `| ${head.map(() => '---').join(' | ')} |`, ...body.map((b) => `| ${b.join(' | ')} |`)].join('\n'),
-    rows: t.map((r) => ({ operation: r.metric, ...r.extra })),
+    rows: t.map((r) => ({ qemu: r.qemu, operation: r.metric, ...r.extra })),
   }
 }
 

@@ -4,6 +4,7 @@ import { join } from 'node:path'
 import { bothSides, compare, type Case } from '../lib/case.ts'
 import { WARMUP_MS, withGuestPair } from '../lib/guestvm.ts'
 import { Accounting, medianSplit, type Split } from '../lib/accounting.ts'
+import { profiled } from '../lib/profile.ts'
 import { summarize } from '../lib/stats.ts'
 
 export const extSnapCase: Case = {
@@ -35,6 +36,7 @@ export const extSnapCase: Case = {
       // Where qmpd's time goes, per snapshot: QMP commands, journal steps, synchronous SQLite/fs, the rest.
       const acc = new Accounting(bd.daemon.db)
       const splits: Split[] = []
+      const commits: number[] = []
       try {
         await alt.qmpdSide(WARMUP_MS)
         await bd.op('/v1/vms/xs/snapshots', { name: 'warm', kind: 'external', memory: false })
@@ -51,6 +53,7 @@ export const extSnapCase: Case = {
               const job = await bd.op('/v1/vms/xs/snapshots', { name: `s${i}`, kind: 'external', memory: false })
               q.push(performance.now() - t0)
               splits.push(acc.split(q.at(-1)!))
+              commits.push(acc.lastCommits)
               if (job.result?.snapshot?.kind !== 'external') throw new Error(`unexpected result ${JSON.stringify(job.result)}`)
             },
             async () => {
@@ -58,6 +61,15 @@ export const extSnapCase: Case = {
               r.push(await rawSnap(`s${i}`))
             },
           )
+        }
+        if (ctx.profile) {
+          // Not counted: 40 more snapshots under the CPU profiler, to see where qmpd's own time goes.
+          await alt.qmpdSide(300)
+          const file = join(ctx.work, 'extsnap.cpuprofile')
+          const p = await profiled(file, async () => {
+            for (let i = 0; i < 40; i++) await bd.op('/v1/vms/xs/snapshots', { name: `p${i}`, kind: 'external', memory: false })
+          })
+          ctx.log(`profile ${file}; self time over 40 snapshots by file:\n${p.files.map((t) => `      ${t.selfMs.toFixed(1).padStart(7)} ms  ${t.frame}`).join('\n')}\n  top frames:\n${p.top.map((t) => `      ${t.selfMs.toFixed(1).padStart(7)} ms  ${t.frame}`).join('\n')}`)
         }
       } finally {
         acc.restore()
@@ -80,6 +92,7 @@ export const extSnapCase: Case = {
         await raw.qmp.cmd('query-block')
         qb.push(performance.now() - t0)
       }
+      ctx.log(`SQLite commits per snapshot: ${[...new Set(commits)].join(', ')}`)
       ctx.log(`qmpd's time per snapshot (medians): ${steps.map(([k, v]) => `${k} ${v.toFixed(2)}`).join(', ')}`)
       ctx.log(`qmpd ${q.map((x) => x.toFixed(1)).join(' ')} ms; raw ${r.map((x) => x.toFixed(1)).join(' ')} ms`)
       return [
@@ -93,6 +106,7 @@ export const extSnapCase: Case = {
             extra: {
               qmpdTransactionMedianMs: summarize(qemuMs).median,
               qmpdOwnMedianMs: summarize(q.map((x, i) => x - (qemuMs[i] ?? 0))).median,
+              sqliteCommitsPerSnapshot: summarize(commits).median,
               ...Object.fromEntries(steps.map(([k, v]) => [`ms: ${k}`, Math.round(v * 100) / 100])),
               rawQueryNamedBlockNodesMs: summarize(qnbn).median, queryNamedBlockNodesBytes: qnbnBytes, rawQueryBlockMs: summarize(qb).median, chainLayers: ctx.reps * 4 + 2,
             },

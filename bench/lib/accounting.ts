@@ -21,6 +21,8 @@ export class Accounting {
   private qmpInStep = 0
   private depth = 0
   private readonly undo: Array<() => void> = []
+  /** SQLite commits of the operation split() last closed (autocommitted statements + transactions). */
+  lastCommits = 0
 
   constructor(db: Db) {
     this.probe.wrapDb(db)
@@ -70,6 +72,7 @@ export class Accounting {
     this.probe.acc.clear()
     this.probe.outer.sqlite = 0
     this.probe.outer.fs = 0
+    this.probe.commits = 0
     this.probe.on = true
   }
 
@@ -81,6 +84,7 @@ export class Accounting {
    */
   split(totalMs: number): Split {
     this.probe.on = false
+    this.lastCommits = this.probe.commits
     const out: Split = {}
     for (const [k, v] of this.qmp) out[k] = v
     for (const [k, v] of this.steps) out[k] = v

@@ -34,6 +34,8 @@ export interface Measured {
 export interface Row {
   /** The case name (as given to --cases). */
   case: string
+  /** The QEMU version it ran on (set by the runner: a run may measure several QEMUs). */
+  qemu?: string
   /** What this line measures. */
   metric: string
   unit: 'ms' | 'MiB/s' | 'MB' | '% of a core'

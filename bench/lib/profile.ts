@@ -18,7 +18,11 @@ interface Profile {
 }
 
 /** Profiles `fn`; writes the profile to `file` and returns the top self-time frames (ms). */
-export async function profiled<T>(file: string, fn: () => Promise<T>, intervalUs = 200): Promise<{ value: T; top: Array<{ frame: string; selfMs: number }>; longestTaskMs: number }> {
+export async function profiled<T>(
+  file: string,
+  fn: () => Promise<T>,
+  intervalUs = 200,
+): Promise<{ value: T; top: Array<{ frame: string; selfMs: number }>; files: Array<{ frame: string; selfMs: number }>; longestTaskMs: number }> {
   const session = new Session()
   session.connect()
   await session.post('Profiler.enable')
@@ -33,11 +37,11 @@ export async function profiled<T>(file: string, fn: () => Promise<T>, intervalUs
     writeFileSync(file, JSON.stringify(profile))
     session.disconnect()
   }
-  return { value, top: topSelf(profile, 25), longestTaskMs: longestBusy(profile) }
+  return { value, top: topSelf(profile, 25), files: topSelf(profile, 25, true), longestTaskMs: longestBusy(profile) }
 }
 
-/** Self time per frame (function + file:line), largest first. */
-export function topSelf(p: Profile, n: number): Array<{ frame: string; selfMs: number }> {
+/** Self time per frame (function + file:line), or per file with `byFile`, largest first. */
+export function topSelf(p: Profile, n: number, byFile = false): Array<{ frame: string; selfMs: number }> {
   const byId = new Map(p.nodes.map((x) => [x.id, x]))
   const self = new Map<string, number>()
   const samples = p.samples ?? []
@@ -47,7 +51,7 @@ export function topSelf(p: Profile, n: number): Array<{ frame: string; selfMs: n
     if (!node) continue
     const cf = node.callFrame
     const url = cf.url.replace(/^file:\/\/.*?\/(node_modules|src|bench|test)\//, '$1/')
-    const key = `${cf.functionName || '(anonymous)'} ${url}:${cf.lineNumber + 1}`
+    const key = byFile ? url.replace(/^node:.*/, 'node:*') || cf.functionName : `${cf.functionName || '(anonymous)'} ${url}:${cf.lineNumber + 1}`
     self.set(key, (self.get(key) ?? 0) + (deltas[i + 1] ?? deltas[i] ?? 0) / 1000)
   }
   return [...self.entries()]

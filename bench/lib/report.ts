@@ -107,6 +107,7 @@ function result(r: Row): string {
 /** The table's columns for one row. */
 function cells(r: Row): string[] {
   return [
+    r.qemu ?? '–',
     r.case,
     r.metric,
     r.unit,
@@ -119,7 +120,7 @@ function cells(r: Row): string[] {
   ]
 }
 
-const HEAD = ['case', 'metric', 'unit', 'n', 'qmpd min / median / p95', 'baseline min / median / p95', 'ratio', 'target', 'result']
+const HEAD = ['QEMU', 'case', 'metric', 'unit', 'n', 'qmpd min / median / p95', 'baseline min / median / p95', 'ratio', 'target', 'result']
 
 /** A plain-text table for the terminal. */
 export function textTable(rows: Row[]): string {

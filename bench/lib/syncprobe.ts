@@ -22,6 +22,8 @@ export class SyncProbe {
   private depth = 0
   /** ms of outermost calls only, by kind (sqlite / fs): no call is counted twice. */
   readonly outer = { sqlite: 0, fs: 0 }
+  /** SQLite commits while on: outermost statement runs (each an autocommit) and whole transactions. */
+  commits = 0
 
   record(name: string, ms: number): void {
     if (!this.on) return
@@ -45,6 +47,7 @@ export class SyncProbe {
         const ms = performance.now() - t0
         probe.record(name, ms)
         if (probe.on && probe.depth === 0) probe.outer[name.startsWith('fs.') ? 'fs' : 'sqlite'] += ms
+        if (probe.on && probe.depth === 0 && (name === 'sqlite run' || name === 'sqlite transaction (whole)')) probe.commits++
       }
     } as F
   }

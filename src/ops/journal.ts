@@ -17,6 +17,12 @@ export interface OperationSpec {
   body: unknown
   /** The VM's QEMU PID at this moment, for kill-qemu fail points. */
   qemuPid?: () => number | undefined
+  /**
+   * Write the entry together with the first step's record, in one statement, instead of at
+   * begin(): for an operation that touches nothing (QEMU, files, store) before its first step,
+   * so a crash before that step has nothing to recover either way. Saves one SQLite commit.
+   */
+  withFirstStep?: boolean
 }
 
 /** Starts journaled operations. */
@@ -39,14 +45,18 @@ export class Journal {
   /** Writes the operation's intent to the journal (before anything is touched) and returns it. */
   begin(spec: OperationSpec): Operation {
     const id = randomUUID()
-    this.repo.add({ id, vm: spec.vm, op: spec.op, ...(spec.job ? { job: spec.job } : {}), body: spec.body })
-    return new Operation(this.repo, id, spec)
+    const o = new Operation(this.repo, id, spec)
+    if (!spec.withFirstStep) this.repo.add({ id, vm: spec.vm, op: spec.op, ...(spec.job ? { job: spec.job } : {}), body: spec.body })
+    else o.unwritten = true
+    return o
   }
 }
 
 /** One journaled operation in progress. */
 export class Operation {
   private ended = false
+  /** The entry is not in the journal yet (OperationSpec.withFirstStep): the first step writes it. */
+  unwritten = false
   /** The steps begun so far, in order. */
   readonly begun: string[] = []
 
@@ -68,12 +78,45 @@ export class Operation {
    */
   async step<T>(name: string, fn: () => Promise<T> | T, opts: { body?: unknown } = {}): Promise<T> {
     if (this.ended) throw new Error(`operation ${this.spec.op} already ended; step ${name} not run`)
-    this.repo.setStep(this.id, name, opts.body)
-    this.begun.push(name)
+    this.record(name, opts.body)
     await failPoint(this.pointName(name, 'before'), { qemuPid: this.spec.qemuPid?.() })
     const out = await fn()
     await failPoint(this.pointName(name, 'after'), { qemuPid: this.spec.qemuPid?.() })
     return out
+  }
+
+  /**
+   * Runs a last step that is one SQLite transaction of its own (the operation's metadata, which
+   * ends the entry: call end() inside `fn`): its record is written in that same transaction, so
+   * the step costs one commit, and the store can never show the step without its effect or the
+   * reverse. Passes `<op>.<step>.before` and `.after` around the transaction.
+   */
+  async commitStep<T>(name: string, fn: () => T): Promise<T> {
+    if (this.ended) throw new Error(`operation ${this.spec.op} already ended; step ${name} not run`)
+    await failPoint(this.pointName(name, 'before'), { qemuPid: this.spec.qemuPid?.() })
+    const unwritten = this.unwritten
+    let out: T
+    try {
+      out = this.repo.tx(() => {
+        this.record(name)
+        return fn()
+      })
+    } catch (err) {
+      this.unwritten = unwritten // a rolled-back first step wrote no entry
+      throw err
+    }
+    await failPoint(this.pointName(name, 'after'), { qemuPid: this.spec.qemuPid?.() })
+    return out
+  }
+
+  /** Writes the step about to run (with the entry itself when it is not written yet). */
+  private record(name: string, body?: unknown): void {
+    if (this.unwritten) {
+      const s = this.spec
+      this.repo.add({ id: this.id, vm: s.vm, op: s.op, ...(s.job ? { job: s.job } : {}), body: body ?? s.body, step: name })
+      this.unwritten = false
+    } else this.repo.setStep(this.id, name, body)
+    this.begun.push(name)
   }
 
   /** A fail point inside a step (`<op>.<name>`), e.g. while a migration streams; no journal write. */
@@ -88,6 +131,6 @@ export class Operation {
   end(): void {
     if (this.ended) return
     this.ended = true
-    this.repo.done(this.id)
+    if (!this.unwritten) this.repo.done(this.id)
   }
 }

@@ -79,7 +79,8 @@ async function doCreate(
   const live: Live | undefined = isRunningState(state) ? { qmp: d.vms.qmp(vm), running: state === 'running' } : undefined
   const t0 = performance.now()
   const journalBody: CreateJournal = { plan, wasRunning: state === 'running' }
-  const o = d.journal.begin({ vm, op: CREATE_OP, job: ctx.id, body: journalBody, qemuPid: () => d.vms.record(vm).runtime.pid })
+  // Nothing below touches QEMU, files or the store before the first step: the entry is written with it.
+  const o = d.journal.begin({ vm, op: CREATE_OP, job: ctx.id, body: journalBody, qemuPid: () => d.vms.record(vm).runtime.pid, withFirstStep: true })
   try {
     const ram: { method?: Snapshot['ramMethod']; format?: Snapshot['ramFormat'] } = {}
     let downtimeMs = 0
@@ -96,7 +97,8 @@ async function doCreate(
     // The files it froze are final now: stat them (thread pool) while the metadata commits.
     const size = s.kind === 'external' ? externalBytes(final) : undefined
     size?.catch(() => {})
-    await o.step('commit', () => commitCreate(d, vm, plan, final, () => o.end()))
+    // The step's record, the metadata and the end of the entry in one SQLite transaction.
+    await o.commitStep('commit', () => commitCreate(d, vm, plan, final, () => o.end()))
     ctx.log.info({ snapshot: s.name, kind: s.kind, memory: s.memory, downtimeMs }, 'snapshot created')
     const view = await getView(d, vm, s.name, size)
     return { snapshot: view, downtimeMs, ms: Math.round(performance.now() - t0) }

@@ -45,15 +45,16 @@ export class JournalRepo {
   }
 
   /**
-   * Records an operation's intent before it touches QEMU or files.
+   * Records an operation's intent before it touches QEMU or files (with `step`: and the step it is
+   * about to run, in the same statement).
    * @throws QmpdError INTERNAL when the body has no JSON form (never written); DISK_FULL or IO_ERROR
    *   when the store cannot be written.
    */
-  add(e: { id: string; vm: string; op: string; job?: string; body: unknown }): void {
+  add(e: { id: string; vm: string; op: string; job?: string; body: unknown; step?: string }): void {
     const now = new Date().toISOString()
     this.db
-      .prepare('INSERT INTO journal (id, vm, op, body, created_at, job, step, updated_at) VALUES (?, ?, ?, ?, ?, ?, NULL, ?)')
-      .run(e.id, e.vm, e.op, bodyText(e.id, e.body), now, e.job ?? null, now)
+      .prepare('INSERT INTO journal (id, vm, op, body, created_at, job, step, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)')
+      .run(e.id, e.vm, e.op, bodyText(e.id, e.body), now, e.job ?? null, e.step ?? null, now)
   }
 
   /**

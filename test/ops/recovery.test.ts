@@ -68,6 +68,44 @@ t.test('the journal records an operation, each step it reaches, and forgets it w
   await t.rejects(o.step('late', () => 1), /already ended/)
 })
 
+t.test('an entry begun withFirstStep is written by its first step, in the same statement', async (t) => {
+  const { repo, journal } = setup()
+  const o = journal.begin({ vm: 'a', op: 'snapshot-create', job: 'j1', body: { plan: 1 }, withFirstStep: true })
+  t.same(repo.pending(), [], 'nothing written at begin')
+  let seen: JournalEntry[] = []
+  await o.step('reserve', () => {
+    seen = repo.pending()
+  })
+  t.match(seen, [{ id: o.id, vm: 'a', op: 'snapshot-create', job: 'j1', step: 'reserve', body: { plan: 1 } }], 'the entry and its first step exist when the step runs')
+  await o.step('transaction', () => undefined)
+  t.equal(repo.pending()[0]!.step, 'transaction', 'later steps update it')
+  repo.tx(() => o.end())
+  t.same(repo.pending(), [])
+  const never = journal.begin({ vm: 'a', op: 'x', body: null, withFirstStep: true })
+  never.end()
+  t.same(repo.pending(), [], 'ended before any step: nothing was ever written')
+  const first = journal.begin({ vm: 'a', op: 'x', body: { v: 1 }, withFirstStep: true })
+  await first.step('s', () => undefined, { body: { v: 2 } })
+  t.match(repo.pending()[0], { step: 's', body: { v: 2 } }, "the first step's own body is the one written")
+})
+
+t.test('commitStep records the step inside its transaction: both happen or neither', async (t) => {
+  const { repo, journal } = setup()
+  const o = journal.begin({ vm: 'a', op: 'snapshot-create', body: null })
+  await o.step('transaction', () => undefined)
+  await t.rejects(
+    o.commitStep('commit', () => {
+      t.equal(repo.pending()[0]!.step, 'commit', 'recorded before the metadata is written')
+      throw new Error('metadata refused')
+    }),
+    /metadata refused/,
+  )
+  t.equal(repo.pending()[0]!.step, 'transaction', 'rolled back with the transaction')
+  t.equal(await o.commitStep('commit', () => (o.end(), 7)), 7, 'returns what it ran')
+  t.same(repo.pending(), [], 'the entry ended in the same transaction')
+  await t.rejects(o.commitStep('again', () => 1), /already ended/)
+})
+
 t.test('pending() filters by VM; deleteAllFor forgets a VM', async (t) => {
   const { repo } = setup()
   repo.add({ id: '1', vm: 'a', op: 'x', body: null })
