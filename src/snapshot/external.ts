@@ -7,6 +7,7 @@ import { withReverter } from '../jobs/reverter.ts'
 import type { Operation } from '../ops/journal.ts'
 import type { QmpClient, TransactionAction } from '../qmp/index.ts'
 import { fileMigrationSupport } from '../state/filemig.ts'
+import { resumeOnceTracking } from './bg-resume.ts'
 import { saveRamState, stateSocket } from '../state/ramfile.ts'
 import { trackDowntime } from '../vm/downtime.ts'
 import { isAdopted } from '../vm/definition.ts'
@@ -105,6 +106,11 @@ export async function createExternal(
           saveRamState(qmp, {
             ...ramFile,
             background: true,
+            // QEMU 9+ keeps a guest stopped before `migrate` paused throughout (see bg-resume.ts).
+            onMigrating: async () => {
+              await ramFile.onMigrating()
+              await resumeOnceTracking(qmp, () => d.vms.contInJob(vm))
+            },
             beforeMigrate: async () => {
               await op.step('stop', () => d.vms.stopInJob(vm))
               r.add('resume the guest', () => qmp.execute('cont').catch(() => {}))
