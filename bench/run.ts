@@ -37,6 +37,7 @@ import { managedSaveCase } from './cases/managedsave.ts'
 import { fleetCase } from './cases/fleet.ts'
 import { backupCase } from './cases/backup.ts'
 import { deepChainCase, listStoppedCase } from './cases/control.ts'
+import { ramStateCase } from './cases/ramstate.ts'
 
 const CASES: Case[] = [
   getCase,
@@ -51,6 +52,7 @@ const CASES: Case[] = [
   fleetCase,
   listStoppedCase,
   deepChainCase,
+  ramStateCase,
 ]
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..')

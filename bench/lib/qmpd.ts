@@ -31,10 +31,13 @@ export function benchLogger(level: string, file: string | undefined): Logger {
   return pino({ level }, createWriteStream(file, { flags: 'a' }))
 }
 
-/** Starts a daemon on `stateDir` on the bench's QEMU and accelerator (benchQemu(): the same for every case and both sides). */
-export async function startBenchDaemon(stateDir: string, log: Logger): Promise<BenchDaemon> {
+/**
+ * Starts a daemon on `stateDir` on the bench's QEMU and accelerator (benchQemu(): the same for every
+ * case and both sides), or on `qemu` for a case that compares two QEMUs in one run.
+ */
+export async function startBenchDaemon(stateDir: string, log: Logger, qemu?: { binary: string; qemuImg: string }): Promise<BenchDaemon> {
   mkdirSync(stateDir, { recursive: true })
-  const q = benchQemu()
+  const q = { ...benchQemu(), ...qemu }
   const config = makeConfig({ stateDir, accel: q.accel, qemuBinary: q.binary, qemuImgBinary: q.qemuImg, logLevel: log.level }, {})
   const daemon = await startDaemon(config, log)
   const app = await daemon.app()

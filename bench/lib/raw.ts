@@ -33,18 +33,19 @@ export interface RawVm {
 /**
  * Spawns qemu-system-x86_64 in `dir` (its cwd, like qmpd does: relative socket paths) with
  * buildArgv's argument vector, polls for the QMP socket every 10 ms (qmpd polls at the same rate)
- * and connects RawQmp. The guest stays paused (-S) or waits for an incoming migration.
+ * and connects RawQmp. The guest stays paused (-S) or waits for an incoming migration. `binary`
+ * (default: the bench's QEMU) and `extraArgs` (appended) serve cases that run a second QEMU.
  */
-export async function launchRaw(dir: string, def: VmDefinition, disks: ActiveDisk[], opts: { incoming?: boolean } = {}): Promise<RawVm> {
+export async function launchRaw(dir: string, def: VmDefinition, disks: ActiveDisk[], opts: { incoming?: boolean; binary?: string; extraArgs?: string[] } = {}): Promise<RawVm> {
   mkdirSync(dir, { recursive: true })
   const sock = join(dir, VM_FILES.qmpSocket)
   if (Buffer.byteLength(sock) > 100) throw new Error(`socket path too long: ${sock}`)
   rmSync(sock, { force: true })
-  const argv = buildArgv(def, { accel: benchQemu().accel, disks, ...(opts.incoming ? { incoming: true } : {}) })
+  const argv = [...buildArgv(def, { accel: benchQemu().accel, disks, ...(opts.incoming ? { incoming: true } : {}) }), ...(opts.extraArgs ?? [])]
   const logFd = openSync(join(dir, VM_FILES.qemuLog), 'a', 0o640)
   let child: ChildProcess
   try {
-    child = spawn(benchQemu().binary, argv, { cwd: dir, detached: true, stdio: ['ignore', logFd, logFd] })
+    child = spawn(opts.binary ?? benchQemu().binary, argv, { cwd: dir, detached: true, stdio: ['ignore', logFd, logFd] })
   } finally {
     closeSync(logFd)
   }

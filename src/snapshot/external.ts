@@ -6,6 +6,8 @@ import type { JobContext } from '../jobs/manager.ts'
 import { withReverter } from '../jobs/reverter.ts'
 import type { Operation } from '../ops/journal.ts'
 import type { QmpClient, TransactionAction } from '../qmp/index.ts'
+import { fileMigrationSupport } from '../state/filemig.ts'
+import { resumeOnceTracking } from './bg-resume.ts'
 import { saveRamState, stateSocket } from '../state/ramfile.ts'
 import { trackDowntime } from '../vm/downtime.ts'
 import { isAdopted } from '../vm/definition.ts'
@@ -104,6 +106,11 @@ export async function createExternal(
           saveRamState(qmp, {
             ...ramFile,
             background: true,
+            // QEMU 9+ keeps a guest stopped before `migrate` paused throughout (see bg-resume.ts).
+            onMigrating: async () => {
+              await ramFile.onMigrating()
+              await resumeOnceTracking(qmp, () => d.vms.contInJob(vm))
+            },
             beforeMigrate: async () => {
               await op.step('stop', () => d.vms.stopInJob(vm))
               r.add('resume the guest', () => qmp.execute('cont').catch(() => {}))
@@ -166,7 +173,11 @@ async function backgroundSnapshotUsable(d: SnapshotDeps, qmp: QmpClient, ctx: Jo
   // away while a QEMU runs. A refusal is not kept (QEMU also refuses while a migration ends).
   if (backgroundSnapshotSupport.has(qmp)) return true
   try {
-    await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'background-snapshot', state: true }] })
+    // A mapped-ram save or load on this QEMU leaves multifd and mapped-ram on, and QEMU refuses
+    // background-snapshot beside either (migration/options.c migrate_caps_check): switched off in
+    // the same call, or the probe would report "unavailable" after every mapped-ram restore.
+    const off = (await fileMigrationSupport(qmp)) ? [{ capability: 'mapped-ram' as const, state: false }, { capability: 'multifd' as const, state: false }] : []
+    await qmp.execute('migrate-set-capabilities', { capabilities: [...off, { capability: 'background-snapshot', state: true }] })
     await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'background-snapshot', state: false }] })
   } catch (err) {
     ctx.log.debug({ err }, 'background-snapshot probe failed')
