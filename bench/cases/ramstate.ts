@@ -4,11 +4,9 @@
 // .qemu/10) managed save + restore; dd conv=fsync of the same random bytes beside each. Reaps its QEMUs.
 import { execFile } from 'node:child_process'
 import { randomFillSync } from 'node:crypto'
-import { createWriteStream, existsSync, realpathSync, rmSync } from 'node:fs'
+import { existsSync, realpathSync, rmSync } from 'node:fs'
 import { open } from 'node:fs/promises'
-import { createServer, type Socket } from 'node:net'
 import { join } from 'node:path'
-import { pipeline } from 'node:stream/promises'
 import { promisify } from 'node:util'
 import type { ActiveDisk } from '../../src/vm/argv.ts'
 import type { Case, CaseContext, Row } from '../lib/case.ts'
@@ -16,7 +14,7 @@ import { sleep, standardDisks } from '../lib/guestvm.ts'
 import { run } from '../lib/images.ts'
 import { benchQemu, unpackedQemuWrappers } from '../lib/qemu-choice.ts'
 import { benchLogger, startBenchDaemon, vmDir, type BenchDaemon } from '../lib/qmpd.ts'
-import { launchRaw, migrationEnd, rawCont, vmDef } from '../lib/raw.ts'
+import { launchRaw, migrationEnd, rawCont, serveToFile, vmDef } from '../lib/raw.ts'
 import { summarize, type Stats } from '../lib/stats.ts'
 import { qemuVersion } from '../../src/vm/qemu-version.ts'
 
@@ -87,34 +85,6 @@ async function ddOnce(src: string, dst: string): Promise<number> {
   return ms
 }
 
-/** A unix socket whose one connection is written to `file` (not fsynced: the seed is read back at once and deleted). */
-async function receiveFile(socketPath: string, file: string): Promise<{ received: Promise<number>; close: () => void }> {
-  rmSync(socketPath, { force: true })
-  const server = createServer()
-  let conn: Socket | undefined
-  const received = new Promise<number>((resolve, reject) => {
-    server.once('connection', (sock) => {
-      conn = sock
-      server.close()
-      const out = createWriteStream(file, { mode: 0o600 })
-      pipeline(sock, out).then(() => resolve(out.bytesWritten), reject)
-    })
-  })
-  received.catch(() => {})
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', reject)
-    server.listen(socketPath, () => resolve())
-  })
-  return {
-    received,
-    close: () => {
-      conn?.destroy()
-      server.close()
-      rmSync(socketPath, { force: true })
-    },
-  }
-}
-
 /**
  * Gives qmpd's VM `vm` (defined, shut off) random RAM: a raw QEMU with the same argv plus QEMU's
  * generic loader (`-device loader,file=…,force-raw=on` copies the file into guest RAM at reset; it
@@ -133,12 +103,13 @@ async function seedRandomRam(bd: BenchDaemon, vm: string, disks: Array<{ id: str
     await raw.qmp.cmd('stop')
     await raw.qmp.cmd('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] })
     await raw.qmp.cmd('migrate-set-parameters', { 'max-bandwidth': 2 ** 40 })
-    const server = await receiveFile(join(dir, 'seed.sock'), file)
+    // Not fsynced: the seed is read back at once and deleted.
+    const server = await serveToFile(join(dir, 'seed.sock'), file, { fsync: false })
     try {
       const done = migrationEnd(raw.qmp)
       await raw.qmp.cmd('migrate', { uri: 'unix:seed.sock' })
       if ((await done) !== 'completed') throw new Error('seeding: migration did not complete')
-      const bytes = await server.received
+      const bytes = await server.done()
       // A stream sends a zero page as a few bytes: a file of about RAM's size shows the RAM is full.
       if (bytes < 0.95 * MEM_MIB * 2 ** 20) throw new Error(`seeding: stream of ${bytes} bytes for ${MEM_MIB} MiB of RAM: guest RAM is not random`)
       ctx.log(`seeded ${vm}: ${(bytes / 2 ** 20).toFixed(0)} MiB stream`)

@@ -176,7 +176,7 @@ export async function rawJob(qmp: RawQmp, id: string, issue: () => Promise<unkno
  * (a save is only done when durable: the same as qmpd's saveRamState). Call listen() before the
  * migrate command; done() resolves with the byte count.
  */
-export async function serveToFile(socketPath: string, file: string): Promise<{ done: () => Promise<number>; close: () => void }> {
+export async function serveToFile(socketPath: string, file: string, opts: { fsync?: boolean } = {}): Promise<{ done: () => Promise<number>; close: () => void }> {
   rmSync(socketPath, { force: true })
   const server = createServer()
   let conn: Socket | undefined
@@ -196,6 +196,7 @@ export async function serveToFile(socketPath: string, file: string): Promise<{ d
   return {
     done: async () => {
       const bytes = await received
+      if (opts.fsync === false) return bytes
       const fh = await open(file, 'r+')
       try {
         await fh.sync()
