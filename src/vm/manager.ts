@@ -134,6 +134,8 @@ interface Handle {
   shutdown?: { guest: boolean; reason: string }
   /** Set while qmpd's own `stop` is in flight: its STOP event needs no query-status to explain it. */
   stopping?: boolean
+  /** Counts the run-state events (STOP, RESUME) seen: a query-status answer older than the last one is stale. */
+  runEvents?: number
   /** Resolves when the current QEMU process has been seen to exit. */
   exited?: Promise<void>
   markExited?: () => void
@@ -831,12 +833,14 @@ export class VmManager {
       if (h.qmp !== qmp) return
       switch (ev.event) {
         case 'STOP':
+          h.runEvents = (h.runEvents ?? 0) + 1
           if (h.rec.runtime.state === 'running') this.setState(h, 'paused', 'paused', {}, FACT)
           // A stop qmpd sent is a plain pause; anything else (I/O error, guest panic, a save) is
           // asked about, outside any guest pause of ours.
           if (!h.stopping) void this.refreshStatus(h, qmp)
           break
         case 'RESUME':
+          h.runEvents = (h.runEvents ?? 0) + 1
           if (h.rec.runtime.state === 'paused' || h.rec.runtime.state === 'starting') this.setState(h, 'running', undefined, {}, FACT)
           break
         case 'SHUTDOWN': {
@@ -855,9 +859,13 @@ export class VmManager {
 
   /** Refines 'paused' with QEMU's own run state (postmigrate, io-error, prelaunch, …). */
   private async refreshStatus(h: Handle, qmp: QmpClient): Promise<void> {
+    const seen = h.runEvents ?? 0
     try {
       const st = QueryStatus.parse(await qmp.execute('query-status'))
-      if (h.qmp !== qmp) return
+      // A STOP or RESUME handled since the query was sent is newer than its answer (a reply and the
+      // events after it settle in loop iterations of their own): a `cont` right after a stop would
+      // otherwise be undone by the paused answer to the query the STOP sent.
+      if (h.qmp !== qmp || (h.runEvents ?? 0) !== seen) return
       const next = stateFromStatus(st)
       if (next.state !== h.rec.runtime.state || next.reason !== h.rec.runtime.reason) this.setState(h, next.state, next.reason, {}, FACT)
     } catch {
