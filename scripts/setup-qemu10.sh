@@ -15,7 +15,10 @@ stamp="$top/installed"
 # newer seabios when QEMU 10 needs one (below).
 packages=(qemu-system-x86 qemu-system-common qemu-system-data qemu-utils)
 
-if [ -f "$stamp" ] && [ "${QMPD_QEMU10_REFRESH:-}" != 1 ] && [ -x "$top/bin/qemu-system-x86_64" ]; then
+# The stamp's second line names this script's layout: an install by an older one (before the
+# SeaBIOS it may need, below) is redone.
+layout="layout 2 (seabios)"
+if [ -f "$stamp" ] && [ "$(sed -n 2p "$stamp")" = "$layout" ] && [ "${QMPD_QEMU10_REFRESH:-}" != 1 ] && [ -x "$top/bin/qemu-system-x86_64" ]; then
   echo "setup: QEMU 10 already in $top ($(head -1 "$stamp"))" >&2
   exit 0
 fi
@@ -76,7 +79,7 @@ if [ -n "$need" ]; then
     echo "deb ${opts}$uri stable main" >"$apt/sources-seabios.list"
     sbopts=(-o "Dir::Etc::SourceList=$apt/sources-seabios.list" -o Dir::Etc::SourceParts=/dev/null -o "Dir::State::Lists=$apt/lists-seabios" -o "Dir::Cache=$apt/cache")
     mkdir -p "$apt/lists-seabios/partial"
-    apt-get "${sbopts[@]}" -qq update
+    apt-get "${sbopts[@]}" -qq update || { echo "setup: cannot read the stable suite of $uri (needed for QEMU 10's seabios)" >&2; exit 1; }
     (cd "$top/deb" && apt-get "${sbopts[@]}" -qq download seabios/stable)
     got=$(dpkg-deb -f "$top"/deb/seabios_*.deb Version)
     dpkg --compare-versions "$got" "$rel" "$ver" || { echo "setup: the stable suite's seabios $got is not $op $ver either" >&2; exit 1; }
@@ -113,6 +116,6 @@ firmware=" -L '$root/usr/share/qemu'"
 write_wrapper qemu-system-x86_64 "$firmware"
 for tool in qemu-img qemu-io qemu-nbd qemu-storage-daemon; do write_wrapper "$tool" ""; done
 
-"$top/bin/qemu-system-x86_64" --version | head -1 >"$stamp.tmp"
+{ "$top/bin/qemu-system-x86_64" --version | head -1; echo "$layout"; } >"$stamp.tmp"
 mv "$stamp.tmp" "$stamp"
-echo "setup: $(cat "$stamp") in $top/bin" >&2
+echo "setup: $(head -1 "$stamp") in $top/bin" >&2

@@ -1058,7 +1058,9 @@ export class VmManager {
         // Restore the managed save; its file goes only once the restore has succeeded.
         const qmp = await o.step('launch', () => this.launchInJob(h.name, ctx, { incoming: true }))
         try {
+          this.receivingRam(h.name, true)
           restored = await o.step('load-ram', () => loadRamState(qmp, { file: saved, check: (real) => void this.deps.paths.confine(real, 'managed save'), socket: stateSocket(this.deps.paths.vmDir(h.name), true), log: ctx.log }))
+          this.receivingRam(h.name, false)
         } catch (err) {
           await this.quitInJob(h.name, ctx)
           this.setState(h, 'saved', 'managed save (the last restore failed)')
@@ -1079,6 +1081,14 @@ export class VmManager {
       ms: Math.round(performance.now() - t0),
       ...(restored ? { restoredFromManagedSave: true, restoreMs: restored.ms } : {}),
     }
+  }
+
+  /**
+   * While `on`, an exit of the VM's QEMU is expected, not a crash: an incoming QEMU whose RAM load
+   * fails exits by itself (QEMU 10 at once, 7.2 not always), racing the quit the failed job sends.
+   */
+  receivingRam(name: string, on: boolean): void {
+    this.must(name).expectingExit = on
   }
 
   /** Marks a VM whose QEMU has exited after a managed save as 'saved'. */

@@ -24,6 +24,7 @@ const ONLY = process.env['QMPD_CRASH_ONLY']
  * inside CI's time.
  */
 const SAMPLE = Number(process.env['QMPD_CRASH_SAMPLE'] ?? 0)
+if (!Number.isInteger(SAMPLE) || SAMPLE < 0) throw new Error(`QMPD_CRASH_SAMPLE must be a whole number >= 0, not ${process.env['QMPD_CRASH_SAMPLE']}`)
 
 /** At most `n` of `points`, evenly spread, the first and the last among them; all when n is 0. */
 export function spread<T>(points: T[], n: number): T[] {
