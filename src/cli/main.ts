@@ -114,19 +114,16 @@ export async function main(argv: string[]): Promise<number> {
   // either way, but an exiting daemon would leave every VM unmanaged. Log loudly and serve on.
   process.on('unhandledRejection', (err) => daemon.log.error({ err }, 'unhandled rejection (a qmpd bug)'))
   // Once per start: which QEMU the VMs will run (a missing binary is a warning; adopted VMs need none).
-  // The capability probe runs here once (cached per binary for VM starts and GET /v1/host), beside
-  // the listen: what needs it awaits the same probe, so the API need not wait for it.
-  const qemuLogged = Promise.all([
+  // The capability probe runs here once (cached per binary for VM starts and GET /v1/host).
+  const [qemu, caps] = await Promise.all([
     qemuVersion(config.qemuBinary),
     qemuCaps(config.qemuBinary, { log: daemon.log }).then((c) => ({ capabilities: capsSummary(c) }), (err: Error) => ({ capabilitiesError: err.message })),
-  ]).then(([qemu, caps]) => {
-    if (qemu.line !== undefined) daemon.log.info({ qemuBinary: config.qemuBinary, qemuVersion: qemu.line, ...caps }, 'QEMU binary')
-    else daemon.log.warn({ qemuBinary: config.qemuBinary, err: qemu.error }, 'QEMU binary cannot report its version: starting VMs will fail')
-  })
+  ])
+  if (qemu.line !== undefined) daemon.log.info({ qemuBinary: config.qemuBinary, qemuVersion: qemu.line, ...caps }, 'QEMU binary')
+  else daemon.log.warn({ qemuBinary: config.qemuBinary, err: qemu.error }, 'QEMU binary cannot report its version: starting VMs will fail')
   const { app } = await listen(daemon, config.listen)
   const metricsServer = config.metricsListen ? await listenMetrics(app, config.metricsListen) : undefined
   if (metricsServer) daemon.log.info({ address: metricsServer.address }, 'serving GET /metrics without a token')
-  await qemuLogged
   daemon.log.info({ stateDir: config.stateDir, version: VERSION }, 'qmpd serving')
   await new Promise<void>((resolve) => {
     const stop = (sig: string): void => {
