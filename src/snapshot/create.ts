@@ -11,7 +11,8 @@ import { planDefinition, requireAdoptedQemu } from '../vm/adopted.ts'
 import { isRunningState } from '../vm/states.ts'
 import type { Live, SnapshotDeps } from './deps.ts'
 import { createExternal } from './external.ts'
-import { externalBytes, versionOf } from './files.ts'
+import { externalBytes, qemuGone, versionOf } from './files.ts'
+import { undoCreate } from './create-undo.ts'
 import { createInternal } from './internal.ts'
 import type { CreateSnapshotInput, Snapshot } from './model.ts'
 import { withExpiry } from './expiry.ts'
@@ -81,6 +82,7 @@ async function doCreate(
   const journalBody: CreateJournal = { plan, wasRunning: state === 'running' }
   // Nothing below touches QEMU, files or the store before the first step: the entry is written with it.
   const o = d.journal.begin({ vm, op: CREATE_OP, job: ctx.id, body: journalBody, qemuPid: () => d.vms.record(vm).runtime.pid, withFirstStep: true })
+  let keepEntry = false
   try {
     const ram: { method?: Snapshot['ramMethod']; format?: Snapshot['ramFormat'] } = {}
     let downtimeMs = 0
@@ -98,14 +100,39 @@ async function doCreate(
     const size = s.kind === 'external' ? externalBytes(final) : undefined
     size?.catch(() => {})
     // The step's record, the metadata and the end of the entry in one SQLite transaction.
-    await o.commitStep('commit', () => commitCreate(d, vm, plan, final, () => o.end()))
+    try {
+      await o.commitStep('commit', () => commitCreate(d, vm, plan, final, () => o.end()))
+    } catch (err) {
+      // The store refused the metadata (a full disk, say): the disks and files exist and the
+      // store does not name them. Undo them as recovery would, while the entry still says so.
+      keepEntry = !(await undoUncommitted(d, vm, plan, live, ctx, err))
+      throw err
+    }
     ctx.log.info({ snapshot: s.name, kind: s.kind, memory: s.memory, downtimeMs }, 'snapshot created')
     const view = await getView(d, vm, s.name, size)
     return { snapshot: view, downtimeMs, ms: Math.round(performance.now() - t0) }
   } catch (err) {
     // A failure the daemon lives through was undone step by step (Reverter); a crash is recovery's.
-    o.end()
+    if (!keepEntry) o.end()
     throw err
+  }
+}
+
+/**
+ * Undoes a creation whose metadata commit failed (undoCreate) and resumes a guest it left paused;
+ * false when the undo fails too: then the entry must stay for recovery at the next start (GET
+ * …/check reports it) instead of ending over files and overlays nothing names.
+ */
+async function undoUncommitted(d: SnapshotDeps, vm: string, plan: CreatePlan, live: Live | undefined, ctx: JobContext, cause: unknown): Promise<boolean> {
+  const qmp = live && !qemuGone(d, vm) ? live.qmp : undefined
+  try {
+    const undone = await undoCreate(d, vm, plan, qmp, ctx)
+    if (qmp && live?.running && d.vms.record(vm).runtime.state === 'paused') await d.vms.contInJob(vm)
+    ctx.log.warn({ err: cause, undone }, 'the snapshot metadata could not be stored: what the creation made is undone')
+    return true
+  } catch (err) {
+    ctx.log.error({ err, cause }, 'the snapshot metadata could not be stored, nor what the creation made undone: left to recovery at the next start')
+    return false
   }
 }
 

@@ -2,7 +2,6 @@
 // "Crash recovery"). A creation is finished when QEMU and the files show it whole, else undone;
 // a revert and a delete are always finished: once begun they have discarded or merged data, so
 // they are run again from the start (each of their steps is safe to repeat).
-import { existsSync } from 'node:fs'
 import { rm } from 'node:fs/promises'
 import type { Logger } from 'pino'
 import { removeGarbage } from '../chain/graph.ts'
@@ -17,8 +16,7 @@ import { DELETE_OP, rerunDelete, DeleteJournal } from './delete.ts'
 import { registerCloneRecovery } from './clone.ts'
 import { registerExportRecovery } from './export.ts'
 import type { SnapshotDeps } from './deps.ts'
-import { deleteTagsLive } from './internal.ts'
-import { undoLiveOverlays } from './external.ts'
+import { backedBy, undoCreate } from './create-undo.ts'
 import { REVERT_OP, rerunRevert, RevertJournal } from './revert.ts'
 
 /** Registers the rules of snapshot-create, snapshot-revert and snapshot-delete. */
@@ -70,30 +68,7 @@ async function recoverCreate(d: SnapshotDeps, e: JournalEntry, j: CreateJournal,
     await resumeIfItRan(d, vm, j.wasRunning)
     return { action: 'forward', detail: `snapshot ${s.name} was whole: recorded`, result: { snapshot: s.name } }
   }
-  const undone: string[] = []
-  if (s.kind === 'internal') {
-    if (qmp) undone.push(...(await deleteTagsLive(qmp, s.name, captured.map((x) => x.file), ctx)))
-    else {
-      for (const x of captured) {
-        const info = await d.qemuImg.chain(x.file).catch(() => [])
-        if (!info[0]?.snapshots?.some((t) => t.name === s.name)) continue
-        await d.qemuImg.snapshot('delete', x.file, s.name)
-        undone.push(x.file)
-      }
-    }
-  } else {
-    if (qmp) await undoLiveOverlays(d, qmp, plan, ctx)
-    for (const o of plan.overlays) {
-      const known = d.repo.images(vm).some((i) => i.file === o.overlay) || d.vms.record(vm).runtime.disks.some((x) => x.file === o.overlay)
-      if (known) continue
-      // QEMU died after it switched to the overlay: the guest's last writes are in it. Merge them
-      // down into the image the store still names (a no-op for an overlay nobody wrote to).
-      if (!qmp && s.vmState !== 'shutoff' && (await backedBy(d, o.overlay, o.file))) await d.qemuImg.commit(o.overlay, o.file)
-      await rm(o.overlay, { force: true })
-      undone.push(o.overlay)
-    }
-    if (s.vmstateFile && !d.repo.list(vm).some((x) => x.vmstateFile === s.vmstateFile)) await rm(s.vmstateFile, { force: true })
-  }
+  const undone = await undoCreate(d, vm, plan, qmp, ctx)
   await resumeIfItRan(d, vm, j.wasRunning)
   return { action: 'back', detail: `snapshot ${s.name} was not whole: undone (${undone.join(', ') || 'nothing was made yet'})` }
 }
@@ -136,13 +111,6 @@ async function tagsOf(d: SnapshotDeps, files: string[], qmp: Parameters<typeof l
     out.set(f, (info[0]?.snapshots ?? []).map((t) => ({ name: t.name, vmStateSize: t['vm-state-size'] })))
   }
   return out
-}
-
-/** True when `file` is a qcow2 whose backing file is `backing`. */
-async function backedBy(d: SnapshotDeps, file: string, backing: string): Promise<boolean> {
-  if (!existsSync(file)) return false
-  const info = await d.qemuImg.chain(file, { forceShare: true }).catch(() => [])
-  return info[0]?.format === 'qcow2' && (info[0]['full-backing-filename'] ?? info[0]['backing-filename']) === backing
 }
 
 /** Removes files an interrupted operation created that no record names. */

@@ -6,7 +6,7 @@ import t, { type Test } from 'tap'
 import { defineGuestVm, eventually, guestCounters, op, startTestDaemon, type TestDaemon } from '../helpers/daemon.ts'
 import { checkDiskAgainstCounter, checkStampsAgainstCounter } from '../helpers/guest.ts'
 import { requireQemu } from '../helpers/qemu.ts'
-import { diskBytes, dumpRam, slotsOf, stampsOf } from '../helpers/snap.ts'
+import { diskBytes, dumpRam, liveDiskBytes, slotsOf, stampsOf } from '../helpers/snap.ts'
 
 t.before(() => {
   requireQemu(t)
@@ -60,6 +60,43 @@ t.test('a transaction that fails in QEMU, or an overlay that cannot be created, 
   const ok = await td.api('POST', '/v1/vms/f/snapshots?wait=true', { name: 'z', kind: 'external', memory: false })
   t.equal(ok.status, 200, 'and a correct snapshot still works afterwards')
   t.same(await chainLengths(td, 'f'), [2, 2])
+})
+
+t.test('a store that refuses the metadata (the commit step fails): what the creation made is undone, the guest runs on', async (t) => {
+  const td = await startTestDaemon(t)
+  await defineGuestVm(td, 'm', { disks: 2 })
+  await op(td, 'm', 'start')
+  const files = vmFiles(td, 'm')
+  const everyFile = readdirSync(join(td.stateDir, 'vms', 'm')).sort()
+  const disksBefore = td.daemon.vms.record('m').runtime.disks
+  // A real SQLite failure inside the commit's transaction, as a full disk gives one (on this connection only).
+  td.daemon.db.exec("CREATE TEMP TRIGGER refuse_snapshot BEFORE INSERT ON snapshots BEGIN SELECT RAISE(ABORT, 'store refuses the snapshot'); END")
+  const kinds = [
+    { kind: 'external', memory: false },
+    { kind: 'external', memory: true },
+    { kind: 'external', memory: true, live: true },
+    { kind: 'internal', memory: false },
+    { kind: 'internal', memory: true },
+  ]
+  for (const body of kinds) {
+    const what = JSON.stringify(body)
+    const res = await td.api('POST', '/v1/vms/m/snapshots?wait=true&timeoutSec=120', { name: 'x', ...body })
+    t.equal(res.status, 500, `${what}: the job fails (${JSON.stringify(res.body?.error)})`)
+    t.match(res.body?.error?.message, /store refuses the snapshot/, `${what}: with the store's error`)
+    await nothingChanged(t, td, 'm', files, what)
+    t.same(readdirSync(join(td.stateDir, 'vms', 'm')).sort(), everyFile, `${what}: no RAM state file is left either`)
+    t.same(td.daemon.vms.record('m').runtime.disks, disksBefore, `${what}: the store names the disks it named`)
+    t.same((await td.api('GET', '/v1/vms/m/check')).body.problems, [], `${what}: store, QEMU and files agree`)
+    t.equal((await td.api('GET', '/v1/vms/m')).body.state, 'running', `${what}: the guest runs on`)
+  }
+  td.daemon.db.exec('DROP TRIGGER refuse_snapshot')
+  // The guest's writes while it ran on the removed overlays were merged back: its disk is current.
+  t.equal((await op(td, 'm', 'pause')).state, 'succeeded')
+  const c = await guestCounters(td, 'm')
+  t.same(checkDiskAgainstCounter(slotsOf(await liveDiskBytes(td, 'm', 'vda')), c.counter, c.pending, 0), [], 'the disk holds every write the guest made')
+  t.equal((await op(td, 'm', 'resume')).state, 'succeeded')
+  const ok = await td.api('POST', '/v1/vms/m/snapshots?wait=true&timeoutSec=120', { name: 'x', kind: 'external', memory: true })
+  t.equal(ok.status, 200, `the same name works once the store takes it (${JSON.stringify(ok.body?.error)})`)
 })
 
 t.test('bad snapshot requests are refused with a clear status and change nothing', async (t) => {
