@@ -143,9 +143,7 @@ export class StateService {
         return this.deps.journal.run({ vm, op: RESTORE_OP, job: ctx.id, body: plan, qemuPid: () => this.deps.vms.record(vm).runtime.pid }, async (o) => {
           const qmp = await o.step('launch', () => this.deps.vms.launchInJob(vm, ctx, { incoming: true }))
           try {
-            this.deps.vms.receivingRam(vm, true)
             const r = await o.step('load-ram', () => loadRamState(qmp, { file, check: confine, socket: stateSocket(this.deps.paths.vmDir(vm), true), log: ctx.log }))
-            this.deps.vms.receivingRam(vm, false)
             await o.step('cont', () => this.deps.vms.contInJob(vm))
             return { file, bytes: r.bytes, ms: r.ms, format: r.format, state: 'running' }
           } catch (err) {

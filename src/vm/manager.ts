@@ -130,6 +130,12 @@ interface Handle {
   child?: ChildProcess
   /** Set when qmpd itself asked QEMU to go (quit, kill): its exit is a shutoff, not a crash. */
   expectingExit: boolean
+  /**
+   * Set from the launch of an incoming QEMU (-incoming defer) until its RAM load has ended (the
+   * guest is resumed or marked paused): a QEMU whose load fails exits by itself (QEMU 10 at once,
+   * 7.2 not always), racing the quit the failed job sends, so expectingExit is set meanwhile.
+   */
+  loadingRam?: boolean
   /** QEMU's SHUTDOWN event of the current run, if any. */
   shutdown?: { guest: boolean; reason: string }
   /** Set while qmpd's own `stop` is in flight: its STOP event needs no query-status to explain it. */
@@ -1058,9 +1064,7 @@ export class VmManager {
         // Restore the managed save; its file goes only once the restore has succeeded.
         const qmp = await o.step('launch', () => this.launchInJob(h.name, ctx, { incoming: true }))
         try {
-          this.receivingRam(h.name, true)
           restored = await o.step('load-ram', () => loadRamState(qmp, { file: saved, check: (real) => void this.deps.paths.confine(real, 'managed save'), socket: stateSocket(this.deps.paths.vmDir(h.name), true), log: ctx.log }))
-          this.receivingRam(h.name, false)
         } catch (err) {
           await this.quitInJob(h.name, ctx)
           this.setState(h, 'saved', 'managed save (the last restore failed)')
@@ -1081,14 +1085,6 @@ export class VmManager {
       ms: Math.round(performance.now() - t0),
       ...(restored ? { restoredFromManagedSave: true, restoreMs: restored.ms } : {}),
     }
-  }
-
-  /**
-   * While `on`, an exit of the VM's QEMU is expected, not a crash: an incoming QEMU whose RAM load
-   * fails exits by itself (QEMU 10 at once, 7.2 not always), racing the quit the failed job sends.
-   */
-  receivingRam(name: string, on: boolean): void {
-    this.must(name).expectingExit = on
   }
 
   /** Marks a VM whose QEMU has exited after a managed save as 'saved'. */
@@ -1151,6 +1147,7 @@ export class VmManager {
     ctx.log.info(machine, 'accelerator chosen')
     const argv = buildArgv(def, { accel: machine.accel, cpuModel: machine.cpuModel, disks, ...(ovmf ? { ovmf } : {}), ...(opts.incoming ? { incoming: true } : {}) })
     await this.launch(h, ctx, argv)
+    if (opts.incoming) h.loadingRam = h.expectingExit = true
     this.updateRuntime(h.name, { machine })
     return h.qmp!
   }
@@ -1165,6 +1162,7 @@ export class VmManager {
   async contInJob(name: string): Promise<void> {
     const h = this.must(name)
     const qmp = this.qmp(name)
+    this.ramLoaded(h)
     await contAfterMigration(qmp)
     this.setStateIfLive(h, qmp, 'running')
   }
@@ -1197,7 +1195,15 @@ export class VmManager {
 
   /** Marks the VM paused (used after a job stopped the guest itself). */
   markPaused(name: string, reason = 'paused'): void {
-    this.setState(this.must(name), 'paused', reason)
+    const h = this.must(name)
+    this.ramLoaded(h)
+    this.setState(h, 'paused', reason)
+  }
+
+  /** An incoming QEMU's RAM load has ended well: from now on its exit is a crash again. */
+  private ramLoaded(h: Handle): void {
+    if (!h.loadingRam) return
+    h.loadingRam = h.expectingExit = false
   }
 
   /** Quits QEMU from inside a job (an orderly shutoff, never a crash); SIGKILL if it will not go. */
@@ -1219,7 +1225,7 @@ export class VmManager {
     const logPath = join(dir, VM_FILES.qemuLog)
     const logFd = openSync(logPath, 'a', 0o640)
     const logStart = statSync(logPath).size
-    h.expectingExit = false
+    h.expectingExit = h.loadingRam = false
     h.shutdown = undefined
     this.setState(h, 'starting', undefined, { exit: undefined })
     ctx.log.debug({ argv }, 'spawning qemu')

@@ -155,3 +155,23 @@ t.test('a live checkpoint after a restore still takes background-snapshot where 
   else t.ok(resumed > order.indexOf('MIGRATION completed'), 'pre-copy resumed the guest after the last pass')
   t.equal((await td.api('GET', '/v1/vms/lv')).body.state, 'running', 'and the guest runs')
 })
+
+t.test('a revert whose RAM state fails to load ends in a job error with the VM shut off, not crashed', async (t) => {
+  const td = await startTestDaemon(t)
+  await defineGuestVm(td, 'rv', { disks: 1 })
+  await op(td, 'rv', 'start')
+  const snap = await td.api('POST', '/v1/vms/rv/snapshots?wait=true&timeoutSec=120', { name: 'c', kind: 'external', memory: true })
+  t.equal(snap.status, 200, `an external checkpoint (${JSON.stringify(snap.body?.error)})`)
+  const file = td.daemon.repos.snapshots.get('rv', 'c')!.vmstateFile!
+  // Cut in the middle of its RAM: QEMU starts loading, then meets the end of the file.
+  const whole = await readFile(file)
+  writeFileSync(file, whole.subarray(0, Math.floor(whole.length / 2)))
+  const res = await td.api('POST', '/v1/vms/rv/snapshots/c/revert?wait=true&timeoutSec=120', { state: 'running' })
+  t.not(res.status, 200, `the revert fails (${res.status} ${JSON.stringify(res.body?.error)})`)
+  t.equal(res.body.job?.state ?? res.body.state, 'failed', 'its job failed')
+  t.ok(await eventually(async () => (await td.api('GET', '/v1/vms/rv')).body.state !== 'starting', 10_000), 'the VM settles')
+  const vm = (await td.api('GET', '/v1/vms/rv')).body
+  t.equal(vm.state, 'shutoff', `the incoming QEMU's exit was expected: shutoff, not crashed (${vm.state})`)
+  t.equal((await op(td, 'rv', 'start')).state, 'succeeded', 'and it starts again')
+  t.equal((await op(td, 'rv', 'stop', { force: true })).state, 'succeeded')
+})
