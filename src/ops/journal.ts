@@ -77,12 +77,7 @@ export class Operation {
    * `<op>.<step>.after`.
    */
   async step<T>(name: string, fn: () => Promise<T> | T, opts: { body?: unknown } = {}): Promise<T> {
-    if (this.ended) throw new Error(`operation ${this.spec.op} already ended; step ${name} not run`)
-    this.record(name, opts.body)
-    await failPoint(this.pointName(name, 'before'), { qemuPid: this.spec.qemuPid?.() })
-    const out = await fn()
-    await failPoint(this.pointName(name, 'after'), { qemuPid: this.spec.qemuPid?.() })
-    return out
+    return this.bracket(name, () => this.record(name, opts.body), fn)
   }
 
   /**
@@ -92,19 +87,26 @@ export class Operation {
    * reverse. Passes `<op>.<step>.before` and `.after` around the transaction.
    */
   async commitStep<T>(name: string, fn: () => T): Promise<T> {
+    return this.bracket(name, () => {}, () => {
+      const unwritten = this.unwritten
+      try {
+        return this.repo.tx(() => {
+          this.record(name)
+          return fn()
+        })
+      } catch (err) {
+        this.unwritten = unwritten // a rolled-back first step wrote no entry
+        throw err
+      }
+    })
+  }
+
+  /** A step's frame: refused once ended; `first` (its record), then the fail points around `run`. */
+  private async bracket<T>(name: string, first: () => void, run: () => Promise<T> | T): Promise<T> {
     if (this.ended) throw new Error(`operation ${this.spec.op} already ended; step ${name} not run`)
+    first()
     await failPoint(this.pointName(name, 'before'), { qemuPid: this.spec.qemuPid?.() })
-    const unwritten = this.unwritten
-    let out: T
-    try {
-      out = this.repo.tx(() => {
-        this.record(name)
-        return fn()
-      })
-    } catch (err) {
-      this.unwritten = unwritten // a rolled-back first step wrote no entry
-      throw err
-    }
+    const out = await run()
     await failPoint(this.pointName(name, 'after'), { qemuPid: this.spec.qemuPid?.() })
     return out
   }
